@@ -1,0 +1,83 @@
+"""Typed generation parameters, named after the A1111 API fields (`/sdapi/v1/txt2img`, `img2img`).
+
+One dataclass serves the CLI, the Python API, scripts (X/Y grid axes set its fields by name) and the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from booth.errors import BoothError
+
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+
+
+@dataclass
+class GenerationParams:
+    """Everything that determines a generated image (besides the model and its adapters).
+
+    Field names follow A1111's API so requests map one to one. `width`/`height` of None mean the model
+    family's native size.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler_name: str = "DPM++ 2M"
+    scheduler: str = "Automatic"  # A1111 "Schedule type"
+    seed: int = -1  # -1: random
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1  # batch count
+    eta: float | None = None  # ancestral / DDIM eta; None: the sampler's default
+    clip_skip: int = 1
+    emphasis: str = "Original"  # Original | No norm | Ignore | None (see a1111 emphasis modes)
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023; 0 disables
+    dynamic_threshold: float | None = None  # Imagen percentile p (e.g. 0.995); None disables
+    dynamic_threshold_max: float = 1.0  # the static range the percentile threshold never goes below
+    # img2img
+    init_images: list[Any] = field(default_factory=list)  # PIL images
+    denoising_strength: float = 0.75
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
+    img2img_fix_steps: bool = False  # A1111 option: run exactly `steps` steps
+    # extra networks
+    disable_extra_networks: bool = False
+
+    def validate(self) -> GenerationParams:
+        """Raise BoothError with a one-line message for any invalid field; return self."""
+        if self.steps < 1:
+            raise BoothError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1 or self.n_iter < 1:
+            raise BoothError("batch size and batch count (n_iter) must be at least 1")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise BoothError(f"{name} must be a positive multiple of 8, got {value}")
+            if value is not None and value > 8192:
+                raise BoothError(f"{name} must be at most 8192, got {value}")
+        if self.cfg_scale < 0:
+            raise BoothError(f"cfg scale must be non-negative, got {self.cfg_scale}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise BoothError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.dynamic_threshold is not None and not 0.0 < self.dynamic_threshold <= 1.0:
+            raise BoothError(f"dynamic threshold percentile must be in (0, 1], got {self.dynamic_threshold}")
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise BoothError(f"denoising strength must be in [0, 1], got {self.denoising_strength}")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise BoothError(f"unknown emphasis mode {self.emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
+        if self.clip_skip < 1:
+            raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
+        return self
+
+    def replace(self, **changes) -> GenerationParams:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (images are left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "init_images"}

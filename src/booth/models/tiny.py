@@ -1,0 +1,129 @@
+"""Tiny, randomly initialised Stable Diffusion pipelines built in-process, for tests and benchmarks.
+
+Same classes and code paths as the real models (CLIP text encoder, KL autoencoder, conditional UNet,
+DDPM-family scheduler), a few hundred thousand parameters, seeded, no network. Families: "sd1"
+(epsilon, SD 1.x layout), "sd2" (v-prediction, OpenCLIP-style padding), "sdxl" (two text encoders).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from booth.models.tokenizer import build_clip_tokenizer
+
+TINY_MERGES = 1000  # a truncated CLIP BPE: 1,514 tokens, still tokenizes any prompt
+
+
+def _text_encoder(tokenizer, hidden: int, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=hidden,
+        hidden_act="quick_gelu",
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+
+
+def _unet(cross_attention_dim: int, seed: int = 0, **extra):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=16,
+        **extra,
+    ).eval()
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import PNDMScheduler
+
+    # SD 1.x/2.x ship PNDM with the scaled-linear betas; the engine swaps in the requested sampler.
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def tiny_pipeline(family: str = "sd1", seed: int = 0):
+    """A tiny random diffusers pipeline of the given family ("sd1", "sd2" or "sdxl")."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family in ("sd1", "sd2"):
+        tokenizer = build_clip_tokenizer(TINY_MERGES, pad_token="<|endoftext|>" if family == "sd1" else "!")
+        prediction = "epsilon" if family == "sd1" else "v_prediction"
+        return StableDiffusionPipeline(
+            vae=_vae(seed),
+            text_encoder=_text_encoder(tokenizer, 32, seed=seed),
+            tokenizer=tokenizer,
+            unet=_unet(32, seed=seed),
+            scheduler=_scheduler(prediction),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if family == "sdxl":
+        tok1 = build_clip_tokenizer(TINY_MERGES)
+        tok2 = build_clip_tokenizer(TINY_MERGES, pad_token="!")
+        te1 = _text_encoder(tok1, 32, seed=seed)
+        te2 = _text_encoder(tok2, 32, projection=True, seed=seed + 1)
+        unet = _unet(
+            64,
+            seed=seed,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+            transformer_layers_per_block=1,
+        )
+        from diffusers import EulerDiscreteScheduler
+
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+            steps_offset=1,
+        )
+        return StableDiffusionXLPipeline(
+            vae=_vae(seed), text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        )
+    raise ValueError(f"unknown tiny family {family!r}; choose sd1, sd2 or sdxl")
