@@ -18,4 +18,7 @@ TORCH_PIN=$("$PY" -c "import torch; print('torch==' + torch.__version__)")
 #    tokenizers from. Only its data file is read, so its runtime dependencies (torchvision) are not needed.
 "$PY" -m pip install --quiet --no-deps open-clip-torch==3.3.0
 
+# 4. The emoji art booth-mini is built from (Debian font, PyPI, npm); see tools/install-data.sh.
+bash tools/install-data.sh
+
 echo "booth installed: $("$PY" -c 'import booth, torch; print(booth.__version__, "torch", torch.__version__)')"

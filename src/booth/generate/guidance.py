@@ -1,0 +1,62 @@
+"""Guidance math applied to the UNet's predictions at each sampling step.
+
+All functions take and return tensors shaped [B, C, H, W]; "prediction" is the model output in its own
+parameterisation (epsilon or v). Pure functions, no scheduler state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def composable_cfg(uncond: torch.Tensor, conds: list[torch.Tensor], weights: list[float], s: float) -> torch.Tensor:
+    """Composable diffusion guidance, x~ = x_u + sum_k w_k * s * (x_c,k - x_u) (Liu et al. 2022; A1111 AND).
+
+    With one sub-prompt of weight 1 this is ordinary classifier-free guidance (Ho & Salimans 2022).
+    """
+    out = uncond.clone()
+    for cond, w in zip(conds, weights, strict=True):
+        out += (w * s) * (cond - uncond)
+    return out
+
+
+def rescale_noise_cfg(x_cfg: torch.Tensor, x_pos: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale, eqs. 14-16 of Lin et al. 2023 (arXiv 2305.08891 §3.4); std per sample."""
+    dims = list(range(1, x_cfg.ndim))
+    sigma_pos = x_pos.std(dim=dims, keepdim=True)
+    sigma_cfg = x_cfg.std(dim=dims, keepdim=True)
+    x_rescaled = x_cfg * (sigma_pos / sigma_cfg)
+    return phi * x_rescaled + (1 - phi) * x_cfg
+
+
+def dynamic_threshold(x0: torch.Tensor, p: float, c: float = 1.0) -> torch.Tensor:
+    """Imagen dynamic thresholding (Saharia et al. 2022, arXiv 2205.11487 §2.3), per sample.
+
+    s = max(percentile_p(|x0|), c);  x0 <- clip(x0, -s, s) * c / s.  With c = 1 this is the paper's rule;
+    `c` is the static range, which for latent-space models is the latents' typical range, not 1. Unlike
+    diffusers' scheduler option, s has no upper clamp (so the rule is never reduced to static clipping).
+    """
+    flat = x0.reshape(x0.shape[0], -1).abs().float()
+    s = torch.quantile(flat, p, dim=1).clamp(min=c).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    return x0.clamp(-s, s) * (c / s)
+
+
+def prediction_to_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
+    """x0 from an epsilon or v prediction at a variance-preserving x_t (Salimans & Ho 2022 for v)."""
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if kind == "epsilon":
+        return (x_t - b * pred) / a
+    if kind == "v_prediction":
+        return a * x_t - b * pred
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def x0_to_prediction(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
+    """Inverse of `prediction_to_x0`."""
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if kind == "epsilon":
+        return (x_t - a * x0) / b
+    if kind == "v_prediction":
+        return (a * x_t - x0) / b
+    raise ValueError(f"unsupported prediction type {kind!r}")

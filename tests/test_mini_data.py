@@ -1,0 +1,225 @@
+"""booth-mini's data: concept set, renders, compositions, fidelity checks, dataset and example subjects."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from booth.errors import BoothError
+from booth.mini import checks
+from booth.mini.compose import (
+    BACKGROUNDS,
+    LAYOUTS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SIZES,
+    Composition,
+    Layout,
+    caption,
+    compose,
+    slot_box,
+)
+from booth.mini.concepts import BASE_CONCEPTS, CATEGORIES, HELD_OUT_SUBJECTS, concept_by_name
+from booth.mini.render import ALL_STYLES, BASE_STYLES, installed_styles, render, render_master
+
+MISSING = sorted(set(ALL_STYLES) - set(installed_styles()))
+needs_data = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"emoji sources not installed ({', '.join(MISSING)}): run bash tools/install-data.sh",
+)
+CAPTION_RE = re.compile(
+    r"^an? (?P<size>small|medium|large) (?P<concept>.+) (?P<phrase>(in|at|on) the [a-z ]+) "
+    r"on an? (?P<background>[a-z]+) background, (?P<style>[a-z-]+) style$"
+)
+
+
+def _sample_compositions(count: int, styles: tuple[str, ...], seed: int = 0) -> list[Composition]:
+    rng = random.Random(seed)
+    return [
+        Composition(rng.choice(BASE_CONCEPTS), rng.choice(styles), rng.choice(LAYOUTS)) for _ in range(count)
+    ]
+
+
+def _records(split_dir) -> list[dict]:
+    return [json.loads(line) for line in (split_dir / "metadata.jsonl").read_text().splitlines()]
+
+
+# --- concept set and captions (no data needed) ---
+
+
+def test_concept_set_is_sized_named_and_disjoint_from_held_out_subjects():
+    assert 100 <= len(BASE_CONCEPTS) <= 300
+    assert len({c.name for c in BASE_CONCEPTS}) == len(BASE_CONCEPTS)
+    assert {c.category for c in BASE_CONCEPTS} == set(CATEGORIES)
+    assert all(c.name == c.name.lower() and c.name.strip() for c in BASE_CONCEPTS)
+    assert concept_by_name("red apple").codepoints == (0x1F34E,)
+    assert len(HELD_OUT_SUBJECTS) >= 3
+    assert not {s.key for s in HELD_OUT_SUBJECTS} & {c.key for c in BASE_CONCEPTS}
+    assert all(s.class_noun for s in HELD_OUT_SUBJECTS)
+
+
+def test_caption_template_and_parts():
+    layout = Layout("blue", "top left", "small")
+    assert caption("red apple", "openmoji", layout) == (
+        "a small red apple in the top left on a blue background, openmoji style"
+    )
+    assert caption("eggplant", "noto", layout, parts=()) == "an eggplant"
+    assert caption("unicorn", None, None) == "a unicorn"
+    assert caption("dog", "twemoji", Layout("orange", "centre", "large"), parts=("background",)) == (
+        "a dog on an orange background"
+    )
+    with pytest.raises(ValueError):
+        caption("dog", "noto", layout, parts=("colour",))
+
+
+def test_layouts_are_valid_and_slots_fit_with_margin():
+    assert len(LAYOUTS) == len(BACKGROUNDS) * (2 * len(POSITIONS) + 1)
+    with pytest.raises(ValueError):
+        Layout("blue", "top left", "large")
+    for resolution in (64, 128):
+        margin = resolution // 16
+        for layout in LAYOUTS:
+            x0, y0, x1, y1 = slot_box(layout.position, layout.size, resolution)
+            assert x1 - x0 == y1 - y0 == round(SIZES[layout.size] * resolution)
+            assert min(x0, y0) >= margin and max(x1, y1) <= resolution - margin
+            cx, cy = (x0 + x1) / 2 / resolution - 0.5, (y0 + y1) / 2 / resolution - 0.5
+            horizontal = "left" if cx < -0.15 else "right" if cx > 0.15 else "centre"
+            vertical = "top" if cy < -0.15 else "bottom" if cy > 0.15 else "centre"
+            assert checks.position_name(horizontal, vertical) == layout.position
+            assert abs(cx) < 0.01 or abs(cx) >= 0.1875 - 1 / resolution
+
+
+def test_checkers_are_at_chance_on_random_colour_noise():
+    rng = np.random.default_rng(0)
+    hits = {"background": 0, "position": 0, "size": 0}
+    trials = 300
+    for _ in range(trials):
+        noise = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+        layout = LAYOUTS[int(rng.integers(len(LAYOUTS)))]
+        for name, ok in checks.check_layout(noise, layout).items():
+            hits[name] += ok
+    # chance is 1/10 colours, about 1/9 positions (large is centre-only), 1/3 sizes
+    assert hits["background"] / trials <= 0.1 + 0.05
+    assert hits["position"] / trials <= 0.2 + 0.05
+    assert hits["size"] / trials <= 1 / 3 + 0.08
+
+
+# --- renders, checks on renders, dataset (need the emoji sources) ---
+
+
+@needs_data
+@pytest.mark.parametrize("style", ALL_STYLES)
+def test_render_each_style(style):
+    subject = HELD_OUT_SUBJECTS[0] if style in ("fluent", "fluent-flat") else concept_by_name("red apple")
+    image = render(subject, style, 48)
+    assert image.mode == "RGBA" and image.size == (48, 48)
+    alpha = np.asarray(image.getchannel("A"))
+    assert alpha.max() == 255 and alpha.mean() > 40  # the art fills the square
+    assert max(render_master(subject, style).size) > 100  # masters are kept at high resolution
+
+
+@needs_data
+def test_every_concept_is_drawn_by_every_base_style():
+    for concept in BASE_CONCEPTS:
+        for style in BASE_STYLES:
+            master = render_master(concept, style)
+            assert min(master.size) >= 16 and max(master.size) >= 100, (concept.name, style)
+
+
+@needs_data
+def test_missing_source_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOTH_DATA_HOME", str(tmp_path))
+    with pytest.raises(BoothError, match="install"):
+        render(concept_by_name("dog"), "twemoji", 32)
+
+
+@needs_data
+def test_compositions_match_geometry_and_caption():
+    for comp in _sample_compositions(60, BASE_STYLES, seed=1):
+        image = compose(comp)
+        assert image.size == (64, 64) and image.mode == "RGB"
+        fields = CAPTION_RE.match(comp.caption).groupdict()
+        assert fields["phrase"] == POSITION_PHRASES[comp.layout.position]
+        assert (fields["size"], fields["concept"], fields["background"], fields["style"]) == (
+            comp.layout.size,
+            comp.concept.name,
+            comp.layout.background,
+            comp.style,
+        )
+        pixels = np.asarray(image)
+        x0, y0, x1, y1 = slot_box(comp.layout.position, comp.layout.size, 64)
+        outside = np.ones((64, 64), dtype=bool)
+        outside[y0:y1, x0:x1] = False
+        assert (pixels[outside] == BACKGROUNDS[comp.layout.background]).all()
+
+
+@needs_data
+def test_checkers_agree_with_ground_truth_on_renders():
+    comps = _sample_compositions(400, BASE_STYLES, seed=2)
+    comps += [Composition(s, "fluent", layout) for s in HELD_OUT_SUBJECTS for layout in LAYOUTS[::19]]
+    hits = {"background": 0, "position": 0, "size": 0}
+    for comp in comps:
+        for name, ok in checks.check_layout(compose(comp), comp.layout).items():
+            hits[name] += ok
+    for name, count in hits.items():
+        assert count / len(comps) >= 0.95, (name, count / len(comps))
+
+
+@needs_data
+def test_dataset_is_reproducible_and_described(tmp_path):
+    from booth.mini.dataset import build_dataset
+
+    kwargs = {"n_test": 12, "n_novel": 4, "progress": False}
+    first = build_dataset(tmp_path / "a", 30, seed=3, **kwargs)
+    build_dataset(tmp_path / "b", 30, seed=3, **kwargs)
+    other = build_dataset(tmp_path / "c", 30, seed=4, **kwargs)
+    files = sorted(p.relative_to(first.root) for p in first.root.rglob("*") if p.is_file())
+    assert len(files) == 30 + 12 + 4 + 3 + 2  # PNGs, 3 metadata.jsonl, manifest.json, ATTRIBUTION.md
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    for rel in ("train/metadata.jsonl", "train/000000.png"):
+        assert (other.root / rel).read_bytes() != (first.root / rel).read_bytes(), rel
+
+    records, test_records = _records(first.root / "train"), _records(first.root / "test")
+    keys = {"file_name", "caption", "concept", "style", "background", "position", "size"}
+    assert all(keys <= r.keys() for r in records + test_records)
+    assert all((first.root / "train" / r["file_name"]).is_file() for r in records)
+    assert {r["style"] for r in records} <= set(BASE_STYLES)
+    layout_of = lambda r: (r["concept"], r["style"], r["background"], r["position"], r["size"])  # noqa: E731
+    assert len({layout_of(r) for r in records}) == len(records)
+    assert not {layout_of(r) for r in records} & {layout_of(r) for r in test_records}
+    for r in records:
+        layout = Layout(r["background"], r["position"], r["size"])
+        assert r["caption"] == caption(r["concept"], r["style"], layout)
+
+    manifest = json.loads((first.root / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": 30, "test": 12, "novel": 4} == first.splits
+    assert len(manifest["concepts"]) == len(BASE_CONCEPTS)
+    assert set(manifest["sources"]) == {*BASE_STYLES, "fluent"}
+    assert all(s["licence"] and s["version"] for s in manifest["sources"].values())
+    with pytest.raises(BoothError, match="exists"):
+        build_dataset(tmp_path / "a", 5, **kwargs)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+@needs_data
+def test_example_subjects(tmp_path):
+    from booth.mini.dataset import write_example_subjects
+
+    folders = write_example_subjects(tmp_path)
+    assert len(folders) >= 3
+    for folder in folders:
+        info = json.loads((folder / "subject.json").read_text())
+        assert info["class_noun"] and info["licence"] == "MIT" and "Fluent" in info["source"]
+        assert 4 <= len(info["images"]) <= 5
+        positions = {item["position"] for item in info["images"]}
+        assert len(positions) == len(info["images"]) and len({item["size"] for item in info["images"]}) >= 2
+        for item in info["images"]:
+            image = Image.open(folder / item["file_name"])
+            assert image.size == (64, 64)
+            assert info["class_noun"] in item["caption"]
