@@ -26,9 +26,13 @@ def small_pipeline():
     pipe = tiny_pipeline("sd1")
     torch.manual_seed(0)
     pipe.unet = UNet2DConditionModel(
-        sample_size=32, block_out_channels=(128, 256, 512), layers_per_block=2, cross_attention_dim=32,
+        sample_size=32,
+        block_out_channels=(128, 256, 512),
+        layers_per_block=2,
+        cross_attention_dim=32,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
     ).eval()
     return pipe
 
@@ -42,9 +46,18 @@ def measure(name, pipe, steps, size, batch, repeats):
     from booth.models.loading import LoadedModel
 
     engine = Engine(LoadedModel(pipe=pipe, family=detect_family(pipe), name=name, path=None, hash=None))
-    params = GenerationParams(prompt="a photo of a red apple on a table", negative_prompt="blurry", steps=steps,
-                              cfg_scale=7.0, sampler_name="Euler", scheduler="Automatic", seed=1, width=size,
-                              height=size, batch_size=batch)
+    params = GenerationParams(
+        prompt="a photo of a red apple on a table",
+        negative_prompt="blurry",
+        steps=steps,
+        cfg_scale=7.0,
+        sampler_name="Euler",
+        scheduler="Automatic",
+        seed=1,
+        width=size,
+        height=size,
+        batch_size=batch,
+    )
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
@@ -53,8 +66,16 @@ def measure(name, pipe, steps, size, batch, repeats):
 
     def run_diffusers():
         gens = [torch.Generator().manual_seed(1 + i) for i in range(batch)]
-        pipe(params.prompt, negative_prompt=params.negative_prompt, num_inference_steps=steps, guidance_scale=7.0,
-             height=size, width=size, num_images_per_prompt=batch, generator=gens)
+        pipe(
+            params.prompt,
+            negative_prompt=params.negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=7.0,
+            height=size,
+            width=size,
+            num_images_per_prompt=batch,
+            generator=gens,
+        )
 
     run_booth(), run_diffusers()  # warm-up
     times = {"booth": [], "diffusers": []}
@@ -64,14 +85,20 @@ def measure(name, pipe, steps, size, batch, repeats):
             fn()
             times[label].append(time.perf_counter() - start)
     b, d = statistics.median(times["booth"]), statistics.median(times["diffusers"])
-    print(f"{name:<8} steps={steps} size={size} batch={batch}  booth {b:.3f}s  diffusers {d:.3f}s  "
-          f"ratio booth/diffusers = {b / d:.3f}")
+    print(
+        f"{name:<8} steps={steps} size={size} batch={batch}  booth {b:.3f}s  diffusers {d:.3f}s  "
+        f"ratio booth/diffusers = {b / d:.3f}"
+    )
     return b / d
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="diffusers folder / single file (default: random models)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="diffusers folder / single file (default: random models)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def composable_cfg(uncond: torch.Tensor, conds: list[torch.Tensor], weights: list[float], s: float) -> torch.Tensor:
+def composable_cfg(
+    uncond: torch.Tensor, conds: list[torch.Tensor], weights: list[float], s: float
+) -> torch.Tensor:
     """Composable diffusion guidance, x~ = x_u + sum_k w_k * s * (x_c,k - x_u) (Liu et al. 2022; A1111 AND).
 
     With one sub-prompt of weight 1 this is ordinary classifier-free guidance (Ho & Salimans 2022).
@@ -42,7 +44,9 @@ def dynamic_threshold(x0: torch.Tensor, p: float, c: float = 1.0) -> torch.Tenso
     return x0.clamp(-s, s) * (c / s)
 
 
-def prediction_to_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
+def prediction_to_x0(
+    pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, kind: str
+) -> torch.Tensor:
     """x0 from an epsilon or v prediction at a variance-preserving x_t (Salimans & Ho 2022 for v)."""
     a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     if kind == "epsilon":

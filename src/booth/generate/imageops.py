@@ -30,4 +30,6 @@ def resize_image(image: Image.Image, width: int, height: int, mode: int = 0) -> 
         canvas.paste(resized.resize((width, height), Image.LANCZOS), (0, 0))  # stretched background
         canvas.paste(resized, (width // 2 - scale_w // 2, height // 2 - scale_h // 2))
         return canvas
-    raise BoothError(f"unknown resize mode {mode}; valid: " + ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items()))
+    raise BoothError(
+        f"unknown resize mode {mode}; valid: " + ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items())
+    )

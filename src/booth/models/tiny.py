@@ -119,11 +119,20 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
         from diffusers import EulerDiscreteScheduler
 
         scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
             steps_offset=1,
         )
         return StableDiffusionXLPipeline(
-            vae=_vae(seed), text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            vae=_vae(seed),
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tok1,
+            tokenizer_2=tok2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
         )
     raise ValueError(f"unknown tiny family {family!r}; choose sd1, sd2 or sdxl")

@@ -57,7 +57,8 @@ def clip_vocab_and_merges(num_merges: int = FULL_MERGES) -> tuple[dict[str, int]
     """
     if not 0 <= num_merges <= FULL_MERGES:
         raise BoothError(f"num_merges must be in [0, {FULL_MERGES}], got {num_merges}")
-    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(clip_bpe_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : num_merges + 1]
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]

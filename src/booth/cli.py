@@ -1,0 +1,380 @@
+"""The `booth` command line.
+
+Each subcommand parses its flags into a typed object (GenerationParams, ...) and calls the library; nothing
+below this file sees argparse. User errors (`BoothError`) print one line and exit 2; there is no traceback
+unless something is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from booth.errors import BoothError
+
+GENERATE_EPILOG = """\
+prompt syntax (A1111): (word) x1.1, ((word)) x1.21, [word] /1.1, (word:1.3), \\( literal, BREAK starts a new
+77-token chunk, [from:to:when] prompt editing (when < 1 with a '.': fraction of steps; else a step),
+[a|b] alternation every step, "cat AND dog:0.5" composable prompts, <lora:name:weight> extra networks.
+
+examples:
+  booth generate "a photo of a corgi, (sunset:1.2)" --steps 20 --seed 42
+  booth generate "a cat" --model ./my-diffusers-folder --sampler "Euler a" --batch-size 4
+  booth generate "a house" --model sd15.safetensors --init-image sketch.png --denoising-strength 0.6
+  booth generate "a red|blue|big apple" --prompt-matrix
+  booth generate "a dog" --xy "Steps" "10,20,30" --xy-y "CFG Scale" "3-9 (+3)"
+
+Images are written to --out as 00000-<seed>.png (never overwriting) with A1111's `parameters` metadata.
+"""
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (names follow the A1111 API fields)")
+    g.add_argument("prompt", help="the prompt, in A1111 syntax (see below)")
+    g.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="diffusers folder, .safetensors/.ckpt file or hub id (default: the bundled booth-mini)",
+    )
+    g.add_argument("--negative-prompt", "-n", default="", help="negative prompt (same syntax)")
+    g.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    g.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    g.add_argument(
+        "--sampler",
+        default="DPM++ 2M",
+        help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M', "
+        "'DDIM', legacy 'DPM++ 2M Karras' (see `booth samplers`)",
+    )
+    g.add_argument(
+        "--schedule-type",
+        default="Automatic",
+        help="Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Beta ... (see `booth samplers`)",
+    )
+    g.add_argument("--seed", type=int, default=-1, help="seed; image i uses seed+i; -1 = random (default)")
+    g.add_argument("--subseed", type=int, default=-1, help="variation seed")
+    g.add_argument("--subseed-strength", type=float, default=0.0, help="variation strength 0..1")
+    g.add_argument("--width", "-W", type=int, default=None, help="width, a multiple of 8 (default: model's)")
+    g.add_argument(
+        "--height", "-H", type=int, default=None, help="height, a multiple of 8 (default: model's)"
+    )
+    g.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    g.add_argument("--n-iter", type=int, default=1, help="batch count (default 1)")
+    g.add_argument("--clip-skip", type=int, default=1, help="CLIP skip, 1 = last layer (default 1)")
+    g.add_argument(
+        "--emphasis",
+        default="Original",
+        choices=["Original", "No norm", "Ignore", "None"],
+        help="how (x:1.2) weights apply: Original (A1111 mean restore), 'No norm', Ignore, None",
+    )
+    g.add_argument(
+        "--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. 2023, 0..1 (0: off)"
+    )
+    g.add_argument(
+        "--dynamic-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="Imagen dynamic thresholding percentile, e.g. 0.995 (off by default)",
+    )
+    g.add_argument(
+        "--dynamic-threshold-max",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="static range below which dynamic thresholding never clips (default 1.0)",
+    )
+    g.add_argument("--eta", type=float, default=None, help="eta for DDIM / ancestral samplers")
+    i = p.add_argument_group("img2img")
+    i.add_argument("--init-image", action="append", default=[], metavar="FILE", help="init image (img2img)")
+    i.add_argument("--denoising-strength", type=float, default=0.75, help="0..1 (default 0.75)")
+    i.add_argument(
+        "--resize-mode",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="0 just resize, 1 crop and resize, 2 resize and fill",
+    )
+    i.add_argument("--img2img-fix-steps", action="store_true", help="run exactly --steps steps")
+    s = p.add_argument_group("scripts")
+    s.add_argument("--prompt-matrix", action="store_true", help="prompt matrix over the '|' parts")
+    s.add_argument("--xy", nargs=2, metavar=("AXIS", "VALUES"), help="X axis, e.g. Steps '10,20,30'")
+    s.add_argument("--xy-y", nargs=2, metavar=("AXIS", "VALUES"), help="Y axis for --xy")
+    o = p.add_argument_group("output and runtime")
+    o.add_argument("--out", "-o", default="outputs", help="output folder (default ./outputs)")
+    o.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if present)")
+    o.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="weights dtype (default float32 on CPU, float16 on CUDA)",
+    )
+    o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="booth", description="Subject-driven text-to-image generation.")
+    parser.add_argument("--version", action="version", version=f"booth {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="text-to-image / image-to-image like A1111",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GENERATE_EPILOG,
+        description="Generate images with A1111 prompt syntax, samplers, seeds and metadata.",
+    )
+    _add_generation_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser(
+        "png-info", help="show the generation parameters stored in an image (booth, A1111, ComfyUI, InvokeAI)"
+    )
+    info.add_argument("files", nargs="+", help="PNG/JPEG/WEBP files")
+    info.add_argument("--json", action="store_true", help="print parsed parameters as JSON")
+    info.set_defaults(func=cmd_png_info)
+
+    samplers = sub.add_parser("samplers", help="list sampler names and schedule types")
+    samplers.set_defaults(func=cmd_samplers)
+
+    from booth.mini.cli import add_data_commands
+    from booth.mini.train_cli import add_train_commands
+
+    mini = sub.add_parser("mini", help="booth-mini, the tiny default model: its data and training")
+    mini_sub = mini.add_subparsers(dest="mini_command", metavar="COMMAND")
+    add_data_commands(mini_sub)
+    add_train_commands(mini_sub)
+    mini.set_defaults(func=lambda args: mini.print_help() or 0)
+    return parser
+
+
+def _version() -> str:
+    from booth import __version__
+
+    return __version__
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(name: str | None, device: str):
+    import torch
+
+    if name:
+        return getattr(torch, name)
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
+    from booth.generate.params import GenerationParams
+
+    init_images = [_open_image(path) for path in args.init_image]
+    return GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        sampler_name=args.sampler,
+        scheduler=args.schedule_type,
+        seed=args.seed,
+        subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch_size,
+        n_iter=args.n_iter,
+        eta=args.eta,
+        clip_skip=args.clip_skip,
+        emphasis=args.emphasis,
+        guidance_rescale=args.guidance_rescale,
+        dynamic_threshold=args.dynamic_threshold,
+        dynamic_threshold_max=args.dynamic_threshold_max,
+        init_images=init_images,
+        denoising_strength=args.denoising_strength,
+        resize_mode=args.resize_mode,
+        img2img_fix_steps=args.img2img_fix_steps,
+    ).validate()
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise BoothError(f"init image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BoothError(f"cannot read init image {path}: {exc}") from None
+
+
+def cmd_generate(args) -> int:
+    from booth.generate.engine import Engine
+    from booth.generate.output import ensure_writable_dir
+    from booth.generate.progress import ProgressBar
+
+    params = _params_from_args(args)
+    # Validate everything cheap before loading a model: sampler names, output folder.
+    from booth.generate.samplers import resolve_sampler
+
+    resolve_sampler(params.sampler_name, params.scheduler)
+    out = Path(args.out)
+    ensure_writable_dir(out)
+    device = _device(args.device)
+    engine = Engine.from_model(args.model, device=device, dtype=_dtype(args.dtype, device))
+
+    progress = None if args.no_progress else ProgressBar()
+    if args.prompt_matrix or args.xy:
+        saved = _run_script(engine, params, args, out, progress)
+    else:
+        result = engine.generate(params, callback=progress.update if progress else None)
+        if progress:
+            progress.close()
+        saved = _save_result(result, out)
+    for path in saved:
+        print(path)
+    return 0
+
+
+def _save_result(result, out: Path) -> list[Path]:
+    from booth.generate.output import save_generated
+
+    paths = []
+    for image, seed, infotext in zip(result.images, result.seeds, result.infotexts):
+        extra = {
+            "params": result.params.to_dict(),
+            "seed": seed,
+            "model": result.model_name,
+            "model_hash": result.model_hash,
+        }
+        paths.append(save_generated(image, out, seed, infotext, extra))
+    return paths
+
+
+def _run_script(engine, params, args, out: Path, progress) -> list[Path]:
+    from booth.generate.noise import resolve_seed
+    from booth.generate.output import save_generated
+    from booth.generate.scripts import run_prompt_matrix, run_xy_grid
+
+    results = []
+
+    def generate(job):
+        result = engine.generate(job, callback=progress.update if progress else None)
+        results.append(result)
+        return result.images
+
+    params = params.replace(seed=resolve_seed(params.seed))
+    if args.prompt_matrix:
+        script = run_prompt_matrix(params, generate)
+        label = f"Prompt matrix: {params.prompt}"
+    else:
+        (x_axis, x_values), (y_axis, y_values) = args.xy, (args.xy_y or (None, None))
+        script = run_xy_grid(params, generate, x_axis, x_values, y_axis, y_values)
+        label = f"X/Y grid: {x_axis} x {y_axis or '-'}"
+    if progress:
+        progress.close()
+    paths = [p for result in results for p in _save_result(result, out)]
+    infotext = results[0].infotexts[0] if results and results[0].infotexts else ""
+    grid_path = save_generated(script.grid, out, params.seed, infotext, {"script": label}, prefix="grid-")
+    return [grid_path, *paths]
+
+
+def cmd_png_info(args) -> int:
+    import json
+
+    from booth.generate.metadata import png_info_text, read_image_metadata
+
+    for path in args.files:
+        if args.json:
+            meta = read_image_metadata(path)
+            print(
+                json.dumps(
+                    {"file": path, "source": meta.source, "parameters": meta.parameters},
+                    ensure_ascii=False,
+                    indent=2,
+                )
+            )
+        else:
+            if len(args.files) > 1:
+                print(f"== {path}")
+            print(png_info_text(path))
+    return 0
+
+
+def cmd_samplers(args) -> int:
+    from booth.generate.samplers import sampler_list, scheduler_list
+
+    print("samplers:")
+    for s in sampler_list():
+        aliases = ", ".join(s.get("aliases", []))
+        print(f"  {s['name']:<20} {aliases}")
+    print("schedule types:")
+    for s in scheduler_list():
+        print(f"  {s['label']:<20} {s['name']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    _quiet_libraries()
+    warnings.simplefilter("always", UserWarning)  # e.g. malformed prompt syntax; deduplicated when shown
+    _SHOWN_WARNINGS.clear()
+    warnings.showwarning = _show_warning
+    try:
+        return args.func(args)
+    except BoothError as exc:
+        print(f"booth: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("booth: interrupted", file=sys.stderr)
+        return 130
+
+
+_SHOWN_WARNINGS: set[str] = set()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One line per distinct warning (a prompt is parsed at several places)."""
+    text = str(message)
+    if text not in _SHOWN_WARNINGS:
+        _SHOWN_WARNINGS.add(text)
+        print(f"booth: warning: {text}", file=sys.stderr)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars, deprecation notes) is not for booth's users."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for module in ("diffusers", "transformers", "huggingface_hub"):
+        try:
+            __import__(f"{module}.utils", fromlist=["logging"])
+            utils = sys.modules[f"{module}.utils"]
+            if hasattr(utils, "disable_progress_bars"):
+                utils.disable_progress_bars()
+            elif hasattr(utils, "logging") and hasattr(utils.logging, "disable_progress_bar"):
+                utils.logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""The generation engine: A1111-grade txt2img and img2img on diffusers model classes.
+
+The engine owns its denoising loop (diffusers' pipelines cannot do A1111's scheduled conditioning, composable
+`AND` prompts or per-image CPU noise), but uses the diffusers components unchanged: the UNet, the VAE, the text
+encoders and a fresh diffusers scheduler per call. The loop in `_denoise` reads as numbered steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import booth
+from booth.errors import BoothError
+from booth.generate import guidance
+from booth.generate.noise import batch_noise, resolve_seed, step_generators
+from booth.generate.params import GenerationParams
+
+
+@dataclass
+class GenerationState:
+    """Live state of a running generation, read by progress bars, the API's /progress and the web UI.
+
+    Set `interrupted` to stop after the current step (images so far are returned), `skipped` to abandon the
+    current batch and move on to the next.
+    """
+
+    job_no: int = 0
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    interrupted: bool = False
+    skipped: bool = False
+    started_at: float = field(default_factory=time.time)
+    latents: torch.Tensor | None = None
+
+    @property
+    def progress(self) -> float:
+        """Fraction done over all batches (A1111 /progress formula without its 0.01 offset)."""
+        if not self.job_count:
+            return 0.0
+        step = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
+        return min(1.0, (self.job_no + step) / self.job_count)
+
+
+@dataclass
+class GenerationResult:
+    """Images with everything needed to reproduce them (A1111 `Processed`)."""
+
+    images: list[Image.Image]
+    params: GenerationParams
+    seeds: list[int]
+    subseeds: list[int]
+    infotexts: list[str]
+    prompts: list[str]
+    negative_prompts: list[str]
+    width: int
+    height: int
+    model_name: str
+    model_hash: str | None
+    extra_generation_params: dict[str, Any]
+    interrupted: bool = False
+
+    def info(self) -> dict[str, Any]:
+        """The A1111 `Processed.js()` dictionary (the API's `info` field, before JSON encoding)."""
+        p = self.params
+        return {
+            "prompt": p.prompt,
+            "all_prompts": self.prompts,
+            "negative_prompt": p.negative_prompt,
+            "all_negative_prompts": self.negative_prompts,
+            "seed": self.seeds[0] if self.seeds else p.seed,
+            "all_seeds": self.seeds,
+            "subseed": self.subseeds[0] if self.subseeds else p.subseed,
+            "all_subseeds": self.subseeds,
+            "subseed_strength": p.subseed_strength,
+            "width": self.width,
+            "height": self.height,
+            "sampler_name": p.sampler_name,
+            "cfg_scale": p.cfg_scale,
+            "steps": p.steps,
+            "batch_size": p.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": self.model_name,
+            "sd_model_hash": self.model_hash,
+            "sd_vae_name": None,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": p.denoising_strength if p.init_images else None,
+            "extra_generation_params": self.extra_generation_params,
+            "index_of_first_image": 0,
+            "infotexts": self.infotexts,
+            "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "clip_skip": p.clip_skip,
+            "is_using_inpainting_conditioning": False,
+            "version": f"booth {booth.__version__}",
+        }
+
+
+@dataclass
+class _Guide:
+    """Conditioning for one call: per sub-prompt schedules, their AND weights, and the negative schedule."""
+
+    conds: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]]
+    weights: list[float]
+    uncond: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+
+
+StepCallback = Callable[[GenerationState], None]
+
+
+class Engine:
+    """Generates images from a loaded model with A1111 semantics.
+
+    Args:
+        model: a `booth.models.loading.LoadedModel` (see `Engine.from_model` to load by path).
+        embeddings: textual-inversion embeddings by trigger word, used when the word appears in a prompt.
+        extra_networks: the registry of `<kind:...>` prompt-tag handlers (LoRA etc.).
+    """
+
+    def __init__(self, model, *, embeddings: dict[str, Any] | None = None, extra_networks=None):
+        from booth.prompts import ExtraNetworkRegistry
+
+        self.model = model
+        self.pipe = model.pipe
+        self.family = model.family
+        self.embeddings = dict(embeddings or {})
+        self.extra_networks = extra_networks if extra_networks is not None else ExtraNetworkRegistry()
+        self.state = GenerationState()
+
+    @classmethod
+    def from_model(cls, model: str | None = None, *, device: str = "cpu", dtype=None, **kwargs) -> Engine:
+        """Load `model` (diffusers folder, single file, hub id, or None for booth-mini) and wrap it."""
+        from booth.models.loading import load_pipeline
+
+        return cls(load_pipeline(model, device=device, dtype=dtype), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    # ------------------------------------------------------------------------------------------------
+    # public API
+
+    def generate(self, params: GenerationParams, callback: StepCallback | None = None) -> GenerationResult:
+        """txt2img, or img2img when `params.init_images` is set. Returns batch_size * n_iter images."""
+        params.validate()
+        from booth.generate.samplers import resolve_sampler
+
+        sampler, schedule = resolve_sampler(params.sampler_name, params.scheduler)
+        width, height = self._size(params)
+        seed = resolve_seed(params.seed)
+        subseed = resolve_seed(params.subseed) if params.subseed_strength > 0 else -1
+        total = params.batch_size * params.n_iter
+        seeds = [seed + i for i in range(total)]
+        subseeds = [subseed + i for i in range(total)] if subseed != -1 else [-1] * total
+
+        prompt, calls = self._strip_extra_networks(params.prompt, params.disable_extra_networks)
+        negative, _ = self._strip_extra_networks(params.negative_prompt, True)
+        steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
+
+        self.state = state = GenerationState(job_count=params.n_iter, sampling_steps=steps_run)
+        images: list[Image.Image] = []
+        self.extra_networks.activate_all(self.pipe, calls)
+        try:
+            guide, used = self._build_guide(prompt, negative, params)
+            init_latents = self._encode_init_images(params, width, height) if params.init_images else None
+            for batch_no in range(params.n_iter):
+                state.job_no, state.skipped = batch_no, False
+                if state.interrupted:
+                    break
+                batch_seeds = seeds[batch_no * params.batch_size : (batch_no + 1) * params.batch_size]
+                batch_subseeds = subseeds[batch_no * params.batch_size : (batch_no + 1) * params.batch_size]
+                latents = self._denoise(
+                    params,
+                    sampler,
+                    schedule,
+                    guide,
+                    width,
+                    height,
+                    batch_seeds,
+                    batch_subseeds,
+                    init_latents,
+                    state,
+                    callback,
+                )
+                if latents is None:  # skipped
+                    continue
+                images += self._decode(latents)
+                if callback:
+                    callback(state)
+        finally:
+            self.extra_networks.deactivate_all(self.pipe)
+
+        state.job_no = params.n_iter
+        extra = self._extra_params(params, prompt, used)
+        infotexts = [
+            self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
+            for i in range(len(images))
+        ]
+        return GenerationResult(
+            images=images,
+            params=params,
+            seeds=seeds[: len(images)] if state.interrupted else seeds,
+            subseeds=subseeds,
+            infotexts=infotexts,
+            prompts=[params.prompt] * total,
+            negative_prompts=[params.negative_prompt] * total,
+            width=width,
+            height=height,
+            model_name=self.model.name,
+            model_hash=self.model.hash,
+            extra_generation_params=extra,
+            interrupted=state.interrupted,
+        )
+
+    txt2img = generate
+
+    def img2img(self, params: GenerationParams, callback: StepCallback | None = None) -> GenerationResult:
+        if not params.init_images:
+            raise BoothError("img2img needs at least one init image")
+        return self.generate(params, callback)
+
+    # ------------------------------------------------------------------------------------------------
+    # the denoising loop
+
+    @torch.no_grad()
+    def _denoise(
+        self, params, sampler, schedule, guide, width, height, seeds, subseeds, init_latents, state, callback
+    ):
+        """Sample one batch; returns final latents, or None when the batch was skipped."""
+        from booth.generate.samplers import make_scheduler, step_kwargs
+        from booth.prompts import cond_at_step
+
+        unet, n = self.pipe.unet, len(seeds)
+        # 1. A fresh scheduler for this batch, with the A1111 step rule for img2img.
+        scheduler = make_scheduler(sampler, schedule, dict(self.pipe.scheduler.config), eta=params.eta)
+        if init_latents is None:
+            scheduler.set_timesteps(params.steps, device=self.device)
+            timesteps = scheduler.timesteps
+        else:
+            total_steps, t_enc = self._img2img_steps(params)
+            scheduler.set_timesteps(total_steps, device=self.device)
+            start = (total_steps - t_enc - 1) * scheduler.order
+            timesteps = scheduler.timesteps[start:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+
+        # 2. Initial latents: per-image CPU noise (seed + i), scaled, or the noised init image.
+        shape = (unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        sub = [s if s != -1 else None for s in subseeds]
+        noise = batch_noise(shape, seeds, sub, params.subseed_strength).to(self.device, self.dtype)
+        if init_latents is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            init = init_latents[[i % len(init_latents) for i in range(n)]]
+            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
+        step_extra = step_kwargs(sampler, params.eta)
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_extra["generator"] = step_generators(seeds)  # ancestral / SDE noise, per image
+        prediction = scheduler.config.prediction_type
+        do_cfg = params.cfg_scale != 1.0
+        state.sampling_steps = math.ceil(len(timesteps) / scheduler.order)
+
+        for i, t in enumerate(timesteps):
+            if state.interrupted or state.skipped:
+                return None if state.skipped else latents
+            step = i // scheduler.order + 1
+            # 3. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part.
+            rows = [cond_at_step(s, step) for s in ([guide.uncond] if do_cfg else []) + guide.conds]
+            embeds, pooled = self._stack_conditioning(rows, n)
+            # 4. One UNet call over [uncond | cond_1 .. cond_K] x batch.
+            x_in = scheduler.scale_model_input(latents, t)
+            x_in = x_in.repeat(len(rows), 1, 1, 1)
+            kwargs = self._added_cond_kwargs(pooled, width, height) if pooled is not None else {}
+            pred = unet(x_in, t, encoder_hidden_states=embeds, **kwargs).sample
+            # 5. Guidance: composable CFG, then guidance rescale and dynamic thresholding.
+            parts = list(pred.chunk(len(rows)))
+            if do_cfg:
+                uncond, conds = parts[0], parts[1:]
+                out = guidance.composable_cfg(uncond, conds, guide.weights, params.cfg_scale)
+                if params.guidance_rescale > 0:
+                    positive = guidance.composable_cfg(uncond, conds, guide.weights, 1.0)
+                    out = guidance.rescale_noise_cfg(out, positive, params.guidance_rescale)
+            else:
+                out = guidance.composable_cfg(parts[0] * 0, parts, guide.weights, 1.0)
+            if params.dynamic_threshold is not None:
+                out = self._threshold(scheduler, latents, t, out, prediction, params)
+            # 6. Scheduler step (with per-image generators for the sampler's own noise).
+            latents = scheduler.step(out, t, latents, **step_extra).prev_sample
+            state.sampling_step = step
+            state.latents = latents
+            if callback:
+                callback(state)
+        return latents
+
+    # ------------------------------------------------------------------------------------------------
+    # helpers
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def _size(self, params: GenerationParams) -> tuple[int, int]:
+        if params.init_images and (params.width is None or params.height is None):
+            w, h = params.init_images[0].size
+            return params.width or max(8, w // 8 * 8), params.height or max(8, h // 8 * 8)
+        default = self.native_size
+        return params.width or default, params.height or default
+
+    @property
+    def native_size(self) -> int:
+        """The UNet's training resolution in pixels (diffusers' rule: sample_size x VAE scale)."""
+        sample = self.pipe.unet.config.sample_size
+        size = sample[0] if isinstance(sample, list | tuple) else sample
+        return int(size) * self.vae_scale if size else self.family.default_size
+
+    @staticmethod
+    def _img2img_steps(params: GenerationParams) -> tuple[int, int]:
+        """A1111 `setup_img2img_steps`: (steps of the full schedule, t_enc); t_enc + 1 steps are run."""
+        strength = min(params.denoising_strength, 0.999)
+        steps = int(params.steps / strength) if params.img2img_fix_steps and strength > 0 else params.steps
+        return steps, int(strength * steps)
+
+    def _strip_extra_networks(self, text: str, disable: bool):
+        from booth.prompts import parse_extra_networks
+
+        cleaned, calls = parse_extra_networks(text)
+        return cleaned, ([] if disable else calls)
+
+    def _encoder(self, params: GenerationParams):
+        from booth.prompts import PromptEncoder
+
+        return PromptEncoder.from_pipeline(
+            self.pipe, clip_skip=params.clip_skip, emphasis=params.emphasis, embeddings=self.embeddings
+        )
+
+    def _build_guide(self, prompt: str, negative: str, params: GenerationParams) -> tuple[_Guide, set[str]]:
+        from booth.prompts import encode_prompt_schedule, split_and
+
+        encoder = self._encoder(params)
+        parts = split_and(prompt)
+        conds = [encode_prompt_schedule(encoder, text, params.steps) for text, _ in parts]
+        uncond = encode_prompt_schedule(encoder, negative, params.steps)
+        if self.family.uses_pooled_text and not negative.strip() and self._zero_empty_negative:
+            uncond = [(end, torch.zeros_like(e), torch.zeros_like(p)) for end, e, p in uncond]
+        used = set(getattr(encoder, "used_embeddings", set()))
+        return _Guide(conds=conds, weights=[w for _, w in parts], uncond=uncond), used
+
+    @property
+    def _zero_empty_negative(self) -> bool:
+        return bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", False))
+
+    def _stack_conditioning(self, rows, n: int):
+        """Pad each row's token axis to a common multiple of 77 and repeat each row for the n images."""
+        length = max(e.shape[1] for e, _ in rows)
+        embeds = []
+        for e, _ in rows:
+            if e.shape[1] < length:
+                filler = self._empty_chunk(e)
+                e = torch.cat([e] + [filler] * ((length - e.shape[1]) // filler.shape[1]), dim=1)
+            embeds.append(e.expand(n, -1, -1))
+        pooled = None
+        if rows[0][1] is not None:
+            pooled = torch.cat([p.expand(n, -1) for _, p in rows])
+        return torch.cat(embeds).to(self.device, self.dtype), pooled
+
+    def _empty_chunk(self, like: torch.Tensor) -> torch.Tensor:
+        cache = getattr(self, "_empty_cache", None)
+        if cache is None or cache.shape[-1] != like.shape[-1]:
+            from booth.prompts import PromptEncoder
+
+            encoder = PromptEncoder.from_pipeline(self.pipe)
+            self._empty_cache = cache = encoder.encode([""]).embeds[:, :77].to(like)
+        return cache
+
+    def _added_cond_kwargs(self, pooled: torch.Tensor, width: int, height: int) -> dict[str, Any]:
+        """SDXL micro-conditioning: original size, crop top-left, target size (Podell et al. 2023 §2.2)."""
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+        added = {
+            "text_embeds": pooled.to(self.device, self.dtype),
+            "time_ids": time_ids.repeat(len(pooled), 1),
+        }
+        return {"added_cond_kwargs": added}
+
+    def _threshold(self, scheduler, latents, t, out, prediction, params):
+        """Dynamic thresholding on x0 at variance-preserving x_t, then back to the model's parameterisation."""
+        x_t = scheduler.scale_model_input(latents, t)
+        alpha_bar = self._alpha_bar(scheduler, t).to(out)
+        x0 = guidance.prediction_to_x0(out, x_t, alpha_bar, prediction)
+        x0 = guidance.dynamic_threshold(x0, params.dynamic_threshold, params.dynamic_threshold_max)
+        return guidance.x0_to_prediction(x0, x_t, alpha_bar, prediction)
+
+    @staticmethod
+    def _alpha_bar(scheduler, t) -> torch.Tensor:
+        sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+        if sigmas is not None and index is not None:
+            return 1.0 / (1.0 + sigmas[index].float() ** 2)
+        return scheduler.alphas_cumprod[int(round(float(t)))].float()
+
+    @torch.no_grad()
+    def _encode_init_images(self, params: GenerationParams, width: int, height: int) -> torch.Tensor:
+        """Resize init images per `resize_mode` and encode them with the VAE (distribution mean)."""
+        from booth.generate.imageops import resize_image
+
+        vae = self.pipe.vae
+        pixels = []
+        for image in params.init_images:
+            image = resize_image(image.convert("RGB"), width, height, params.resize_mode)
+            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+            pixels.append(torch.from_numpy(array).permute(2, 0, 1))
+        batch = torch.stack(pixels).to(self.device, vae.dtype)
+        latents = vae.encode(batch).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        array = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+    def _extra_params(
+        self, params: GenerationParams, prompt: str, used_embeddings: set[str]
+    ) -> dict[str, Any]:
+        from booth.prompts import schedule_differs_with_old_timelines
+
+        extra: dict[str, Any] = {}
+        if params.guidance_rescale > 0:
+            extra["Guidance rescale"] = params.guidance_rescale
+        if params.dynamic_threshold is not None:
+            extra["Dynamic threshold"] = params.dynamic_threshold
+            extra["Dynamic threshold max"] = params.dynamic_threshold_max
+        if params.emphasis != "Original":
+            extra["Emphasis"] = params.emphasis
+        if used_embeddings:
+            extra["TI hashes"] = ", ".join(sorted(used_embeddings))
+        try:
+            if schedule_differs_with_old_timelines(prompt, params.steps):
+                extra["Old prompt editing timelines"] = True
+        except Exception:  # noqa: BLE001 - malformed prompts were already reported by the encoder
+            pass
+        extra.update(
+            self.extra_networks.infotext_params() if hasattr(self.extra_networks, "infotext_params") else {}
+        )
+        return extra
+
+    def _infotext(self, params, sampler, schedule, width, height, seed, subseed, extra) -> str:
+        from booth.generate.metadata import build_infotext
+        from booth.generate.samplers import infotext_fields
+
+        fields: dict[str, Any] = {"Steps": params.steps, **infotext_fields(sampler, schedule, params.eta)}
+        fields.update({"CFG scale": params.cfg_scale, "Seed": seed, "Size": f"{width}x{height}"})
+        fields.update({"Model hash": self.model.hash, "Model": self.model.name})
+        if params.subseed_strength > 0:
+            fields.update({"Variation seed": subseed, "Variation seed strength": params.subseed_strength})
+        if params.init_images:
+            fields["Denoising strength"] = params.denoising_strength
+        if params.clip_skip > 1:
+            fields["Clip skip"] = params.clip_skip
+        fields["RNG"] = "CPU"
+        fields.update(extra)
+        fields["Version"] = f"booth {booth.__version__}"
+        return build_infotext(params.prompt, params.negative_prompt, fields)
+
+
+__all__ = ["Engine", "GenerationParams", "GenerationResult", "GenerationState"]

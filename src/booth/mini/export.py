@@ -1,0 +1,338 @@
+"""Export a finished booth-mini training run as a standard diffusers `StableDiffusionPipeline` folder.
+
+`export_pipeline(work_dir, out_dir)` writes, atomically (built beside `out_dir`, then renamed)::
+
+    out_dir/
+      model_index.json                StableDiffusionPipeline, safety_checker None, requires_safety_checker False
+      text_encoder/                   CLIPTextModel: a copy of mini-CLIP's text tower
+      tokenizer/                      CLIPTokenizer files (vocab.json, merges.txt, ...): the truncated CLIP BPE
+      unet/ vae/                      UNet2DConditionModel (EMA weights), AutoencoderKL (measured scaling_factor)
+      scheduler/                      DPMSolverMultistepScheduler (DPM-Solver++ 2M) on SD's scaled-linear betas
+      clip/                           the mini-CLIP evaluator: CLIPModel + tokenizer + CLIPImageProcessor config
+      README.md                       model card: data, sizes, training time and hardware (from the logs)
+      ATTRIBUTION.md                  licences and attribution of the training art
+
+Weights are fp16 safetensors. The transformers configs say ``"dtype": "float32"``: transformers 5 loads a
+model in its config's dtype by default, and a plain ``StableDiffusionPipeline.from_pretrained(path)`` must
+get the fp32 text encoder that its fp32 UNet expects on a CPU (pass ``torch_dtype=torch.float16`` for
+fp16). The text encoder's tensors are named ``text_model.*`` as in SD 1.x, which transformers 4 and 5 load.
+`clip/` is not in model_index.json, so diffusers ignores it; load it with ``CLIPModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from booth.errors import BoothError
+from booth.mini import architecture as arch_mod
+from booth.mini.train import (
+    CONFIG_FILE,
+    DATASET_FILE,
+    DONE,
+    STAGES,
+    atomic_folder,
+    final_dir,
+    is_finished,
+    read_log,
+)
+from booth.models.tokenizer import write_clip_tokenizer_files
+
+COMPONENTS = ("text_encoder", "vae", "unet")
+
+
+def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the trained pipeline + CLIP evaluator + model card from `work_dir` into `out_dir` (replaced)."""
+    work, out = Path(work_dir), Path(out_dir)
+    missing = [stage for stage in STAGES if not is_finished(work, stage)]
+    if missing:
+        raise BoothError(
+            f"cannot export {work}: stage(s) {', '.join(missing)} not finished (booth mini train)"
+        )
+    run = json.loads((work / CONFIG_FILE).read_text())
+    num_merges = run["config"]["arch"]["clip"]["num_merges"]
+    with atomic_folder(out) as tmp:
+        pipe = load_trained_pipeline(work)
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        _write_text_encoder(pipe.text_encoder, tmp / "text_encoder")
+        _write_tokenizer(tmp / "tokenizer", num_merges)
+        _write_clip(work, tmp / "clip", num_merges)
+        dataset = json.loads((work / DATASET_FILE).read_text())
+        (tmp / "ATTRIBUTION.md").write_text(dataset.get("attribution", ""))
+        (tmp / "README.md").write_text(model_card(work, tmp))
+    return out.resolve()
+
+
+def load_trained_pipeline(work_dir: str | Path):
+    """The fp32 `StableDiffusionPipeline` of a finished run (text encoder copied from mini-CLIP)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTokenizer
+
+    work = Path(work_dir)
+    clip = CLIPModel.from_pretrained(final_dir(work, "clip"))
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(final_dir(work, "vae")),
+        text_encoder=arch_mod.text_encoder_from_clip(clip),
+        tokenizer=CLIPTokenizer.from_pretrained(final_dir(work, "clip")),
+        unet=UNet2DConditionModel.from_pretrained(final_dir(work, "unet")),
+        scheduler=arch_mod.build_inference_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _config_dtype_float32(folder: Path) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_text_encoder(encoder: Any, folder: Path) -> None:
+    """fp16 weights named ``text_model.*`` (SD 1.x layout) + config with dtype float32."""
+    from safetensors.torch import save_file
+
+    for old in folder.glob("*.safetensors*"):
+        old.unlink()
+    state = {
+        (k if k.startswith("text_model.") else f"text_model.{k}"): v.detach().to(torch.float16).contiguous()
+        for k, v in encoder.state_dict().items()
+    }
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    _config_dtype_float32(folder)
+
+
+def _write_tokenizer(folder: Path, num_merges: int) -> None:
+    """The slow-tokenizer files SD 1.x ships (vocab.json, merges.txt, ...), which every transformers reads."""
+    for old in folder.iterdir():
+        old.unlink()
+    write_clip_tokenizer_files(folder, num_merges)
+
+
+def _write_clip(work: Path, folder: Path, num_merges: int) -> None:
+    """The mini-CLIP evaluator: CLIPModel (fp16) + tokenizer + image processor config."""
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(final_dir(work, "clip"))
+    clip.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    _config_dtype_float32(folder)
+    write_clip_tokenizer_files(folder, num_merges)
+    size = clip.config.vision_config.image_size
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(arch_mod.CLIP_MEAN),
+        "image_std": list(arch_mod.CLIP_STD),
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+# --- model card ------------------------------------------------------------------------------------------
+
+
+def folder_bytes(folder: Path, pattern: str = "*") -> int:
+    """Total size of the files under `folder` matching `pattern` (recursive)."""
+    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())
+
+
+def stage_training(work: Path, stage: str) -> dict:
+    """Measured facts about a stage from its log and done.json: steps, wall time, hardware, final loss."""
+    records = read_log(work, stage)
+    chunks = [r for r in records if r.get("event") == "chunk"]
+    losses = [r["loss"] for r in records if "loss" in r]
+    done = json.loads((work / stage / DONE).read_text())
+    return {
+        **done,
+        "chunks": len(chunks),
+        "wall_seconds": sum(c["wall_seconds"] for c in chunks),
+        "hardware": sorted({f"{c['hardware']} ({c['precision']})" for c in chunks}),
+        "final_loss": statistics.fmean(losses[-50:]) if losses else None,
+    }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _sources_lines(manifest: dict) -> list[str]:
+    lines = []
+    for style, src in sorted(manifest.get("sources", {}).items()):
+        role = "held out (novel subjects only)" if src.get("held_out") else "training"
+        lines.append(f"| {style} | {src['title']} | {src['package']} | {src['licence']} | {role} |")
+    return lines
+
+
+def _data_section(dataset: dict) -> list[str]:
+    manifest = dataset.get("manifest", {})
+    splits = manifest.get("splits", {})
+    lines = [
+        "## Data",
+        "",
+        f"booth's mini world (`booth mini dataset`, seed {manifest.get('seed')}, "
+        f"{manifest.get('resolution')}x{manifest.get('resolution')} px): "
+        f"{len(manifest.get('concepts', []))} emoji concepts x {len(manifest.get('styles', []))} styles "
+        f"({', '.join(manifest.get('styles', []))}) x {len(manifest.get('backgrounds', {}))} background colours "
+        "x position x size, with exact captions "
+        f'("{manifest.get("caption_template", "")}").',
+        "",
+        f"Splits: {', '.join(f'{k} {splits[k]}' for k in ('train', 'test', 'novel') if k in splits)} images. "
+        "Every stage trained on `train` only; `novel` holds Fluent Emoji subjects that no stage saw",
+        "(for personalization).",
+        "",
+        "| style | source | package | licence | use |",
+        "|---|---|---|---|---|",
+        *_sources_lines(manifest),
+        "",
+        "See ATTRIBUTION.md.",
+        "",
+    ]
+    return lines
+
+
+def _sizes_section(out: Path, run: dict) -> list[str]:
+    arch = run["config"]["arch"]
+    counts = arch_mod.parameter_counts(_arch_from_json(arch))
+    rows = [
+        ("text_encoder", "CLIPTextModel", counts["text_encoder"], out / "text_encoder"),
+        ("vae", "AutoencoderKL", counts["vae"], out / "vae"),
+        ("unet", "UNet2DConditionModel", counts["unet"], out / "unet"),
+        ("clip", "CLIPModel (evaluator)", counts["clip"], out / "clip"),
+    ]
+    lines = [
+        "## Architecture and sizes",
+        "",
+        "| component | class | parameters | fp16 weights |",
+        "|---|---|---|---|",
+    ]
+    for name, cls, n, folder in rows:
+        lines.append(
+            f"| {name} | {cls} | {n / 1e6:.2f} M | {folder_bytes(folder, '*.safetensors') / 1e6:.1f} MB |"
+        )
+    clip, vae, unet = arch["clip"], arch["vae"], arch["unet"]
+    lines += [
+        "",
+        f"- Text: width {clip['text_width']}, {clip['text_layers']} layers, {clip['text_heads']} heads, "
+        f"{clip['max_length']} tokens, CLIP BPE truncated to {clip['num_merges']} merges "
+        f"({arch_mod.vocab_size(arch_mod.ClipConfig(**clip))} tokens), padded with EOS (SD 1.x).",
+        f"- CLIP vision: ViT, {clip['image_size']} px, patch {clip['patch_size']}, width {clip['vision_width']}, "
+        f"{clip['vision_layers']} layers; projection {clip['projection_dim']}.",
+        f"- VAE: block_out_channels {tuple(vae['block_out_channels'])}, {vae['latent_channels']} latent channels, "
+        f"{vae['sample_size']} px -> {vae['sample_size'] // 2 ** (len(vae['block_out_channels']) - 1)} px latents.",
+        f"- UNet: block_out_channels {tuple(unet['block_out_channels'])}, {unet['layers_per_block']} layer(s) per "
+        f"block, heads {tuple(unet['attention_heads'])}, cross-attention width {clip['text_width']}; epsilon "
+        "prediction, DDPM scaled-linear betas 0.00085-0.012 (SD's); ships with DPM-Solver++ 2M.",
+        f"- Folder total: {folder_bytes(out) / 1e6:.1f} MB (pipeline weights "
+        f"{sum(folder_bytes(out / c, '*.safetensors') for c in COMPONENTS) / 1e6:.1f} MB).",
+        "",
+    ]
+    return lines
+
+
+def _arch_from_json(arch: dict) -> arch_mod.MiniArchitecture:
+    def tuples(d: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    return arch_mod.MiniArchitecture(
+        clip=arch_mod.ClipConfig(**tuples(arch["clip"])),
+        vae=arch_mod.VaeConfig(**tuples(arch["vae"])),
+        unet=arch_mod.UNetConfig(**tuples(arch["unet"])),
+    )
+
+
+def _training_section(work: Path, run: dict) -> list[str]:
+    config = run["config"]
+    lines = [
+        "## Training",
+        "",
+        f"`booth mini train --preset {config['name']}` (seed {run['seed']}), stages in order, each resumable.",
+        "",
+        "| stage | steps x batch | lr | wall time | chunks | final loss | hardware |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    total = 0.0
+    facts = {stage: stage_training(work, stage) for stage in STAGES}
+    for stage, fact in facts.items():
+        optim = config[stage]["optim"]
+        total += fact["wall_seconds"]
+        loss = f"{fact['final_loss']:.4f}" if fact["final_loss"] is not None else "-"
+        lines.append(
+            f"| {stage} | {fact['steps']} x {optim['batch_size']} | {optim['lr']:g} | "
+            f"{_duration(fact['wall_seconds'])} | {fact['chunks']} | {loss} | {'; '.join(fact['hardware'])} |"
+        )
+    vae = facts["vae"]
+    psnr = vae.get("test_psnr_db")
+    lines += [
+        "",
+        f"Total wall time {_duration(total)} (setup, latent caching and checkpoints included). "
+        f"Final loss: mean of the last 50 logged steps. VAE scaling factor {vae['scaling_factor']:.5f} "
+        "(1 / std of latents over training images)"
+        + (f"; test-split reconstruction PSNR at the end of training {psnr:.2f} dB." if psnr else "."),
+        "",
+    ]
+    return lines
+
+
+def _quality_section() -> list[str]:
+    return [
+        "## Quality",
+        "",
+        "Measured by `booth mini check` (fixed prompt sets, programmatic checks and the mini-CLIP above):",
+        "",
+        "| metric | goal | measured |",
+        "|---|---|---|",
+        '| concept: mini-CLIP zero-shot top-1 of generated "a {concept}" | >= 40% | not measured yet |',
+        "| background colour right | >= 80% | not measured yet |",
+        "| position right | >= 70% | not measured yet |",
+        "| style right (mini-CLIP) | >= 60% | not measured yet |",
+        "| VAE reconstruction PSNR (held-out renders) | >= 24 dB | not measured yet |",
+        "| one 64x64 image, 20 steps, CPU | < 1 s | not measured yet |",
+        "",
+    ]
+
+
+def model_card(work_dir: str | Path, out_dir: str | Path) -> str:
+    """The README.md of an exported folder: measured data, sizes and training facts; quality left to check."""
+    work, out = Path(work_dir), Path(out_dir)
+    run = json.loads((work / CONFIG_FILE).read_text())
+    dataset = json.loads((work / DATASET_FILE).read_text())
+    header = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "license: other",
+        "tags: [stable-diffusion, text-to-image, booth, booth-mini]",
+        "---",
+        "",
+        "# booth-mini",
+        "",
+        "A miniature Stable Diffusion (CLIP text encoder, KL autoencoder, conditional UNet, DDPM-family",
+        "scheduler) trained from scratch by booth on renders of open emoji art, 64x64 px. It is booth's default",
+        "model, so everything runs on a CPU without downloads. Load it with plain diffusers:",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "pipe = StableDiffusionPipeline.from_pretrained(path)",
+        'image = pipe("a small red apple in the top left on a blue background, openmoji style",',
+        "             num_inference_steps=20).images[0]",
+        "```",
+        "",
+        "The mini-CLIP in `clip/` (`transformers.CLIPModel`) is the evaluator of the mini world.",
+        "",
+    ]
+    body = (
+        _data_section(dataset) + _sizes_section(out, run) + _training_section(work, run) + _quality_section()
+    )
+    return "\n".join(header + body)

@@ -1,0 +1,998 @@
+"""Train booth-mini in three resumable stages: mini-CLIP, then the autoencoder, then the UNet.
+
+Stages (`STAGES`), each a plain loop of numbered steps (1 load batch, 2 encode, 3 noise, 4 predict, 5 loss,
+6 optimizer step), AdamW with linear warmup + cosine decay, gradient clipping at 1.0:
+
+- ``clip``: `transformers.CLIPModel` trained with CLIP's symmetric InfoNCE (Radford et al. 2021) and its
+  learnable temperature (clamped at 100, as CLIP). Identical captions in a batch are all positives (soft
+  targets), since the short caption variants collide. Text is padded only to the batch's longest caption:
+  the tower is causal and pools at EOS, so trailing padding cannot change the loss (3x cheaper than 77).
+- ``vae``: `diffusers.AutoencoderKL` on images in [-1, 1]: L1 + MSE + edge L1 (finite differences, a cheap
+  stand-in for a perceptual loss) + a small KL to N(0, I) (weight 1e-6 relative to a per-pixel sum, SD's).
+  At the end the latent scaling factor is measured: 1 / std of posterior samples of up to
+  `VaeTrainConfig.scale_images` training images (Rombach et al. 2022, sec. 4.3.2), stored in the VAE config.
+- ``unet``: `diffusers.UNet2DConditionModel`, epsilon prediction under SD's scaled-linear DDPM betas
+  (Ho et al. 2020), with Min-SNR-5 loss weights (Hang et al. 2023), offset noise 0.05 (Guttenberg 2023:
+  without it the scaled-linear schedule cannot move an image's mean colour far, and flat backgrounds are
+  the mini world's first prompt check), classifier-free-guidance caption dropout (empty caption with
+  p = 0.1, Ho & Salimans 2022) and caption-part dropout so short prompts ("a dog", "a dog on a blue
+  background") work. The text encoder is the frozen CLIP text tower (captions padded to 77, as at
+  inference); latents come from the frozen VAE, encoded once per training image (posterior mean and std
+  cached in ``work/unet/latents.pt``) and sampled every step. EMA of the weights (decay 0.999 with the
+  usual (1 + t) / (10 + t) warm-up) is what ships.
+
+No horizontal flips, in any stage: captions name left and right, and a flip would need the caption swapped
+*and* would teach mirror images of art that the styles never draw (20,000 distinct compositions are data
+enough). Data: the ImageFolder tree of `booth.mini.dataset`, loaded once into memory as uint8 tensors.
+
+Resuming: the batch at step s is a function of (seed, s) (a seeded permutation per epoch), and every random
+draw of step s comes from its own generator seeded by (seed, stage, s), so a run cut into chunks sees the
+same data and noise as one run. A checkpoint (model, EMA, optimizer, LR scheduler, global RNG states, step,
+data position, training seconds) is written atomically every `TrainConfig.checkpoint_every` steps and at
+the end of each chunk (`minutes` / `steps` budget); the next call continues from it. A finished stage
+writes ``work/<stage>/final/`` (a `save_pretrained` folder, fp32) and ``done.json``; `train_all` skips
+finished stages. ``work/config.json`` and ``work/dataset.json`` pin the configuration and the data: a
+different configuration needs a new work folder. Logs: ``work/<stage>/log.jsonl`` (one record per step:
+loss, lr, seconds; and one ``"event": "chunk"`` record per call with the hardware and wall time).
+
+Precision: bf16 autocast where it pays (CUDA with bf16; a CPU with AMX tiles), else fp32; losses in fp32.
+
+Step times measured on this machine (a 2-core Xeon with AMX, shared with other users at load average
+0.5-3, so they are noisy; the training loop itself with data, frozen encoders and EMA, bf16 autocast, 2
+threads, full preset): CLIP 0.71-0.84 s a step (batch 128), VAE 0.33 s (batch 16), UNet 1.00-1.06 s
+(batch 64); encoding the 20,000 latents once 4 ms an image (84 s). Without AMX (fp32) the bare model steps
+measured 0.93 s, 1.43 s (batch 32) and 1.30 s + 0.17 s text encoder. `PRESETS["full"]` is sized from the
+bf16 numbers (see `_full`): about 20 + 20 + 71 min of steps + 3 min of setup, about 1 h 55 min in all.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from booth.errors import BoothError
+from booth.mini import architecture as arch_mod
+from booth.mini.architecture import ClipConfig, MiniArchitecture, UNetConfig, VaeConfig
+from booth.mini.compose import CAPTION_PARTS, Layout, caption
+
+STAGES: tuple[str, ...] = ("clip", "vae", "unet")
+CHECKPOINT = "checkpoint.pt"
+FINAL = "final"
+DONE = "done.json"
+LOG = "log.jsonl"
+CONFIG_FILE = "config.json"
+DATASET_FILE = "dataset.json"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the temperature at 100 (Radford et al. 2021)
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Optim:
+    """AdamW with linear warmup then cosine decay to 0; decay only on weight matrices."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class CaptionDropout:
+    """How a training caption is shortened.
+
+    With probability `empty` the caption is "" (the unconditional branch of classifier-free guidance);
+    otherwise with probability `concept_only` it is just "a {concept}"; otherwise each template part (size,
+    position, background, style) is kept independently with probability `keep_part`.
+    """
+
+    empty: float = 0.0
+    concept_only: float = 0.1
+    keep_part: float = 0.75
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """The mini-CLIP stage."""
+
+    optim: Optim
+    captions: CaptionDropout = field(default_factory=lambda: CaptionDropout(concept_only=0.2, keep_part=0.5))
+
+
+@dataclass(frozen=True)
+class VaeTrainConfig:
+    """The autoencoder stage: loss weights (L1 has weight 1) and the scaling-factor sample."""
+
+    optim: Optim
+    mse_weight: float = 1.0
+    edge_weight: float = 0.5
+    kl_weight: float = 1e-6
+    scale_images: int = 2048
+
+
+@dataclass(frozen=True)
+class UNetTrainConfig:
+    """The UNet stage."""
+
+    optim: Optim
+    captions: CaptionDropout = field(default_factory=lambda: CaptionDropout(empty=0.1, concept_only=0.1))
+    ema_decay: float = 0.999
+    offset_noise: float = 0.05
+    min_snr_gamma: float = 5.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; `PRESETS` holds "tiny" (tests) and "full" (the shipped model).
+
+    `dataset_*` size the dataset that the CLI builds when ``--data`` is missing. `precision` is "auto",
+    "fp32" or "bf16" (autocast).
+    """
+
+    name: str
+    arch: MiniArchitecture
+    clip: ClipTrainConfig
+    vae: VaeTrainConfig
+    unet: UNetTrainConfig
+    checkpoint_every: int = 250
+    precision: str = "auto"
+    dataset_images: int = 20000
+    dataset_test: int = 300
+    dataset_novel: int = 100
+
+    def stage(self, stage: str) -> ClipTrainConfig | VaeTrainConfig | UNetTrainConfig:
+        """The training config of one stage."""
+        return {"clip": self.clip, "vae": self.vae, "unet": self.unet}[check_stage(stage)]
+
+    def to_json(self) -> dict:
+        """A JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _tiny() -> TrainConfig:
+    """A smoke configuration for tests: all three stages in about 5 s on one CPU thread (64 images)."""
+    arch = MiniArchitecture(
+        clip=ClipConfig(
+            num_merges=1000,
+            text_width=32,
+            text_layers=2,
+            text_heads=2,
+            text_mlp=64,
+            vision_width=32,
+            vision_layers=2,
+            vision_heads=2,
+            vision_mlp=64,
+            projection_dim=32,
+        ),
+        vae=VaeConfig(block_out_channels=(8, 16, 16), norm_num_groups=4),
+        unet=UNetConfig(block_out_channels=(16, 32, 32), attention_heads=(1, 2, 2), norm_num_groups=8),
+    )
+    return TrainConfig(
+        name="tiny",
+        arch=arch,
+        clip=ClipTrainConfig(Optim(steps=6, batch_size=8, lr=1e-3, warmup_steps=2)),
+        vae=VaeTrainConfig(Optim(steps=6, batch_size=4, lr=1e-3, warmup_steps=2), scale_images=16),
+        unet=UNetTrainConfig(Optim(steps=6, batch_size=8, lr=1e-3, warmup_steps=2)),
+        checkpoint_every=4,
+        dataset_images=64,
+        dataset_test=16,
+        dataset_novel=8,
+    )
+
+
+def _full() -> TrainConfig:
+    """The shipped model: ~2 h on the 2-core CPU (bf16 autocast on AMX), minutes on a GPU.
+
+    CLIP 1,400 x 128 (9 epochs of 20,000 images, 1,400 x 0.85 s = 20 min), VAE 3,600 x 16 (3 epochs,
+    3,600 x 0.33 s = 20 min), UNet 4,000 x 64 (13 epochs, 4,000 x 1.06 s = 71 min), plus latent caching
+    (1.5 min) and loading / checkpoints (about 1 min a stage).
+    """
+    return TrainConfig(
+        name="full",
+        arch=MiniArchitecture(),
+        clip=ClipTrainConfig(Optim(steps=1400, batch_size=128, lr=5e-4, warmup_steps=100, weight_decay=0.1)),
+        vae=VaeTrainConfig(Optim(steps=3600, batch_size=16, lr=5e-4, warmup_steps=200)),
+        unet=UNetTrainConfig(Optim(steps=4000, batch_size=64, lr=3e-4, warmup_steps=200)),
+    )
+
+
+PRESETS: dict[str, TrainConfig] = {"tiny": _tiny(), "full": _full()}
+
+
+def preset(name: str) -> TrainConfig:
+    """The named preset ("tiny" or "full")."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise BoothError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def check_stage(stage: str) -> str:
+    """`stage` if it is one of `STAGES`, else a BoothError."""
+    if stage not in STAGES:
+        raise BoothError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} or all")
+    return stage
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MiniData:
+    """One split in memory: images as a uint8 N x 3 x R x R tensor, metadata records, metadata checksum."""
+
+    images: torch.Tensor
+    records: list[dict]
+    checksum: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def load_split(data_dir: str | Path, split: str = "train") -> MiniData:
+    """Read a split of the booth-mini ImageFolder tree into memory."""
+    folder = Path(data_dir) / split
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise BoothError(
+            f"{folder} is not a booth-mini split (no metadata.jsonl); build it with booth mini dataset"
+        )
+    text = meta.read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not records:
+        raise BoothError(f"{meta} lists no images")
+    arrays = [np.asarray(Image.open(folder / r["file_name"]).convert("RGB")) for r in records]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return MiniData(images, records, hashlib.sha256(text.encode()).hexdigest())
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def data_position(n: int, batch_size: int, step: int) -> tuple[int, int]:
+    """(epoch, batch within the epoch) of a step: epochs of ``n // batch_size`` full batches."""
+    return divmod(step, max(1, n // batch_size))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The sample indices of a step: a seeded permutation per epoch, read in order (no replacement)."""
+    epoch, k = data_position(n, batch_size, step)
+    order = _epoch_order(n, seed, epoch)
+    if n < batch_size:
+        order = order.repeat(-(-batch_size // n))
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """A CPU generator for every random draw of one step (so chunked and one-go runs draw the same)."""
+    digest = hashlib.sha256(f"booth-mini/{seed}/{stage}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def sample_caption(record: dict, dropout: CaptionDropout, gen: torch.Generator) -> str:
+    """A training caption of a metadata record, shortened as `dropout` says (always 6 draws from `gen`)."""
+    u = torch.rand(2 + len(CAPTION_PARTS), generator=gen).tolist()
+    if u[0] < dropout.empty:
+        return ""
+    keep = () if u[1] < dropout.concept_only else CAPTION_PARTS
+    parts = tuple(p for p, r in zip(keep, u[2:]) if r < dropout.keep_part)
+    layout = Layout(record["background"], record["position"], record["size"])
+    return caption(record["concept"], record["style"], layout, parts)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] (SD's VAE convention)."""
+    return images.float() / 127.5 - 1.0
+
+
+# --- devices, precision, files ---------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> "cuda" when a GPU is present, else "cpu"; BoothError for unavailable devices."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BoothError(f"unknown device {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BoothError(f"device {device!r} is not available (no CUDA GPU)")
+    return resolved
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: fp32). "auto": bf16 on CUDA GPUs with bf16 and on CPUs with AMX."""
+    if choice == "fp32":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice != "auto":
+        raise BoothError(f"unknown precision {choice!r}; choose auto, fp32 or bf16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_amx() else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def describe_hardware(device: torch.device) -> str:
+    """What ran a chunk, e.g. "cpu: Intel(R) Xeon(R) Processor, 2 cores, 2 torch threads"."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """`torch.save` to a temporary file beside `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it replaces `target` (old one removed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, trash / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def final_dir(work_dir: str | Path, stage: str) -> Path:
+    """Where a finished stage's model is saved."""
+    return Path(work_dir) / check_stage(stage) / FINAL
+
+
+def is_finished(work_dir: str | Path, stage: str) -> bool:
+    """Whether a stage has run all its steps and saved its final model."""
+    return (Path(work_dir) / check_stage(stage) / DONE).is_file()
+
+
+def read_log(work_dir: str | Path, stage: str) -> list[dict]:
+    """A stage's log records (per-step records and ``"event": "chunk"`` records)."""
+    path = Path(work_dir) / check_stage(stage) / LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- the three tasks: steps 1-5 of the loop ----------------------------------------------------------------
+
+
+def _trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices, kernels and embeddings only (not on biases, norm gains, the temperature)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class ClipTask:
+    """mini-CLIP: symmetric InfoNCE over a batch of (image, caption) pairs."""
+
+    def __init__(self, config: TrainConfig, data: MiniData, device: torch.device, seed: int):
+        self.cfg, self.data, self.device = config.clip, data, device
+        self.model = arch_mod.build_clip(config.arch.clip, seed=seed).to(device).train()
+        self.tokenizer = arch_mod.build_tokenizer(config.arch.clip)
+        self.mean = torch.tensor(arch_mod.CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(arch_mod.CLIP_STD, device=device).view(1, 3, 1, 1)
+        self.arch = config.arch.clip
+
+    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
+        # 1. load batch: images and (shortened) captions
+        records = [self.data.records[i] for i in index.tolist()]
+        texts = [sample_caption(r, self.cfg.captions, gen) for r in records]
+        pixels = (self.data.images[index].to(self.device).float() / 255.0 - self.mean) / self.std
+        ids = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.arch.max_length)
+        input_ids = torch.tensor(ids["input_ids"], device=self.device)
+        # 2. encode both towers; 3-4. (no noise) predict: cosine similarities scaled by the temperature
+        with _autocast(self.device, dtype):
+            image_emb = self.model.get_image_features(pixel_values=pixels)
+            text_emb = self.model.get_text_features(input_ids=input_ids)
+        image_emb = F.normalize(_pooled(image_emb).float(), dim=-1)
+        text_emb = F.normalize(_pooled(text_emb).float(), dim=-1)
+        scale = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        logits = scale * image_emb @ text_emb.T
+        # 5. loss: symmetric cross-entropy, identical captions all count as positives (Radford et al. 2021)
+        codes = torch.tensor([texts.index(t) for t in texts], device=self.device)
+        same = (codes[:, None] == codes[None, :]).float()
+        targets = same / same.sum(dim=1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        accuracy = (logits.argmax(dim=1) == torch.arange(len(texts), device=self.device)).float().mean()
+        return loss, {"acc": accuracy.item(), "scale": scale.item()}
+
+    def save_final(self, folder: Path, data_dir: Path) -> dict:
+        from booth.models.tokenizer import write_clip_tokenizer_files
+
+        self.model.eval().save_pretrained(folder)
+        write_clip_tokenizer_files(folder, self.arch.num_merges, model_max_length=self.arch.max_length)
+        return {"logit_scale": self.model.logit_scale.exp().item()}
+
+
+def _pooled(features: Any) -> torch.Tensor:
+    """transformers 5 may return a ModelOutput from get_*_features; older versions a tensor."""
+    if isinstance(features, torch.Tensor):
+        return features
+    return features.pooler_output
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over all but the batch dim (Kingma & Welling 2014)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+
+
+def edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the horizontal and vertical finite differences of two image batches."""
+    dx = (a[..., :, 1:] - a[..., :, :-1]) - (b[..., :, 1:] - b[..., :, :-1])
+    dy = (a[..., 1:, :] - a[..., :-1, :]) - (b[..., 1:, :] - b[..., :-1, :])
+    return dx.abs().mean() + dy.abs().mean()
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] from their MSE (peak-to-peak range 2)."""
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+class VaeTask:
+    """AutoencoderKL: reconstruction + edge + small KL."""
+
+    def __init__(self, config: TrainConfig, data: MiniData, device: torch.device, seed: int):
+        self.cfg, self.data, self.device = config.vae, data, device
+        self.model = arch_mod.build_vae(config.arch.vae, seed=seed).to(device).train()
+
+    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
+        # 1. load batch
+        x = to_unit(self.data.images[index]).to(self.device)
+        # 2. encode to the posterior N(mean, std^2)
+        with _autocast(self.device, dtype):
+            moments = self.model.encode(x).latent_dist.parameters
+        mean, logvar = moments.float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        # 3. noise: reparameterised sample z = mean + std * eps
+        eps = torch.randn(mean.shape, generator=gen).to(self.device)
+        z = mean + (0.5 * logvar).exp() * eps
+        # 4. predict: decode
+        with _autocast(self.device, dtype):
+            recon = self.model.decode(z).sample.float()
+        # 5. loss (KL per pixel value, i.e. SD's sum-over-pixels weighting divided by 3HW)
+        mse = F.mse_loss(recon, x)
+        kl = kl_to_standard_normal(mean, logvar).mean() / x[0].numel()
+        loss = F.l1_loss(recon, x) + self.cfg.mse_weight * mse + self.cfg.edge_weight * edge_l1(recon, x)
+        loss = loss + self.cfg.kl_weight * kl
+        return loss, {"psnr": psnr(mse.detach()).item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def scaling_factor(self, seed: int) -> float:
+        """1 / std of posterior samples of up to `scale_images` training images."""
+        count = min(len(self.data), self.cfg.scale_images)
+        gen = torch.Generator().manual_seed(seed)
+        samples = []
+        for start in range(0, count, 256):
+            x = to_unit(self.data.images[start : min(count, start + 256)]).to(self.device)
+            dist = self.model.encode(x).latent_dist
+            samples.append(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(self.device))
+        return float(1.0 / torch.cat(samples).float().std())
+
+    @torch.no_grad()
+    def test_psnr(self, data_dir: Path) -> float | None:
+        """Mean per-image PSNR (dB) of posterior-mean reconstructions of the test split, if there is one."""
+        if not (data_dir / "test" / "metadata.jsonl").is_file():
+            return None
+        images = load_split(data_dir, "test").images
+        values = []
+        for start in range(0, len(images), 256):
+            x = to_unit(images[start : start + 256]).to(self.device)
+            recon = self.model.decode(self.model.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            values.append(psnr((recon - x).pow(2).flatten(1).mean(dim=1)))
+        return float(torch.cat(values).mean())
+
+    def save_final(self, folder: Path, data_dir: Path) -> dict:
+        self.model.eval()
+        factor = self.scaling_factor(seed=0)
+        self.model.register_to_config(scaling_factor=factor)
+        self.model.save_pretrained(folder)
+        return {"scaling_factor": factor, "test_psnr_db": self.test_psnr(data_dir)}
+
+
+class UNetTask:
+    """UNet2DConditionModel: epsilon prediction with Min-SNR weights, CFG and caption-part dropout."""
+
+    def __init__(
+        self, config: TrainConfig, data: MiniData, device: torch.device, seed: int, work: Path, **cache: Any
+    ):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPModel, CLIPTokenizer
+
+        for stage in ("clip", "vae"):
+            if not is_finished(work, stage):
+                raise BoothError(f"the {stage} stage is not finished in {work}; train it before the unet")
+        self.cfg, self.data, self.device = config.unet, data, device
+        clip = CLIPModel.from_pretrained(final_dir(work, "clip"))
+        self.text_encoder = arch_mod.text_encoder_from_clip(clip).to(device).requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(final_dir(work, "clip"))
+        vae = AutoencoderKL.from_pretrained(final_dir(work, "vae"))
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_mean, self.latent_std = latent_cache(work, vae.to(device), data, **cache)
+        self.noise = arch_mod.build_noise_scheduler()
+        self.alphas_cumprod = self.noise.alphas_cumprod.to(device)
+        self.model = arch_mod.build_unet(config.arch.unet, config.arch.clip.text_width, seed=seed)
+        self.model = self.model.to(device).train()
+        self.max_length = config.arch.clip.max_length
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], dtype: torch.dtype | None) -> torch.Tensor:
+        """The frozen text encoder's last hidden state, captions padded to 77 tokens as at inference."""
+        ids = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length)
+        with _autocast(self.device, dtype):
+            return self.text_encoder(torch.tensor(ids["input_ids"], device=self.device))[0]
+
+    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
+        # 1. load batch: cached posterior of each image, and a shortened caption (or "" for CFG)
+        texts = [sample_caption(self.data.records[i], self.cfg.captions, gen) for i in index.tolist()]
+        index = index.to(self.device)
+        mean, std = self.latent_mean[index], self.latent_std[index]
+        # 2. encode: sample the VAE posterior, scale to unit variance; text through the frozen encoder
+        eps_z = torch.randn(mean.shape, generator=gen).to(self.device)
+        latents = (mean + std * eps_z) * self.scaling_factor
+        text = self.encode_text(texts, dtype)
+        # 3. noise: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps with a per-channel offset (Guttenberg 2023)
+        b, c = latents.shape[:2]
+        offset = self.cfg.offset_noise * torch.randn(b, c, 1, 1, generator=gen)
+        noise = (torch.randn(latents.shape, generator=gen) + offset).to(self.device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=gen).to(self.device)
+        noisy = self.noise.add_noise(latents, noise, t)
+        # 4. predict the noise
+        with _autocast(self.device, dtype):
+            predicted = self.model(noisy, t, encoder_hidden_states=text).sample.float()
+        # 5. loss: Min-SNR-gamma weighted MSE, w = min(SNR, gamma) / SNR for epsilon (Hang et al. 2023)
+        abar = self.alphas_cumprod[t]
+        snr = abar / (1.0 - abar)
+        weight = snr.clamp(max=self.cfg.min_snr_gamma) / snr
+        per_sample = (predicted - noise).pow(2).flatten(1).mean(dim=1)
+        return (weight * per_sample).mean(), {"mse": per_sample.mean().item()}
+
+    def save_final(self, folder: Path, data_dir: Path) -> dict:
+        self.model.eval().save_pretrained(folder)  # the loop has copied the EMA weights in
+        return {}
+
+
+def latent_cache(
+    work: Path, vae: Any, data: MiniData, dtype: torch.dtype | None = None, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image under the frozen VAE (cached in unet/latents.pt).
+
+    Encoded under the training precision (bf16 autocast: 4 ms an image here instead of 11 ms; its rounding,
+    about 0.4% of a latent, is far below the smallest diffusion noise, sqrt(1 - abar_0) = 3%).
+    """
+    path = work / "unet" / "latents.pt"
+    key = {
+        "data": data.checksum,
+        "vae": _sha256_file(final_dir(work, "vae") / "diffusion_pytorch_model.safetensors"),
+        "precision": str(dtype),
+    }
+    device = next(vae.parameters()).device
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return cached["mean"].to(device), cached["std"].to(device)
+    vae.eval()
+    means, stds = [], []
+    bar = tqdm(range(0, len(data), 256), desc="booth-mini latents", unit="batch", disable=not progress)
+    with torch.no_grad(), _autocast(device, dtype):
+        for start in bar:
+            dist = vae.encode(to_unit(data.images[start : start + 256]).to(device)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"key": key, "mean": mean, "std": std}, path)
+    return mean.to(device), std.to(device)
+
+
+def build_task(
+    stage: str,
+    config: TrainConfig,
+    data: MiniData,
+    device: torch.device,
+    seed: int,
+    work: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+):
+    """The model and steps 1-5 of one stage (the UNet stage loads the finished CLIP and VAE from `work`)."""
+    if check_stage(stage) == "clip":
+        return ClipTask(config, data, device, seed)
+    if stage == "vae":
+        return VaeTask(config, data, device, seed)
+    return UNetTask(config, data, device, seed, work, dtype=dtype, progress=progress)
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageReport:
+    """What one `train_stage` call did."""
+
+    stage: str
+    step: int
+    total_steps: int
+    ran_steps: int
+    seconds: float
+    finished: bool
+    last_loss: float | None = None
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """Exponential moving average of the weights, decay warmed up as min(decay, (1 + t) / (10 + t))."""
+    rate = 1.0 - min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, rate)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _pin_run(work: Path, config: TrainConfig, data: MiniData, data_dir: Path, seed: int) -> None:
+    """Write work/config.json and work/dataset.json once; BoothError if a later call differs."""
+    work.mkdir(parents=True, exist_ok=True)
+    run = {"config": config.to_json(), "seed": seed}
+    path = work / CONFIG_FILE
+    if path.is_file():
+        if json.loads(path.read_text()) != run:
+            raise BoothError(
+                f"{work} holds a run with another configuration or seed; use a new --work folder to change them"
+            )
+    else:
+        atomic_write_text(path, json.dumps(run, indent=2) + "\n")
+    manifest_path = data_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    attribution = data_dir / "ATTRIBUTION.md"
+    dataset = {
+        "path": str(data_dir.resolve()),
+        "train_checksum": data.checksum,
+        "manifest": manifest,
+        "attribution": attribution.read_text() if attribution.is_file() else "",
+    }
+    path = work / DATASET_FILE
+    if path.is_file():
+        if json.loads(path.read_text())["train_checksum"] != data.checksum:
+            raise BoothError(
+                f"{work} was trained on another dataset than {data_dir}; use a new --work folder"
+            )
+    else:
+        atomic_write_text(path, json.dumps(dataset, indent=2) + "\n")
+
+
+@dataclass
+class _Session:
+    """One `train_stage` call: the task, its optimizer state and where it logs."""
+
+    stage: str
+    folder: Path
+    data_dir: Path
+    task: Any
+    optim: Optim
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: torch.nn.Module | None
+    device: torch.device
+    dtype: torch.dtype | None
+    seed: int
+    step: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.task.data)
+
+
+def _open_session(
+    stage: str, data_dir: Path, work: Path, config: TrainConfig, device, seed: int, progress: bool
+) -> _Session:
+    """Load the data, build the task, optimizer (AdamW), LR schedule and EMA, and resume the checkpoint."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    dev = resolve_device(device)
+    dtype = resolve_precision(config.precision, dev)
+    data = load_split(data_dir, "train")
+    if data.images.shape[-1] != config.arch.resolution:
+        raise BoothError(
+            f"{data_dir} holds {data.images.shape[-1]} px images; the model is {config.arch.resolution} px"
+        )
+    _pin_run(work, config, data, data_dir, seed)
+    folder = work / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    task = build_task(stage, config, data, dev, seed, work, dtype=dtype, progress=progress)
+    optim = config.stage(stage).optim
+    optimizer = torch.optim.AdamW(_trainable_groups(task.model, optim.weight_decay), lr=optim.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.steps)
+    ema = copy.deepcopy(task.model).requires_grad_(False) if stage == "unet" else None
+    session = _Session(
+        stage=stage,
+        folder=folder,
+        data_dir=data_dir,
+        task=task,
+        optim=optim,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        device=dev,
+        dtype=dtype,
+        seed=seed,
+    )
+    _load_checkpoint(session)
+    _trim_log(folder / LOG, session.step)
+    return session
+
+
+def _save_checkpoint(s: _Session) -> None:
+    epoch, position = data_position(s.n, s.optim.batch_size, s.step)
+    atomic_save(
+        {
+            "step": s.step,
+            "model": s.task.model.state_dict(),
+            "ema": s.ema.state_dict() if s.ema is not None else None,
+            "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "data_position": {"epoch": epoch, "batch": position, "batch_size": s.optim.batch_size},
+            "train_seconds": s.train_seconds,
+        },
+        s.folder / CHECKPOINT,
+    )
+
+
+def _load_checkpoint(s: _Session) -> None:
+    path = s.folder / CHECKPOINT
+    if not path.is_file():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    s.task.model.load_state_dict(state["model"])
+    if s.ema is not None:
+        s.ema.load_state_dict(state["ema"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    s.step, s.train_seconds = int(state["step"]), float(state["train_seconds"])
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop step records past the checkpoint (a chunk killed between checkpoints logged them)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _train_step(s: _Session) -> dict:
+    """One optimizer step; returns its log record."""
+    tick = time.perf_counter()
+    index = batch_indices(s.n, s.optim.batch_size, s.seed, s.step)
+    loss, metrics = s.task.loss(index, step_generator(s.seed, s.stage, s.step), s.dtype)  # steps 1-5
+    # 6. optimizer step (+ EMA)
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(s.task.model.parameters(), s.optim.grad_clip)
+    s.optimizer.step()
+    s.scheduler.step()
+    if s.ema is not None:
+        update_ema(s.ema, s.task.model, s.task.cfg.ema_decay, s.step)
+    s.step += 1
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise BoothError(f"the {s.stage} loss is not finite at step {s.step}; lower the learning rate")
+    seconds = time.perf_counter() - tick
+    s.train_seconds += seconds
+    return {"step": s.step, "loss": value, "lr": s.scheduler.get_last_lr()[0], "seconds": seconds, **metrics}
+
+
+def _chunk_record(s: _Session, first: int, started: float) -> dict:
+    return {
+        "event": "chunk",
+        "start_step": first,
+        "end_step": s.step,
+        "wall_seconds": time.monotonic() - started,
+        "device": str(s.device),
+        "hardware": describe_hardware(s.device),
+        "precision": "bf16 autocast" if s.dtype == torch.bfloat16 else "fp32",
+        "torch": torch.__version__,
+    }
+
+
+def _finish(s: _Session) -> None:
+    """Save ``final/`` (EMA weights for the UNet) and ``done.json``."""
+    if s.ema is not None:
+        s.task.model.load_state_dict(s.ema.state_dict())
+    summary = {
+        "stage": s.stage,
+        "steps": s.step,
+        "batch_size": s.optim.batch_size,
+        "train_seconds": s.train_seconds,
+    }
+    with atomic_folder(s.folder / FINAL) as tmp:
+        summary.update(s.task.save_final(tmp, s.data_dir))
+    atomic_write_text(s.folder / DONE, json.dumps(summary, indent=2) + "\n")
+
+
+def train_stage(
+    stage: str,
+    data_dir: str | Path,
+    work_dir: str | Path,
+    config: TrainConfig,
+    *,
+    minutes: float | None = None,
+    steps: int | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> StageReport:
+    """Train one stage for at most `minutes` (wall clock, setup included) and `steps` steps in this call.
+
+    Continues from ``work_dir/<stage>/checkpoint.pt`` if present; when the stage reaches its configured
+    total steps it saves ``final/`` and ``done.json``. A finished stage returns at once. `device` None
+    picks CUDA when present.
+    """
+    started = time.monotonic()
+    work = Path(work_dir)
+    total = config.stage(stage).optim.steps
+    if is_finished(work, stage):
+        return StageReport(stage, total, total, 0, 0.0, True)
+    s = _open_session(stage, Path(data_dir), work, config, device, seed, progress)
+    first, last = s.step, None
+    end = total if steps is None else min(total, s.step + max(0, steps))
+    deadline = started + 60.0 * minutes if minutes is not None else math.inf
+    bar = tqdm(total=total, initial=s.step, desc=f"booth-mini {stage}", unit="step", disable=not progress)
+    with open(s.folder / LOG, "a") as log:
+        while s.step < end and time.monotonic() < deadline:
+            last = _train_step(s)
+            log.write(json.dumps(last) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if s.step % config.checkpoint_every == 0 and s.step < end:
+                _save_checkpoint(s)
+        bar.close()
+        _save_checkpoint(s)
+        log.write(json.dumps(_chunk_record(s, first, started)) + "\n")
+    if s.step >= total:
+        _finish(s)
+    loss = last["loss"] if last else None
+    return StageReport(
+        stage, s.step, total, s.step - first, time.monotonic() - started, s.step >= total, loss
+    )
+
+
+def train_all(
+    data_dir: str | Path,
+    work_dir: str | Path,
+    config: TrainConfig,
+    *,
+    minutes: float | None = None,
+    steps: int | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[StageReport]:
+    """Run the stages in order, skipping finished ones; `minutes` and `steps` budget the whole call."""
+    started = time.monotonic()
+    reports = []
+    for stage in STAGES:
+        left_minutes = None if minutes is None else minutes - (time.monotonic() - started) / 60.0
+        left_steps = None if steps is None else steps - sum(r.ran_steps for r in reports)
+        if (left_minutes is not None and left_minutes <= 0) or (left_steps is not None and left_steps <= 0):
+            break
+        report = train_stage(
+            stage,
+            data_dir,
+            work_dir,
+            config,
+            minutes=left_minutes,
+            steps=left_steps,
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+        reports.append(report)
+        if not report.finished:
+            break
+    return reports
+
+
+def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
+    """Export a finished run as a diffusers folder + CLIP evaluator + model card (`booth.mini.export`)."""
+    from booth.mini.export import export_pipeline as _export
+
+    return _export(work_dir, out_dir)

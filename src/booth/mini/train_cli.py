@@ -1,0 +1,122 @@
+"""Command-line entry points for training booth-mini: ``booth mini train`` and ``booth mini export``.
+
+`add_train_commands` registers both on the subparsers of the ``booth mini`` group; each sets ``func`` to a
+``cmd_*(args) -> int``. The full model trains in chunks: run the same command again and it resumes where the
+last call stopped, until every stage is done; then it exports the pipeline (default: booth's bundled model
+folder, `booth.models.loading.default_model_path()`)::
+
+    booth mini train --minutes 30      # repeat until it prints "exported"; about 2 h in all on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from booth.errors import BoothError
+from booth.mini.train import PRESETS, STAGES, StageReport, is_finished, preset, train_all, train_stage
+
+
+def _default_export() -> Path:
+    from booth.models.loading import default_model_path
+
+    return default_model_path()
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``booth mini train``."""
+    parser.add_argument(
+        "--data", default="data/mini", help="dataset folder, built if missing (default data/mini)"
+    )
+    parser.add_argument("--work", default="runs/mini", help="checkpoints and logs (default runs/mini)")
+    parser.add_argument(
+        "--stage", default="all", choices=(*STAGES, "all"), help="stage to train (default all)"
+    )
+    parser.add_argument(
+        "--preset", default="full", choices=tuple(PRESETS), help="configuration (default full)"
+    )
+    parser.add_argument(
+        "--minutes", type=float, help="stop after this many minutes (checkpointed; rerun to resume)"
+    )
+    parser.add_argument("--steps", type=int, help="stop after this many steps in this call")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument(
+        "--export", help="pipeline folder written when all stages are done (default: bundled model)"
+    )
+    parser.add_argument("--no-export", action="store_true", help="do not export when all stages are done")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _ensure_dataset(data: Path, preset_name: str, progress: bool) -> None:
+    if (data / "train" / "metadata.jsonl").is_file():
+        return
+    if data.exists() and any(data.iterdir()):
+        raise BoothError(f"{data} exists but is not a booth-mini dataset (no train/metadata.jsonl)")
+    from booth.mini.dataset import build_dataset
+
+    config = preset(preset_name)
+    print(f"building the booth-mini dataset in {data} ({config.dataset_images} training images)")
+    build_dataset(
+        data,
+        config.dataset_images,
+        n_test=config.dataset_test,
+        n_novel=config.dataset_novel,
+        progress=progress,
+        overwrite=data.exists(),
+    )
+
+
+def _describe(report: StageReport) -> str:
+    state = "done" if report.finished else "stopped; rerun the same command to resume"
+    ran = f", {report.ran_steps} steps in {report.seconds / 60:.1f} min" if report.ran_steps else ""
+    return f"{report.stage}: step {report.step}/{report.total_steps}{ran} ({state})"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (a chunk of) booth-mini from parsed flags; export when every stage is done."""
+    config = preset(args.preset)
+    data, work = Path(args.data), Path(args.work)
+    _ensure_dataset(data, args.preset, not args.no_progress)
+    options = dict(
+        minutes=args.minutes,
+        steps=args.steps,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    if args.stage == "all":
+        reports = train_all(data, work, config, **options)
+    else:
+        reports = [train_stage(args.stage, data, work, config, **options)]
+    for report in reports:
+        print(_describe(report))
+    if not args.no_export and all(is_finished(work, stage) for stage in STAGES):
+        from booth.mini.export import export_pipeline
+
+        out = export_pipeline(work, args.export or _default_export())
+        print(f"exported booth-mini to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a finished run from parsed flags."""
+    from booth.mini.export import export_pipeline
+
+    print(f"exported booth-mini to {export_pipeline(args.work, args.out or _default_export())}")
+    return 0
+
+
+def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train`` and ``export`` on the subparsers of the ``booth mini`` group."""
+    train = subparsers.add_parser(
+        "train",
+        help="train booth-mini (CLIP, VAE, UNet), resumably, and export it",
+        description="Train booth-mini's stages in order; rerun the same command to resume after --minutes.",
+    )
+    add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+    export = subparsers.add_parser("export", help="export a finished booth-mini run as a diffusers folder")
+    export.add_argument("--work", default="runs/mini", help="the training folder (default runs/mini)")
+    export.add_argument("--out", "-o", help="output folder (default: the bundled model folder)")
+    export.set_defaults(func=cmd_export)

@@ -1,0 +1,166 @@
+"""`booth` CLI end to end on a tiny diffusers folder written by diffusers itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from booth.cli import main
+
+
+def gen(model_dir, out, *extra):
+    return main(
+        [
+            "generate",
+            "a red apple",
+            "--model",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def test_generate_writes_numbered_pngs_with_infotext(tiny_sd1_dir, tmp_path, capsys):
+    assert gen(tiny_sd1_dir, tmp_path, "--batch-size", "2", "--sampler", "Euler a") == 0
+    files = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert files == ["00000-5.png", "00001-6.png"]
+    with Image.open(tmp_path / "00001-6.png") as image:
+        text = image.text["parameters"]
+        assert image.size == (
+            32,
+            32,
+        )  # the model's native size: UNet sample_size x VAE scale (diffusers' rule)
+    assert text.startswith("a red apple\n")
+    assert "Steps: 2, Sampler: Euler a" in text and "Seed: 6" in text and "Size: 32x32" in text
+    assert f"Model: {tiny_sd1_dir.name}" in text
+    # never overwrite: a second run continues the numbering
+    assert gen(tiny_sd1_dir, tmp_path) == 0
+    assert (tmp_path / "00002-5.png").exists()
+    out = capsys.readouterr().out
+    assert "00002-5.png" in out
+
+
+def test_png_info_reads_back_what_generate_wrote(tiny_sd1_dir, tmp_path, capsys):
+    assert gen(tiny_sd1_dir, tmp_path, "--negative-prompt", "blurry, dark") == 0
+    capsys.readouterr()
+    assert main(["png-info", str(tmp_path / "00000-5.png")]) == 0
+    out = capsys.readouterr().out
+    assert "a red apple" in out and "blurry, dark" in out and "Seed" in out
+
+
+def test_img2img_from_the_cli(tiny_sd1_dir, tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(init)
+    out = tmp_path / "out"
+    assert gen(tiny_sd1_dir, out, "--init-image", str(init), "--denoising-strength", "0.5") == 0
+    with Image.open(out / "00000-5.png") as image:
+        assert "Denoising strength: 0.5" in image.text["parameters"]
+
+
+def test_xy_grid_from_the_cli(tiny_sd1_dir, tmp_path):
+    assert gen(tiny_sd1_dir, tmp_path, "--xy", "Steps", "1,2", "--xy-y", "CFG Scale", "3,7") == 0
+    grids = list(tmp_path.glob("grid-*.png"))
+    assert len(grids) == 1
+    with Image.open(grids[0]) as grid:
+        assert grid.width > 2 * 32 and grid.height > 2 * 32  # 2x2 cells plus labels
+    assert len([p for p in tmp_path.glob("0*.png")]) == 4
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "/nonexistent/model.safetensors"], "not found"),
+        (["--sampler", "Eulerish"], "DPM++ 2M"),  # the message lists the valid names
+        (["--schedule-type", "Wobbly"], "Karras"),
+        (["--width", "65"], "multiple of 8"),
+        (["--steps", "0"], "steps"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_exit_2(tiny_sd1_dir, tmp_path, capsys, args, message):
+    argv = ["generate", "x", "--model", str(tiny_sd1_dir), "--out", str(tmp_path), "--no-progress", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("booth: error:") and message in err
+    assert "\n" not in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unwritable_output_folder_is_refused(tiny_sd1_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert gen(tiny_sd1_dir, blocker / "sub") == 2
+    assert "not writable" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_malformed_prompt_falls_back_to_literal_with_a_warning(tiny_sd1_dir, tmp_path, capsys):
+    argv = [
+        "generate",
+        "a [red|blue:2] (apple:1.2.3)",
+        "--model",
+        str(tiny_sd1_dir),
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert (tmp_path / "00000-1.png").exists()
+    err = capsys.readouterr().err
+    assert "booth: warning:" in err and "literal" in err.lower()
+
+
+def test_help_documents_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in [
+        "--negative-prompt",
+        "--steps",
+        "--cfg-scale",
+        "--sampler",
+        "--schedule-type",
+        "--seed",
+        "--width",
+        "--height",
+        "--batch-size",
+        "--n-iter",
+        "--out",
+        "prompt editing",
+    ]:
+        assert flag in out
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "booth.cli",
+            "generate",
+            "x",
+            "--model",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "booth: error:" in proc.stderr

@@ -1,0 +1,287 @@
+"""booth-mini training: architecture budget, the three stages, resuming, export to a plain diffusers folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from booth.errors import BoothError
+from booth.mini import architecture as A
+from booth.mini.render import BASE_STYLES, installed_styles
+from booth.mini.train import (
+    PRESETS,
+    STAGES,
+    CaptionDropout,
+    batch_indices,
+    build_task,
+    final_dir,
+    load_split,
+    read_log,
+    resolve_device,
+    sample_caption,
+    train_all,
+    train_stage,
+)
+
+torch.set_num_threads(1)
+TINY = PRESETS["tiny"]
+FULL = PRESETS["full"]
+needs_data = pytest.mark.skipif(
+    not set(BASE_STYLES) <= set(installed_styles()),
+    reason="emoji sources not installed (tools/install-data.sh)",
+)
+RECORD = {"concept": "dog", "style": "noto", "background": "blue", "position": "top left", "size": "small"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from booth.mini.dataset import build_dataset
+
+    path = tmp_path_factory.mktemp("mini") / "data"
+    build_dataset(path, n_images=64, seed=0, n_test=16, n_novel=8, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A work folder with all three tiny stages finished."""
+    work = tmp_path_factory.mktemp("work")
+    reports = train_all(data_dir, work, TINY, progress=False)
+    assert [r.stage for r in reports] == list(STAGES) and all(r.finished for r in reports)
+    return work
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    from booth.mini.export import export_pipeline
+
+    return export_pipeline(trained, tmp_path_factory.mktemp("export") / "booth-mini")
+
+
+# --- architecture and budget (no data) ---
+
+
+def test_full_preset_fits_the_fp16_budget():
+    counts = A.parameter_counts(FULL.arch)
+    sizes = A.fp16_megabytes(counts)
+    assert sizes["pipeline"] <= 35.0, sizes
+    # pipeline + the mini-CLIP evaluator (MB = 10**6 bytes); tokenizers, configs and the card add 0.3 MB
+    # (an export of the full architecture measured 39.14 MB in all)
+    assert sizes["total"] + 0.5 <= 40.0, sizes
+    assert FULL.arch.latent_size == 16 and FULL.arch.resolution == 64
+
+
+def test_full_text_encoder_is_the_clip_text_tower_and_feeds_the_unet():
+    with torch.device("meta"):
+        clip = A.build_clip(FULL.arch.clip)
+        unet = A.build_unet(FULL.arch.unet, FULL.arch.clip.text_width)
+    assert unet.config.cross_attention_dim == clip.config.text_config.hidden_size
+    assert A.parameter_counts(FULL.arch)["text_encoder"] == A.count_parameters(clip.text_model)
+
+
+def test_concept_names_tokenize_short_with_the_truncated_bpe():
+    from booth.mini.concepts import BASE_CONCEPTS
+
+    tokenizer = A.build_tokenizer(FULL.arch.clip)
+    assert len(tokenizer) == A.vocab_size(FULL.arch.clip)
+    lengths = [len(tokenizer(c.name).input_ids) - 2 for c in BASE_CONCEPTS]
+    assert sum(lengths) / len(lengths) < 3.0
+    full = "a medium cocktail glass in the bottom right on a purple background, openmoji style"
+    assert len(tokenizer(full).input_ids) <= 30
+
+
+def test_batches_walk_each_epoch_without_replacement():
+    seen = torch.cat([batch_indices(20, 4, seed=3, step=s) for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert not torch.equal(batch_indices(20, 4, 3, 5), batch_indices(20, 4, 3, 0))  # next epoch reshuffles
+    assert torch.equal(batch_indices(20, 4, 3, 7), batch_indices(20, 4, 3, 7))
+    assert len(batch_indices(3, 8, 0, 0)) == 8  # fewer images than a batch: repeated
+
+
+def test_caption_dropout():
+    gen = torch.Generator().manual_seed(0)
+    assert sample_caption(RECORD, CaptionDropout(empty=1.0), gen) == ""
+    assert sample_caption(RECORD, CaptionDropout(concept_only=1.0), gen) == "a dog"
+    full = sample_caption(RECORD, CaptionDropout(concept_only=0.0, keep_part=1.0), gen)
+    assert full == "a small dog in the top left on a blue background, noto style"
+    texts = {sample_caption(RECORD, CaptionDropout(empty=0.1, concept_only=0.1), gen) for _ in range(200)}
+    assert {"", "a dog", full} <= texts and len(texts) > 8
+
+
+def test_unknown_names_are_user_errors(tmp_path):
+    with pytest.raises(BoothError):
+        train_stage("lora", tmp_path, tmp_path, TINY)
+    with pytest.raises(BoothError):
+        load_split(tmp_path)
+    with pytest.raises(BoothError):
+        resolve_device("nonsense")
+
+
+# --- the stages ---
+
+
+@needs_data
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_overfits_a_fixed_batch(stage, data_dir, trained):
+    data = load_split(data_dir)
+    task = build_task(stage, TINY, data, torch.device("cpu"), 0, trained)
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=2e-3)
+    index, losses = torch.arange(8), []
+    for _ in range(20):
+        loss, _ = task.loss(index, torch.Generator().manual_seed(0), None)  # same images, captions, noise
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def _work_with_prerequisites(trained, tmp_path, stage):
+    """A fresh work folder holding the finished stages before `stage` (and the pinned run)."""
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    for name in ("config.json", "dataset.json"):
+        shutil.copy(trained / name, work / name)
+    for before in STAGES[: STAGES.index(stage)]:
+        shutil.copytree(trained / before, work / before)
+    return work
+
+
+@needs_data
+@pytest.mark.parametrize("stage", ["clip", "unet"])
+def test_resumed_chunks_match_one_run(stage, data_dir, trained, tmp_path):
+    one = _work_with_prerequisites(trained, tmp_path / "one", stage)
+    two = _work_with_prerequisites(trained, tmp_path / "two", stage)
+    assert train_stage(stage, data_dir, one, TINY, progress=False).ran_steps == 6
+    first = train_stage(stage, data_dir, two, TINY, steps=3, progress=False)
+    assert (first.step, first.finished) == (3, False)
+    checkpoint = torch.load(two / stage / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 3 and checkpoint["data_position"]["batch"] == 3
+    second = train_stage(stage, data_dir, two, TINY, steps=3, progress=False)
+    assert (second.step, second.ran_steps, second.finished) == (6, 3, True)
+
+    def losses(work):
+        return [r["loss"] for r in read_log(work, stage) if "loss" in r]
+
+    assert losses(one) == losses(two) and len(losses(one)) == 6
+    name = "model.safetensors" if stage == "clip" else "diffusion_pytorch_model.safetensors"
+    a, b = load_file(final_dir(one, stage) / name), load_file(final_dir(two, stage) / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    chunks = [r for r in read_log(two, stage) if r.get("event") == "chunk"]
+    assert [(c["start_step"], c["end_step"]) for c in chunks] == [(0, 3), (3, 6)]
+
+
+@needs_data
+def test_finished_stages_are_skipped_and_the_run_is_pinned(data_dir, trained, tmp_path):
+    assert all(r.ran_steps == 0 and r.finished for r in train_all(data_dir, trained, TINY, progress=False))
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(trained / "config.json", work / "config.json")
+    other = replace(TINY, unet=replace(TINY.unet, ema_decay=0.9))
+    with pytest.raises(BoothError, match="another configuration"):
+        train_stage("clip", data_dir, work, other, progress=False)
+
+
+@needs_data
+def test_a_spent_minutes_budget_checkpoints_without_steps(data_dir, tmp_path):
+    report = train_stage("clip", data_dir, tmp_path, TINY, minutes=0, progress=False)
+    assert (report.ran_steps, report.finished) == (0, False)
+    assert torch.load(tmp_path / "clip" / "checkpoint.pt", weights_only=True)["step"] == 0
+    assert train_stage("clip", data_dir, tmp_path, TINY, progress=False).ran_steps == 6
+
+
+@needs_data
+def test_unet_needs_the_earlier_stages(data_dir, tmp_path):
+    with pytest.raises(BoothError, match="clip stage is not finished"):
+        train_stage("unet", data_dir, tmp_path, TINY, progress=False)
+
+
+# --- export ---
+
+
+@needs_data
+def test_export_loads_with_plain_diffusers_and_generates(exported):
+    script = (
+        "import sys, torch\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        "pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "assert not any(m.startswith('booth') for m in sys.modules)\n"
+        "image = pipe('a dog on a blue background', num_inference_steps=2,"
+        " generator=torch.Generator().manual_seed(0)).images[0]\n"
+        "print(image.size, pipe.text_encoder.dtype, pipe.unet.dtype, type(pipe.scheduler).__name__)\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(exported)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(64, 64) torch.float32 torch.float32 DPMSolverMultistepScheduler" in done.stdout
+
+
+@needs_data
+def test_export_layout_fp16_and_card(exported, trained):
+    index = json.loads((exported / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    for path in exported.rglob("*.safetensors"):
+        assert {t.dtype for t in load_file(path).values()} == {torch.float16}, path
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (exported / "tokenizer").iterdir()}
+    vae = json.loads((exported / "vae" / "config.json").read_text())
+    done = json.loads((trained / "vae" / "done.json").read_text())
+    assert vae["scaling_factor"] == pytest.approx(done["scaling_factor"]) and vae["scaling_factor"] != 1.0
+    card = (exported / "README.md").read_text()
+    assert "## Training" in card and "cpu:" in card and "6 x 8" in card and "not measured yet" in card
+    assert "OpenMoji" in (exported / "ATTRIBUTION.md").read_text()
+    assert not list(exported.parent.glob(".booth-mini.tmp-*"))
+
+
+@needs_data
+def test_exported_text_encoder_is_the_trained_clip_text_tower(exported, trained):
+    from transformers import CLIPModel, CLIPTextModel
+
+    trained_clip = CLIPModel.from_pretrained(final_dir(trained, "clip"))
+    expected = {f"text_model.{k}": v.half() for k, v in trained_clip.text_model.state_dict().items()}
+    stored = load_file(exported / "text_encoder" / "model.safetensors")
+    assert stored.keys() == expected.keys()
+    assert all(torch.equal(stored[k], expected[k]) for k in expected)
+    loaded = CLIPTextModel.from_pretrained(exported / "text_encoder")
+    assert loaded.dtype == torch.float32
+    evaluator = CLIPModel.from_pretrained(exported / "clip")
+    assert all(torch.equal(evaluator.text_model.state_dict()[k[11:]].half(), v) for k, v in stored.items())
+
+
+@needs_data
+def test_clip_evaluator_scores_images(exported, data_dir):
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(exported / "clip")
+    processor = CLIPProcessor.from_pretrained(exported / "clip")
+    image = Image.open(data_dir / "test" / "000000.png")
+    inputs = processor(text=["a dog", "a cat"], images=[image], return_tensors="pt", padding=True)
+    assert model(**inputs).logits_per_image.shape == (1, 2)
+
+
+@needs_data
+def test_cli_builds_data_trains_in_chunks_and_exports(tmp_path):
+    from booth.mini.train_cli import add_train_commands
+
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers(dest="command"))
+    base = ["train", "--preset", "tiny", "--no-progress", "--data", str(tmp_path / "data")]
+    base += ["--work", str(tmp_path / "work"), "--export", str(tmp_path / "out")]
+    args = parser.parse_args([*base, "--steps", "8"])
+    assert args.func(args) == 0 and not (tmp_path / "out").exists()  # clip done, vae at 2/6
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["splits"]["train"] == 64
+    args = parser.parse_args(base)
+    assert args.func(args) == 0
+    assert (tmp_path / "out" / "model_index.json").is_file()
