@@ -102,6 +102,9 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--only", choices=["tiny", "small"], default=None, help="run one of the random models"
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.model:
@@ -112,8 +115,10 @@ def main():
         return
     from booth.models.tiny import tiny_pipeline
 
-    measure("tiny", tiny_pipeline("sd1"), args.steps, 64, args.batch, args.repeats)
-    measure("small", small_pipeline(), args.steps, 256, args.batch, args.repeats)
+    if args.only in (None, "tiny"):
+        measure("tiny", tiny_pipeline("sd1"), args.steps, 64, args.batch, args.repeats)
+    if args.only in (None, "small"):
+        measure("small", small_pipeline(), args.steps, 256, args.batch, args.repeats)
 
 
 if __name__ == "__main__":

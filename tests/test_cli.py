@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -145,6 +147,8 @@ def test_help_documents_the_flags(capsys):
 
 
 def test_no_traceback_from_a_real_process(tmp_path):
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [
             sys.executable,
@@ -160,6 +164,7 @@ def test_no_traceback_from_a_real_process(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

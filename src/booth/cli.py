@@ -159,11 +159,9 @@ def _version() -> str:
 
 
 def _device(name: str | None) -> str:
-    if name:
-        return name
-    import torch
+    from booth.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(name))
 
 
 def _dtype(name: str | None, device: str):

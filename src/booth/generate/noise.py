@@ -6,16 +6,11 @@ the noise of a single run with seed + i.
 
 from __future__ import annotations
 
-import random
-
 import torch
 
+from booth.generate.params import resolve_seed  # noqa: F401 - re-exported
+
 MAX_SEED = 2**32 - 1
-
-
-def resolve_seed(seed: int) -> int:
-    """-1 means random, as in A1111 (`int(random.randrange(4294967294))`)."""
-    return random.randrange(4294967294) if seed is None or seed == -1 else int(seed)
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,21 @@ One dataclass serves the CLI, the Python API, scripts (X/Y grid axes set its fie
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from booth.errors import BoothError
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+SEED_RANGE = 4294967294  # A1111 draws random seeds from [0, 4294967294)
+
+
+def resolve_seed(seed: int | None, rng: random.Random | None = None) -> int:
+    """-1 (or None) becomes a random seed, anything else is kept (A1111 `get_fixed_seed`)."""
+    if seed is None or seed == -1:
+        return (rng or random).randrange(SEED_RANGE)
+    return int(seed)
 
 
 @dataclass

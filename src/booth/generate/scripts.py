@@ -26,11 +26,10 @@ from PIL import Image
 
 from booth.errors import BoothError
 from booth.generate.grid import annotated_grid, image_grid, prompt_matrix_grid, prompt_matrix_shape
-from booth.generate.params import GenerationParams
+from booth.generate.params import GenerationParams, resolve_seed
 
 Generate = Callable[[GenerationParams], list[Image.Image]]
 
-SEED_RANGE = 4294967294  # A1111 `get_fixed_seed`: random.randrange(4294967294)
 MAX_AXIS_VALUES = 10_000  # guards against typos like "1-100000000" expanding into a huge plot
 
 
@@ -53,11 +52,6 @@ class ScriptResult:
 
 # --------------------------------------------------------------------------------------------------------
 # Seeds and running jobs
-
-
-def resolve_seed(seed: int, rng: random.Random) -> int:
-    """-1 becomes a random seed in [0, 4294967294); anything else is kept (A1111 `get_fixed_seed`)."""
-    return rng.randrange(SEED_RANGE) if seed == -1 else seed
 
 
 def fix_seeds(params: GenerationParams, rng: random.Random) -> GenerationParams:

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from booth.devices import resolve_device
 from booth.errors import BoothError
 from booth.mini import architecture as arch_mod
 from booth.mini.architecture import ClipConfig, MiniArchitecture, UNetConfig, VaeConfig
@@ -310,19 +311,6 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 # --- devices, precision, files ---------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> "cuda" when a GPU is present, else "cpu"; BoothError for unavailable devices."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise BoothError(f"unknown device {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BoothError(f"device {device!r} is not available (no CUDA GPU)")
-    return resolved
 
 
 def _cpu_has_amx() -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from booth.devices import resolve_device
 from booth.errors import BoothError, NetworkRequiredError
 from booth.models.families import SUPPORTED, ModelFamily, detect_family
 
@@ -88,7 +89,7 @@ def load_pipeline(
     Raises:
         BoothError: the path is missing or not a model; NetworkRequiredError: a hub id while offline.
     """
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise BoothError(
@@ -252,18 +253,6 @@ def _place(loaded: LoadedModel, device: torch.device) -> LoadedModel:
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)
     return loaded
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise BoothError(f"unknown device {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BoothError(f"device {device!r} is not available (no CUDA GPU)")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise BoothError(f"device {device!r} is not available")
-    return resolved
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
