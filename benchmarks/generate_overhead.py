@@ -18,13 +18,26 @@ import torch
 
 
 def small_pipeline():
-    """A random SD-1.x-shaped pipeline, smaller than SD 1.5 (channels 128/256/512, 2 layers) for CPU timing."""
-    from diffusers import UNet2DConditionModel
+    """A random SD-1.x-shaped pipeline, smaller than SD 1.5 (channels 128/256/512, 2 layers) for CPU timing.
+
+    Its VAE downsamples by 8 like SD's, so 256 px images are 32x32 latents.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from booth.models.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("sd1")
     torch.manual_seed(0)
+    pipe.vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+    ).eval()
+    pipe.vae_scale_factor = 8
+    pipe.image_processor.config.vae_scale_factor = 8
     pipe.unet = UNet2DConditionModel(
         sample_size=32,
         block_out_channels=(128, 256, 512),
