@@ -66,6 +66,10 @@ class RecordingHandler:
     def deactivate(self, pipeline):
         self.log.append(("deactivate", pipeline))
 
+    def infotext_params(self):
+        applied = [c.positional[0] for event in self.log if event[0] == "activate" for c in event[2]]
+        return {f"{self.kind} used": ", ".join(applied)} if applied else {}
+
 
 def test_registry_activates_every_handler_and_skips_unknown_kinds():
     lora, hyper = RecordingHandler("lora"), RecordingHandler("hypernet")
@@ -84,3 +88,12 @@ def test_registry_rejects_a_second_handler_for_a_kind():
     registry = ExtraNetworkRegistry([RecordingHandler("lora")])
     with pytest.raises(BoothError, match="lora"):
         registry.register(RecordingHandler("lora"))
+
+
+def test_registry_merges_the_handlers_infotext_params():
+    lora, hyper = RecordingHandler("lora"), RecordingHandler("hypernet")
+    registry = ExtraNetworkRegistry([lora, hyper])
+    assert registry.infotext_params() == {}
+    _, calls = parse_extra_networks("<lora:a:1> <hypernet:h:0.5> <lora:b:0.5>")
+    registry.activate_all(None, calls)
+    assert registry.infotext_params() == {"lora used": "a, b", "hypernet used": "h"}

@@ -452,14 +452,9 @@ class Engine:
             extra["Emphasis"] = params.emphasis
         if used_embeddings:
             extra["TI hashes"] = ", ".join(sorted(used_embeddings))
-        try:
-            if schedule_differs_with_old_timelines(prompt, params.steps):
-                extra["Old prompt editing timelines"] = True
-        except Exception:  # noqa: BLE001 - malformed prompts were already reported by the encoder
-            pass
-        extra.update(
-            self.extra_networks.infotext_params() if hasattr(self.extra_networks, "infotext_params") else {}
-        )
+        if schedule_differs_with_old_timelines(prompt, params.steps):
+            extra["Old prompt editing timelines"] = True
+        extra.update(self.extra_networks.infotext_params())
         return extra
 
     def _infotext(self, params, sampler, schedule, width, height, seed, subseed, extra) -> str:

@@ -101,6 +101,9 @@ class ExtraNetworkHandler(Protocol):
     def deactivate(self, pipeline: Any) -> None:
         """Called after generation; may keep weights loaded for the next prompt."""
 
+    def infotext_params(self) -> dict[str, str]:
+        """Infotext keys for what the last `activate` applied, e.g. {"Lora hashes": "name: hash"}."""
+
 
 class ExtraNetworkRegistry:
     """The handlers of one engine, by kind."""
@@ -131,3 +134,10 @@ class ExtraNetworkRegistry:
         """Deactivate every registered handler."""
         for handler in self.handlers.values():
             handler.deactivate(pipeline)
+
+    def infotext_params(self) -> dict[str, str]:
+        """The infotext keys of all handlers, merged in registration order."""
+        params: dict[str, str] = {}
+        for handler in self.handlers.values():
+            params.update(handler.infotext_params())
+        return params
