@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     samplers = sub.add_parser("samplers", help="list sampler names and schedule types")
     samplers.set_defaults(func=cmd_samplers)
 
+    from booth.mini.check import add_check_command
     from booth.mini.cli import add_data_commands
     from booth.mini.train_cli import add_train_commands
 
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     mini_sub = mini.add_subparsers(dest="mini_command", metavar="COMMAND")
     add_data_commands(mini_sub)
     add_train_commands(mini_sub)
+    add_check_command(mini_sub)
     mini.set_defaults(func=lambda args: mini.print_help() or 0)
     return parser
 

@@ -1,0 +1,723 @@
+"""``booth mini check``: measure booth-mini's quality gates (issue 3) and print them as a table.
+
+Gates, each over a fixed seeded prompt set (same seed -> same prompts, seeds and images):
+
+- concept: mini-CLIP zero-shot top-1 of generated "a {concept}" images over the whole concept set
+  (`BASE_CONCEPTS`); ceiling = the same on real renders, floor = chance (1 / number of concepts).
+- background / position: `booth.mini.checks` on images generated from full captions built from valid
+  layouts (`booth.mini.compose.LAYOUTS`: "large" only in the centre); size is reported alongside.
+- style: mini-CLIP zero-shot over the base styles ("a {concept}, {style} style" for each style).
+- VAE PSNR: posterior-mean reconstructions of held-out renders (test split), in dB; novel split reported.
+- speed: median wall time of one 64x64 image with `steps` steps (report; the benchmark is
+  ``benchmarks/mini_speed.py``).
+
+Real renders come from the dataset's test split when `data_dir` holds one, else they are composed on the fly
+from the emoji sources (`booth.mini.compose`). `update_card` rewrites the model card's quality section
+inside a marker block, so a second run replaces the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import shlex
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from booth.errors import BoothError
+from booth.mini import checks
+from booth.mini.compose import LAYOUTS, Composition, Layout, caption, compose
+from booth.mini.concepts import BASE_CONCEPTS, Concept
+from booth.mini.render import BASE_STYLES
+
+CARD_BEGIN = "<!-- booth mini check: begin (generated; rerun booth mini check --update-card) -->"
+CARD_END = "<!-- booth mini check: end -->"
+SAMPLER = "DPM++ 2M"
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """What `run_check` measures and how much: every size is a parameter so tests can run tiny."""
+
+    samples: int = 100  # prompts of the layout/style set
+    concepts: int | None = None  # concepts generated for the concept gate (None: all)
+    per_concept: int = 1  # images per concept prompt
+    seed: int = 0
+    steps: int = 20
+    cfg_scale: float = 7.0
+    psnr_images: int = 300  # held-out renders for the VAE PSNR
+    speed_runs: int = 5  # timed single-image generations (after one warm-up)
+    resolution: int = 64
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One row of the table: a measured value against its target, with the real-render ceiling and floor."""
+
+    name: str
+    label: str
+    unit: str  # "%" (fractions 0..1 shown as percent), "dB" or "s"
+    goal: float | None  # None: reported, no target
+    higher_is_better: bool = True
+    measured: float | None = None
+    ceiling: float | None = None
+    floor: float | None = None
+    n: int = 0
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        """True/False against the goal; None when there is no goal or nothing was measured."""
+        if self.goal is None or self.measured is None or not math.isfinite(self.measured):
+            return None
+        return self.measured >= self.goal if self.higher_is_better else self.measured < self.goal
+
+    @property
+    def shortfall(self) -> float | None:
+        """How far a missed goal is from the measured value (in the gate's unit), else None."""
+        if self.passed is not False:
+            return None
+        assert self.goal is not None and self.measured is not None
+        return abs(self.goal - self.measured)
+
+    def fmt(self, value: float | None) -> str:
+        """A value in the gate's unit, "-" when absent."""
+        if value is None or not math.isfinite(value):
+            return "-"
+        if self.unit == "%":
+            return f"{100 * value:.1f}%"
+        return f"{value:.2f} {self.unit}" if self.unit == "dB" else f"{value:.3f} s"
+
+    @property
+    def target(self) -> str:
+        """The goal as text ("> = 80%", "< 1 s", "report")."""
+        if self.goal is None:
+            return "report"
+        sign = ">=" if self.higher_is_better else "<"
+        return f"{sign} {self.fmt(self.goal)}" if self.unit != "s" else f"< {self.goal:g} s"
+
+    @property
+    def verdict(self) -> str:
+        """ "pass", "fail (short by ...)" or "-"."""
+        if self.passed is None:
+            return "-"
+        if self.passed:
+            return "pass"
+        short = self.shortfall or 0.0
+        by = f"{100 * short:.1f} points" if self.unit == "%" else f"{short:.2f} {self.unit}"
+        return f"fail (off by {by})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the fields plus target text and pass/fail."""
+        return {**asdict(self), "target": self.target, "passed": self.passed, "shortfall": self.shortfall}
+
+
+@dataclass
+class CheckReport:
+    """All gates of one check run, with what was checked and how."""
+
+    gates: list[Gate]
+    model: str
+    config: CheckConfig
+    command: str = ""
+    hardware: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def gate(self, name: str) -> Gate:
+        """The gate called `name`."""
+        return next(g for g in self.gates if g.name == name)
+
+    def table(self) -> str:
+        """The gates as a Markdown table."""
+        lines = [
+            "| gate | target | measured | pass | ceiling (real renders) | floor (chance) | n |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for g in self.gates:
+            lines.append(
+                f"| {g.label} | {g.target} | {g.fmt(g.measured)} | {g.verdict} | {g.fmt(g.ceiling)} | "
+                f"{g.fmt(g.floor)} | {g.n} |"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready report."""
+        return {
+            "model": self.model,
+            "command": self.command,
+            "hardware": self.hardware,
+            "config": asdict(self.config),
+            "gates": [g.to_dict() for g in self.gates],
+            "details": self.details,
+        }
+
+
+# --- prompt sets ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One generation of a prompt set: the text, its seed and what it asks for."""
+
+    text: str
+    seed: int
+    concept: Concept
+    style: str | None = None
+    layout: Layout | None = None
+
+
+def concept_prompts(config: CheckConfig, concepts: Sequence[Concept] = BASE_CONCEPTS) -> list[Prompt]:
+    """ "a {concept}" prompts for `config.concepts` seeded concepts (all by default), `per_concept` each."""
+    chosen = list(concepts)
+    if config.concepts is not None and config.concepts < len(chosen):
+        chosen = random.Random(f"{config.seed}/concepts").sample(chosen, config.concepts)
+    prompts = []
+    for c in chosen:
+        for _ in range(config.per_concept):
+            prompts.append(Prompt(caption(c.name, None, None), config.seed + len(prompts), c))
+    return prompts
+
+
+def layout_prompts(
+    config: CheckConfig, concepts: Sequence[Concept] = BASE_CONCEPTS, styles: Sequence[str] = BASE_STYLES
+) -> list[Prompt]:
+    """`config.samples` full captions over random concepts, styles and valid layouts (seeded)."""
+    rng = random.Random(f"{config.seed}/layouts")
+    prompts = []
+    for i in range(config.samples):
+        concept, style, layout = rng.choice(concepts), rng.choice(styles), rng.choice(LAYOUTS)
+        text = caption(concept.name, style, layout)
+        prompts.append(Prompt(text, config.seed + 100_000 + i, concept, style, layout))
+    return prompts
+
+
+# --- mini-CLIP zero-shot ---------------------------------------------------------------------------------
+
+
+class MiniClip:
+    """The mini-CLIP evaluator: image preprocessing from preprocessor_config.json, zero-shot classification."""
+
+    def __init__(self, clip_dir: str | Path, tokenizer_dir: str | Path | None = None):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        clip_dir = Path(clip_dir)
+        if not (clip_dir / "config.json").is_file():
+            raise BoothError(f"no mini-CLIP evaluator in {clip_dir} (expected a CLIPModel folder)")
+        self.model = CLIPModel.from_pretrained(clip_dir).float().eval()
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir and Path(tokenizer_dir).is_dir() else clip_dir
+        self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+        self.pre = json.loads((clip_dir / "preprocessor_config.json").read_text())
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """CLIPImageProcessor's steps with PIL/numpy: RGB, resize shortest edge, centre crop, rescale, normalise."""
+        return torch.from_numpy(np.stack([preprocess(im, self.pre) for im in images]))
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence[Image.Image], batch: int = 64) -> torch.Tensor:
+        """L2-normalised image embeddings."""
+        out = [
+            self.model.get_image_features(pixel_values=self.pixels(images[i : i + batch]))
+            for i in range(0, len(images), batch)
+        ]
+        return torch.nn.functional.normalize(torch.cat([_pooled(o) for o in out]).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings."""
+        max_length = self.model.config.text_config.max_position_embeddings
+        ids = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length)
+        features = self.model.get_text_features(input_ids=torch.tensor(ids["input_ids"]))
+        return torch.nn.functional.normalize(_pooled(features).float(), dim=-1)
+
+    def classify(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[int]:
+        """Index of the most similar text (cosine) for each image."""
+        if not images:
+            return []
+        sims = self.image_embeddings(images) @ self.text_embeddings(texts).T
+        return sims.argmax(dim=1).tolist()
+
+
+def _pooled(features: Any) -> torch.Tensor:
+    """transformers 5 may return a ModelOutput from get_*_features; older versions a tensor."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def preprocess(image: Image.Image, pre: dict) -> np.ndarray:
+    """One image as a 3 x H x W float32 array, as a `CLIPImageProcessor` config says."""
+    image = image.convert("RGB") if pre.get("do_convert_rgb", True) else image
+    if pre.get("do_resize", True):
+        edge = pre["size"]["shortest_edge"]
+        scale = edge / min(image.size)
+        new = (max(edge, round(image.width * scale)), max(edge, round(image.height * scale)))
+        image = image.resize(new, resample=Image.Resampling(pre.get("resample", 3)))
+    if pre.get("do_center_crop", True):
+        h, w = pre["crop_size"]["height"], pre["crop_size"]["width"]
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        image = image.crop((left, top, left + w, top + h))
+    array = np.asarray(image, dtype=np.float32)
+    if pre.get("do_rescale", True):
+        array = array * pre.get("rescale_factor", 1 / 255)
+    if pre.get("do_normalize", True):
+        array = (array - np.asarray(pre["image_mean"], np.float32)) / np.asarray(pre["image_std"], np.float32)
+    return array.transpose(2, 0, 1).astype(np.float32)
+
+
+def concept_accuracy(
+    clip: MiniClip,
+    images: Sequence[Image.Image],
+    truth: Sequence[Concept],
+    concepts: Sequence[Concept] = BASE_CONCEPTS,
+) -> float:
+    """Zero-shot top-1 over `concepts` ("a {concept}") of images whose true concepts are `truth`."""
+    names = [c.name for c in concepts]
+    guesses = clip.classify(images, [caption(n, None, None) for n in names])
+    return _mean([names[g] == t.name for g, t in zip(guesses, truth)])
+
+
+def style_accuracy(
+    clip: MiniClip,
+    images: Sequence[Image.Image],
+    prompts: Sequence[Prompt],
+    styles: Sequence[str] = BASE_STYLES,
+) -> float:
+    """Zero-shot over `styles` ("a {concept}, {style} style", the prompt's concept) per image."""
+    hits = []
+    for image, prompt in zip(images, prompts):
+        texts = [caption(prompt.concept.name, s, None) for s in styles]
+        hits.append(styles[clip.classify([image], texts)[0]] == prompt.style)
+    return _mean(hits)
+
+
+def _mean(values: Sequence[bool | float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def layout_accuracy(images: Sequence[Image.Image], prompts: Sequence[Prompt]) -> dict[str, float]:
+    """Share of images whose background, position and size the programmatic checks read as asked."""
+    results = [checks.check_layout(im, p.layout) for im, p in zip(images, prompts) if p.layout]
+    return {key: _mean([r[key] for r in results]) for key in ("background", "position", "size")}
+
+
+# --- images: generated, real, reconstructed ---------------------------------------------------------------
+
+
+def generate_images(engine: Any, prompts: Sequence[Prompt], config: CheckConfig, bar: Any = None) -> list:
+    """One image per prompt with the engine (DPM++ 2M, `config.steps`), seeded by the prompt."""
+    from booth.generate.params import GenerationParams
+
+    images = []
+    for p in prompts:
+        params = GenerationParams(
+            prompt=p.text,
+            steps=config.steps,
+            seed=p.seed,
+            batch_size=1,
+            sampler_name=SAMPLER,
+            cfg_scale=config.cfg_scale,
+            width=config.resolution,
+            height=config.resolution,
+        )
+        images.append(engine.generate(params).images[0])
+        if bar is not None:
+            bar.update(1)
+    return images
+
+
+def real_renders(prompts: Sequence[Prompt], config: CheckConfig) -> list[Image.Image] | None:
+    """The prompts rendered exactly (compose); concept-only prompts get a large centred white-ground render."""
+    plain = Layout("white", "centre", "large")
+    try:
+        return [
+            compose(
+                Composition(
+                    p.concept,
+                    p.style or BASE_STYLES[p.seed % len(BASE_STYLES)],
+                    p.layout or plain,
+                    config.resolution,
+                )
+            )
+            for p in prompts
+        ]
+    except BoothError:
+        return None
+
+
+def split_records(data_dir: Path, split: str, limit: int) -> list[tuple[Image.Image, dict]]:
+    """Up to `limit` (image, metadata record) pairs of a dataset split; [] when there is none."""
+    meta = data_dir / split / "metadata.jsonl"
+    if not meta.is_file():
+        return []
+    records = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()][:limit]
+    return [(Image.open(data_dir / split / r["file_name"]).convert("RGB"), r) for r in records]
+
+
+def split_prompts(pairs: Sequence[tuple[Image.Image, dict]]) -> list[Prompt]:
+    """Prompts describing test-split renders (their true concept, style and layout)."""
+    by_name = {c.name: c for c in BASE_CONCEPTS}
+    return [
+        Prompt(
+            r["caption"],
+            0,
+            by_name[r["concept"]],
+            r["style"],
+            Layout(r["background"], r["position"], r["size"]),
+        )
+        for _, r in pairs
+        if r["concept"] in by_name
+    ]
+
+
+@torch.no_grad()
+def vae_psnr(vae: Any, images: Sequence[Image.Image], batch: int = 64) -> float:
+    """Mean per-image PSNR (dB, images in [-1, 1]) of the VAE's posterior-mean reconstructions."""
+    if not images:
+        return float("nan")
+    values = []
+    dtype = next(vae.parameters()).dtype
+    for i in range(0, len(images), batch):
+        arr = np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images[i : i + batch]])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+        recon = vae.decode(vae.encode(x.to(dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+        mse = (recon - x).pow(2).flatten(1).mean(dim=1).clamp_min(1e-12)
+        values.append(10.0 * torch.log10(4.0 / mse))
+    return float(torch.cat(values).mean())
+
+
+def time_generation(engine: Any, config: CheckConfig) -> float:
+    """Median seconds for one image with `config.steps` steps (after one warm-up run)."""
+    prompt = Prompt("a dog", config.seed, BASE_CONCEPTS[0])
+    generate_images(engine, [prompt], config)
+    times = []
+    for _ in range(max(1, config.speed_runs)):
+        start = time.perf_counter()
+        generate_images(engine, [prompt], config)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- the check ------------------------------------------------------------------------------------------
+
+
+def resolve_paths(model: str | Path | None, clip: str | Path | None) -> tuple[Path, Path]:
+    """The model folder (default: the bundled booth-mini) and its CLIP evaluator (default model/clip)."""
+    from booth.models.loading import default_model_path
+
+    model_dir = Path(model) if model else default_model_path()
+    if not (model_dir / "model_index.json").is_file():
+        raise BoothError(f"no booth-mini model in {model_dir} (train and export it with booth mini train)")
+    clip_dir = Path(clip) if clip else model_dir / "clip"
+    if not (clip_dir / "config.json").is_file():
+        raise BoothError(f"no mini-CLIP evaluator in {clip_dir} (pass --clip PATH)")
+    return model_dir, clip_dir
+
+
+def _hardware() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one) and torch's thread count."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        name = models[0] if models else name
+    return f"{name}, {torch.get_num_threads()} torch thread(s)"
+
+
+def run_check(
+    model: str | Path | None = None,
+    clip: str | Path | None = None,
+    data_dir: str | Path = "data/mini",
+    config: CheckConfig = CheckConfig(),
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CheckReport:
+    """Measure every gate of issue 3 on `model` (see the module docstring); returns the report."""
+    from booth.generate.engine import Engine
+
+    model_dir, clip_dir = resolve_paths(model, clip)
+    evaluator = MiniClip(clip_dir, model_dir / "tokenizer")
+    engine = Engine.from_model(str(model_dir))
+    c_prompts, l_prompts = concept_prompts(config), layout_prompts(config)
+    bar = tqdm(
+        total=len(c_prompts) + len(l_prompts), desc="booth mini check", unit="img", disable=not progress
+    )
+    with bar:
+        c_images = generate_images(engine, c_prompts, config, bar)
+        l_images = generate_images(engine, l_prompts, config, bar)
+    ceilings, source = _ceilings(evaluator, Path(data_dir), c_prompts, l_prompts, config)
+    psnr = _psnr_rows(engine.pipe.vae, Path(data_dir), config, l_prompts)
+    seconds = time_generation(engine, config)
+    layout = layout_accuracy(l_images, l_prompts)
+    n_c, n_l = len(c_prompts), len(l_prompts)
+    chance = 1 / len(BASE_CONCEPTS)
+    gates = [
+        Gate(
+            "concept",
+            'concept: mini-CLIP zero-shot top-1 of "a {concept}"',
+            "%",
+            0.40,
+            measured=concept_accuracy(evaluator, c_images, [p.concept for p in c_prompts]),
+            ceiling=ceilings.get("concept"),
+            floor=chance,
+            n=n_c,
+        ),
+        Gate(
+            "background",
+            "background colour right",
+            "%",
+            0.80,
+            measured=layout["background"],
+            ceiling=ceilings.get("background"),
+            floor=1 / len(checks.BACKGROUNDS),
+            n=n_l,
+        ),
+        Gate(
+            "position",
+            "position right",
+            "%",
+            0.70,
+            measured=layout["position"],
+            ceiling=ceilings.get("position"),
+            floor=1 / 9,
+            n=n_l,
+        ),
+        Gate(
+            "size",
+            "size right",
+            "%",
+            None,
+            measured=layout["size"],
+            ceiling=ceilings.get("size"),
+            floor=1 / len(checks.SIZES),
+            n=n_l,
+        ),
+        Gate(
+            "style",
+            "style right (mini-CLIP)",
+            "%",
+            0.60,
+            measured=style_accuracy(evaluator, l_images, l_prompts),
+            ceiling=ceilings.get("style"),
+            floor=1 / len(BASE_STYLES),
+            n=n_l,
+        ),
+        Gate(
+            "psnr",
+            "VAE reconstruction PSNR (held-out renders)",
+            "dB",
+            24.0,
+            measured=psnr["test"][0],
+            n=psnr["test"][1],
+        ),
+        Gate(
+            "psnr_novel",
+            "VAE reconstruction PSNR (novel subjects)",
+            "dB",
+            None,
+            measured=psnr["novel"][0],
+            n=psnr["novel"][1],
+        ),
+        Gate(
+            "speed",
+            f"one {config.resolution}x{config.resolution} image, {config.steps} steps",
+            "s",
+            1.0,
+            higher_is_better=False,
+            measured=seconds,
+            n=max(1, config.speed_runs),
+        ),
+    ]
+    details = {"ceiling_source": source, "clip": str(clip_dir), "seed": config.seed}
+    return CheckReport(gates, str(model_dir), config, hardware=_hardware(), details=details)
+
+
+def _ceilings(
+    clip: MiniClip, data_dir: Path, c_prompts: list[Prompt], l_prompts: list[Prompt], config: CheckConfig
+) -> tuple[dict[str, float], str]:
+    """Every metric on real renders: the test split when there is one, else composed from the prompts."""
+    pairs = split_records(data_dir, "test", max(len(l_prompts), len(c_prompts)))
+    if pairs:
+        prompts = split_prompts(pairs)
+        images = [im for im, r in pairs if r["concept"] in {p.concept.name for p in prompts}]
+        c_images, c_truth, l_images, l_truth, source = images, prompts, images, prompts, "test split"
+    else:
+        c_images, l_images = real_renders(c_prompts, config), real_renders(l_prompts, config)
+        if c_images is None or l_images is None:
+            return {}, "none (no test split, emoji sources not installed)"
+        c_truth, l_truth, source = c_prompts, l_prompts, "composed on the fly"
+    return {
+        "concept": concept_accuracy(clip, c_images, [p.concept for p in c_truth]),
+        **layout_accuracy(l_images, l_truth),
+        "style": style_accuracy(clip, l_images, l_truth),
+    }, source
+
+
+def _psnr_rows(vae: Any, data_dir: Path, config: CheckConfig, l_prompts: list[Prompt]) -> dict:
+    """(PSNR, n) for the test and novel splits (test falls back to on-the-fly renders of the prompt set)."""
+    rows = {}
+    for split in ("test", "novel"):
+        images = [im for im, _ in split_records(data_dir, split, config.psnr_images)]
+        if not images and split == "test":
+            images = real_renders(l_prompts[: config.psnr_images], config) or []
+        rows[split] = (vae_psnr(vae, images) if images else None, len(images))
+    return rows
+
+
+# --- output: JSON, model card -------------------------------------------------------------------------
+
+
+def write_json(report: CheckReport, path: str | Path) -> Path:
+    """Write the report as JSON (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return path
+
+
+def quality_block(report: CheckReport) -> str:
+    """The model card's quality section, between the markers."""
+    missed = [g for g in report.gates if g.passed is False]
+    lines = [
+        CARD_BEGIN,
+        "## Quality",
+        "",
+        f"Measured by `{report.command}` ({report.hardware}; real-render ceilings from "
+        f"{report.details.get('ceiling_source', '-')}; {report.config.steps} steps {SAMPLER}, "
+        f"CFG {report.config.cfg_scale:g}):",
+        "",
+        report.table(),
+        "",
+    ]
+    if missed:
+        lines += ["Missed targets: " + "; ".join(f"{g.label} {g.verdict}" for g in missed) + ".", ""]
+    return "\n".join([*lines, CARD_END])
+
+
+_QUALITY = re.compile(r"^## Quality\b.*?(?=^## |\Z)", re.S | re.M)
+
+
+def update_card(card_path: str | Path, report: CheckReport) -> Path:
+    """Put the measured quality section into the model card: replace the marker block, else the
+    "## Quality" section export.py writes ("not measured yet"), else append it."""
+    path = Path(card_path)
+    if not path.is_file():
+        raise BoothError(f"no model card at {path}")
+    text, block = path.read_text(), quality_block(report)
+    begin, end = text.find(CARD_BEGIN), text.find(CARD_END)
+    if begin != -1 and end > begin:
+        text = text[:begin] + block + text[end + len(CARD_END) :]
+    elif _QUALITY.search(text):
+        text = _QUALITY.sub(lambda _: block + "\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+    return path
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+
+def add_check_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``booth mini check``."""
+    parser.add_argument("--model", help="booth-mini pipeline folder (default: the bundled model)")
+    parser.add_argument("--clip", help="mini-CLIP evaluator folder (default <model>/clip)")
+    parser.add_argument(
+        "--data", default="data/mini", help="dataset with test/novel splits (default data/mini)"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=100, help="prompts of the layout/style set (default 100)"
+    )
+    parser.add_argument("--concepts", type=int, help="concepts generated for the concept gate (default all)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt-set and generation seed (default 0)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance (default 7)")
+    parser.add_argument(
+        "--psnr-images", type=int, default=300, help="held-out renders for PSNR (default 300)"
+    )
+    parser.add_argument("--speed-runs", type=int, default=5, help="timed generations (default 5)")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument(
+        "--update-card", action="store_true", help="write the table into the model's README.md"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> CheckConfig:
+    """A `CheckConfig` from parsed flags (non-positive sizes are user errors)."""
+    sizes = {"--samples": args.samples, "--steps": args.steps, "--psnr-images": args.psnr_images}
+    sizes["--concepts"] = args.concepts if args.concepts is not None else 1
+    bad = [name for name, value in sizes.items() if value < 1]
+    if bad:
+        raise BoothError(f"{', '.join(bad)} must be at least 1")
+    return CheckConfig(
+        samples=args.samples,
+        concepts=args.concepts,
+        seed=args.seed,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        psnr_images=args.psnr_images,
+        speed_runs=args.speed_runs,
+    )
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this check (for the model card)."""
+    argv = ["booth", "mini", "check"]
+    for flag in (
+        "model",
+        "clip",
+        "data",
+        "samples",
+        "concepts",
+        "seed",
+        "steps",
+        "cfg_scale",
+        "psnr_images",
+        "speed_runs",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return shlex.join(argv)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the check from parsed flags, print the table, write JSON / card as asked; returns 0."""
+    config = config_from_args(args)
+    report = run_check(args.model, args.clip, args.data, config, progress=not args.no_progress)
+    report.command = command_line(args)
+    print(report.table())
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.update_card:
+        print(f"updated {update_card(Path(report.model) / 'README.md', report)}")
+    return 0
+
+
+def add_check_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``check`` on the subparsers of the ``booth mini`` group."""
+    parser = subparsers.add_parser(
+        "check",
+        help="measure booth-mini's quality gates and print them as a table",
+        description="Generate from fixed seeded prompt sets and measure concept, background, position, style, "
+        "VAE PSNR and speed against the targets, with real-render ceilings and chance floors.",
+    )
+    add_check_flags(parser)
+    parser.set_defaults(func=cmd_check)

@@ -1,0 +1,188 @@
+"""``booth mini check``: gate table, real-render ceilings, JSON and model-card update on a tiny exported model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from booth.errors import BoothError
+from booth.mini.check import (
+    CARD_BEGIN,
+    CARD_END,
+    CheckConfig,
+    CheckReport,
+    Gate,
+    add_check_command,
+    concept_prompts,
+    layout_prompts,
+    preprocess,
+    update_card,
+)
+from booth.mini.concepts import BASE_CONCEPTS
+from booth.mini.render import BASE_STYLES, installed_styles
+
+torch.set_num_threads(1)
+needs_data = pytest.mark.skipif(
+    not set(BASE_STYLES) <= set(installed_styles()),
+    reason="emoji sources not installed (tools/install-data.sh)",
+)
+GATES = {"concept", "background", "position", "size", "style", "psnr", "psnr_novel", "speed"}
+SMALL = ["--samples", "6", "--concepts", "3", "--steps", "2", "--psnr-images", "8", "--speed-runs", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from booth.mini.dataset import build_dataset
+
+    path = tmp_path_factory.mktemp("mini") / "data"
+    build_dataset(path, n_images=32, seed=0, n_test=16, n_novel=8, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(data_dir, tmp_path_factory):
+    """The tiny preset, 2 steps a stage, exported as a pipeline folder."""
+    from dataclasses import replace
+
+    from booth.mini.export import export_pipeline
+    from booth.mini.train import PRESETS, train_all
+
+    tiny = PRESETS["tiny"]
+    quick = replace(
+        tiny,
+        clip=replace(tiny.clip, optim=replace(tiny.clip.optim, steps=2, warmup_steps=1)),
+        vae=replace(tiny.vae, optim=replace(tiny.vae.optim, steps=2, warmup_steps=1)),
+        unet=replace(tiny.unet, optim=replace(tiny.unet.optim, steps=2, warmup_steps=1)),
+    )
+    work = tmp_path_factory.mktemp("work")
+    train_all(data_dir, work, quick, progress=False)
+    return export_pipeline(work, tmp_path_factory.mktemp("export") / "booth-mini")
+
+
+def _run(model_dir, data_dir, *extra):
+    parser = argparse.ArgumentParser()
+    add_check_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["check", "--model", str(model_dir), "--data", str(data_dir), *SMALL, *extra])
+    args.no_progress = True
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def checked(model_dir, data_dir, tmp_path_factory):
+    """One check run with --json and --update-card: (stdout-free) JSON results and the card after it."""
+    out = tmp_path_factory.mktemp("check") / "gates.json"
+    assert _run(model_dir, data_dir, "--json", str(out), "--update-card") == 0
+    return json.loads(out.read_text()), (model_dir / "README.md").read_text()
+
+
+# --- no model needed ---
+
+
+def test_prompt_sets_are_seeded_valid_and_sized():
+    config = CheckConfig(samples=40, concepts=5, per_concept=2, seed=3)
+    layouts = layout_prompts(config)
+    assert len(layouts) == 40 and layouts == layout_prompts(config)
+    assert layouts != layout_prompts(CheckConfig(samples=40, seed=4))
+    assert all(p.layout.position == "centre" for p in layouts if p.layout.size == "large")
+    assert all(p.text.startswith(("a ", "an ")) and f"{p.style} style" in p.text for p in layouts)
+    concepts = concept_prompts(config)
+    assert len(concepts) == 10 and len({p.concept for p in concepts}) == 5
+    assert concepts[0].text == f"a {concepts[0].concept.name}" or concepts[0].text.startswith("an ")
+    assert len(concept_prompts(CheckConfig())) == len(BASE_CONCEPTS)
+
+
+def test_preprocess_follows_the_processor_config():
+    pre = {
+        "size": {"shortest_edge": 32},
+        "crop_size": {"height": 32, "width": 32},
+        "resample": 3,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    out = preprocess(Image.new("RGB", (96, 64), (255, 0, 0)), pre)
+    assert out.shape == (3, 32, 32) and out.dtype.name == "float32"
+    assert out[0].min() == pytest.approx(1.0) and out[1].max() == pytest.approx(-1.0)
+
+
+def test_gate_verdicts():
+    assert Gate("x", "x", "%", 0.8, measured=0.85).passed is True
+    missed = Gate("x", "x", "%", 0.8, measured=0.5)
+    assert missed.passed is False and missed.shortfall == pytest.approx(0.3)
+    assert "30.0 points" in missed.verdict
+    assert Gate("s", "s", "s", 1.0, higher_is_better=False, measured=1.5).passed is False
+    assert Gate("r", "r", "dB", None, measured=20.0).passed is None
+
+
+def test_missing_model_or_clip_is_a_user_error(tmp_path):
+    with pytest.raises(BoothError, match="no booth-mini model"):
+        _run(tmp_path / "nothing", tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    with pytest.raises(BoothError, match="no mini-CLIP"):
+        _run(tmp_path / "model", tmp_path)
+
+
+def test_update_card_appends_when_there_is_no_quality_section(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("# model\n\nsome text\n")
+
+    report = CheckReport([Gate("concept", "concept", "%", 0.4, measured=0.5)], "m", CheckConfig())
+    update_card(card, report)
+    text = card.read_text()
+    assert text.startswith("# model\n\nsome text\n") and text.count(CARD_BEGIN) == 1 and "| 50.0% |" in text
+    with pytest.raises(BoothError):
+        update_card(tmp_path / "missing.md", report)
+
+
+# --- on a tiny exported model ---
+
+
+@needs_data
+def test_every_gate_is_measured_in_range(checked):
+    results, _ = checked
+    gates = {g["name"]: g for g in results["gates"]}
+    assert set(gates) == GATES
+    for name in ("concept", "background", "position", "size", "style"):
+        assert 0.0 <= gates[name]["measured"] <= 1.0, gates[name]
+        assert 0.0 <= gates[name]["ceiling"] <= 1.0, gates[name]
+    assert gates["concept"]["floor"] == pytest.approx(1 / len(BASE_CONCEPTS))
+    assert (gates["concept"]["n"], gates["background"]["n"]) == (3, 6)
+    assert math.isfinite(gates["psnr"]["measured"]) and gates["psnr"]["n"] == 8
+    assert math.isfinite(gates["psnr_novel"]["measured"])
+    assert gates["speed"]["measured"] > 0 and gates["speed"]["target"] == "< 1 s"
+    assert all(g["passed"] in (True, False, None) for g in gates.values())
+
+
+@needs_data
+def test_checkers_are_exact_on_real_renders(checked):
+    gates = {g["name"]: g for g in checked[0]["gates"]}
+    assert checked[0]["details"]["ceiling_source"] == "test split"
+    assert gates["background"]["ceiling"] >= 0.9 and gates["position"]["ceiling"] >= 0.9
+
+
+@needs_data
+def test_card_gets_the_table_and_a_rerun_replaces_it(checked, model_dir, data_dir):
+    _, card = checked
+    assert "not measured yet" not in card
+    assert card.count(CARD_BEGIN) == 1 and card.count(CARD_END) == 1 and card.count("## Quality") == 1
+    assert "| background colour right | >= 80.0% |" in card
+    assert "`booth mini check --model" in card and "--samples 6" in card
+    assert card.index("## Training") < card.index(CARD_BEGIN)
+    assert _run(model_dir, data_dir, "--update-card", "--seed", "1") == 0
+    again = (model_dir / "README.md").read_text()
+    assert again.count(CARD_BEGIN) == 1 and again.count("## Quality") == 1 and "--seed 1" in again
+    assert again.split(CARD_BEGIN)[0] == card.split(CARD_BEGIN)[0]
+
+
+@needs_data
+def test_cli_prints_the_table(model_dir, data_dir, capsys):
+    assert _run(model_dir, data_dir, "--samples", "2", "--concepts", "1") == 0
+    out = capsys.readouterr().out
+    assert "| gate | target | measured | pass | ceiling (real renders) | floor (chance) | n |" in out
+    for label in ("concept:", "background colour right", "position right", "style right", "PSNR", "steps"):
+        assert label in out
