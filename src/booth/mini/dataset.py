@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from booth.errors import BoothError
+from booth.fsutil import atomic_folder
 from booth.mini.compose import (
     BACKGROUNDS,
     CAPTION_TEMPLATE,
@@ -198,18 +196,6 @@ def _manifest_data(config: DatasetConfig, splits: dict[str, int], checksums: dic
     }
 
 
-def _replace_dir(built: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not overwrite:
-            raise BoothError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / out_dir.name)
-        os.replace(built, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(built, out_dir)
-
-
 def build_from_config(
     out_dir: str | Path, config: DatasetConfig, *, progress: bool = True, overwrite: bool = False
 ) -> Manifest:
@@ -217,9 +203,7 @@ def build_from_config(
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
         raise BoothError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as built:
         splits = {"train": config.n_images, "test": config.n_test, "novel": config.n_novel}
         walks = {
             "train": _walk(config, config.n_images, "train"),
@@ -233,10 +217,6 @@ def build_from_config(
         data = _manifest_data(config, splits, checksums)
         (built / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         (built / "ATTRIBUTION.md").write_text(_attribution(data["sources"]))
-        _replace_dir(built, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
     return Manifest(root=out_dir, splits=splits, data=data)
 
 

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 
 from booth.errors import BoothError
+from booth.fsutil import atomic_folder
 from booth.mini import architecture as arch_mod
 from booth.mini.train import (
     CONFIG_FILE,
     DATASET_FILE,
     DONE,
     STAGES,
-    atomic_folder,
     final_dir,
     is_finished,
     read_log,

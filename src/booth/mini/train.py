@@ -53,11 +53,9 @@ import json
 import math
 import os
 import platform
-import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -71,6 +69,7 @@ from tqdm.auto import tqdm
 
 from booth.devices import resolve_device
 from booth.errors import BoothError
+from booth.fsutil import atomic_folder
 from booth.mini import architecture as arch_mod
 from booth.mini.architecture import ClipConfig, MiniArchitecture, UNetConfig, VaeConfig
 from booth.mini.compose import CAPTION_PARTS, Layout, caption
@@ -373,25 +372,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` (old one removed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
