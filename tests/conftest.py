@@ -26,3 +26,33 @@ def sd1_engine(tiny_sd1_dir):
     from booth.generate.engine import Engine
 
     return Engine.from_model(str(tiny_sd1_dir))
+
+
+@pytest.fixture(scope="session")
+def mini_data_dir(tmp_path_factory):
+    """A 32-image booth-mini dataset (with test and novel splits)."""
+    from booth.mini.dataset import build_dataset
+
+    path = tmp_path_factory.mktemp("mini") / "data"
+    build_dataset(path, n_images=32, seed=0, n_test=16, n_novel=8, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_model_dir(mini_data_dir, tmp_path_factory):
+    """booth-mini's tiny preset, 2 steps a stage, exported as a pipeline folder with its mini-CLIP."""
+    from dataclasses import replace
+
+    from booth.mini.export import export_pipeline
+    from booth.mini.train import PRESETS, train_all
+
+    tiny = PRESETS["tiny"]
+    quick = replace(
+        tiny,
+        clip=replace(tiny.clip, optim=replace(tiny.clip.optim, steps=2, warmup_steps=1)),
+        vae=replace(tiny.vae, optim=replace(tiny.vae.optim, steps=2, warmup_steps=1)),
+        unet=replace(tiny.unet, optim=replace(tiny.unet.optim, steps=2, warmup_steps=1)),
+    )
+    work = tmp_path_factory.mktemp("work")
+    train_all(mini_data_dir, work, quick, progress=False)
+    return export_pipeline(work, tmp_path_factory.mktemp("export") / "booth-mini")

@@ -36,32 +36,13 @@ SMALL = ["--samples", "6", "--concepts", "3", "--steps", "2", "--psnr-images", "
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from booth.mini.dataset import build_dataset
-
-    path = tmp_path_factory.mktemp("mini") / "data"
-    build_dataset(path, n_images=32, seed=0, n_test=16, n_novel=8, progress=False)
-    return path
+def data_dir(mini_data_dir):
+    return mini_data_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(data_dir, tmp_path_factory):
-    """The tiny preset, 2 steps a stage, exported as a pipeline folder."""
-    from dataclasses import replace
-
-    from booth.mini.export import export_pipeline
-    from booth.mini.train import PRESETS, train_all
-
-    tiny = PRESETS["tiny"]
-    quick = replace(
-        tiny,
-        clip=replace(tiny.clip, optim=replace(tiny.clip.optim, steps=2, warmup_steps=1)),
-        vae=replace(tiny.vae, optim=replace(tiny.vae.optim, steps=2, warmup_steps=1)),
-        unet=replace(tiny.unet, optim=replace(tiny.unet.optim, steps=2, warmup_steps=1)),
-    )
-    work = tmp_path_factory.mktemp("work")
-    train_all(data_dir, work, quick, progress=False)
-    return export_pipeline(work, tmp_path_factory.mktemp("export") / "booth-mini")
+def model_dir(mini_model_dir):
+    return mini_model_dir
 
 
 def _run(model_dir, data_dir, *extra):

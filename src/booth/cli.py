@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     samplers = sub.add_parser("samplers", help="list sampler names and schedule types")
     samplers.set_defaults(func=cmd_samplers)
 
+    from booth.demo import add_demo_command
+    from booth.train.cli import add_train_command
+
+    add_demo_command(sub)
+    add_train_command(sub)
+
     from booth.mini.check import add_check_command
     from booth.mini.cli import add_data_commands
     from booth.mini.train_cli import add_train_commands

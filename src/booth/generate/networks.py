@@ -1,0 +1,259 @@
+"""`<lora:NAME:TE:UNET>` for the generation engine (A1111 extensions-builtin/Lora semantics, `a1111.md` §6).
+
+`LoraNetwork` is the engine's "lora" extra-network handler. It finds LoRA files by name (kohya/A1111
+`<name>.safetensors` files and diffusers LoRA folders), loads each file once per pipeline through diffusers'
+`load_lora_weights` (kohya names are converted by diffusers) and activates the prompt's LoRAs with
+`set_adapters`: the `te` multiplier on the text encoder(s), the `unet` multiplier on the UNet.
+
+* The same name twice in one prompt: the multipliers add (A1111 applies the network twice, which for a LoRA is
+  the same as one application with the summed multiplier).
+* A prompt without `<lora:...>` — and every `deactivate` — switches all LoRA layers of the pipeline off, so the
+  output is the base model's, bit for bit. Loaded adapters stay in memory for the next prompt; a file whose
+  modification time or size changed is reloaded. The handler assumes it owns the adapters of its pipeline.
+* `dyn` (DyLoRA rank) is accepted and ignored.
+* Infotext: `Lora hashes: "name: hash, ..."` with the name as written in the prompt (":" and "," removed, as
+  A1111 does) and A1111's LoRA shorthash: the first 12 hex digits of the sha256 of the safetensors tensor data
+  (kohya's `sshs_model_hash` / the addnet hash, `formats.md` §3.3; `booth.models.hashing.lora_shorthash`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from booth.errors import BoothError
+from booth.prompts.extra_networks import ExtraNetworkCall, LoraCall
+
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_STATE_ATTR = "_booth_lora_adapters"  # on the pipeline: {resolved file: _Loaded}
+
+
+@dataclass
+class _Loaded:
+    adapter: str
+    mtime_ns: int
+    size: int
+    components: tuple[str, ...]
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise BoothError(f"cannot read LoRA {path}: {exc.strerror or exc}") from None
+    return st.st_mtime_ns, st.st_size
+
+
+def _adapter_name(name: str, path: Path) -> str:
+    """A PEFT adapter name for a file: a valid module key that cannot occur inside a parameter name."""
+    clean = re.sub(r"[^0-9A-Za-z_]", "_", name)[:40]
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
+    return f"booth_{clean}_{digest}"
+
+
+def _set_lora_enabled(pipe, enabled: bool) -> None:
+    """Switch every PEFT layer of the UNet and text encoders on or off (off = the base model exactly)."""
+    from booth.train.formats.lora import set_lora_layers_enabled
+
+    for component in _COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is not None:
+            set_lora_layers_enabled(model, enabled)
+
+
+class LoraNetwork:
+    """The "lora" extra-network handler (`booth.prompts.extra_networks.ExtraNetworkHandler`).
+
+    Args:
+        dirs: folders searched recursively: every LoRA `*.safetensors` file is available under its stem, every
+            folder holding `pytorch_lora_weights.safetensors` under the folder's name.
+        files: explicit {name: file or diffusers LoRA folder}; these win over same-named files in `dirs`.
+    """
+
+    kind = "lora"
+
+    def __init__(
+        self, dirs: list[str | os.PathLike] | tuple = (), files: dict[str, str | os.PathLike] | None = None
+    ):
+        self.dirs = [Path(d) for d in dirs]
+        self.files = {str(name): Path(path) for name, path in (files or {}).items()}
+        self._applied: list[tuple[str, Path]] = []
+        self._is_lora_cache: dict[tuple[str, int, int], bool] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # discovery
+
+    def _is_lora(self, path: Path) -> bool:
+        """Whether a safetensors file holds LoRA keys (header only; cached by path, mtime, size)."""
+        from booth.train.formats.lora import read_lora_info
+
+        try:
+            key = (str(path), *_file_stamp(path))
+        except BoothError:
+            return False
+        if key not in self._is_lora_cache:
+            try:
+                read_lora_info(path)
+                self._is_lora_cache[key] = True
+            except BoothError:
+                self._is_lora_cache[key] = False
+        return self._is_lora_cache[key]
+
+    def available(self) -> dict[str, Path]:
+        """{name: file} of every LoRA found, in name order; the first of equal names (by `dirs` order) wins."""
+        from booth.train.formats.lora import DIFFUSERS_LORA_FILE
+
+        found: dict[str, Path] = {}
+        for folder in self.dirs:
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.rglob("*.safetensors")):
+                relative = path.relative_to(folder).parts
+                if any(part.startswith(".") for part in relative):
+                    continue  # hidden files and temp folders of writers in progress
+                if path.name == DIFFUSERS_LORA_FILE:
+                    name = path.parent.name if path.parent != folder else folder.name
+                else:
+                    name = path.stem
+                if name not in found and self._is_lora(path):
+                    found[name] = path
+        for name, path in self.files.items():
+            found[name] = path / DIFFUSERS_LORA_FILE if path.is_dir() else path
+        return dict(sorted(found.items()))
+
+    def find(self, name: str) -> Path:
+        """The file for `name`; BoothError listing the available names when there is none."""
+        from booth.train.formats.lora import lora_file
+
+        if name in self.files:
+            return lora_file(self.files[name])
+        available = self.available()
+        if name in available:
+            return available[name]
+        where = ", ".join(str(d) for d in self.dirs) or "no LoRA folders"
+        names = ", ".join(available) if available else f"none found in {where}"
+        raise BoothError(f"unknown LoRA {name!r}; available: {names}")
+
+    # ------------------------------------------------------------------------------------------------
+    # ExtraNetworkHandler
+
+    def activate(self, pipe, calls: list[ExtraNetworkCall]) -> None:
+        """Apply the prompt's LoRAs with their multipliers; with no calls, return the pipeline to its base model."""
+        loaded: dict[str, _Loaded] = getattr(pipe, _STATE_ATTR, None) or {}
+        self._applied = []
+        if loaded:
+            _set_lora_enabled(pipe, False)  # base model first, also if something below fails
+        multipliers: dict[str, list[float]] = {}
+        for call in calls:
+            lora = LoraCall.from_call(call)
+            te_unet = multipliers.setdefault(lora.name, [0.0, 0.0])
+            te_unet[0] += lora.te
+            te_unet[1] += lora.unet
+        if not multipliers:
+            return
+        paths = {name: self.find(name) for name in multipliers}  # every name resolves before anything loads
+        per_adapter: dict[str, tuple[_Loaded, list[float]]] = {}  # two names for one file add up as well
+        for name, (te, unet) in multipliers.items():
+            entry = self._ensure_loaded(pipe, name, paths[name])
+            _, total = per_adapter.setdefault(entry.adapter, (entry, [0.0, 0.0]))
+            total[0] += te
+            total[1] += unet
+        adapters = list(per_adapter)
+        weights = [
+            {c: (unet if c == "unet" else te) for c in entry.components}
+            for entry, (te, unet) in per_adapter.values()
+        ]
+        _set_lora_enabled(pipe, True)
+        pipe.set_adapters(adapters, adapter_weights=weights)
+        self._applied = [(name, paths[name]) for name in multipliers]
+
+    def deactivate(self, pipe) -> None:
+        """Switch the LoRA layers off, keeping them loaded for the next prompt."""
+        if getattr(pipe, _STATE_ATTR, None):
+            _set_lora_enabled(pipe, False)
+
+    def infotext_params(self) -> dict[str, str]:
+        """{"Lora hashes": "name: shorthash, ..."} for the LoRAs of the last `activate`, {} if none."""
+        from booth.models.hashing import lora_shorthash
+
+        if not self._applied:
+            return {}
+        clean = str.maketrans("", "", ":,")
+        return {
+            "Lora hashes": ", ".join(
+                f"{name.translate(clean)}: {lora_shorthash(p)}" for name, p in self._applied
+            )
+        }
+
+    # ------------------------------------------------------------------------------------------------
+    # loading
+
+    def _ensure_loaded(self, pipe, name: str, path: Path) -> _Loaded:
+        from booth.train.formats.lora import load_lora_into_pipeline
+
+        loaded: dict[str, _Loaded] = getattr(pipe, _STATE_ATTR, None)
+        if loaded is None:
+            loaded = {}
+            setattr(pipe, _STATE_ATTR, loaded)
+        key = str(path.resolve())
+        mtime_ns, size = _file_stamp(path)
+        entry = loaded.get(key)
+        if entry is not None and (entry.mtime_ns, entry.size) == (mtime_ns, size):
+            return entry
+        adapter = _adapter_name(name, path.resolve())
+        if entry is not None:  # the file changed on disk
+            self._delete(pipe, entry.adapter)
+            del loaded[key]
+        try:
+            load_lora_into_pipeline(pipe, path, adapter, label=name)
+        except BaseException:
+            self._delete(pipe, adapter)  # no half-loaded adapter stays behind
+            raise
+        components = tuple(c for c, names in pipe.get_list_adapters().items() if adapter in names)
+        entry = loaded[key] = _Loaded(adapter, mtime_ns, size, components)
+        return entry
+
+    @staticmethod
+    def _delete(pipe, adapter: str) -> None:
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for component in _COMPONENTS:
+            model = getattr(pipe, component, None)
+            if model is not None and adapter in (getattr(model, "peft_config", None) or {}):
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                    delete_adapter_layers(model, adapter)
+                config = getattr(model, "peft_config", None)
+                if config is not None:
+                    config.pop(adapter, None)
+
+
+def find_lora(name: str, dirs: list[str | os.PathLike] | tuple) -> Path:
+    """The LoRA file `<lora:name:...>` means in `dirs`; BoothError listing the available names when unknown."""
+    return LoraNetwork(dirs).find(name)
+
+
+def lora_list(dirs: list[str | os.PathLike] | tuple) -> list[dict[str, Any]]:
+    """A1111 `/sdapi/v1/loras` entries: name, alias (`ss_output_name` or the name), path, metadata."""
+    from booth.train.formats.lora import read_lora_info
+
+    entries = []
+    for name, path in LoraNetwork(dirs).available().items():
+        metadata = read_lora_info(path).metadata
+        entries.append(
+            {
+                "name": name,
+                "alias": metadata.get("ss_output_name", name),
+                "path": str(path),
+                "metadata": metadata,
+            }
+        )
+    return entries
+
+
+__all__ = ["LoraNetwork", "find_lora", "lora_list"]

@@ -1,0 +1,47 @@
+"""`booth demo` end to end on a tiny booth-mini (2 training steps, 2 sampling steps): files, scores, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from booth.demo import DemoConfig, prepare_instance_folder, run_demo
+
+torch.set_num_threads(1)
+
+
+def test_instance_captions_name_the_identifier(tmp_path):
+    from booth.demo import find_subject
+
+    prompt, noun = prepare_instance_folder(find_subject("poodle"), tmp_path)
+    assert (prompt, noun) == ("a sks dog", "dog")
+    captions = sorted(p.read_text().strip() for p in tmp_path.glob("*.txt"))
+    assert len(captions) == 5 and all(" sks dog " in c for c in captions)
+    assert "a large sks dog in the centre on a white background" in captions
+
+
+def test_demo_writes_a_report_with_scores(tmp_path, mini_model_dir):
+    cfg = DemoConfig(
+        out=tmp_path / "demo",
+        model=str(mini_model_dir),
+        steps=2,
+        num_class_images=2,
+        seeds=1,
+        sample_steps=2,
+        progress=False,
+    )
+    index = run_demo(cfg)
+    html = index.read_text()
+    for name in ("subject.png", "contexts.png", "scores.png", "drift.png", "loss.png"):
+        assert f'src="{name}"' in html and (index.parent / name).stat().st_size > 100
+    summary = json.loads((tmp_path / "demo" / "scores.json").read_text())
+    scores = summary["scores"]
+    assert set(scores["prompt_fidelity"]) == {"personalized", "base (class noun)"}
+    assert -1 <= scores["subject_fidelity"]["real images (ceiling)"] < 1.0
+    assert {"background", "position", "style", "all"} <= set(scores["prompt_fidelity"]["personalized"])
+    assert -1 <= scores["class_drift_similarity"] <= 1
+    assert (tmp_path / "demo" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    with pytest.raises(Exception, match="--overwrite"):
+        run_demo(cfg)

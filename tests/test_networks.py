@@ -1,0 +1,187 @@
+"""`<lora:NAME:w>` in the generation engine (a1111.md §6): LoRAs saved by save_lora change the image, weight 0
+and prompts without a tag give the base model bit for bit, several LoRAs at once, Lora hashes in infotext."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from booth.errors import BoothError
+from booth.generate.engine import Engine
+from booth.generate.networks import LoraNetwork, find_lora
+from booth.generate.params import GenerationParams
+from booth.models.families import detect_family
+from booth.models.loading import LoadedModel
+from booth.models.tiny import tiny_pipeline
+from booth.prompts import ExtraNetworkRegistry
+from booth.train.formats.lora import DIFFUSERS_LORA_FILE, attach_lora_adapter, save_lora
+
+
+def trained_pipeline(family: str, text_encoder: bool, seed: int, scale: float = 0.5):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline(family)
+    components = ["unet"] + (
+        ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else []) if text_encoder else []
+    )
+    for component in components:
+        targets = ["to_q", "to_k", "to_v", "to_out.0"] if component == "unet" else ["q_proj", "v_proj"]
+        config = LoraConfig(r=4, lora_alpha=2, target_modules=targets, init_lora_weights="gaussian")
+        attach_lora_adapter(getattr(pipe, component), config)
+    generator = torch.Generator().manual_seed(seed)
+    for component in components:
+        for name, param in getattr(pipe, component).named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=generator) * scale
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """subj_run/ (diffusers folder "subj_run" + kohya "subj"), style_run/ (UNet-only "style_run" + "style")."""
+    root = tmp_path_factory.mktemp("loras")
+    save_lora(root / "subj_run", trained_pipeline("sd1", True, 1), name="subj", alpha=2, rank=4)
+    save_lora(root / "style_run", trained_pipeline("sd1", False, 2), name="style", alpha=2, rank=4)
+    (root / "notes.safetensors").write_bytes(b"not a LoRA")  # ignored by discovery
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(lora_dir):
+    pipe = tiny_pipeline("sd1")
+    model = LoadedModel(pipe=pipe, family=detect_family(pipe), name="tiny", path=None, hash=None)
+    return Engine(model, extra_networks=ExtraNetworkRegistry([LoraNetwork([lora_dir])]))
+
+
+def generate(engine, prompt: str):
+    params = GenerationParams(prompt=prompt, steps=2, width=32, height=32, seed=7, sampler_name="Euler")
+    return engine.generate(params)
+
+
+def pixels(engine, prompt: str) -> np.ndarray:
+    return np.asarray(generate(engine, prompt).images[0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def base(engine):
+    return pixels(engine, "a cat")
+
+
+def distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def test_available_names(lora_dir):
+    found = LoraNetwork([lora_dir]).available()
+    assert found == {
+        "style": lora_dir / "style_run" / "style.safetensors",
+        "style_run": lora_dir / "style_run" / DIFFUSERS_LORA_FILE,
+        "subj": lora_dir / "subj_run" / "subj.safetensors",
+        "subj_run": lora_dir / "subj_run" / DIFFUSERS_LORA_FILE,
+    }
+    extra = LoraNetwork([], files={"mine": lora_dir / "subj_run"}).available()
+    assert extra == {"mine": lora_dir / "subj_run" / DIFFUSERS_LORA_FILE}
+
+
+def test_lora_changes_the_image_and_base_comes_back_bit_for_bit(engine, base):
+    with_lora = pixels(engine, "a cat <lora:subj_run:1>")
+    assert distance(with_lora, base) > 0.5
+    assert np.array_equal(pixels(engine, "a cat"), base)
+    assert engine.pipe.get_list_adapters()["unet"]  # deactivate kept the adapter loaded
+
+
+def test_weight_zero_is_base_and_half_lies_between(engine, base):
+    assert np.array_equal(pixels(engine, "a cat <lora:subj_run:0>"), base)
+    full, half = pixels(engine, "a cat <lora:subj_run:1>"), pixels(engine, "a cat <lora:subj_run:0.5>")
+    assert 0 < distance(half, base) < distance(full, base)
+    assert 0 < distance(half, full) < distance(full, base)
+
+
+def test_te_and_unet_multipliers_act_separately(engine, base):
+    both = pixels(engine, "a cat <lora:subj_run:1>")
+    unet_only = pixels(engine, "a cat <lora:subj_run:0:1>")
+    te_only = pixels(engine, "a cat <lora:subj_run:te=1:unet=0>")
+    assert len({both.tobytes(), unet_only.tobytes(), te_only.tobytes(), base.tobytes()}) == 4
+
+
+def test_same_name_twice_adds_the_weights(engine):
+    assert np.array_equal(
+        pixels(engine, "a cat <lora:subj_run:0.5> <lora:subj_run:0.5>"),
+        pixels(engine, "a cat <lora:subj_run:1>"),
+    )
+
+
+def test_one_file_under_two_names_adds_up_too(engine, lora_dir):
+    net = LoraNetwork([lora_dir], files={"alias": lora_dir / "subj_run"})
+    local = Engine(engine.model, extra_networks=ExtraNetworkRegistry([net]))
+    twice = pixels(local, "a cat <lora:alias:0.5> <lora:subj_run:0.5>")
+    assert np.array_equal(twice, pixels(engine, "a cat <lora:subj_run:1>"))
+
+
+def test_two_loras_at_once(engine, base):
+    subj, style = pixels(engine, "a cat <lora:subj_run:1>"), pixels(engine, "a cat <lora:style_run:1>")
+    both = pixels(engine, "a cat <lora:subj_run:1> <lora:style_run:1>")
+    for single in (subj, style, base):
+        assert distance(both, single) > 0.1
+    assert np.array_equal(pixels(engine, "a cat"), base)
+
+
+def test_kohya_file_by_name_matches_the_diffusers_folder(engine):
+    kohya, folder = pixels(engine, "a cat <lora:subj:0.8>"), pixels(engine, "a cat <lora:subj_run:0.8>")
+    assert np.abs(kohya - folder).max() <= 1
+
+
+def test_infotext_has_lora_hashes(engine, lora_dir):
+    result = generate(engine, "a cat <lora:subj:1> <lora:style_run:0.5>")
+    with safe_open(str(lora_dir / "subj_run" / "subj.safetensors"), framework="pt") as f:
+        subj_hash = f.metadata()["sshs_model_hash"][:12]
+    from booth.models.hashing import lora_shorthash
+
+    style_hash = lora_shorthash(lora_dir / "style_run" / DIFFUSERS_LORA_FILE)
+    value = f"subj: {subj_hash}, style_run: {style_hash}"
+    assert result.extra_generation_params["Lora hashes"] == value
+    assert f'Lora hashes: "{value}"' in result.infotexts[0]
+    assert "Lora hashes" not in generate(engine, "a cat").infotexts[0]
+
+
+def test_unknown_name_is_a_user_error(engine, base, lora_dir):
+    with pytest.raises(BoothError, match="unknown LoRA 'nope'; available: style, style_run, subj, subj_run"):
+        generate(engine, "a cat <lora:nope:1>")
+    with pytest.raises(BoothError, match="unknown LoRA 'nope'"):
+        find_lora("nope", [lora_dir])
+    assert find_lora("subj", [lora_dir]) == lora_dir / "subj_run" / "subj.safetensors"
+    assert np.array_equal(pixels(engine, "a cat"), base)
+
+
+def test_changed_file_is_reloaded(engine, lora_dir, tmp_path):
+    net = LoraNetwork([tmp_path])
+    swap = tmp_path / "swap.safetensors"
+    shutil.copy(lora_dir / "subj_run" / "subj.safetensors", swap)
+    local = Engine(engine.model, extra_networks=ExtraNetworkRegistry([net]))
+    first = pixels(local, "a cat <lora:swap:1>")
+    assert np.abs(first - pixels(engine, "a cat <lora:subj:1>")).max() <= 1
+    stat = swap.stat()
+    shutil.copy(lora_dir / "style_run" / "style.safetensors", swap)
+    os.utime(swap, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = pixels(local, "a cat <lora:swap:1>")
+    assert np.abs(second - pixels(engine, "a cat <lora:style:1>")).max() <= 1
+
+
+def test_lora_of_another_family_is_refused(engine, base, tmp_path):
+    save_lora(tmp_path, trained_pipeline("sdxl", True, 3), name="xl", alpha=2, rank=4)
+    local = Engine(engine.model, extra_networks=ExtraNetworkRegistry([LoraNetwork([tmp_path])]))
+    for name in ("xl", tmp_path.name):
+        with pytest.raises(BoothError, match="trained for SDXL"):
+            generate(local, f"a cat <lora:{name}:1>")
+    assert np.array_equal(pixels(engine, "a cat"), base)
+
+
+def test_no_calls_means_no_infotext(lora_dir):
+    net = LoraNetwork([lora_dir])
+    net.activate(tiny_pipeline("sd1"), [])
+    assert net.infotext_params() == {}

@@ -1,0 +1,323 @@
+"""The training engine on tiny in-process models: every method trains, saves, reloads through diffusers'
+own loaders and changes the images; resume is exact; bad input is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from booth.train import (
+    DataConfig,
+    LoraConfig,
+    OptimConfig,
+    PriorConfig,
+    TrainConfig,
+    TrainingInterrupted,
+    train,
+)
+from booth.train.loop import TrainState, read_log
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """Three small pictures of a 'subject' (a blue disc on red) with varied sizes and aspect ratios."""
+    folder = tmp_path_factory.mktemp("subject")
+    for i, size in enumerate([(40, 48), (48, 40), (36, 36)]):
+        image = Image.new("RGB", size, (200, 40 * i, 30))
+        ImageDraw.Draw(image).ellipse((4, 4, 28, 28), fill=(20, 30, 230))
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+def config(tmp_path, model_dir, subject, method="lora", **kw) -> TrainConfig:
+    kw.setdefault("steps", 3)
+    kw.setdefault("optim", OptimConfig(lr=1e-2 if method == "lora" else 1e-3))
+    kw.setdefault("data", DataConfig(images=subject, instance_prompt="a sks dog"))
+    return TrainConfig(
+        method=method,
+        out=tmp_path / "run",
+        model=str(model_dir),
+        **kw,
+    )
+
+
+def unet_output(pipe, seed=0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    unet = pipe.unet
+    size = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, size, size, generator=gen)
+    ids = pipe.tokenizer(
+        ["a sks dog"], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        c = pipe.text_encoder(ids)[0]
+        return unet(x, torch.tensor([500]), encoder_hidden_states=c).sample
+
+
+def load(model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+
+
+def test_lora_trains_and_loads_in_diffusers(tmp_path, tiny_sd1_dir, subject):
+    result = train(config(tmp_path, tiny_sd1_dir, subject), progress=False)
+    assert result.completed and len(result.losses) == 3
+    files = result.files
+    from safetensors import safe_open
+
+    with safe_open(files["diffusers"], "pt") as f:
+        keys = list(f.keys())
+    assert any("attn2.to_k" in k for k in keys) and all(k.startswith("unet.") for k in keys)
+    base = load(tiny_sd1_dir)
+    before = unet_output(base)
+    base.load_lora_weights(files["diffusers"].parent, weight_name=files["diffusers"].name)
+    after = unet_output(base)
+    assert (after - before).abs().max() > 1e-4
+    kohya = load(tiny_sd1_dir)
+    kohya.load_lora_weights(files["kohya"].parent, weight_name=files["kohya"].name)
+    torch.testing.assert_close(unet_output(kohya), after, atol=1e-5, rtol=1e-4)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["method"] == "lora" and saved["data"]["instance_prompt"] == "a sks dog"
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert len(read_log(tmp_path / "run" / "log.jsonl")) == 3
+
+
+def test_lora_text_encoder_and_alpha(tmp_path, tiny_sd1_dir, subject):
+    cfg = config(tmp_path, tiny_sd1_dir, subject, lora=LoraConfig(rank=2, alpha=1.0, text_encoder=True))
+    result = train(cfg, progress=False)
+    from booth.train.formats.lora import read_lora_info
+
+    info = read_lora_info(result.files["kohya"])
+    assert info.rank == 2 and info.alpha == 1.0 and "text_encoder" in info.components
+    pipe = load(tiny_sd1_dir)
+    ids = pipe.tokenizer(["a sks dog"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(result.out)
+        after = pipe.text_encoder(ids)[0]
+    assert (after - before).abs().max() > 1e-5
+
+
+def test_dreambooth_full_writes_a_diffusers_folder(tmp_path, tiny_sd1_dir, subject):
+    cfg = config(tmp_path, tiny_sd1_dir, subject, method="dreambooth", save_single_file=True)
+    result = train(cfg, progress=False)
+    tuned = load(result.files["diffusers"])
+    base = load(tiny_sd1_dir)
+    assert (unet_output(tuned) - unet_output(base)).abs().max() > 1e-4
+    te_tuned = dict(tuned.text_encoder.named_parameters())
+    for name, p in base.text_encoder.named_parameters():  # the text encoder was frozen
+        torch.testing.assert_close(te_tuned[name], p)
+    from booth.models.loading import load_pipeline
+
+    single = load_pipeline(result.files["single_file"]).pipe
+    torch.testing.assert_close(unet_output(single), unet_output(tuned), atol=1e-5, rtol=1e-4)
+
+
+def test_dreambooth_trains_the_text_encoder_when_asked(tmp_path, tiny_sd1_dir, subject):
+    cfg = config(tmp_path, tiny_sd1_dir, subject, method="dreambooth", train_text_encoder=True)
+    result = train(cfg, progress=False)
+    tuned, base = load(result.files["diffusers"]), load(tiny_sd1_dir)
+    diffs = [
+        (a - b).abs().max().item()
+        for a, b in zip(tuned.text_encoder.parameters(), base.text_encoder.parameters())
+    ]
+    assert max(diffs) > 1e-5
+
+
+def run_with_stop(cfg, stop_at):
+    state = TrainState()
+
+    def callback(s):
+        if s.step == stop_at:
+            s.stop_requested = True
+
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(cfg, progress=False, state=state, callback=callback)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"method": "dreambooth", "ema_decay": 0.9},
+    ],
+)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd1_dir, subject, extra):
+    """Stop after step 2 of 5, resume: the same losses and the same weights as one run of 5 steps."""
+    extra = dict(extra)
+    method = extra.pop("method", "lora")
+    common = dict(steps=5, checkpoint_every=10, data=DataConfig(subject, "a sks dog", flip=True), **extra)
+    if method == "lora":
+        common["lora"] = LoraConfig(dropout=0.1)
+    one = config(tmp_path / "a", tiny_sd1_dir, subject, method=method, **common)
+    full = train(one, progress=False)
+    two = config(tmp_path / "b", tiny_sd1_dir, subject, method=method, **common)
+    run_with_stop(two, 2)
+    assert len(read_log(two.out / "log.jsonl")) == 2
+    resumed = train(two, resume=True, progress=False)
+    log_a = [r["loss"] for r in read_log(one.out / "log.jsonl")]
+    log_b = [r["loss"] for r in read_log(two.out / "log.jsonl")]
+    assert log_a == log_b and len(log_a) == 5
+    assert resumed.losses == full.losses[2:]
+
+
+def test_prior_class_images_are_generated_once_and_reused(tmp_path, tiny_sd1_dir, subject):
+    cache = tmp_path / "cache"
+    prior = PriorConfig(
+        enabled=True, class_prompt="a dog", num_class_images=2, cache_dir=cache, sample_steps=2
+    )
+    train(config(tmp_path / "a", tiny_sd1_dir, subject, prior=prior), progress=False)
+    (folder,) = cache.iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["prompt"] == "a dog" and manifest["steps"] == 2 and len(manifest["files"]) == 2
+    stamps = {f: (folder / f).stat().st_mtime_ns for f in manifest["files"]}
+    prior.num_class_images = 3
+    result = train(config(tmp_path / "b", tiny_sd1_dir, subject, prior=prior), progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(manifest["files"]) == 3
+    assert all((folder / f).stat().st_mtime_ns == t for f, t in stamps.items())  # reused, not regenerated
+    log = read_log(result.out / "log.jsonl")
+    assert all(r["loss_prior"] > 0 for r in log)
+    assert all(abs(r["loss"] - r["loss_instance"] - r["loss_prior"]) < 1e-5 for r in log)
+
+
+def test_real_class_images_and_base_model_prior(tmp_path, tiny_sd1_dir, subject):
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (10, 200, 10 * i)).save(real / f"{i}.png")
+    (real / "0.txt").write_text("a green dog")
+    prior = PriorConfig(enabled=True, class_prompt="a dog", class_images=real, weight=0.5)
+    result = train(config(tmp_path / "a", tiny_sd1_dir, subject, prior=prior), progress=False)
+    log = read_log(result.out / "log.jsonl")
+    assert all(abs(r["loss"] - r["loss_instance"] - 0.5 * r["loss_prior"]) < 1e-5 for r in log)
+    teacher = PriorConfig(enabled=True, class_prompt="a dog", mode="base-model")
+    result = train(config(tmp_path / "b", tiny_sd1_dir, subject, prior=teacher, steps=4), progress=False)
+    log = read_log(result.out / "log.jsonl")
+    assert log[0]["loss_prior"] < 1e-9  # the adapter starts as the identity: student == teacher
+    assert log[-1]["loss_prior"] > log[0]["loss_prior"]
+
+
+def test_buckets_validation_and_snr(tmp_path, tiny_sd1_dir, subject):
+    from booth.train import LossConfig
+
+    cfg = config(
+        tmp_path,
+        tiny_sd1_dir,
+        subject,
+        data=DataConfig(subject, "a sks dog", buckets=True, resolution=32),
+        loss=LossConfig(snr_gamma=5.0, noise_offset=0.05),
+        validation_prompts=["a sks dog", "a dog"],
+        validation_every=2,
+        steps=2,
+    )
+    result = train(cfg, progress=False)
+    grid = Image.open(result.files["validation"])
+    assert grid.height >= 2 * 32 and grid.width >= 2 * 32  # 2 prompts x 2 images
+    assert (result.out / "validation" / "step-000002.png").exists()
+
+
+def test_sdxl_lora(tmp_path, subject):
+    from diffusers import StableDiffusionXLPipeline
+
+    from booth.models.tiny import tiny_pipeline
+
+    model = tmp_path / "sdxl"
+    tiny_pipeline("sdxl").save_pretrained(model)
+    result = train(config(tmp_path, model, subject, lora=LoraConfig(text_encoder=True)), progress=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.load_lora_weights(result.out)
+    assert {"unet", "text_encoder", "text_encoder_2"} <= set(pipe.get_list_adapters())
+
+
+# --- bad input: one clear line, exit 2, nothing written or lost ---------------------------------------------
+
+
+def cli(*args: str) -> int:
+    from booth.cli import main
+
+    return main(["train", *args])
+
+
+@pytest.mark.parametrize(
+    "setup, flags, message",
+    [
+        ("empty", [], "no instance images"),
+        ("one", [], "at least 2"),
+        ("text", [], "no instance images"),
+        ("corrupt", [], "bad.png"),
+        (None, ["--prior-preservation"], "--class-prompt"),
+        (None, ["--rank", "0"], "--rank"),
+        (None, ["--steps", "0"], "--steps"),
+        (None, ["--method", "lora", "--lora-targets", "nope"], "nope"),
+        (None, ["--resume"], "nothing to resume"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sd1_dir, subject, capsys, setup, flags, message):
+    images = subject
+    if setup:
+        images = tmp_path / setup
+        images.mkdir()
+        if setup == "one":
+            Image.new("RGB", (32, 32)).save(images / "a.png")
+        if setup == "text":
+            (images / "notes.pdf").write_text("not an image")
+        if setup == "corrupt":
+            for i in range(2):
+                Image.new("RGB", (32, 32)).save(images / f"{i}.png")
+            (images / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    code = cli(
+        "--images",
+        str(images),
+        "--instance-prompt",
+        "a sks dog",
+        "--model",
+        str(tiny_sd1_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--no-progress",
+        *flags,
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (out / "config.json").exists()
+
+
+def test_existing_runs_and_other_folders_are_never_overwritten(tmp_path, tiny_sd1_dir, subject, capsys):
+    out = tmp_path / "run"
+    args = [
+        "--images",
+        str(subject),
+        "--instance-prompt",
+        "a sks dog",
+        "--model",
+        str(tiny_sd1_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--no-progress",
+    ]
+    assert cli(*args) == 0
+    before = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    assert cli(*args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == before
+    assert cli(*args, "--resume", "--rank", "8") == 2  # different settings cannot resume
+    assert "rank" in capsys.readouterr().err
+    assert cli(*args, "--overwrite", "--steps", "2") == 0
+    assert len(read_log(out / "log.jsonl")) == 2
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"precious")
+    args[args.index(str(out))] = str(other)
+    assert cli(*args, "--overwrite") == 2
+    assert (other / "holiday.jpg").read_bytes() == b"precious"
