@@ -321,3 +321,35 @@ def test_existing_runs_and_other_folders_are_never_overwritten(tmp_path, tiny_sd
     args[args.index(str(out))] = str(other)
     assert cli(*args, "--overwrite") == 2
     assert (other / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_generate_applies_a_trained_lora_by_path_or_name(tmp_path, tiny_sd1_dir, subject):
+    from booth.generate.metadata import read_image_metadata
+
+    result = train(config(tmp_path, tiny_sd1_dir, subject), progress=False)
+    common = [
+        "generate",
+        "a sks dog",
+        "--model",
+        str(tiny_sd1_dir),
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
+    from booth.cli import main
+
+    assert main([*common, "--out", str(tmp_path / "base")]) == 0
+    assert main([*common, "--out", str(tmp_path / "file"), "--lora", f"{result.files['kohya']}:1"]) == 0
+    assert main([*common, "--out", str(tmp_path / "dir"), "--lora-dir", str(result.out)]) == 0
+    name = result.files["kohya"].stem
+    prompt_tag = ["generate", f"a sks dog <lora:{name}:1>", *common[2:]]
+    assert main([*prompt_tag, "--out", str(tmp_path / "tag"), "--lora-dir", str(result.out)]) == 0
+    pixels = {
+        k: Image.open(next((tmp_path / k).glob("*.png"))).tobytes() for k in ("base", "file", "dir", "tag")
+    }
+    assert pixels["file"] != pixels["base"] and pixels["tag"] == pixels["file"]
+    assert pixels["dir"] == pixels["base"]  # a folder alone applies nothing; the prompt must ask for it
+    meta = read_image_metadata(next((tmp_path / "tag").glob("*.png")))
+    assert "Lora hashes" in meta.parameters

@@ -100,6 +100,21 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="0 just resize, 1 crop and resize, 2 resize and fill",
     )
     i.add_argument("--img2img-fix-steps", action="store_true", help="run exactly --steps steps")
+    n = p.add_argument_group("LoRA (extra networks)")
+    n.add_argument(
+        "--lora-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder searched for <lora:NAME:w> (kohya .safetensors files, diffusers LoRA folders, booth runs)",
+    )
+    n.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="apply this LoRA file or folder with a weight (default 1); same as <lora:stem:WEIGHT> in the prompt",
+    )
     s = p.add_argument_group("scripts")
     s.add_argument("--prompt-matrix", action="store_true", help="prompt matrix over the '|' parts")
     s.add_argument("--xy", nargs=2, metavar=("AXIS", "VALUES"), help="X axis, e.g. Steps '10,20,30'")
@@ -230,6 +245,9 @@ def cmd_generate(args) -> int:
     from booth.generate.progress import ProgressBar
 
     params = _params_from_args(args)
+    registry, tags = _lora_registry(args)
+    if tags:
+        params = params.replace(prompt=params.prompt + "".join(tags))
     # Validate everything cheap before loading a model: sampler names, output folder.
     from booth.generate.samplers import resolve_sampler
 
@@ -237,7 +255,9 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     ensure_writable_dir(out)
     device = _device(args.device)
-    engine = Engine.from_model(args.model, device=device, dtype=_dtype(args.dtype, device))
+    engine = Engine.from_model(
+        args.model, device=device, dtype=_dtype(args.dtype, device), extra_networks=registry
+    )
 
     progress = None if args.no_progress else ProgressBar()
     if args.prompt_matrix or args.xy:
@@ -250,6 +270,36 @@ def cmd_generate(args) -> int:
     for path in saved:
         print(path)
     return 0
+
+
+def _lora_registry(args):
+    """The extra-network registry with a LoRA handler over --lora-dir, and prompt tags for each --lora."""
+    from booth.generate.networks import LoraNetwork
+    from booth.prompts import ExtraNetworkRegistry
+
+    files, tags = {}, []
+    for spec in args.lora:
+        path, _, weight = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+        if not Path(path).exists():
+            raise BoothError(f"LoRA not found: {path}")
+        try:
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            raise BoothError(f"--lora {spec}: the weight after ':' must be a number") from None
+        plain = Path(path).is_file() and Path(path).name != "pytorch_lora_weights.safetensors"
+        name = (
+            Path(path).stem
+            if plain
+            else Path(path).resolve().parent.name
+            if Path(path).is_file()
+            else Path(path).name
+        )
+        files[name] = Path(path)
+        tags.append(f" <lora:{name}:{weight:g}>")
+    for folder in args.lora_dir:
+        if not Path(folder).is_dir():
+            raise BoothError(f"--lora-dir {folder} is not a folder")
+    return ExtraNetworkRegistry([LoraNetwork(args.lora_dir, files)]), tags
 
 
 def _save_result(result, out: Path) -> list[Path]:

@@ -115,9 +115,18 @@ def train(
 
 class Trainer:
     def __init__(
-        self, config: TrainConfig, *, resume=False, overwrite=False, progress=True, state=None, callback=None
+        self,
+        config: TrainConfig,
+        *,
+        resume=False,
+        overwrite=False,
+        progress=True,
+        state=None,
+        callback=None,
+        loaded=None,
     ):
         self.config = config
+        self.loaded = loaded  # a LoadedModel to train instead of loading `config.model` (it is modified)
         self.resume = resume
         self.overwrite = overwrite
         self.progress = progress
@@ -129,6 +138,10 @@ class Trainer:
     # set-up
 
     def run(self) -> TrainResult:
+        return self._loop(self.setup())
+
+    def setup(self) -> int:
+        """Everything before the first step (checks, model, data, optimizer, resume); returns the start step."""
         from accelerate import PartialState
 
         cfg = self.config
@@ -144,7 +157,7 @@ class Trainer:
         self._build_optimizer()
         start = self._resume_or_start()
         self.state.phase = "training"
-        return self._loop(start)
+        return start
 
     def _check_out(self) -> None:
         """Refuse to mix runs: an existing run needs --resume or --overwrite; anything else is left alone."""
@@ -194,7 +207,8 @@ class Trainer:
         from booth.train.methods import get_method
 
         cfg = self.config
-        self.loaded = load_pipeline(cfg.model, device="cpu")
+        if self.loaded is None:
+            self.loaded = load_pipeline(cfg.model, device="cpu")
         pipe = self.pipe = self.loaded.pipe
         self.method = get_method(cfg)
         torch.manual_seed(stream_seed(cfg.seed, "init", 0))  # adapter initialisation

@@ -1,0 +1,224 @@
+"""Training speed and memory of booth's engine, and its overhead over a bare UNet forward + backward.
+
+For each model and method it times `Trainer.step` (data from the cache, noise, UNet, loss, backward, AdamW,
+LR schedule) and, interleaved on the same model, batch and trainable parameters, a bare UNet forward +
+backward with the same inputs; it prints steps/s, peak memory and the ratio step / bare (goal <= 1.10).
+Each (model, method) runs in its own subprocess so its peak memory (RSS on the CPU, allocated memory on CUDA)
+is its own.
+
+Models: booth-mini (the bundled default) and an SD-1.5-shaped UNet with random weights (SD 1.5's exact UNet
+config; a small 768-wide text encoder and a small x8 VAE, which do not train and whose outputs are cached).
+
+    python benchmarks/train_speed.py                         # CPU: booth-mini 64 px, SD-1.5 UNet at 128 px
+    python benchmarks/train_speed.py --sd-resolution 512     # on a GPU: SD-1.5 UNet at 512 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def sd15_shaped(resolution: int):
+    """A LoadedModel whose UNet is SD 1.5's (random weights), with cheap frozen text encoder and VAE."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import booth
+    from booth.models.families import detect_family
+    from booth.models.loading import LoadedModel
+    from booth.models.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    config_dir = Path(booth.__file__).parent / "models" / "configs" / "sd1" / "unet"
+    torch.manual_seed(0)
+    unet_config = UNet2DConditionModel.load_config(config_dir)
+    unet_config["sample_size"] = resolution // 8
+    pipe.unet = UNet2DConditionModel.from_config(unet_config)
+    pipe.text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=pipe.tokenizer.vocab_size,
+            hidden_size=768,
+            intermediate_size=1024,
+            num_hidden_layers=1,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+        )
+    )
+    pipe.vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    return LoadedModel(pipe, detect_family(pipe), "sd15-shaped", None, None)
+
+
+def subject_folder(folder: Path, resolution: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        Image.new("RGB", (resolution, resolution), (40 * i, 100, 200)).save(folder / f"{i}.png")
+    return folder
+
+
+def measure_one(model: str, method: str, resolution: int, batch: int, steps: int, device: str | None) -> dict:
+    from booth.train import DataConfig, LoraConfig, OptimConfig, TrainConfig
+    from booth.train.loop import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix="booth-train-bench-"))
+    loaded = sd15_shaped(resolution) if model == "sd15" else None
+    cfg = TrainConfig(
+        method=method,
+        model=None,
+        out=work / "run",
+        steps=steps * 4,
+        data=DataConfig(
+            images=subject_folder(work / "images", resolution),
+            instance_prompt="a sks dog",
+            resolution=resolution,
+        ),
+        lora=LoraConfig(rank=4),
+        optim=OptimConfig(batch_size=batch),
+        device=device,
+        checkpoint_every=10**6,
+    )
+    trainer = Trainer(cfg, progress=False, loaded=loaded)
+    trainer.setup()
+    unet = trainer.pipe.unet
+    latent = resolution // trainer._vae_scale
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=gen).to(trainer.device)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(trainer.device)
+    c = torch.stack([trainer.text_cache["a sks dog"][0]] * batch)
+    params = list(trainer.method.trainable_parameters().values())
+
+    def bare():
+        pred = trainer._unet(unet, x, t, c, None)
+        pred.float().pow(2).mean().backward()
+        for p in params:
+            p.grad = None
+
+    def sync():
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step_no = 0
+
+    def step():
+        nonlocal step_no
+        step_no += 1
+        trainer.step(step_no)
+
+    for fn in (step, bare, step, bare):  # warm-up
+        fn()
+        sync()
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times: dict[str, list[float]] = {"step": [], "bare": []}
+    for _ in range(steps):
+        for name, fn in (("step", step), ("bare", bare)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    step_s, bare_s = statistics.median(times["step"]), statistics.median(times["bare"])
+    if trainer.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        memory = f"{peak:.0f} MiB (CUDA allocated)"
+    else:
+        import resource
+
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (peak RSS)"
+    trainable = sum(p.numel() for p in params)
+    return {
+        "model": model,
+        "method": method,
+        "resolution": resolution,
+        "batch": batch,
+        "device": str(trainer.device),
+        "trainable_params": trainable,
+        "step_s": step_s,
+        "bare_s": bare_s,
+        "steps_per_s": 1 / step_s,
+        "ratio": step_s / bare_s,
+        "memory": memory,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (default 8)")
+    parser.add_argument(
+        "--sd-resolution",
+        type=int,
+        default=None,
+        help="SD-1.5 UNet size (default 512 on a GPU, 128 on the CPU)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch (default: 4 booth-mini, 1 SD-1.5 shape)"
+    )
+    parser.add_argument("--models", default="mini,sd15", help="comma-separated: mini, sd15")
+    parser.add_argument("--methods", default="lora,dreambooth", help="comma-separated methods")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    sd_res = args.sd_resolution or (512 if gpu else 128)
+    if args.one:
+        model, method = args.one
+        res = 64 if model == "mini" else sd_res
+        batch = args.batch or (4 if model == "mini" else (2 if gpu else 1))
+        print(json.dumps(measure_one(model, method, res, batch, args.steps, args.device)))
+        return
+    rows = []
+    for model in args.models.split(","):
+        for method in args.methods.split(","):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                model,
+                method,
+                "--steps",
+                str(args.steps),
+                "--sd-resolution",
+                str(sd_res),
+            ]
+            cmd += ["--batch", str(args.batch)] if args.batch else []
+            cmd += ["--device", args.device] if args.device else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{model}/{method}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(
+        f"{'model':<8} {'method':<11} {'px':>4} {'batch':>5} {'trainable':>11} {'step s':>8} {'bare s':>8} "
+        f"{'steps/s':>8} {'ratio':>6}  memory"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<8} {r['method']:<11} {r['resolution']:>4} {r['batch']:>5} {r['trainable_params']:>11,} "
+            f"{r['step_s']:>8.3f} {r['bare_s']:>8.3f} {r['steps_per_s']:>8.2f} {r['ratio']:>6.3f}  {r['memory']}"
+        )
+    print(
+        f"device: {rows[0]['device'] if rows else '-'}, threads: {rows[0]['threads'] if rows else '-'}; ratio = "
+        "trainer step / bare UNet forward+backward (goal <= 1.10)"
+    )
+
+
+if __name__ == "__main__":
+    main()
