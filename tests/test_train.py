@@ -353,3 +353,55 @@ def test_generate_applies_a_trained_lora_by_path_or_name(tmp_path, tiny_sd1_dir,
     assert pixels["dir"] == pixels["base"]  # a folder alone applies nothing; the prompt must ask for it
     meta = read_image_metadata(next((tmp_path / "tag").glob("*.png")))
     assert "Lora hashes" in meta.parameters
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tmp_path, tiny_sd1_dir, subject):
+    """`accelerate launch` works unchanged: two CPU processes (gloo), DDP, prior class images generated once."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "booth",
+        "train",
+        "--images",
+        str(subject),
+        "--instance-prompt",
+        "a sks dog",
+        "--model",
+        str(tiny_sd1_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--no-progress",
+        "--prior-preservation",
+        "--class-prompt",
+        "a dog",
+        "--num-class-images",
+        "2",
+        "--class-cache",
+        str(tmp_path / "cache"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(read_log(out / "log.jsonl")) == 3
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert len(json.loads((cache / "manifest.json").read_text())["files"]) == 2

@@ -146,9 +146,10 @@ class Trainer:
 
         cfg = self.config
         cfg.validate()
+        self.dist = PartialState(cpu=resolve_cpu(cfg.device))
         self._check_out()
         self.records = self._scan_data()
-        self.dist = PartialState(cpu=resolve_cpu(cfg.device))
+        self.dist.wait_for_everyone()  # every process has checked --out before the main one writes to it
         self.device = self._device()
         self.state.total = cfg.steps
         self.state.phase = "loading"
@@ -264,12 +265,13 @@ class Trainer:
             if cfg.prior.class_images is not None:
                 images = prior.real_class_images(cfg.prior.class_images, cfg.prior.class_prompt)
             else:
-                images = prior.generated_class_images(
-                    self.loaded,
-                    cfg.prior,
-                    self.resolution,
-                    progress=self.progress and self.dist.is_main_process,
-                )
+                with self.dist.main_process_first():  # the main process fills the cache, the others read it
+                    images = prior.generated_class_images(
+                        self.loaded,
+                        cfg.prior,
+                        self.resolution,
+                        progress=self.progress and self.dist.is_main_process,
+                    )
             from booth.train.data import ImageRecord
 
             recs = [ImageRecord(i.path, None, 0, 0) for i in images]
@@ -512,6 +514,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.method.trainable_parameters(), step)
+        if self.dist.num_processes > 1:  # log the mean over processes
+            values = torch.tensor([totals[k] for k in totals], device=self.device)
+            torch.distributed.all_reduce(values)
+            totals = dict(zip(totals, (values / self.dist.num_processes).tolist()))
         record = {
             "step": step,
             **totals,
