@@ -405,3 +405,23 @@ def test_accelerate_launch_two_processes(tmp_path, tiny_sd1_dir, subject):
     assert (out / "pytorch_lora_weights.safetensors").exists()
     (cache,) = (tmp_path / "cache").iterdir()
     assert len(json.loads((cache / "manifest.json").read_text())["files"]) == 2
+
+
+def test_bf16_gradient_checkpointing_and_8bit_adam_on_cpu(tmp_path, tiny_sd1_dir, subject):
+    cfg = config(
+        tmp_path,
+        tiny_sd1_dir,
+        subject,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        lora=LoraConfig(text_encoder=True),
+    )
+    result = train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float32 for t in load_file(result.files["diffusers"]).values())
+    cfg = config(tmp_path / "b", tiny_sd1_dir, subject)
+    cfg.optim.use_8bit_adam = True
+    with pytest.raises(Exception, match="8-bit AdamW|CUDA"):
+        train(cfg, progress=False)
