@@ -30,7 +30,10 @@ def add_train_command(sub) -> None:
         epilog=TRAIN_EPILOG,
     )
     p.add_argument(
-        "--method", choices=["dreambooth", "lora"], default="lora", help="training method (default lora)"
+        "--method",
+        choices=["dreambooth", "lora", "textual-inversion", "custom-diffusion"],
+        default="lora",
+        help="training method (default lora)",
     )
     p.add_argument(
         "--model",
@@ -85,6 +88,20 @@ def add_train_command(sub) -> None:
     lo.add_argument("--lora-text-encoder", action="store_true", help="also train a text-encoder LoRA")
     lo.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
 
+    tk = p.add_argument_group("new tokens (textual inversion, custom diffusion)")
+    tk.add_argument("--placeholder-token", default=None, help='new word, e.g. "<sks>" (TI) or "<new1>" (CD)')
+    tk.add_argument("--initializer-token", default=None, help="word the new embedding starts from (e.g. dog)")
+    tk.add_argument("--num-vectors", type=int, default=1, help="TI: vectors per placeholder (default 1)")
+    tk.add_argument(
+        "--learnable-property",
+        choices=["object", "style"],
+        default="object",
+        help="TI: prompt templates for an object or a style (default object)",
+    )
+    tk.add_argument("--train-q-out", action="store_true", help="CD: also train cross-attention q and out")
+    tk.add_argument("--no-augment", action="store_true", help="CD: no rescale/mask/size-word augmentation")
+    tk.add_argument("--no-modifier-token", action="store_true", help="CD: do not learn a modifier token")
+
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
     o.add_argument(
@@ -137,7 +154,26 @@ def add_train_command(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from booth.train.config import DataConfig, LoraConfig, LossConfig, OptimConfig, PriorConfig, TrainConfig
+    from booth.train.config import (
+        CustomDiffusionConfig,
+        DataConfig,
+        LoraConfig,
+        LossConfig,
+        OptimConfig,
+        PriorConfig,
+        TokenConfig,
+        TrainConfig,
+    )
+
+    tokens = TokenConfig(
+        initializer=args.initializer_token,
+        num_vectors=args.num_vectors,
+        learnable_property=args.learnable_property,
+    )
+    if args.placeholder_token:
+        tokens.placeholder = args.placeholder_token
+    elif args.method == "custom-diffusion":
+        tokens.placeholder = "<new1>"
 
     return TrainConfig(
         method=args.method,
@@ -181,6 +217,12 @@ def config_from_args(args: argparse.Namespace):
             weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm,
             use_8bit_adam=args.use_8bit_adam,
+        ),
+        tokens=tokens,
+        custom_diffusion=CustomDiffusionConfig(
+            train_q_out=args.train_q_out,
+            augment=not args.no_augment,
+            modifier_token=not args.no_modifier_token,
         ),
         loss=LossConfig(snr_gamma=args.snr_gamma, noise_offset=args.noise_offset),
         train_text_encoder=args.train_text_encoder,

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 from booth.errors import BoothError
 
-METHODS = ("dreambooth", "lora")
+METHODS = ("dreambooth", "lora", "textual-inversion", "custom-diffusion")
 PRIOR_MODES = ("class-images", "base-model")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -108,6 +108,43 @@ class LoraConfig:
 
 
 @dataclass
+class TokenConfig:
+    """New words: Textual Inversion's placeholder (Gal et al. 2022) or Custom Diffusion's modifier token
+    (Kumari et al. 2023).
+
+    Attributes:
+        placeholder: the new token, e.g. "<sks>" (TI) or "<new1>" (Custom Diffusion); must not be in the
+            vocabulary already.
+        initializer: the word the new embedding(s) start from (e.g. the class noun "dog"); a word that
+            tokenizes into several tokens is averaged (TI) / its tokens used in turn. None = the method's default.
+        num_vectors: TI: vectors per placeholder (`<sks>`, `<sks>_1`, ... are added to the tokenizer).
+        learnable_property: TI: "object" or "style" prompt templates.
+    """
+
+    placeholder: str = "<sks>"
+    initializer: str | None = None
+    num_vectors: int = 1
+    learnable_property: str = "object"
+
+
+@dataclass
+class CustomDiffusionConfig:
+    """Custom Diffusion options (methods.md §5).
+
+    Attributes:
+        train_q_out: also train cross-attention query and output projections (diffusers `crossattn`);
+            default only key/value (`crossattn_kv`, the paper's choice).
+        augment: the paper's augmentation: random rescale on a canvas with a loss mask, "very small" /
+            "close up" prompt words.
+        modifier_token: learn the modifier token's embedding (`tokens.placeholder`, default "<new1>").
+    """
+
+    train_q_out: bool = False
+    augment: bool = True
+    modifier_token: bool = True
+
+
+@dataclass
 class OptimConfig:
     """AdamW (or 8-bit AdamW) with a diffusers learning-rate schedule.
 
@@ -176,6 +213,8 @@ class TrainConfig:
     seed: int = 0
     prior: PriorConfig = field(default_factory=PriorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    custom_diffusion: CustomDiffusionConfig = field(default_factory=CustomDiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train_text_encoder: bool = False
@@ -209,6 +248,16 @@ class TrainConfig:
         if self.data.repeats < 1:
             raise BoothError(f"--repeats must be at least 1, got {self.data.repeats}")
         self._validate_prior()
+        t = self.tokens
+        if t.num_vectors < 1:
+            raise BoothError(f"--num-vectors must be at least 1, got {t.num_vectors}")
+        if t.learnable_property not in ("object", "style"):
+            raise BoothError(f"--learnable-property must be object or style, got {t.learnable_property!r}")
+        if not t.placeholder.strip() or any(ch.isspace() for ch in t.placeholder):
+            raise BoothError(f"--placeholder-token must be one word without spaces, got {t.placeholder!r}")
+        from booth.train.methods import method_class
+
+        method_class(self.method).check_config(self)
         if self.method == "lora":
             if self.lora.rank < 1:
                 raise BoothError(f"--rank must be at least 1, got {self.lora.rank}")
@@ -256,6 +305,11 @@ class TrainConfig:
             raise BoothError("--prior-preservation needs --class-prompt (e.g. 'a dog')")
         if p.weight <= 0:
             raise BoothError(f"--prior-weight must be positive, got {p.weight}")
+        if p.mode == "class-images" and self.data.buckets:
+            raise BoothError(
+                "--buckets with class images is not supported (instance and class images share one batch); "
+                "use --prior-mode base-model or square crops"
+            )
         if p.mode == "class-images" and p.class_images is None and p.num_class_images < 1:
             raise BoothError(f"--num-class-images must be at least 1, got {p.num_class_images}")
 
@@ -268,7 +322,9 @@ class TrainConfig:
     def learning_rate(self) -> float:
         if self.optim.lr is not None:
             return self.optim.lr
-        return {"dreambooth": 5e-6, "lora": 1e-4}[self.method]
+        from booth.train.methods import method_class
+
+        return method_class(self.method).default_lr
 
     # --- (de)serialisation ---------------------------------------------------------------------------------
 

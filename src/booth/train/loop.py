@@ -330,6 +330,12 @@ class Trainer:
 
     def _text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.text_cache:
+            missing = [t for t in dict.fromkeys(texts) if t not in self.text_cache]
+            if missing:  # e.g. a prompt template the method drew: encode once, the encoder is frozen
+                with torch.no_grad():
+                    embeds, pooled = self._encode_text(missing, self._text_encoders())
+                for i, text in enumerate(missing):
+                    self.text_cache[text] = (embeds[i], None if pooled is None else pooled[i])
             rows = [self.text_cache[t] for t in texts]
             embeds = torch.stack([r[0] for r in rows])
             pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
@@ -342,22 +348,40 @@ class Trainer:
         names = ["text_encoder", "text_encoder_2"] if self.sdxl else ["text_encoder"]
         return self._encode_text(texts, [getattr(self.pipe, n) for n in names])
 
-    def _latents(self, samples: list[Sample], gen: torch.Generator, flip_rng: random.Random) -> torch.Tensor:
-        """z_0 for each sample: a draw from its cached posterior (or a fresh VAE encoding)."""
-        flips = [self.config.data.flip and flip_rng.random() < 0.5 for _ in samples]
-        if self.config.cache_latents:
+    def _latents(
+        self, samples: list[Sample], gen: torch.Generator, rng: random.Random
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """z_0, the prompt and the loss mask of each sample.
+
+        Plain samples: a draw from the cached VAE posterior (or a fresh encoding), with a random flip. Instance
+        samples of a method with its own augmentation (`Method.augment`): the method's pixels, prompt and mask,
+        encoded every step. The mask (1 = counts in the loss) is returned at latent resolution, or None.
+        """
+        flips = [self.config.data.flip and rng.random() < 0.5 for _ in samples]
+        prompts = self.method.training_prompts(samples, rng)
+        views = [self.method.augment(s, rng) if not s.is_prior else None for s in samples]
+        if self.config.cache_latents and not any(views):
             posts = [s.latents[int(f)] for s, f in zip(samples, flips)]
+            masks = None
         else:
             from booth.train.samples import encode_posterior
 
-            batch = torch.stack(
-                [pixels(s, f, self.config.data.crop, flip_rng) for s, f in zip(samples, flips)]
-            )
-            mean, std = encode_posterior(self.pipe.vae, batch)
+            batch, masks = [], []
+            for i, (s, f) in enumerate(zip(samples, flips)):
+                if views[i] is not None:
+                    image, mask, prompts[i] = views[i]
+                    batch.append(image)
+                    masks.append(mask if mask is not None else torch.ones(1, *image.shape[1:]))
+                else:
+                    batch.append(pixels(s, f, self.config.data.crop, rng))
+                    masks.append(torch.ones(1, *batch[-1].shape[1:]))
+            mean, std = encode_posterior(self.pipe.vae, torch.stack(batch))
             posts = list(zip(mean, std))
+            masks = None if not any(views) else latent_mask(torch.stack(masks), mean.shape[-2:])
         mean = torch.stack([m for m, _ in posts])
         std = torch.stack([s for _, s in posts])
-        return (mean + std * torch.randn(mean.shape, generator=gen)).to(self.device)
+        z_0 = (mean + std * torch.randn(mean.shape, generator=gen)).to(self.device)
+        return z_0, prompts, None if masks is None else masks.to(self.device)
 
     # ------------------------------------------------------------------------------------------------
     # optimizer
@@ -512,6 +536,7 @@ class Trainer:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step()
         if self.ema:
             self.ema.update(self.method.trainable_parameters(), step)
         if self.dist.num_processes > 1:  # log the mean over processes
@@ -534,7 +559,7 @@ class Trainer:
         cfg = self.config
         gen = generator(cfg.seed, "step", m)
         torch.manual_seed(stream_seed(cfg.seed, "modules", m))  # dropout inside the adapters
-        flip_rng = random.Random(stream_seed(cfg.seed, "flip", m))
+        rng = random.Random(stream_seed(cfg.seed, "data", m))  # flips, crops, prompt templates, augmentation
 
         # 1. Batch: instance samples, then class samples (class-image prior) in the same batch.
         inst = [self.instance[i] for i in self.schedule.instance_batch(m)]
@@ -542,12 +567,12 @@ class Trainer:
         samples = inst + prior
         is_prior = torch.tensor([s.is_prior for s in samples], device=self.device)
 
-        # 2. Encode: z_0 and the text conditioning c.
-        z_0 = self._latents(samples, gen, flip_rng)
-        prompts = [s.prompt for s in samples]
+        # 2. Encode: z_0 (with the method's augmentation and loss mask, if any) and the text conditioning c.
+        z_0, prompts, mask = self._latents(samples, gen, rng)
         base_prior = cfg.prior.enabled and cfg.prior.mode == "base-model"
         if base_prior:  # the class prompt on the instance latents, target from the frozen model
             z_0 = torch.cat([z_0, z_0])
+            mask = None if mask is None else torch.cat([mask, torch.ones_like(mask)])
             prompts += [cfg.prior.class_prompt] * len(inst)
             is_prior = torch.cat([is_prior, torch.ones(len(inst), dtype=torch.bool, device=self.device)])
         c, pooled = self._text(prompts)
@@ -583,7 +608,7 @@ class Trainer:
                 target[n:] = self._unet(self.pipe.unet, z_t[n:], t[n:], c_base, pooled_base).float()
 
         # 5. Loss: L_inst + lambda * L_prior, Min-SNR weights on the instance half.
-        per_sample = losses.per_sample_mse(pred, target)
+        per_sample = losses.per_sample_mse(pred, target, mask)
         weights = None
         if cfg.loss.snr_gamma:
             snr_t = losses.snr(self.noise_scheduler.alphas_cumprod, t.cpu()).to(self.device)
@@ -756,6 +781,11 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay, self.shadow = state["decay"], state["shadow"]
+
+
+def latent_mask(masks: torch.Tensor, size) -> torch.Tensor:
+    """[B, 1, H, W] pixel masks -> latent resolution: a latent pixel counts only if its whole patch does."""
+    return -torch.nn.functional.adaptive_max_pool2d(-masks.float(), tuple(size))
 
 
 def graceful_sigint(state: TrainState):

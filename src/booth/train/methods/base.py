@@ -27,6 +27,10 @@ class Method:
     name: str = ""
     default_lr: float = 1e-4
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise a BoothError for settings this method cannot use (called before anything is loaded)."""
+
     def __init__(self, config):
         self.config = config
         self.pipe: Any = None
@@ -68,6 +72,20 @@ class Method:
         if not groups:
             raise BoothError(f"method {self.name} found no parameters to train")
         return [{"params": ps, "lr": rate} for rate, ps in groups.items()]
+
+    # --- hooks of the training step (defaults: the plain DreamBooth step) ---------------------------------
+
+    def training_prompts(self, samples, rng) -> list[str]:
+        """The prompt of each sample at this step (Textual Inversion draws a template, for example)."""
+        return [s.prompt for s in samples]
+
+    def augment(self, sample, rng):
+        """None, or this step's view of an instance sample: (pixels [3, H, W] in [-1, 1], loss mask [1, H, W]
+        or None, prompt). A method that augments is encoded by the VAE every step (no latent cache)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. to re-normalise learned embeddings)."""
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
