@@ -425,3 +425,50 @@ def test_bf16_gradient_checkpointing_and_8bit_adam_on_cpu(tmp_path, tiny_sd1_dir
     cfg.optim.use_8bit_adam = True
     with pytest.raises(Exception, match="8-bit AdamW|CUDA"):
         train(cfg, progress=False)
+
+
+def test_two_concepts_in_one_run(tmp_path, tiny_sd1_dir, subject, capsys):
+    """--concepts: both folders train, each with its own prompt and class images."""
+    other = tmp_path / "cat"
+    other.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (250, 250, 10 * i)).save(other / f"{i}.png")
+    (tmp_path / "concepts.json").write_text(
+        json.dumps(
+            [
+                {"images": str(subject), "instance_prompt": "a sks dog", "class_prompt": "a dog"},
+                {"images": "cat", "instance_prompt": "a zwx cat", "class_prompt": "a cat"},
+            ]
+        )
+    )
+    out = tmp_path / "run"
+    code = cli(
+        "--concepts",
+        str(tmp_path / "concepts.json"),
+        "--model",
+        str(tiny_sd1_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--prior-preservation",
+        "--num-class-images",
+        "1",
+        "--class-cache",
+        str(tmp_path / "cache"),
+    )
+    assert code == 0, capsys.readouterr().err
+    saved = TrainConfig.load(out / "config.json")
+    assert [c.instance_prompt for c in saved.all_concepts()] == ["a sks dog", "a zwx cat"]
+    caches = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir())
+    assert caches == ["a-cat", "a-dog"]
+    from booth.train.formats.lora import read_lora_info
+
+    meta = read_lora_info(out / "run.safetensors").metadata
+    assert set(json.loads(meta["ss_dataset_dirs"])) == {subject.name, "cat"}
+    (tmp_path / "bad.json").write_text(json.dumps([{"images": "cat"}]))
+    assert cli("--concepts", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")) == 2
+    assert "instance_prompt" in capsys.readouterr().err

@@ -47,10 +47,14 @@ def add_train_command(sub) -> None:
     p.add_argument("--name", default=None, help="output name (LoRA file, <lora:NAME>); default: --out's name")
 
     d = p.add_argument_group("data")
+    d.add_argument("--images", default=None, help="folder of subject images (+ optional <stem>.txt captions)")
+    d.add_argument("--instance-prompt", default=None, help='identifier + class noun, e.g. "a sks dog"')
     d.add_argument(
-        "--images", required=True, help="folder of subject images (+ optional <stem>.txt captions)"
+        "--concepts",
+        default=None,
+        metavar="FILE.json",
+        help="several concepts at once: a JSON list of {images, instance_prompt, class_prompt, class_images}",
     )
-    d.add_argument("--instance-prompt", required=True, help='identifier + class noun, e.g. "a sks dog"')
     d.add_argument("--resolution", type=int, default=None, help="training size (default: the model's native)")
     d.add_argument("--crop", choices=["center", "random"], default="center", help="crop (default center)")
     d.add_argument("--flip", action="store_true", help="random horizontal flips")
@@ -165,6 +169,7 @@ def config_from_args(args: argparse.Namespace):
         TrainConfig,
     )
 
+    concepts = _concepts(args)
     tokens = TokenConfig(
         initializer=args.initializer_token,
         num_vectors=args.num_vectors,
@@ -182,9 +187,10 @@ def config_from_args(args: argparse.Namespace):
         name=args.name,
         steps=args.steps,
         seed=args.seed,
+        concepts=concepts[1:],
         data=DataConfig(
-            images=Path(args.images),
-            instance_prompt=args.instance_prompt,
+            images=concepts[0].images,
+            instance_prompt=concepts[0].instance_prompt,
             resolution=args.resolution,
             crop=args.crop,
             flip=args.flip,
@@ -194,8 +200,8 @@ def config_from_args(args: argparse.Namespace):
         prior=PriorConfig(
             enabled=args.prior_preservation,
             mode=args.prior_mode,
-            class_prompt=args.class_prompt,
-            class_images=Path(args.class_images) if args.class_images else None,
+            class_prompt=concepts[0].class_prompt,
+            class_images=concepts[0].class_images,
             num_class_images=args.num_class_images,
             weight=args.prior_weight,
             cache_dir=Path(args.class_cache) if args.class_cache else None,
@@ -238,6 +244,42 @@ def config_from_args(args: argparse.Namespace):
         save_single_file=args.save_single_file,
         device=args.device,
     )
+
+
+def _concepts(args: argparse.Namespace):
+    """The concepts of the run: --images/--instance-prompt/--class-prompt/--class-images, or --concepts."""
+    import json
+
+    from booth.errors import BoothError
+    from booth.train.config import ConceptConfig
+
+    if args.concepts is None:
+        if not args.images or not args.instance_prompt:
+            raise BoothError("pass --images and --instance-prompt (or --concepts FILE.json)")
+        class_images = Path(args.class_images) if args.class_images else None
+        return [ConceptConfig(Path(args.images), args.instance_prompt, args.class_prompt, class_images)]
+    if args.images or args.instance_prompt:
+        raise BoothError("--concepts replaces --images and --instance-prompt; pass one or the other")
+    try:
+        items = json.loads(Path(args.concepts).read_text())
+    except OSError as error:
+        raise BoothError(f"cannot read --concepts {args.concepts}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise BoothError(f"--concepts {args.concepts} is not valid JSON: {error}") from None
+    if not isinstance(items, list) or not items:
+        raise BoothError(f"--concepts {args.concepts} must hold a non-empty JSON list of concepts")
+    concepts, base = [], Path(args.concepts).parent
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "images" not in item or "instance_prompt" not in item:
+            raise BoothError(f"--concepts entry {i + 1} needs at least 'images' and 'instance_prompt'")
+        unknown = set(item) - {"images", "instance_prompt", "class_prompt", "class_images"}
+        if unknown:
+            raise BoothError(f"--concepts entry {i + 1} has unknown keys: {', '.join(sorted(unknown))}")
+        images = base / item["images"]  # relative to the JSON file
+        class_images = base / item["class_images"] if item.get("class_images") else None
+        class_prompt = item.get("class_prompt") or args.class_prompt
+        concepts.append(ConceptConfig(images, item["instance_prompt"], class_prompt, class_images))
+    return concepts
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from booth.errors import BoothError
 
@@ -45,6 +45,23 @@ class DataConfig:
     buckets: bool = False
     repeats: int = 1
     min_images: int = 2
+
+
+@dataclass
+class ConceptConfig:
+    """One more subject trained in the same run (several concepts at once, Kumari et al. 2023 sec. 3.2).
+
+    Attributes:
+        images: the concept's image folder (captions as for `DataConfig.images`).
+        instance_prompt: its identifier + class noun, e.g. "a <new2> cat" or "a zwx cat".
+        class_prompt: its class for prior preservation ("a cat"); needed when prior preservation is on.
+        class_images: a folder of real class images for it; None = generated (cached) when needed.
+    """
+
+    images: Path
+    instance_prompt: str
+    class_prompt: str | None = None
+    class_images: Path | None = None
 
 
 @dataclass
@@ -212,6 +229,7 @@ class TrainConfig:
     steps: int = 400
     seed: int = 0
     prior: PriorConfig = field(default_factory=PriorConfig)
+    concepts: list[ConceptConfig] = field(default_factory=list)
     lora: LoraConfig = field(default_factory=LoraConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
     custom_diffusion: CustomDiffusionConfig = field(default_factory=CustomDiffusionConfig)
@@ -239,8 +257,14 @@ class TrainConfig:
             raise BoothError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise BoothError(f"--steps must be at least 1, got {self.steps}")
-        if not self.data.instance_prompt.strip():
-            raise BoothError("--instance-prompt is empty; use e.g. 'a sks dog' (identifier + class noun)")
+        for concept in self.all_concepts():
+            if not concept.instance_prompt.strip():
+                raise BoothError(
+                    "an instance prompt is empty; use e.g. 'a sks dog' (identifier + class noun)"
+                )
+        prompts = [c.instance_prompt for c in self.all_concepts()]
+        if len(set(prompts)) != len(prompts):
+            raise BoothError("two concepts have the same instance prompt; give each its own identifier")
         if self.data.crop not in CROPS:
             raise BoothError(f"unknown crop {self.data.crop!r}; choose one of {', '.join(CROPS)}")
         if self.data.resolution is not None and (self.data.resolution < 8 or self.data.resolution % 8):
@@ -303,6 +327,9 @@ class TrainConfig:
             raise BoothError(f"unknown prior mode {p.mode!r}; choose one of {', '.join(PRIOR_MODES)}")
         if not (p.class_prompt or "").strip():
             raise BoothError("--prior-preservation needs --class-prompt (e.g. 'a dog')")
+        for c in self.concepts:
+            if not (c.class_prompt or "").strip():
+                raise BoothError(f"concept {c.instance_prompt!r} needs a class_prompt for prior preservation")
         if p.weight <= 0:
             raise BoothError(f"--prior-weight must be positive, got {p.weight}")
         if p.mode == "class-images" and self.data.buckets:
@@ -312,6 +339,13 @@ class TrainConfig:
             )
         if p.mode == "class-images" and p.class_images is None and p.num_class_images < 1:
             raise BoothError(f"--num-class-images must be at least 1, got {p.num_class_images}")
+
+    def all_concepts(self) -> list[ConceptConfig]:
+        """The main subject (`data`, `prior`) followed by `concepts`."""
+        main = ConceptConfig(
+            self.data.images, self.data.instance_prompt, self.prior.class_prompt, self.prior.class_images
+        )
+        return [main, *self.concepts]
 
     # --- resolved values -----------------------------------------------------------------------------------
 
@@ -375,6 +409,8 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
         value, hint = data[f.name], hints[f.name]
         if is_dataclass(hint):
             value = _build(hint, value)
+        elif get_origin(hint) is list and get_args(hint) and is_dataclass(get_args(hint)[0]):
+            value = [_build(get_args(hint)[0], item) for item in value]
         elif value is not None and "Path" in str(hint):
             value = Path(value)
         kwargs[f.name] = value

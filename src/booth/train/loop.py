@@ -188,13 +188,18 @@ class Trainer:
                 )
 
     def _scan_data(self):
+        """Every concept's images (and real class images), all checked before anything is loaded."""
         from booth.train.data import scan_image_folder
 
-        cfg = self.config
-        records = scan_image_folder(cfg.data.images, min_images=cfg.data.min_images, what="instance images")
-        if cfg.prior.enabled and cfg.prior.class_images is not None:
-            scan_image_folder(cfg.prior.class_images, min_images=1, what="class images")
-        return records
+        cfg, found = self.config, []
+        for concept in cfg.all_concepts():
+            records = scan_image_folder(
+                concept.images, min_images=cfg.data.min_images, what="instance images"
+            )
+            if cfg.prior.enabled and concept.class_images is not None:
+                scan_image_folder(concept.class_images, min_images=1, what="class images")
+            found.append((concept, records))
+        return found
 
     def _device(self) -> torch.device:
         if self.dist.num_processes > 1 or self.config.device is None:
@@ -254,29 +259,41 @@ class Trainer:
     # data
 
     def _build_samples(self) -> None:
+        from dataclasses import replace
+
+        from booth.train import prior
+        from booth.train.data import ImageRecord
+
         cfg = self.config
         self.state.phase = "preparing data"
-        prompts = [r.caption or cfg.data.instance_prompt for r in self.records]
-        self.instance = load_samples(self.records, prompts, self.resolution, cfg.data.buckets, is_prior=False)
+        self.instance: list[Sample] = []
         self.prior: list[Sample] = []
-        if cfg.prior.enabled and cfg.prior.mode == "class-images":
-            from booth.train import prior
-
-            if cfg.prior.class_images is not None:
-                images = prior.real_class_images(cfg.prior.class_images, cfg.prior.class_prompt)
+        for concept, records in self.records:
+            prompts = [r.caption or concept.instance_prompt for r in records]
+            self.instance += load_samples(
+                records, prompts, self.resolution, cfg.data.buckets, False, concept.class_prompt
+            )
+            if not (cfg.prior.enabled and cfg.prior.mode == "class-images"):
+                continue
+            if concept.class_images is not None:
+                images = prior.real_class_images(concept.class_images, concept.class_prompt)
             else:
+                settings = replace(cfg.prior, class_prompt=concept.class_prompt)
                 with self.dist.main_process_first():  # the main process fills the cache, the others read it
                     images = prior.generated_class_images(
                         self.loaded,
-                        cfg.prior,
+                        settings,
                         self.resolution,
                         progress=self.progress and self.dist.is_main_process,
                     )
-            from booth.train.data import ImageRecord
-
             recs = [ImageRecord(i.path, None, 0, 0) for i in images]
-            self.prior = load_samples(
-                recs, [i.prompt for i in images], self.resolution, cfg.data.buckets, True
+            self.prior += load_samples(
+                recs,
+                [i.prompt for i in images],
+                self.resolution,
+                cfg.data.buckets,
+                True,
+                concept.class_prompt,
             )
         if cfg.cache_latents:
             cache_latents(self.pipe.vae, self.instance, cfg.data.flip)
@@ -285,7 +302,7 @@ class Trainer:
         if not self.method.trains_text_encoder:
             texts = {s.prompt for s in self.instance + self.prior}
             if cfg.prior.enabled:
-                texts.add(cfg.prior.class_prompt)
+                texts |= {c.class_prompt for c in cfg.all_concepts()}
             with torch.no_grad():
                 for text in sorted(texts):
                     embeds, pooled = self._encode_text([text], self._text_encoders())
@@ -573,7 +590,7 @@ class Trainer:
         if base_prior:  # the class prompt on the instance latents, target from the frozen model
             z_0 = torch.cat([z_0, z_0])
             mask = None if mask is None else torch.cat([mask, torch.ones_like(mask)])
-            prompts += [cfg.prior.class_prompt] * len(inst)
+            prompts += [s.class_prompt for s in inst]
             is_prior = torch.cat([is_prior, torch.ones(len(inst), dtype=torch.bool, device=self.device)])
         c, pooled = self._text(prompts)
 
@@ -705,12 +722,18 @@ class Trainer:
     def metadata(self) -> dict[str, str]:
         """kohya-style `ss_*` training metadata (formats.md §3.2) plus booth's own config, all strings."""
         cfg = self.config
-        tags: dict[str, int] = {}
-        for s in self.instance:
-            for tag in (part.strip().lower() for part in s.prompt.split(",")):
-                if tag:
-                    tags[tag] = tags.get(tag, 0) + 1
-        folder = Path(cfg.data.images).name
+        tag_frequency: dict[str, dict[str, int]] = {}
+        dataset_dirs: dict[str, dict[str, int]] = {}
+        for concept, records in self.records:
+            folder = Path(concept.images).name
+            tags = tag_frequency.setdefault(folder, {})
+            for record in records:
+                for tag in (
+                    part.strip().lower() for part in (record.caption or concept.instance_prompt).split(",")
+                ):
+                    if tag:
+                        tags[tag] = tags.get(tag, 0) + 1
+            dataset_dirs[folder] = {"n_repeats": cfg.data.repeats, "img_count": len(records)}
         lr = cfg.learning_rate()
         meta = {
             "ss_output_name": cfg.run_name,
@@ -745,10 +768,8 @@ class Trainer:
             "ss_noise_offset": str(cfg.loss.noise_offset or None),
             "ss_sd_model_name": self.loaded.name,
             "ss_sd_model_hash": str(self.loaded.hash),
-            "ss_tag_frequency": json.dumps({folder: tags}),
-            "ss_dataset_dirs": json.dumps(
-                {folder: {"n_repeats": cfg.data.repeats, "img_count": len(self.instance)}}
-            ),
+            "ss_tag_frequency": json.dumps(tag_frequency),
+            "ss_dataset_dirs": json.dumps(dataset_dirs),
             "booth.train_config": json.dumps(cfg.to_dict(), sort_keys=True),
         }
         return meta

@@ -46,6 +46,7 @@ class Sample:
     prompt: str
     size: tuple[int, int]  # (width, height) trained at
     is_prior: bool = False
+    class_prompt: str | None = None  # the concept's class ("a dog"): target prompt of the base-model prior
     latents: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
@@ -56,12 +57,19 @@ def training_size(width: int, height: int, resolution: int, buckets: bool) -> tu
     return assign_bucket(width, height, make_buckets(resolution, step=step))
 
 
-def load_samples(records, prompts: list[str], resolution: int, buckets: bool, is_prior: bool) -> list[Sample]:
+def load_samples(
+    records,
+    prompts: list[str],
+    resolution: int,
+    buckets: bool,
+    is_prior: bool,
+    class_prompt: str | None = None,
+) -> list[Sample]:
     samples = []
     for record, prompt in zip(records, prompts):
         image = load_rgb(record.path)
         size = training_size(image.width, image.height, resolution, buckets)
-        samples.append(Sample(image, prompt, size, is_prior))
+        samples.append(Sample(image, prompt, size, is_prior, class_prompt))
     return samples
 
 
