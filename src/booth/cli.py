@@ -157,10 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     samplers.set_defaults(func=cmd_samplers)
 
     from booth.demo import add_demo_command
+    from booth.evaluate.mini_bench import add_eval_commands
     from booth.train.cli import add_train_command
 
     add_demo_command(sub)
     add_train_command(sub)
+    add_eval_commands(sub)
 
     from booth.mini.check import add_check_command
     from booth.mini.cli import add_data_commands
