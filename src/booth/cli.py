@@ -115,6 +115,14 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         metavar="FILE[:WEIGHT]",
         help="apply this LoRA file or folder with a weight (default 1); same as <lora:stem:WEIGHT> in the prompt",
     )
+    n.add_argument(
+        "--embeddings-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, booth runs); an embedding is used "
+        "where its trigger word (file name, or a diffusers file's token) appears in the prompt",
+    )
     s = p.add_argument_group("scripts")
     s.add_argument("--prompt-matrix", action="store_true", help="prompt matrix over the '|' parts")
     s.add_argument("--xy", nargs=2, metavar=("AXIS", "VALUES"), help="X axis, e.g. Steps '10,20,30'")
@@ -256,10 +264,15 @@ def cmd_generate(args) -> int:
     resolve_sampler(params.sampler_name, params.scheduler)
     out = Path(args.out)
     ensure_writable_dir(out)
+    embeddings = _embeddings(args)
     device = _device(args.device)
     engine = Engine.from_model(
         args.model, device=device, dtype=_dtype(args.dtype, device), extra_networks=registry
     )
+    if embeddings:
+        from booth.train.formats.embeddings import usable_embeddings
+
+        engine.embeddings = usable_embeddings(embeddings, engine.pipe)  # A1111 skips ones of another width
 
     progress = None if args.no_progress else ProgressBar()
     if args.prompt_matrix or args.xy:
@@ -302,6 +315,15 @@ def _lora_registry(args):
         if not Path(folder).is_dir():
             raise BoothError(f"--lora-dir {folder} is not a folder")
     return ExtraNetworkRegistry([LoraNetwork(args.lora_dir, files)]), tags
+
+
+def _embeddings(args) -> dict:
+    """Textual-inversion embeddings from every --embeddings-dir, by trigger word (A1111's embeddings folder)."""
+    if not args.embeddings_dir:
+        return {}
+    from booth.train.formats.embeddings import load_embedding_dirs
+
+    return load_embedding_dirs(args.embeddings_dir)
 
 
 def _save_result(result, out: Path) -> list[Path]:

@@ -17,6 +17,9 @@ examples:
 Outputs in --out: config.json (every setting), log.jsonl, loss.png, checkpoints/, validation/ and the weights:
 LoRA: pytorch_lora_weights.safetensors (diffusers) + <name>.safetensors (kohya/A1111/ComfyUI);
 DreamBooth: model/ (diffusers folder) [+ <name>.safetensors with --save-single-file].
+Textual inversion: learned_embeds.safetensors (diffusers) + <placeholder>.safetensors (A1111/kohya):
+  booth generate "a photo of sks" --embeddings-dir runs/ti
+Custom diffusion: pytorch_custom_diffusion_weights.safetensors + <new1>.safetensors (diffusers loaders).
 Use a LoRA with: booth generate "a sks dog on the beach <lora:NAME:0.8>" --lora-dir runs/dog
 """
 
@@ -109,7 +112,10 @@ def add_train_command(sub) -> None:
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
     o.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: DreamBooth 5e-6, LoRA 1e-4)"
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: DreamBooth 5e-6, LoRA 1e-4, textual inversion 5e-3, custom diffusion 1e-5)",
     )
     o.add_argument(
         "--text-encoder-lr", type=float, default=None, help="text-encoder learning rate (default --lr)"

@@ -16,7 +16,7 @@ images; the UNet, VAE and the text encoder (its existing vocabulary included) st
   spaces, in place of ``{}``. The instance prompt and per-image captions are not used (as diffusers' and
   kohya's trainers); the instance prompt is still recorded in the metadata.
 * Prior preservation does not apply (a class prompt never contains the new word, so its loss has no gradient)
-  and is refused, as is ``train_text_encoder``.
+  and is refused, as are ``train_text_encoder`` and several concepts (one word per run).
 
 Output: ``learned_embeds.safetensors`` (diffusers: ``{"<sks>": [n, D]}``, loads with
 ``pipe.load_textual_inversion(path)``; SDXL: ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``, diffusers'
@@ -151,6 +151,11 @@ class TextualInversion(Method):
             raise BoothError(
                 "--prior-preservation does not apply to textual inversion: only the new word trains and a "
                 "class prompt never contains it; drop the flag"
+            )
+        if getattr(config, "concepts", None):
+            raise BoothError(
+                "textual inversion learns one new word per run; train each concept in its own run "
+                "(--concepts is for DreamBooth, LoRA and Custom Diffusion)"
             )
         if config.train_text_encoder:
             raise BoothError(
