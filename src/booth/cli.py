@@ -123,6 +123,14 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, booth runs); an embedding is used "
         "where its trigger word (file name, or a diffusers file's token) appears in the prompt",
     )
+    n.add_argument(
+        "--custom-diffusion",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="apply a Custom Diffusion model (booth run or merge folder, .booth-cd.safetensors, diffusers folder); "
+        "its modifier tokens (<new1>, ...) then work in the prompt",
+    )
     s = p.add_argument_group("scripts")
     s.add_argument("--prompt-matrix", action="store_true", help="prompt matrix over the '|' parts")
     s.add_argument("--xy", nargs=2, metavar=("AXIS", "VALUES"), help="X axis, e.g. Steps '10,20,30'")
@@ -167,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     from booth.demo import add_demo_command
     from booth.evaluate.mini_bench import add_eval_commands
     from booth.train.cli import add_train_command
+    from booth.train.merge import add_merge_commands
 
     add_demo_command(sub)
     add_train_command(sub)
+    add_merge_commands(sub)
     add_eval_commands(sub)
 
     from booth.mini.check import add_check_command
@@ -269,6 +279,10 @@ def cmd_generate(args) -> int:
     engine = Engine.from_model(
         args.model, device=device, dtype=_dtype(args.dtype, device), extra_networks=registry
     )
+    for path in args.custom_diffusion:
+        from booth.train.formats.custom_diffusion import load_custom_diffusion
+
+        load_custom_diffusion(engine.pipe, path)
     if embeddings:
         from booth.train.formats.embeddings import usable_embeddings
 

@@ -296,7 +296,8 @@ class Trainer:
                 concept.class_prompt,
             )
         if cfg.cache_latents:
-            cache_latents(self.pipe.vae, self.instance, cfg.data.flip)
+            if not self.method.augments:  # augmented views are new images every step
+                cache_latents(self.pipe.vae, self.instance, cfg.data.flip)
             cache_latents(self.pipe.vae, self.prior, cfg.data.flip)
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if not self.method.trains_text_encoder:
@@ -377,7 +378,7 @@ class Trainer:
         flips = [self.config.data.flip and rng.random() < 0.5 for _ in samples]
         prompts = self.method.training_prompts(samples, rng)
         views = [self.method.augment(s, rng) if not s.is_prior else None for s in samples]
-        if self.config.cache_latents and not any(views):
+        if self.config.cache_latents and not any(views) and all(s.latents for s in samples):
             posts = [s.latents[int(f)] for s, f in zip(samples, flips)]
             masks = None
         else:

@@ -79,6 +79,11 @@ class Method:
         """The prompt of each sample at this step (Textual Inversion draws a template, for example)."""
         return [s.prompt for s in samples]
 
+    @property
+    def augments(self) -> bool:
+        """True when `augment` returns views (instance latents are then encoded every step, not cached)."""
+        return False
+
     def augment(self, sample, rng):
         """None, or this step's view of an instance sample: (pixels [3, H, W] in [-1, 1], loss mask [1, H, W]
         or None, prompt). A method that augments is encoded by the VAE every step (no latent cache)."""
