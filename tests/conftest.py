@@ -56,3 +56,16 @@ def mini_model_dir(mini_data_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     train_all(mini_data_dir, work, quick, progress=False)
     return export_pipeline(work, tmp_path_factory.mktemp("export") / "booth-mini")
+
+
+@pytest.fixture(scope="session")
+def subject(tmp_path_factory):
+    """Three small pictures of a training 'subject' (a blue disc on red), with varied sizes and aspect ratios."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("subject")
+    for i, size in enumerate([(40, 48), (48, 40), (36, 36)]):
+        image = Image.new("RGB", size, (200, 40 * i, 30))
+        ImageDraw.Draw(image).ellipse((4, 4, 28, 28), fill=(20, 30, 230))
+        image.save(folder / f"{i}.png")
+    return folder

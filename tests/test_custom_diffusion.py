@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from booth.errors import BoothError
 from booth.train import DataConfig, OptimConfig, PriorConfig, TrainConfig
@@ -22,16 +22,6 @@ from booth.train.formats.custom_diffusion import (
 )
 from booth.train.loop import Trainer, latent_mask, read_log
 from booth.train.methods.custom_diffusion import LARGE_WORDS, SMALL_WORDS, augment_view, target_string
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("subject")
-    for i, size in enumerate([(40, 48), (48, 40), (36, 36)]):
-        image = Image.new("RGB", size, (200, 40 * i, 30))
-        ImageDraw.Draw(image).ellipse((4, 4, 28, 28), fill=(20, 30, 230))
-        image.save(folder / f"{i}.png")
-    return folder
 
 
 def config(out, model_dir, subject, **kw) -> TrainConfig:

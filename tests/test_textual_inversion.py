@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -27,16 +27,6 @@ from booth.train.loop import Trainer, TrainState, read_log
 from booth.train.methods.textual_inversion import OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversion
 
 PROMPT = "a photo of <sks>"
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("subject")
-    for i, size in enumerate([(40, 48), (48, 40), (36, 36)]):
-        image = Image.new("RGB", size, (200, 40 * i, 30))
-        ImageDraw.Draw(image).ellipse((4, 4, 28, 28), fill=(20, 30, 230))
-        image.save(folder / f"{i}.png")
-    return folder
 
 
 def ti_config(out, model, subject, steps=3, tokens=None, **kw) -> TrainConfig:

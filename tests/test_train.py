@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from booth.train import (
     DataConfig,
@@ -19,17 +19,6 @@ from booth.train import (
     train,
 )
 from booth.train.loop import TrainState, read_log
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    """Three small pictures of a 'subject' (a blue disc on red) with varied sizes and aspect ratios."""
-    folder = tmp_path_factory.mktemp("subject")
-    for i, size in enumerate([(40, 48), (48, 40), (36, 36)]):
-        image = Image.new("RGB", size, (200, 40 * i, 30))
-        ImageDraw.Draw(image).ellipse((4, 4, 28, 28), fill=(20, 30, 230))
-        image.save(folder / f"{i}.png")
-    return folder
 
 
 def config(tmp_path, model_dir, subject, method="lora", **kw) -> TrainConfig:
