@@ -28,6 +28,12 @@ if [ -z "${BOOTH_NOTO_EMOJI_FONT:-}" ] && [ ! -f "$NOTO_FONT" ]; then
     apt_install fonts-noto-color-emoji
 fi
 
+# 1b. Headless Chromium for the browser tests of HTML reports and the web UI (Debian's build; Playwright drives it,
+#     so no browser download from Playwright's CDN is needed).
+if [ -z "${BOOTH_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+    apt_install chromium
+fi
+
 # 2. OpenMoji SVGs and the SVG renderer, pinned (renders must be identical from machine to machine).
 if ! "$PY" - "${PIP_PKGS[@]}" <<'PYEOF' >/dev/null 2>&1
 import sys

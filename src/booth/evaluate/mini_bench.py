@@ -442,7 +442,7 @@ def fidelity_scatter(path: Path, runs: list[SubjectRun]) -> Path:
 
 
 def add_eval_commands(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate personalization (the mini benchmark; DreamBench: later)")
+    p = sub.add_parser("eval", help="evaluate personalization: DreamBench protocol, the mini benchmark, result comparison")
     eval_sub = p.add_subparsers(dest="eval_command", metavar="COMMAND")
     m = eval_sub.add_parser("mini", help="method comparison on booth-mini's held-out example subjects")
     m.add_argument(
@@ -465,6 +465,9 @@ def add_eval_commands(sub) -> None:
     m.add_argument("--out", "-o", default="runs/mini-bench", help="output folder (default runs/mini-bench)")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
     m.set_defaults(func=cmd_eval_mini)
+    from booth.evaluate.dreambench import add_dreambench_command
+
+    add_dreambench_command(eval_sub)
     p.set_defaults(func=lambda args: p.print_help() or 0)
 
 
