@@ -442,7 +442,9 @@ def fidelity_scatter(path: Path, runs: list[SubjectRun]) -> Path:
 
 
 def add_eval_commands(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate personalization: DreamBench protocol, the mini benchmark, result comparison")
+    p = sub.add_parser(
+        "eval", help="evaluate personalization: DreamBench protocol, the mini benchmark, result comparison"
+    )
     eval_sub = p.add_subparsers(dest="eval_command", metavar="COMMAND")
     m = eval_sub.add_parser("mini", help="method comparison on booth-mini's held-out example subjects")
     m.add_argument(
