@@ -461,3 +461,18 @@ def test_two_concepts_in_one_run(tmp_path, tiny_sd1_dir, subject, capsys):
     (tmp_path / "bad.json").write_text(json.dumps([{"images": "cat"}]))
     assert cli("--concepts", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")) == 2
     assert "instance_prompt" in capsys.readouterr().err
+
+
+def test_a_finished_run_continues_with_more_steps(tmp_path, tiny_sd1_dir, subject):
+    """--resume with a larger --steps continues from the raw (not EMA) weights: 3 then 5 == 5 at once."""
+    common = dict(ema_decay=0.9, checkpoint_every=100)
+    straight = train(config(tmp_path / "a", tiny_sd1_dir, subject, steps=5, **common), progress=False)
+    first = config(tmp_path / "b", tiny_sd1_dir, subject, steps=3, **common)
+    train(first, progress=False)
+    first.steps = 5
+    more = train(first, resume=True, progress=False)
+    assert more.losses == straight.losses[3:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight.files["diffusers"]), load_file(more.files["diffusers"])
+    assert all(torch.equal(a[k], b[k]) for k in a)

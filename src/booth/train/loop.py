@@ -694,6 +694,9 @@ class Trainer:
         files: dict[str, Path] = {}
         if self.dist.is_main_process:
             self.state.phase = "saving"
+            self._save_checkpoint(
+                step
+            )  # the raw weights: a later --resume with more --steps continues from them
             if self.ema:
                 self.ema.copy_to(self.method.trainable_parameters())
             for module in self.method.modules().values():
@@ -704,7 +707,6 @@ class Trainer:
             plot = plot_loss(self.out / LOG_FILE, self.out / PLOT_FILE)
             if plot:
                 files["loss_plot"] = plot
-            self._save_checkpoint(step)
             summary = {
                 "completed": True,
                 "method": cfg.method,
