@@ -225,3 +225,19 @@ def test_invalid_sizes_are_rejected_before_sampling(sd1_engine):
 
     with pytest.raises(BoothError, match="multiple of 8"):
         run(sd1_engine, width=65)
+
+
+def test_a_skipped_batch_leaves_the_other_seeds_labelled_right(sd1_engine):
+    """Skip batch 0 of 2: the one image returned is seed 11's, and its infotext and seeds say so."""
+    from booth.generate.params import GenerationParams
+
+    def skip_first(state):
+        if state.job_no == 0 and state.sampling_step == 1:
+            state.skipped = True
+
+    params = GenerationParams(prompt="a cat", steps=3, seed=10, n_iter=2)
+    result = sd1_engine.generate(params, callback=skip_first)
+    alone = sd1_engine.generate(GenerationParams(prompt="a cat", steps=3, seed=11))
+    assert len(result.images) == 1 and result.seeds == [11]
+    assert "Seed: 11" in result.infotexts[0]
+    assert result.images[0].tobytes() == alone.images[0].tobytes()

@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from booth.demo import add_demo_command
     from booth.evaluate.augment import add_augment_command
     from booth.evaluate.mini_bench import add_eval_commands
+    from booth.server.cli import add_serve_command
     from booth.train.cli import add_train_command
     from booth.train.merge import add_merge_commands
 
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_commands(sub)
     add_eval_commands(sub)
     add_augment_command(sub)
+    add_serve_command(sub)
 
     from booth.mini.check import add_check_command
     from booth.mini.cli import add_data_commands

@@ -176,6 +176,7 @@ class Engine:
 
         self.state = state = GenerationState(job_count=params.n_iter, sampling_steps=steps_run)
         images: list[Image.Image] = []
+        kept: list[int] = []  # index into seeds of each returned image (skipped batches leave gaps)
         self.extra_networks.activate_all(self.pipe, calls)
         try:
             guide, used = self._build_guide(prompt, negative, params)
@@ -202,6 +203,7 @@ class Engine:
                 if latents is None:  # skipped
                     continue
                 images += self._decode(latents)
+                kept += range(batch_no * params.batch_size, batch_no * params.batch_size + len(batch_seeds))
                 if callback:
                     callback(state)
         finally:
@@ -209,15 +211,17 @@ class Engine:
 
         state.job_no = params.n_iter
         extra = self._extra_params(params, prompt, used)
+        kept = kept[: len(images)]
         infotexts = [
             self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
-            for i in range(len(images))
+            for i in kept
         ]
+        complete = len(kept) == total
         return GenerationResult(
             images=images,
             params=params,
-            seeds=seeds[: len(images)] if state.interrupted else seeds,
-            subseeds=subseeds,
+            seeds=seeds if complete else [seeds[i] for i in kept],
+            subseeds=subseeds if complete else [subseeds[i] for i in kept],
             infotexts=infotexts,
             prompts=[params.prompt] * total,
             negative_prompts=[params.negative_prompt] * total,

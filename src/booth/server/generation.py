@@ -1,0 +1,426 @@
+"""Generation jobs: an A1111 request (as JSON) -> `GenerationParams` -> `Engine.generate` -> A1111 response.
+
+Used twice per request: `check_request` on the HTTP side (everything that can be refused is refused before the
+job is queued) and `GenerationRunner.run` on the worker, from the job's stored snapshot
+`{"request": <A1111 fields>, "model": <title>, "options": <option values>}`.
+
+Mapping (`a1111.md` §12.3-12.5): `sampler_name or sampler_index` + `scheduler` (None: Automatic), `seed` /
+`subseed` / `subseed_strength`, `steps`, `cfg_scale`, `width` / `height` (None: the model's native size, where
+A1111 defaults to 512), `batch_size`, `n_iter`, `eta` (None: option `eta_ddim` / `eta_ancestral`),
+`denoising_strength`, `resize_mode` 0-2 and `init_images` (img2img), `disable_extra_networks`; options
+`CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, per request via `override_settings`.
+Not supported, refused with a clear error rather than ignored: hires fix (`enable_hr`), `script_name`,
+`alwayson_scripts`, `tiling`, inpainting (`mask`), `resize_mode` 3, a refiner.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+from typing import Any
+
+from booth.errors import BoothError
+from booth.generate.params import EMPHASIS_MODES, GenerationParams
+from booth.server.config import Limits
+from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
+
+GENERATION_KINDS = ("txt2img", "img2img")
+TRANSIENT_FIELDS = ("init_images", "mask")
+
+# Options (`GET/POST /sdapi/v1/options`) booth understands, with A1111's names and defaults.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "sd_model_checkpoint": None,  # filled with the default model's title
+    "sd_checkpoint_hash": None,
+    "CLIP_stop_at_last_layers": 1,
+    "emphasis": "Original",
+    "img2img_fix_steps": False,
+    "eta_ddim": 0.0,
+    "eta_ancestral": 1.0,
+    "samples_format": "png",
+    "enable_pnginfo": True,
+    "live_previews_enable": True,
+    "show_progress_every_n_steps": 1,
+    "randn_source": "CPU",
+    "sd_vae": "Automatic",
+}
+READ_ONLY_OPTIONS = {
+    "sd_checkpoint_hash": None,
+    "randn_source": "CPU",
+    "sd_vae": "Automatic",
+    "samples_format": "png",
+}
+# Options copied into each job (a snapshot: later option changes do not alter queued jobs).
+JOB_OPTIONS = ("CLIP_stop_at_last_layers", "emphasis", "img2img_fix_steps", "eta_ddim", "eta_ancestral")
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise BoothError(f"option {name} must be true or false, got {value!r}")
+
+
+def _number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and int(value) != value):
+        raise BoothError(f"option {name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not lo <= value <= hi:
+        raise BoothError(f"option {name} must be in [{lo:g}, {hi:g}], got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _choice(name: str, value: Any, choices) -> str:
+    if value not in choices:
+        raise BoothError(f"option {name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+OPTION_VALIDATORS = {
+    "CLIP_stop_at_last_layers": lambda v: _number("CLIP_stop_at_last_layers", v, 1, 12, integer=True),
+    "emphasis": lambda v: _choice("emphasis", v, EMPHASIS_MODES),
+    "img2img_fix_steps": lambda v: _bool("img2img_fix_steps", v),
+    "eta_ddim": lambda v: _number("eta_ddim", v, 0.0, 1.0),
+    "eta_ancestral": lambda v: _number("eta_ancestral", v, 0.0, 1.0),
+    "enable_pnginfo": lambda v: _bool("enable_pnginfo", v),
+    "live_previews_enable": lambda v: _bool("live_previews_enable", v),
+    "show_progress_every_n_steps": lambda v: _number(
+        "show_progress_every_n_steps", v, -1, 1000, integer=True
+    ),
+}
+
+
+def validate_options(values: dict[str, Any]) -> dict[str, Any]:
+    """Checked values of the options booth knows (others are ignored, as A1111 ignores unknown keys);
+    read-only options may only be 'set' to their fixed value. `sd_model_checkpoint` is checked by the caller."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in READ_ONLY_OPTIONS:
+            if value not in (READ_ONLY_OPTIONS[key], None) and key != "sd_checkpoint_hash":
+                raise BoothError(f"option {key} is fixed to {READ_ONLY_OPTIONS[key]!r} in booth")
+        elif key in OPTION_VALIDATORS:
+            out[key] = OPTION_VALIDATORS[key](value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# request -> GenerationParams
+
+
+def apply_infotext(request: dict[str, Any], fields_set: set[str]) -> dict[str, Any]:
+    """A1111 `apply_infotext`: fields absent from the request are taken from its `infotext` string."""
+    from booth.generate.metadata import parse_infotext
+
+    text = request.get("infotext")
+    if not text:
+        return request
+    parsed = parse_infotext(text)
+    mapping = {
+        "Prompt": ("prompt", str),
+        "Negative prompt": ("negative_prompt", str),
+        "Steps": ("steps", int),
+        "Sampler": ("sampler_name", str),
+        "Schedule type": ("scheduler", str),
+        "CFG scale": ("cfg_scale", float),
+        "Seed": ("seed", int),
+        "Size-1": ("width", int),
+        "Size-2": ("height", int),
+        "Variation seed": ("subseed", int),
+        "Variation seed strength": ("subseed_strength", float),
+        "Denoising strength": ("denoising_strength", float),
+    }
+    out = dict(request)
+    for key, (name, kind) in mapping.items():
+        if key in parsed and name not in fields_set:
+            try:
+                out[name] = kind(parsed[key])
+            except ValueError:
+                raise BoothError(f"infotext: {key} {parsed[key]!r} is not a valid {kind.__name__}") from None
+    if "Clip skip" in parsed:
+        overrides = dict(out.get("override_settings") or {})
+        overrides.setdefault("CLIP_stop_at_last_layers", int(parsed["Clip skip"]))
+        out["override_settings"] = overrides
+    return out
+
+
+def _unsupported(request: dict[str, Any], kind: str) -> None:
+    if request.get("enable_hr"):
+        raise JobFailed(400, "hires fix (enable_hr) is not supported by booth yet")
+    if request.get("script_name"):
+        raise JobFailed(422, "Script not found")
+    for name in request.get("alwayson_scripts") or {}:
+        raise JobFailed(422, f"always on script {name} not found")
+    if request.get("tiling"):
+        raise JobFailed(400, "tiling is not supported by booth")
+    if request.get("refiner_checkpoint") not in (None, "", "None"):
+        raise JobFailed(400, "a refiner checkpoint is not supported by booth")
+    if kind == "img2img":
+        if request.get("mask"):
+            raise JobFailed(400, "inpainting (mask) is not supported by booth yet")
+        if request.get("resize_mode", 0) not in (0, 1, 2):
+            raise JobFailed(
+                400, "resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"
+            )
+
+
+def _check_limits(request: dict[str, Any], limits: Limits, kind: str) -> None:
+    def bad(detail: str):
+        raise JobFailed(400, detail)
+
+    for name in ("prompt", "negative_prompt"):
+        if len(request.get(name) or "") > limits.max_prompt_chars:
+            bad(f"{name} is longer than {limits.max_prompt_chars} characters")
+    steps, batch, n_iter = request.get("steps", 1), request.get("batch_size", 1), request.get("n_iter", 1)
+    if not 1 <= steps <= limits.max_steps:
+        bad(f"steps must be in 1..{limits.max_steps}, got {steps}")
+    if not 1 <= batch <= limits.max_batch_size:
+        bad(f"batch_size must be in 1..{limits.max_batch_size}, got {batch}")
+    if not 1 <= n_iter <= limits.max_n_iter:
+        bad(f"n_iter must be in 1..{limits.max_n_iter}, got {n_iter}")
+    width, height = request.get("width"), request.get("height")
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and not 8 <= value <= limits.max_side:
+            bad(f"{name} must be in 8..{limits.max_side}, got {value}")
+    if width and height and width * height * batch > limits.max_batch_pixels:
+        bad(f"width x height x batch_size must be at most {limits.max_batch_pixels} pixels")
+    if kind == "img2img":
+        images = request.get("init_images")
+        if not images:
+            raise JobFailed(404, "Init image not found")  # A1111's answer
+        if len(images) > limits.max_init_images:
+            bad(f"at most {limits.max_init_images} init images per request, got {len(images)}")
+
+
+def resolve_sampler_checked(request: dict[str, Any]):
+    """A1111: `sampler_name or sampler_index`; unknown -> 404 "Sampler not found" (with the valid names)."""
+    from booth.generate.samplers import resolve_sampler
+
+    name = request.get("sampler_name") or request.get("sampler_index") or "Euler"
+    scheduler = request.get("scheduler") or "Automatic"
+    try:
+        resolve_sampler(name, "Automatic")
+    except BoothError as exc:
+        raise JobFailed(404, f"Sampler not found: {exc}") from None
+    return resolve_sampler(name, scheduler)  # BoothError (400) for an unknown / impossible schedule type
+
+
+def build_params(
+    kind: str, request: dict[str, Any], options: dict[str, Any], limits: Limits, init_images=()
+) -> GenerationParams:
+    """The `GenerationParams` of a stored request; raises JobFailed / BoothError for anything refused."""
+    _unsupported(request, kind)
+    _check_limits(request, limits, kind)
+    sampler, _ = resolve_sampler_checked(request)
+    eta = request.get("eta")
+    if eta is None and sampler.eta == "ddim" and options.get("eta_ddim", 0.0) != 0.0:
+        eta = options["eta_ddim"]
+    elif eta is None and sampler.eta == "fixed" and options.get("eta_ancestral", 1.0) != 1.0:
+        eta = options["eta_ancestral"]
+    params = GenerationParams(
+        prompt=request.get("prompt") or "",
+        negative_prompt=request.get("negative_prompt") or "",
+        steps=request["steps"],
+        cfg_scale=request["cfg_scale"],
+        sampler_name=request.get("sampler_name") or request.get("sampler_index") or "Euler",
+        scheduler=request.get("scheduler") or "Automatic",
+        seed=request["seed"],
+        subseed=request["subseed"],
+        subseed_strength=request["subseed_strength"],
+        width=request.get("width"),
+        height=request.get("height"),
+        batch_size=request["batch_size"],
+        n_iter=request["n_iter"],
+        eta=eta,
+        clip_skip=options.get("CLIP_stop_at_last_layers", 1),
+        emphasis=options.get("emphasis", "Original"),
+        disable_extra_networks=bool(request.get("disable_extra_networks")),
+    )
+    if kind == "img2img":
+        strength = request.get("denoising_strength")
+        params = params.replace(
+            init_images=list(init_images),
+            denoising_strength=0.75 if strength is None else strength,
+            resize_mode=request.get("resize_mode", 0),
+            img2img_fix_steps=bool(options.get("img2img_fix_steps", False)),
+        )
+    return params.validate()
+
+
+def job_options(options: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The option snapshot stored with a job: current options + the request's `override_settings`."""
+    snapshot = {key: options.get(key, OPTION_DEFAULTS[key]) for key in JOB_OPTIONS}
+    snapshot.update({k: v for k, v in validate_options(dict(overrides or {})).items() if k in JOB_OPTIONS})
+    return snapshot
+
+
+# ------------------------------------------------------------------------------------------------------
+# images
+
+
+def png_bytes(image, infotext: str, extra: dict[str, Any] | None = None, pnginfo: bool = True) -> bytes:
+    """PNG bytes with A1111's `parameters` text chunk and booth's JSON chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from booth.generate.metadata import BOOTH_KEY, PARAMETERS_KEY, booth_json
+
+    info = None
+    if pnginfo:
+        info = PngInfo()
+        info.add_text(PARAMETERS_KEY, infotext)
+        info.add_text(BOOTH_KEY, booth_json(infotext, extra))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+# A1111 "Approx cheap" live preview (`sd_vae_approx.cheap_approximation`): a linear map from 4 latent channels.
+_CHEAP_SD = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+_CHEAP_SDXL = ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250), (0.1074, 0.0886, -0.0163), (-0.3730, -0.2499, -0.2088))  # fmt: skip
+
+
+def latent_preview(latents, sdxl: bool = False):
+    """A small RGB preview of the first image's latents (no VAE call)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with torch.no_grad():
+        x = latents[0].detach().float().cpu()
+        if x.shape[0] == 4:
+            coeffs = torch.tensor(_CHEAP_SDXL if sdxl else _CHEAP_SD)
+            rgb = torch.einsum("chw,cr->rhw", x, coeffs)
+        else:
+            rgb = x[:3] if x.shape[0] >= 3 else x[:1].expand(3, -1, -1)
+        array = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the runner
+
+
+def echo_parameters(request: dict[str, Any]) -> dict[str, Any]:
+    """The response's `parameters`: the request, without init images / mask unless `include_init_images`."""
+    out = dict(request)
+    if not out.get("include_init_images"):
+        for key in TRANSIENT_FIELDS:
+            if key in out:
+                out[key] = None
+    return out
+
+
+class GenerationRunner:
+    """Runs txt2img / img2img jobs on the worker thread (`booth.server.queue.Runner`)."""
+
+    def __init__(self, kind: str, services):
+        self.kind = kind
+        self.services = services
+
+    def run(self, job: Job, ctx: JobContext) -> Outcome:
+        from starlette.exceptions import HTTPException
+
+        from booth.generate.engine import GenerationState
+        from booth.server.security import decode_image
+
+        services = self.services
+        request = {**job.params["request"], **services.queue.inputs(job.id)}  # uploads are stored apart
+        options = job.params.get("options") or {}
+        limits = services.config.limits
+        ctx.report(message="loading model", force=True)
+        engine = services.models.get(job.params["model"])
+        try:
+            images = []
+            if self.kind == "img2img":
+                images = [
+                    decode_image(data, limits, f"init_images[{i}]")
+                    for i, data in enumerate(request.get("init_images") or [])
+                ]
+            params = build_params(self.kind, request, options, limits, images)
+        except HTTPException as exc:
+            raise JobFailed(exc.status_code, str(exc.detail)) from None
+        engine.state = GenerationState()
+        ctx.data["engine"] = engine
+        ctx.report(message=None)
+        hooks = services.step_hooks
+
+        def on_step(state) -> None:
+            for hook in list(hooks):
+                hook(job, state)
+            if ctx.interrupt_requested or ctx.stop_requested:
+                state.interrupted = True
+            if state.sampling_step < state.sampling_steps and ctx.take_skip():
+                state.skipped = True
+            total = state.job_count * state.sampling_steps
+            elapsed = time.time() - (job.started or time.time())
+            progress = state.progress
+            ctx.report(
+                progress=progress,
+                step=state.job_no * state.sampling_steps + state.sampling_step,
+                total=total,
+                eta=elapsed / progress - elapsed if progress > 0 else None,
+            )
+
+        result = engine.generate(params, callback=on_step)
+        if ctx.stop_requested:
+            raise JobStopped()
+        return self._outcome(job, request, result)
+
+    def _outcome(self, job: Job, request: dict[str, Any], result) -> Outcome:
+        """PNGs (A1111 `parameters` chunk + booth JSON) in the job folder and the A1111 response."""
+        services = self.services
+        folder = services.config.jobs_dir / job.id
+        folder.mkdir(parents=True, exist_ok=True)
+        pnginfo = services.current_options().get("enable_pnginfo", True)
+        names, encoded = [], []
+        for i, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts)):
+            extra = {"params": result.params.to_dict(), "seed": seed, "job": job.id}
+            extra.update(model=result.model_name, model_hash=result.model_hash)
+            data = png_bytes(image, infotext, extra, pnginfo)
+            name = f"{i}.png"
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(folder / name)
+            names.append(name)
+            if request.get("send_images", True):
+                encoded.append(b64(data))
+            if request.get("save_images"):
+                from booth.generate.output import save_generated
+
+                save_generated(image, services.config.outputs_dir, seed, infotext, extra)
+        info = json.dumps(result.info(), default=str)
+        response = {"images": encoded, "parameters": echo_parameters(request), "info": info}
+        stored = {"images": names, "info": info, "interrupted": result.interrupted}
+        return Outcome(result=stored, response=response)
+
+
+def response_from_job(job: Job, jobs_dir) -> dict[str, Any]:
+    """The A1111 response of a finished job, rebuilt from its stored files (after a restart, or by job id)."""
+    result = job.result or {}
+    images = []
+    for name in result.get("images", []):
+        path = jobs_dir / job.id / str(name)
+        if re.fullmatch(r"\d+\.png", str(name)) and path.is_file():
+            images.append(b64(path.read_bytes()))
+    return {
+        "images": images,
+        "parameters": echo_parameters(job.params.get("request") or {}),
+        "info": result.get("info", "{}"),
+    }
+
+
+__all__ = [
+    "GENERATION_KINDS",
+    "OPTION_DEFAULTS",
+    "GenerationRunner",
+    "apply_infotext",
+    "build_params",
+    "job_options",
+    "latent_preview",
+    "png_bytes",
+    "response_from_job",
+    "validate_options",
+]
