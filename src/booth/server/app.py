@@ -30,13 +30,21 @@ class Services:
 
     def __init__(self, config: ServerConfig):
         from booth.server.generation import GenerationRunner
+        from booth.server.training import TrainingRunner
 
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.jobs_dir.mkdir(parents=True, exist_ok=True)
+        trainings = config.data_dir / "trainings"
+        trainings.mkdir(exist_ok=True)
+        (config.data_dir / "uploads").mkdir(exist_ok=True)
+        # finished LoRA trainings are usable at once: <lora:NAME> also looks in the trainings folder
+        if trainings not in config.lora_dirs:
+            config.lora_dirs.append(trainings)
         self.registry = ModelRegistry(config)
         self.models = ModelManager(config, self.registry)
         runners = {kind: GenerationRunner(kind, self) for kind in ("txt2img", "img2img")}
+        runners["train"] = TrainingRunner(self)
         self.queue = JobQueue(
             config.db_path,
             runners,
@@ -128,7 +136,7 @@ def _log_preload(future) -> None:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The booth server app: `/sdapi/v1` (A1111), `/booth/v1` (queue), behind `SecurityMiddleware`."""
-    from booth.server import api_a1111, api_booth
+    from booth.server import api_a1111, api_booth, events, training, web
     from booth.server.security import SecurityMiddleware
 
     services = Services(config)
@@ -151,6 +159,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api_a1111.build_router(services))
     app.include_router(api_booth.build_router(services))
+    app.include_router(training.build_router(services))
+    app.include_router(events.build_router(services))
+    web.mount(app)
     app.add_middleware(SecurityMiddleware, config=config)
     return app
 

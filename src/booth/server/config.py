@@ -28,6 +28,7 @@ class Limits:
 
     max_body_bytes: int = 32 * 1024 * 1024  # whole request body (HTTP 413 above it)
     max_init_images: int = 4
+    max_upload_images: int = 50  # images in one training upload (`POST /booth/v1/uploads`)
     max_image_bytes: int = 16 * 1024 * 1024  # one decoded upload
     max_image_pixels: int = 4096 * 4096
     max_image_side: int = 8192

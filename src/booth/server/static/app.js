@@ -1,0 +1,242 @@
+// booth web page: plain JS against /sdapi/v1 (A1111) and /booth/v1 (queue, training, events). No build step.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const jobs = new Map();
+let training = null; // id of the training job this page started
+
+async function api(method, path, body) {
+  const init = { method, headers: {} };
+  if (body instanceof FormData) init.body = body;
+  else if (body !== undefined) { init.body = JSON.stringify(body); init.headers["Content-Type"] = "application/json"; }
+  const r = await fetch(path, init);
+  const text = await r.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!r.ok) throw new Error((data && (data.detail || data.error)) || r.statusText);
+  return data;
+}
+
+function option(select, value, label) {
+  const o = document.createElement("option");
+  o.value = value; o.textContent = label || value;
+  select.appendChild(o);
+}
+
+function fmtSeconds(s) {
+  if (s == null) return "?";
+  s = Math.round(s);
+  return s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
+}
+
+// ---- setup -------------------------------------------------------------------------------------------
+async function loadLists() {
+  const [samplers, schedulers, models, options] = await Promise.all([
+    api("GET", "/sdapi/v1/samplers"), api("GET", "/sdapi/v1/schedulers"),
+    api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options"),
+  ]);
+  for (const s of samplers) option($("sampler"), s.name);
+  $("sampler").value = samplers.some((s) => s.name === "Euler a") ? "Euler a" : samplers[0].name;
+  for (const s of schedulers) option($("scheduler"), s.name, s.label);
+  for (const m of models) option($("model"), m.title, m.model_name);
+  $("model").value = options.sd_model_checkpoint;
+  await loadLoras();
+}
+
+async function loadLoras() {
+  const list = $("lora-list");
+  list.textContent = "";
+  const loras = await api("GET", "/sdapi/v1/loras");
+  if (!loras.length) list.textContent = "none yet";
+  for (const l of loras) {
+    const b = document.createElement("button");
+    b.type = "button"; b.textContent = l.name; b.dataset.lora = l.name;
+    b.onclick = () => insertPrompt(`<lora:${l.name}:1>`);
+    list.appendChild(b);
+  }
+}
+
+function insertPrompt(text) {
+  const p = $("prompt");
+  if (!p.value.includes(text)) p.value = (p.value.trim() + " " + text).trim();
+  p.focus();
+}
+
+$("model").onchange = () => api("POST", "/sdapi/v1/options", { sd_model_checkpoint: $("model").value })
+  .catch((e) => alert(e.message));
+
+// ---- txt2img -------------------------------------------------------------------------------------------
+function intOrNull(id) { const v = $(id).value; return v === "" ? null : parseInt(v, 10); }
+
+$("gen-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const req = {
+    prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
+    scheduler: $("scheduler").value || null, steps: intOrNull("steps"), cfg_scale: parseFloat($("cfg").value),
+    seed: intOrNull("seed") ?? -1, width: intOrNull("width"), height: intOrNull("height"),
+    batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1,
+  };
+  $("generate").disabled = true;
+  $("gen-status").textContent = "generating…";
+  const t0 = performance.now();
+  try {
+    const r = await api("POST", "/sdapi/v1/txt2img", req);
+    const info = JSON.parse(r.info);
+    r.images.forEach((b64, i) => addImage(b64, (info.infotexts || [])[i] || ""));
+    $("gen-status").textContent = `${r.images.length} image(s) in ${((performance.now() - t0) / 1000).toFixed(1)} s`;
+  } catch (e) {
+    $("gen-status").textContent = "error: " + e.message;
+  } finally {
+    $("generate").disabled = false;
+  }
+};
+$("interrupt").onclick = () => api("POST", "/sdapi/v1/interrupt").catch(() => {});
+
+function addImage(b64, infotext) {
+  const img = document.createElement("img");
+  img.src = "data:image/png;base64," + b64;
+  img.alt = infotext.split("\n")[0];
+  img.title = infotext;
+  img.dataset.infotext = infotext;
+  img.onclick = () => {
+    document.querySelectorAll("#gallery img.sel").forEach((x) => x.classList.remove("sel"));
+    img.classList.add("sel");
+    $("infotext").hidden = false;
+    $("infotext").textContent = infotext;
+  };
+  $("gallery").prepend(img);
+  img.onclick();
+}
+
+// ---- png info ------------------------------------------------------------------------------------------
+function readBase64(file) {
+  return new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(r.result);
+    r.onerror = reject;
+    r.readAsDataURL(file);
+  });
+}
+async function pngInfo(file) {
+  try {
+    const r = await api("POST", "/sdapi/v1/png-info", { image: await readBase64(file) });
+    $("pnginfo").textContent = r.info || "(no generation parameters in this image)";
+  } catch (e) { $("pnginfo").textContent = "error: " + e.message; }
+}
+const drop = $("dropzone");
+drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
+drop.ondragleave = () => drop.classList.remove("over");
+drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) pngInfo(e.dataTransfer.files[0]); };
+$("png-file").onchange = () => { if ($("png-file").files[0]) pngInfo($("png-file").files[0]); };
+
+// ---- personalize ---------------------------------------------------------------------------------------
+$("subject-files").onchange = () => {
+  const t = $("thumbs"); t.textContent = "";
+  for (const f of $("subject-files").files) {
+    const img = document.createElement("img"); img.src = URL.createObjectURL(f); img.alt = ""; t.appendChild(img);
+  }
+};
+$("train-method").onchange = () => { $("train-rank").disabled = $("train-method").value !== "lora"; };
+
+async function uploadFiles(files) {
+  const form = new FormData();
+  for (const f of files) form.append("files", f);
+  return (await api("POST", "/booth/v1/uploads", form)).id;
+}
+
+$("train-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const files = $("subject-files").files;
+  if (files.length < 3 || files.length > 20) { $("train-status").textContent = "choose 3 to 20 images"; return; }
+  $("train-start").disabled = true;
+  $("try-it").hidden = true;
+  try {
+    $("train-status").textContent = "uploading…";
+    const req = {
+      method: $("train-method").value, upload: await uploadFiles(files),
+      instance_prompt: $("instance-prompt").value, steps: intOrNull("train-steps") || 400,
+    };
+    if ($("train-name").value) req.name = $("train-name").value;
+    if ($("class-prompt").value) req.class_prompt = $("class-prompt").value;
+    if ($("train-lr").value) req.lr = parseFloat($("train-lr").value);
+    if ($("train-rank").value && req.method === "lora") req.rank = intOrNull("train-rank");
+    if ($("class-files").files.length) req.class_upload = await uploadFiles($("class-files").files);
+    if ($("prior").checked) req.prior_preservation = true;
+    const r = await api("POST", "/booth/v1/train", req);
+    training = r.job.id;
+    $("train-status").textContent = "queued";
+    updateJob(r.job);
+  } catch (e) {
+    $("train-status").textContent = "error: " + e.message;
+    $("train-start").disabled = false;
+  }
+};
+
+function showTraining(job) {
+  const m = job.metrics || {};
+  $("train-bar").style.width = `${Math.round((job.progress || 0) * 100)}%`;
+  $("train-status").textContent = job.status + (job.message ? ` — ${job.message}` : "");
+  const loss = m.loss != null ? m.loss.toFixed(4) : "–";
+  $("train-info").textContent = job.total
+    ? `step ${job.step || 0}/${job.total} · loss ${loss} · ETA ${fmtSeconds(job.eta)}` : "";
+  if (["done", "failed", "cancelled"].includes(job.status)) {
+    $("train-start").disabled = false;
+    if (job.status === "failed" && job.error) $("train-status").textContent = "failed: " + job.error.detail;
+    if (job.status === "done" && job.result) {
+      const prompt = job.result.prompt;
+      $("try-it").hidden = !prompt;
+      $("try-it").onclick = () => { insertPrompt(prompt); $("prompt").scrollIntoView({ behavior: "smooth" }); };
+      loadLoras();
+    }
+  }
+}
+
+// ---- jobs ----------------------------------------------------------------------------------------------
+function updateJob(job) {
+  jobs.set(job.id, { ...(jobs.get(job.id) || {}), ...job });
+  if (job.id === training) showTraining(job);
+  renderJobs();
+}
+
+function renderJobs() {
+  const body = document.querySelector("#jobs tbody");
+  body.textContent = "";
+  const list = [...jobs.values()].sort((a, b) => b.created - a.created).slice(0, 30);
+  for (const job of list) {
+    const tr = document.createElement("tr");
+    tr.dataset.job = job.id;
+    const kind = job.kind === "train" && job.result ? `train · ${job.result.name}` : job.kind;
+    const pct = job.status === "running" && job.total ? `${job.step || 0}/${job.total}` :
+      job.status === "done" ? "100%" : "";
+    for (const [text, cls] of [[kind, ""], [job.status, "status-" + job.status], [pct, ""]]) {
+      const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.appendChild(td);
+    }
+    const td = document.createElement("td");
+    if (job.status === "queued" || job.status === "running") {
+      const b = document.createElement("button");
+      b.textContent = "Cancel"; b.className = "cancel";
+      b.onclick = () => api("POST", `/booth/v1/jobs/${job.id}/cancel`).then((r) => updateJob(r.job)).catch(() => {});
+      td.appendChild(b);
+    } else if (job.kind === "train" && job.status === "done" && job.result && job.result.files) {
+      const kind = job.result.files.lora ? "lora" : Object.keys(job.result.files)[0];
+      const a = document.createElement("a");
+      a.href = `/booth/v1/jobs/${job.id}/files/${kind}`; a.textContent = "download";
+      td.appendChild(a);
+    }
+    tr.appendChild(td);
+    body.appendChild(tr);
+  }
+}
+
+function connect() {
+  const es = new EventSource("/booth/v1/events");
+  es.addEventListener("hello", (e) => {
+    $("conn").textContent = "live"; $("conn").classList.add("on");
+    for (const job of JSON.parse(e.data).jobs) updateJob(job);
+  });
+  for (const kind of ["queued", "started", "progress", "done", "failed", "cancelled"]) {
+    es.addEventListener(kind, (e) => updateJob(JSON.parse(e.data)));
+  }
+  es.onerror = () => { $("conn").textContent = "reconnecting"; $("conn").classList.remove("on"); };
+}
+
+loadLists().catch((e) => { $("gen-status").textContent = "cannot reach the server: " + e.message; });
+connect();
