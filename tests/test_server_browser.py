@@ -1,6 +1,7 @@
 """The web page end to end in headless Chromium (Playwright, system Chromium) against a real server (uvicorn in a
-thread, tiny model): generate an image, upload the subject, train a 4-step LoRA with live progress, "try it",
-and generate with the LoRA."""
+thread, tiny model): generate an image, upload the subject, train a 4-step LoRA with live progress and a
+preview image, "try it", and generate with the LoRA; then "try it" for textual inversion (the word goes into the
+prompt) and DreamBooth (the model is selected)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def test_page_generates_trains_and_uses_the_lora(server, subject):
             page.fill("#instance-prompt", "a sks dog")
             page.fill("#train-steps", "4")
             page.fill("#train-lr", "0.01")
+            page.fill("#train-preview-every", "2")
             page.click("#train-start")
             page.wait_for_function(
                 "/step [1-4]\\/4/.test(document.getElementById('train-info').textContent)", timeout=60_000
@@ -93,6 +95,9 @@ def test_page_generates_trains_and_uses_the_lora(server, subject):
             assert "loss" in page.inner_text("#train-info")
             assert page.locator("#train-bar").evaluate("d => d.style.width") == "100%"
             page.wait_for_selector("#lora-list button[data-lora=webdog]")
+            page.wait_for_selector("#train-preview-box:not([hidden])", timeout=30_000)  # validation image
+            assert page.eval_on_selector("#train-preview", "i => i.naturalWidth") > 0
+            assert "preview at step" in page.inner_text("#train-preview-caption")
             assert page.locator("#jobs a", has_text="download").count() == 1
 
             # 3. try it: the LoRA goes into the prompt and generates
@@ -103,6 +108,28 @@ def test_page_generates_trains_and_uses_the_lora(server, subject):
             assert "webdog" in page.inner_text("#infotext")
             sources = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.src)")
             assert sources[0] != sources[1]
+
+            # 4. the other methods' "try it": a textual-inversion word, a DreamBooth model
+            for method, name in (("textual-inversion", "webti"), ("dreambooth", "webdb")):
+                page.select_option("#train-method", method)
+                page.fill("#train-name", name)
+                page.fill("#train-steps", "2")
+                page.fill("#train-preview-every", "0")
+                page.click("#train-start")
+                page.wait_for_function(
+                    "/^(done|failed|error)/.test(document.getElementById('train-status').textContent)",
+                    timeout=90_000,
+                )
+                assert page.inner_text("#train-status").startswith("done"), page.inner_text("#train-status")
+                assert name in page.inner_text("#try-it")
+                page.click("#try-it")
+            assert "webti" in page.input_value("#prompt")
+            page.wait_for_function("document.getElementById('model').value === 'webdb'")
+            page.wait_for_function(
+                "fetch('/sdapi/v1/options').then(r => r.json()).then(o => o.sd_model_checkpoint === 'webdb')"
+            )
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('#gallery img').length == 3", timeout=60_000)
             assert not errors, errors
         finally:
             browser.close()

@@ -38,9 +38,12 @@ class Services:
         trainings = config.data_dir / "trainings"
         trainings.mkdir(exist_ok=True)
         (config.data_dir / "uploads").mkdir(exist_ok=True)
-        # finished LoRA trainings are usable at once: <lora:NAME> also looks in the trainings folder
+        # finished trainings are usable at once: <lora:NAME> and textual-inversion words also come from the
+        # trainings folder, and DreamBooth models are listed in sd-models (ModelRegistry)
         if trainings not in config.lora_dirs:
             config.lora_dirs.append(trainings)
+        if trainings not in config.embeddings_dirs:
+            config.embeddings_dirs.append(trainings)
         self.registry = ModelRegistry(config)
         self.models = ModelManager(config, self.registry)
         runners = {kind: GenerationRunner(kind, self) for kind in ("txt2img", "img2img")}

@@ -96,6 +96,11 @@ class ServerConfig:
         return self.data_dir / "jobs"
 
     @property
+    def trainings_dir(self) -> Path:
+        """Training runs of `POST /booth/v1/train`: `<job id>/<name>/` each."""
+        return self.data_dir / "trainings"
+
+    @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
 

@@ -6,8 +6,9 @@ is ever joined to a path or opened.
 
 Titles: the default model (`--model`) is listed under its file name (`model.safetensors`), folder name or hub id
 ("booth-mini" when none is given); models found in `--model-dir` under their path relative to that folder
-(`sd15/model.safetensors`, as A1111 does for subfolders). A title also matches without its file extension,
-and with an A1111 ` [hash]` suffix.
+(`sd15/model.safetensors`, as A1111 does for subfolders); finished DreamBooth trainings of this server
+(`<data_dir>/trainings/<job>/<name>/model/`) under their training name. A title also matches without its file
+extension, and with an A1111 ` [hash]` suffix.
 """
 
 from __future__ import annotations
@@ -91,8 +92,24 @@ def _scan(folder: Path) -> list[ModelEntry]:
     return found
 
 
+def _scan_trainings(trainings: Path) -> list[ModelEntry]:
+    """The diffusers folders of finished DreamBooth runs (`<job>/<name>/model/`, written atomically at the end)."""
+    from booth.train.methods.dreambooth import MODEL_FOLDER
+
+    if not trainings.is_dir():
+        return []
+    found = []
+    for index in sorted(trainings.glob(f"*/*/{MODEL_FOLDER}/model_index.json")):
+        folder = index.parent
+        name = folder.parent.name
+        if not name.startswith("."):
+            found.append(ModelEntry(name, name, str(folder.resolve()), str(folder.resolve())))
+    return found
+
+
 class ModelRegistry:
-    """The list behind `/sdapi/v1/sd-models`: the default model, then every model in `model_dirs`."""
+    """The list behind `/sdapi/v1/sd-models`: the default model, every model in `model_dirs`, then the finished
+    DreamBooth trainings in `<data_dir>/trainings`."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -105,8 +122,10 @@ class ModelRegistry:
             if self._entries is None or refresh:
                 entries = [self.default]
                 seen = {self.default.title}
-                for folder in self.config.model_dirs:
-                    for entry in _scan(folder):
+                scans = [_scan(folder) for folder in self.config.model_dirs]
+                scans.append(_scan_trainings(self.config.trainings_dir))
+                for found in scans:
+                    for entry in found:
                         if entry.title not in seen and entry.source != self.default.source:
                             seen.add(entry.title)
                             entries.append(entry)

@@ -16,7 +16,10 @@ The runner (`TrainingRunner`) calls `booth.train.train` on the queue's worker th
 folder holds a checkpoint (a job re-queued after a restart continues from it), progress (step, total, loss,
 ETA) goes to the job, and cancel / shutdown set `TrainState.stop_requested` (the trainer checkpoints and raises
 `TrainingInterrupted`: cancelled, or re-queued on shutdown). `<data_dir>/trainings` is one of the
-LoRA folders, so a finished adapter is usable in prompts at once (`<lora:NAME:1>`).
+LoRA and embeddings folders and its DreamBooth `model/` folders are listed in sd-models, so a finished result is
+usable at once: the job result says how (`prompt`: `<lora:NAME:1>` or the textual-inversion word to add;
+`model`: the `sd_model_checkpoint` title of a DreamBooth model). Custom Diffusion results are not applied by the
+server yet (download them: `files/diffusers`).
 """
 
 from __future__ import annotations
@@ -371,6 +374,7 @@ class TrainingRunner:
             metrics={"loss": state.loss, "phase": "done", "resumed_from": resumed_from},
             force=True,
         )
+        usage = self._make_usable(config, files)
         return Outcome(
             result={
                 "name": config.run_name,
@@ -380,9 +384,26 @@ class TrainingRunner:
                 "final_loss": result.losses[-1] if result.losses else state.loss,
                 "resumed_from": resumed_from,
                 "files": files,
-                "prompt": f"<lora:{config.run_name}:1>" if config.method == "lora" else None,
+                **usage,
             }
         )
+
+    def _make_usable(self, config, files: dict[str, str]) -> dict[str, Any]:
+        """Refresh the server's lists so the result is usable at once; how to use it (`prompt` text to add,
+        or the sd-models `model` title to select). Custom Diffusion results are not served yet (download)."""
+        services = self.services
+        if config.method == "lora":
+            return {"prompt": f"<lora:{config.run_name}:1>", "model": None}
+        if config.method == "textual-inversion" and "embedding" in files:
+            models = services.models
+            models.embeddings(refresh=True)
+            if models.engine is not None:  # on the worker thread: no job is using the engine now
+                models.engine.embeddings = models.usable_embeddings(models.engine)
+            return {"prompt": Path(files["embedding"]).stem, "model": None}
+        if config.method == "dreambooth" and "diffusers" in files:
+            services.registry.entries(refresh=True)
+            return {"prompt": None, "model": config.run_name}
+        return {"prompt": None, "model": None}
 
 
 def _file_path(services, job, kind: str) -> Path:

@@ -3,6 +3,8 @@
 const $ = (id) => document.getElementById(id);
 const jobs = new Map();
 let training = null; // id of the training job this page started
+let previewEvery = 0; // its preview_every
+let previewShown = null; // the step whose preview is shown
 
 async function api(method, path, body) {
   const init = { method, headers: {} };
@@ -39,6 +41,20 @@ async function loadLists() {
   for (const m of models) option($("model"), m.title, m.model_name);
   $("model").value = options.sd_model_checkpoint;
   await loadLoras();
+}
+
+async function loadModels() {
+  const current = $("model").value;
+  const models = await api("GET", "/sdapi/v1/sd-models");
+  $("model").textContent = "";
+  for (const m of models) option($("model"), m.title, m.model_name);
+  $("model").value = current;
+}
+
+async function selectModel(title) {
+  if (![...$("model").options].some((o) => o.value === title)) await loadModels();
+  $("model").value = title;
+  await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: title });
 }
 
 async function loadLoras() {
@@ -134,7 +150,11 @@ $("subject-files").onchange = () => {
     const img = document.createElement("img"); img.src = URL.createObjectURL(f); img.alt = ""; t.appendChild(img);
   }
 };
-$("train-method").onchange = () => { $("train-rank").disabled = $("train-method").value !== "lora"; };
+$("train-method").onchange = () => {
+  $("train-rank").disabled = $("train-method").value !== "lora";
+  $("train-initializer").disabled = $("train-method").value !== "textual-inversion";
+};
+$("train-method").onchange();
 
 async function uploadFiles(files) {
   const form = new FormData();
@@ -160,8 +180,17 @@ $("train-form").onsubmit = async (ev) => {
     if ($("train-rank").value && req.method === "lora") req.rank = intOrNull("train-rank");
     if ($("class-files").files.length) req.class_upload = await uploadFiles($("class-files").files);
     if ($("prior").checked) req.prior_preservation = true;
+    if (req.method === "textual-inversion") { // needs a starting word: the field, else the prompt's last word
+      const words = ($("class-prompt").value || req.instance_prompt).trim().split(/\s+/);
+      req.initializer = $("train-initializer").value.trim() || words[words.length - 1];
+    }
+    const every = intOrNull("train-preview-every");
+    if (every) req.preview_every = every;
     const r = await api("POST", "/booth/v1/train", req);
     training = r.job.id;
+    previewEvery = every || 0;
+    previewShown = null;
+    $("train-preview-box").hidden = true;
     $("train-status").textContent = "queued";
     updateJob(r.job);
   } catch (e) {
@@ -170,7 +199,33 @@ $("train-form").onsubmit = async (ev) => {
   }
 };
 
+// the latest validation image: fetched when a preview step has passed, and at the end
+function refreshPreview(job) {
+  if (!previewEvery) return;
+  const step = job.status === "done" ? job.total : Math.floor((job.step || 0) / previewEvery) * previewEvery;
+  if (!step || step === previewShown) return;
+  previewShown = step;
+  const img = $("train-preview");
+  img.onload = () => {
+    $("train-preview-box").hidden = false;
+    $("train-preview-caption").textContent = `preview at step ${step}`;
+  };
+  img.onerror = () => { if (previewShown === step) previewShown = null; }; // not written yet: retry later
+  img.src = `/booth/v1/jobs/${job.id}/files/preview?step=${step}`;
+}
+
+function tryIt(result) {
+  if (result.model) {
+    return { label: `Try it: use model ${result.model}`, run: () => selectModel(result.model).catch((e) => alert(e.message)) };
+  }
+  if (result.prompt) {
+    return { label: `Try it: ${result.prompt}`, run: () => insertPrompt(result.prompt) };
+  }
+  return null;
+}
+
 function showTraining(job) {
+  if (job.status === "running" || job.status === "done") refreshPreview(job);
   const m = job.metrics || {};
   $("train-bar").style.width = `${Math.round((job.progress || 0) * 100)}%`;
   $("train-status").textContent = job.status + (job.message ? ` — ${job.message}` : "");
@@ -181,10 +236,15 @@ function showTraining(job) {
     $("train-start").disabled = false;
     if (job.status === "failed" && job.error) $("train-status").textContent = "failed: " + job.error.detail;
     if (job.status === "done" && job.result) {
-      const prompt = job.result.prompt;
-      $("try-it").hidden = !prompt;
-      $("try-it").onclick = () => { insertPrompt(prompt); $("prompt").scrollIntoView({ behavior: "smooth" }); };
+      const use = tryIt(job.result);
+      $("try-it").hidden = !use;
+      if (use) {
+        $("try-it").textContent = use.label;
+        $("try-it").onclick = async () => { await use.run(); $("prompt").scrollIntoView({ behavior: "smooth" }); $("prompt").focus(); };
+      }
+      if (job.result.method === "custom-diffusion") $("train-status").textContent = "done — download it below (not served yet)";
       loadLoras();
+      if (job.result.model) loadModels();
     }
   }
 }

@@ -77,7 +77,11 @@ def load_embeddings_dir(folder: str | os.PathLike) -> dict[str, Vectors]:
     """Every embedding under `folder` (recursively, as A1111's embeddings folder), by trigger word.
 
     Hidden files, empty files, ``*.preview.*`` images and images without an embedding are skipped silently
-    (A1111); a file that cannot be read is skipped with a warning, so one bad download does not stop a run.
+    (A1111), and so are files that are clearly something else: training checkpoints, ``.safetensors`` whose
+    header names other tensors (LoRAs, Custom Diffusion deltas, model weights: only the header is read) and
+    anything inside a diffusers model folder (``model_index.json``), so a folder of training runs can be an
+    embeddings folder. A file that cannot be read is skipped with a warning, so one bad download does not stop
+    a run.
     The first file (in path order) wins when two give the same trigger word.
     """
     folder = Path(folder)
@@ -91,6 +95,8 @@ def load_embeddings_dir(folder: str | os.PathLike) -> dict[str, Vectors]:
             continue
         suffix = path.suffix.lower()
         if suffix not in EMBEDDING_SUFFIXES or _is_training_checkpoint(path) or path.stat().st_size == 0:
+            continue
+        if _in_model_folder(path, folder) or (suffix == ".safetensors" and not _may_be_embedding(path)):
             continue
         if suffix in IMAGE_SUFFIXES:
             if Path(path.stem).suffix.lower() == ".preview":
@@ -163,6 +169,29 @@ def usable_embeddings(embeddings: Mapping[str, Vectors], pipe, warn: bool = True
 def _is_training_checkpoint(path: Path) -> bool:
     """A booth training checkpoint (``checkpoints/step-N/state.pt``), never an embedding."""
     return path.name == "state.pt" and path.parent.name.startswith("step-")
+
+
+def _in_model_folder(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a diffusers pipeline folder (one holding ``model_index.json``) under `root`."""
+    parent = path.parent
+    while parent != root and root in parent.parents:
+        if (parent / "model_index.json").is_file():
+            return True
+        parent = parent.parent
+    return False
+
+
+def _may_be_embedding(path: Path) -> bool:
+    """False when a ``.safetensors`` header names tensors no embedding layout has (one key, or clip_l + clip_g);
+    True when it does, or when the header cannot be read (`load_embedding` then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+    except Exception:  # noqa: BLE001 - any unreadable header: let load_embedding report it
+        return True
+    return len(keys) == 1 or set(SDXL_KEYS) <= keys
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
