@@ -205,7 +205,7 @@ def _tiny() -> TrainConfig:
 def _full() -> TrainConfig:
     """The shipped model: under 2 h on a 2-core CPU, minutes on a GPU.
 
-    CLIP 1,000 x 128 (6.4 epochs of 20,000 images), VAE 1,600 x 16 (1.3 epochs), UNet 1,800 x 32 (2.9 epochs),
+    CLIP 1,000 x 128 (6.4 epochs of 20,000 images), VAE 1,600 x 16 (1.3 epochs), UNet 4,200 x 32 (6.7 epochs),
     plus latent caching and loading / checkpoints (about 1 min a stage). Sized for one thread on a 2-core AMD
     EPYC with AVX512-BF16 (no AMX) while the other core did other work: with two threads a busy second core
     made every step 4-6x slower (0.92 s -> 5.96 s for a CLIP step). The first plan (CLIP 1,400, VAE 3,600,
@@ -216,7 +216,7 @@ def _full() -> TrainConfig:
         arch=MiniArchitecture(),
         clip=ClipTrainConfig(Optim(steps=1000, batch_size=128, lr=5e-4, warmup_steps=80, weight_decay=0.1)),
         vae=VaeTrainConfig(Optim(steps=1600, batch_size=16, lr=6e-4, warmup_steps=120)),
-        unet=UNetTrainConfig(Optim(steps=1800, batch_size=32, lr=3e-4, warmup_steps=120)),
+        unet=UNetTrainConfig(Optim(steps=4200, batch_size=32, lr=3e-4, warmup_steps=120)),
     )
 
 
