@@ -263,8 +263,6 @@ def comparison_scatter(path: Path, rows: list[dict[str, Any]]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from booth.generate.metadata import atomic_write
-
     key = "dino" if all(r["mean"]["dino"] is not None for r in rows) else "clip_i"
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
     for r in rows:
@@ -275,10 +273,9 @@ def comparison_scatter(path: Path, rows: list[dict[str, Any]]) -> Path:
     ax.set_ylabel("prompt fidelity (CLIP-T)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return path
+    from booth.evaluate.report import save_figure
+
+    return save_figure(fig, path)
 
 
 def add_compare_command(eval_sub) -> None:

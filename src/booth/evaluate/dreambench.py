@@ -878,8 +878,6 @@ def prompt_scatter(path: Path, results: dict[str, Any]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from booth.generate.metadata import atomic_write
-
     key = "dino" if results["scores"]["dino"] is not None else "clip_i"
     label = "DINO" if key == "dino" else "CLIP-I"
     xs = [p[key] for p in results["per_prompt"]]
@@ -895,10 +893,9 @@ def prompt_scatter(path: Path, results: dict[str, Any]) -> Path:
     ax.set_ylabel("prompt fidelity (CLIP-T)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return path
+    from booth.evaluate.report import save_figure
+
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -417,8 +417,6 @@ def fidelity_scatter(path: Path, runs: list[SubjectRun]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from booth.generate.metadata import atomic_write
-
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
     for label in dict.fromkeys(f"{r.method}{' +prior' if r.prior else ''}" for r in runs):
         pts = [r for r in runs if f"{r.method}{' +prior' if r.prior else ''}" == label]
@@ -431,10 +429,9 @@ def fidelity_scatter(path: Path, runs: list[SubjectRun]) -> Path:
     ax.set_ylabel("prompt fidelity (all parts right)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return path
+    from booth.evaluate.report import save_figure
+
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------

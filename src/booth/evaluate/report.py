@@ -96,8 +96,6 @@ def bar_chart(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from booth.generate.metadata import atomic_write
-
     x = np.arange(len(groups))
     width = 0.8 / max(1, len(series))
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.4), dpi=100)
@@ -111,6 +109,15 @@ def bar_chart(
         ax.set_ylim(*ylim)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically and free it."""
+    import matplotlib.pyplot as plt
+
+    from booth.generate.metadata import atomic_write
+
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
