@@ -291,6 +291,8 @@ def compare(
     runs: list[SubjectRun] = []
     for method in methods:
         for prior in priors:
+            if prior and method == "textual-inversion":
+                continue  # only the new word trains; a class prompt never contains it (the method refuses it)
             for subject in subjects:
                 folder = out / "runs" / f"{method}-{'prior' if prior else 'noprior'}-{Path(subject).name}"
                 runs.append(run_subject(method, prior, subject, folder, s, evaluator, base_engine))
