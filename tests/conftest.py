@@ -69,3 +69,23 @@ def subject(tmp_path_factory):
         ImageDraw.Draw(image).ellipse((4, 4, 28, 28), fill=(20, 30, 230))
         image.save(folder / f"{i}.png")
     return folder
+
+
+@pytest.fixture
+def chromium_browser():
+    """A headless Chromium (the system's, or BOOTH_CHROMIUM) driven by Playwright; skipped when either is missing."""
+    from pathlib import Path
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    chromium = os.environ.get("BOOTH_CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).is_file():
+        pytest.skip(f"no Chromium at {chromium} (apt-get install chromium, or set BOOTH_CHROMIUM)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -4,25 +4,13 @@ are there; a missing image is caught by the same check."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-CHROMIUM = os.environ.get("BOOTH_CHROMIUM", "/usr/bin/chromium")
 CHARTS = ("subject_fidelity.png", "prompt_fidelity.png", "prior.png", "scatter.png")
-
-
-def _browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set BOOTH_CHROMIUM)")
-    return sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -58,54 +46,42 @@ def _images(page) -> list[dict]:
     )
 
 
-def test_report_opens_in_chromium_with_all_images_and_charts(report_dir, tmp_path):
-    sync_playwright = _browser()
+def test_report_opens_in_chromium_with_all_images_and_charts(report_dir, tmp_path, chromium_browser):
     broken = tmp_path / "broken"
     shutil.copytree(report_dir, broken)
     (broken / "prompt-01.png").unlink()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto((report_dir / "index.html").resolve().as_uri())
-            page.wait_for_load_state("load")
-            assert page.title().startswith("DreamBench:")
-            images = _images(page)
-            sources = [i["src"] for i in images]
-            assert set(CHARTS) <= set(sources)
-            assert {"references.png", "prompt-00.png", "prompt-01.png", "class-00.png"} <= set(sources)
-            assert all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in images), images
-            charts = [i for i in images if i["src"] in CHARTS]
-            assert all(i["w"] >= 250 for i in charts)  # matplotlib figures, not placeholders
-            assert page.locator("table").first.inner_text().count("DINO") >= 1
-            # the same check fails for an image that is not there
-            page.goto((broken / "index.html").resolve().as_uri())
-            page.wait_for_load_state("load")
-            missing = [i["src"] for i in _images(page) if i["w"] == 0]
-            assert missing == ["prompt-01.png"]
-        finally:
-            browser.close()
+    page = chromium_browser.new_page()
+    page.goto((report_dir / "index.html").resolve().as_uri())
+    page.wait_for_load_state("load")
+    assert page.title().startswith("DreamBench:")
+    images = _images(page)
+    sources = [i["src"] for i in images]
+    assert set(CHARTS) <= set(sources)
+    assert {"references.png", "prompt-00.png", "prompt-01.png", "class-00.png"} <= set(sources)
+    assert all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in images), images
+    charts = [i for i in images if i["src"] in CHARTS]
+    assert all(i["w"] >= 250 for i in charts)  # matplotlib figures, not placeholders
+    assert page.locator("table").first.inner_text().count("DINO") >= 1
+    # the same check fails for an image that is not there
+    page.goto((broken / "index.html").resolve().as_uri())
+    page.wait_for_load_state("load")
+    missing = [i["src"] for i in _images(page) if i["w"] == 0]
+    assert missing == ["prompt-01.png"]
 
 
-def test_comparison_report_opens_in_chromium(report_dir, tmp_path):
+def test_comparison_report_opens_in_chromium(report_dir, tmp_path, chromium_browser):
     from booth.evaluate.compare_results import compare
 
-    sync_playwright = _browser()
     results = report_dir.parent / "results.json"
     other = tmp_path / "other.json"
     data = json.loads(results.read_text())
     data["scores"]["clip_i"] = 0.5
     other.write_text(json.dumps(data))
     _, html = compare([results, other], tmp_path / "cmp")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(html.resolve().as_uri())
-            page.wait_for_load_state("load")
-            images = _images(page)
-            assert {i["src"] for i in images} == {"scores.png", "scatter.png"}
-            assert all(i["w"] > 0 for i in images)
-            assert page.locator("table").count() == 2
-        finally:
-            browser.close()
+    page = chromium_browser.new_page()
+    page.goto(html.resolve().as_uri())
+    page.wait_for_load_state("load")
+    images = _images(page)
+    assert {i["src"] for i in images} == {"scores.png", "scatter.png"}
+    assert all(i["w"] > 0 for i in images)
+    assert page.locator("table").count() == 2

@@ -5,28 +5,14 @@ prompt) and DreamBooth (the model is selected)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-CHROMIUM = os.environ.get("BOOTH_CHROMIUM", "/usr/bin/chromium")
-
-
-def _playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set BOOTH_CHROMIUM)")
-    return sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -53,83 +39,77 @@ def server(tiny_sd1_dir, tmp_path_factory):
     thread.join(30)
 
 
-def test_page_generates_trains_and_uses_the_lora(server, subject):
-    sync_playwright = _playwright()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(server + "/")
-            page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
-            page.wait_for_selector("#conn.on")  # the event stream is connected
-            assert page.locator("#scheduler option").count() > 1
-            assert page.locator("#model option").count() >= 1
+def test_page_generates_trains_and_uses_the_lora(server, subject, chromium_browser):
+    page = chromium_browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
+    page.wait_for_selector("#conn.on")  # the event stream is connected
+    assert page.locator("#scheduler option").count() > 1
+    assert page.locator("#model option").count() >= 1
 
-            # 1. generate an image
-            page.fill("#prompt", "a sks dog")
-            page.fill("#steps", "2")
-            page.fill("#seed", "3")
-            page.click("#generate")
-            page.wait_for_selector("#gallery img", timeout=60_000)
-            assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") > 0
-            assert "Steps: 2" in page.inner_text("#infotext")
-            assert page.locator("#jobs tbody tr").count() >= 1  # the txt2img job arrived through the events
+    # 1. generate an image
+    page.fill("#prompt", "a sks dog")
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") > 0
+    assert "Steps: 2" in page.inner_text("#infotext")
+    assert page.locator("#jobs tbody tr").count() >= 1  # the txt2img job arrived through the events
 
-            # 2. personalize: upload, pick LoRA, 4 steps, watch progress reach done
-            page.set_input_files("#subject-files", sorted(str(f) for f in subject.glob("*.png")))
-            assert page.locator("#thumbs img").count() == 3
-            page.select_option("#train-method", "lora")
-            page.fill("#train-name", "webdog")
-            page.fill("#instance-prompt", "a sks dog")
-            page.fill("#train-steps", "4")
-            page.fill("#train-lr", "0.01")
-            page.fill("#train-preview-every", "2")
-            page.click("#train-start")
-            page.wait_for_function(
-                "/step [1-4]\\/4/.test(document.getElementById('train-info').textContent)", timeout=60_000
-            )
-            page.wait_for_selector("#try-it:not([hidden])", timeout=90_000)
-            assert page.inner_text("#train-status").startswith("done")
-            assert "loss" in page.inner_text("#train-info")
-            assert page.locator("#train-bar").evaluate("d => d.style.width") == "100%"
-            page.wait_for_selector("#lora-list button[data-lora=webdog]")
-            page.wait_for_selector("#train-preview-box:not([hidden])", timeout=30_000)  # validation image
-            assert page.eval_on_selector("#train-preview", "i => i.naturalWidth") > 0
-            assert "preview at step" in page.inner_text("#train-preview-caption")
-            assert page.locator("#jobs a", has_text="download").count() == 1
+    # 2. personalize: upload, pick LoRA, 4 steps, watch progress reach done
+    page.set_input_files("#subject-files", sorted(str(f) for f in subject.glob("*.png")))
+    assert page.locator("#thumbs img").count() == 3
+    page.select_option("#train-method", "lora")
+    page.fill("#train-name", "webdog")
+    page.fill("#instance-prompt", "a sks dog")
+    page.fill("#train-steps", "4")
+    page.fill("#train-lr", "0.01")
+    page.fill("#train-preview-every", "2")
+    page.click("#train-start")
+    page.wait_for_function(
+        "/step [1-4]\\/4/.test(document.getElementById('train-info').textContent)", timeout=60_000
+    )
+    page.wait_for_selector("#try-it:not([hidden])", timeout=90_000)
+    assert page.inner_text("#train-status").startswith("done")
+    assert "loss" in page.inner_text("#train-info")
+    assert page.locator("#train-bar").evaluate("d => d.style.width") == "100%"
+    page.wait_for_selector("#lora-list button[data-lora=webdog]")
+    page.wait_for_selector("#train-preview-box:not([hidden])", timeout=30_000)  # validation image
+    assert page.eval_on_selector("#train-preview", "i => i.naturalWidth") > 0
+    assert "preview at step" in page.inner_text("#train-preview-caption")
+    assert page.locator("#jobs a", has_text="download").count() == 1
 
-            # 3. try it: the LoRA goes into the prompt and generates
-            page.click("#try-it")
-            assert "<lora:webdog:1>" in page.input_value("#prompt")
-            page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('#gallery img').length == 2", timeout=60_000)
-            assert "webdog" in page.inner_text("#infotext")
-            sources = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.src)")
-            assert sources[0] != sources[1]
+    # 3. try it: the LoRA goes into the prompt and generates
+    page.click("#try-it")
+    assert "<lora:webdog:1>" in page.input_value("#prompt")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length == 2", timeout=60_000)
+    assert "webdog" in page.inner_text("#infotext")
+    sources = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.src)")
+    assert sources[0] != sources[1]
 
-            # 4. the other methods' "try it": a textual-inversion word, a DreamBooth model
-            for method, name in (("textual-inversion", "webti"), ("dreambooth", "webdb")):
-                page.select_option("#train-method", method)
-                page.fill("#train-name", name)
-                page.fill("#train-steps", "2")
-                page.fill("#train-preview-every", "0")
-                page.click("#train-start")
-                page.wait_for_function(
-                    "/^(done|failed|error)/.test(document.getElementById('train-status').textContent)",
-                    timeout=90_000,
-                )
-                assert page.inner_text("#train-status").startswith("done"), page.inner_text("#train-status")
-                assert name in page.inner_text("#try-it")
-                page.click("#try-it")
-            assert "webti" in page.input_value("#prompt")
-            page.wait_for_function("document.getElementById('model').value === 'webdb'")
-            page.wait_for_function(
-                "fetch('/sdapi/v1/options').then(r => r.json()).then(o => o.sd_model_checkpoint === 'webdb')"
-            )
-            page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('#gallery img').length == 3", timeout=60_000)
-            assert not errors, errors
-        finally:
-            browser.close()
+    # 4. the other methods' "try it": a textual-inversion word, a DreamBooth model
+    for method, name in (("textual-inversion", "webti"), ("dreambooth", "webdb")):
+        page.select_option("#train-method", method)
+        page.fill("#train-name", name)
+        page.fill("#train-steps", "2")
+        page.fill("#train-preview-every", "0")
+        page.click("#train-start")
+        page.wait_for_function(
+            "/^(done|failed|error)/.test(document.getElementById('train-status').textContent)",
+            timeout=90_000,
+        )
+        assert page.inner_text("#train-status").startswith("done"), page.inner_text("#train-status")
+        assert name in page.inner_text("#try-it")
+        page.click("#try-it")
+    assert "webti" in page.input_value("#prompt")
+    page.wait_for_function("document.getElementById('model').value === 'webdb'")
+    page.wait_for_function(
+        "fetch('/sdapi/v1/options').then(r => r.json()).then(o => o.sd_model_checkpoint === 'webdb')"
+    )
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length == 3", timeout=60_000)
+    assert not errors, errors
