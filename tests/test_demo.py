@@ -54,7 +54,7 @@ def test_eval_mini_compares_methods_with_and_without_prior(tmp_path, mini_model_
             "eval",
             "mini",
             "--methods",
-            "lora,dreambooth,textual-inversion",
+            "lora,dreambooth,textual-inversion,custom-diffusion",
             "--subjects",
             "poodle",
             "--prior",
@@ -82,9 +82,11 @@ def test_eval_mini_compares_methods_with_and_without_prior(tmp_path, mini_model_
         ("dreambooth", False),
         ("dreambooth", True),
         ("textual-inversion", False),  # textual inversion has no prior preservation: skipped, not failed
+        ("custom-diffusion", False),
+        ("custom-diffusion", True),
     ]
     assert all(r["file_mb"]["mean"] > 0 for r in results["table"])
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 7 and "| lora | yes |" in table
+    assert table.count("\n") == 9 and "| lora | yes |" in table and "| custom-diffusion | yes |" in table
     html = (out / "report" / "index.html").read_text()
     assert 'src="fidelity.png"' in html and 'src="scatter.png"' in html

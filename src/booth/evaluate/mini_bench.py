@@ -171,8 +171,8 @@ def personalized_engine(method: str, result, base_model: str | None):
         from booth.train.formats.custom_diffusion import load_custom_diffusion
 
         loaded = load_pipeline(base_model)
-        embeddings = load_custom_diffusion(loaded.pipe, result.out)
-        return Engine(loaded, embeddings=embeddings or {}), ""
+        load_custom_diffusion(loaded.pipe, result.out)  # attn2 processors + modifier tokens, in place
+        return Engine(loaded), ""
     raise BoothError(f"no evaluation recipe for method {method!r}")
 
 
