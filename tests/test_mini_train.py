@@ -23,12 +23,16 @@ from booth.mini.train import (
     batch_indices,
     build_task,
     final_dir,
+    hard_negative,
     load_split,
+    part_phrases,
     read_log,
+    record_caption,
     resolve_device,
     sample_caption,
     train_all,
     train_stage,
+    x0_weight,
 )
 
 torch.set_num_threads(1)
@@ -116,6 +120,77 @@ def test_caption_dropout():
     assert {"", "a dog", full} <= texts and len(texts) > 8
 
 
+def test_hard_negatives_change_one_named_attribute_and_stay_valid():
+    from booth.mini.compose import Layout
+
+    vocab = {"concept": ["cat", "dog", "fox"], "style": list(BASE_STYLES)}
+    gen = torch.Generator().manual_seed(0)
+    changed = set()
+    for record in (RECORD, {**RECORD, "size": "large", "position": "centre"}):
+        for parts in ((), ("position",), ("size", "position", "background", "style")):
+            for _ in range(60):
+                negative = hard_negative(record, parts, vocab, gen)
+                diff = [k for k in record if negative[k] != record[k]]
+                assert len(diff) == 1 and diff[0] in ("concept", *parts), (record, parts, negative)
+                Layout(negative["background"], negative["position"], negative["size"])  # valid layout
+                assert record_caption(negative, parts) != record_caption(record, parts)
+                changed.add(diff[0])
+    assert changed == {"concept", "size", "position", "background", "style"}
+
+
+@needs_data
+def test_clip_stage_scores_every_concept_prompt(data_dir):
+    """With concept_weight the CLIP loss adds a cross-entropy over "a {concept}" for all concepts."""
+    data = load_split(data_dir)
+    task = build_task("clip", TINY, data, torch.device("cpu"), 0, None)
+    assert TINY.clip.concept_weight > 0 and TINY.clip.hard_negatives > 0
+    concepts = sorted({r["concept"] for r in data.records})
+    assert task.vocab["concept"] == concepts and task.concept_ids.shape[0] == len(concepts)
+    loss, stats = task.loss(torch.arange(8), torch.Generator().manual_seed(0), None)
+    plain = build_task(
+        "clip",
+        replace(TINY, clip=replace(TINY.clip, concept_weight=0.0, phrase_weight=0.0)),
+        data,
+        torch.device("cpu"),
+        0,
+        None,
+    )
+    plain.model.load_state_dict(task.model.state_dict())
+    loss_plain, stats_plain = plain.loss(torch.arange(8), torch.Generator().manual_seed(0), None)
+    assert {"concept_acc", "phrase_acc"} <= set(stats) and not {"concept_acc", "phrase_acc"} & set(
+        stats_plain
+    )
+    assert loss.item() > loss_plain.item()  # the concept and phrase terms add positive cross-entropies
+
+
+def test_part_phrases_are_the_caption_template_words():
+    from booth.mini.compose import LAYOUTS
+
+    phrases = part_phrases(list(BASE_STYLES))
+    assert [len(phrases[k]) for k in ("position", "size", "background", "style")] == [
+        9,
+        3,
+        10,
+        len(BASE_STYLES),
+    ]
+    for layout in LAYOUTS[:40]:
+        full = record_caption({**RECORD, **vars(layout)}, ("size", "position", "background", "style"))
+        for part in ("position", "size", "background"):
+            assert phrases[part][getattr(layout, part)] in full, (part, full)
+    assert (
+        phrases["style"]["noto"] == "noto style"
+        and phrases["background"]["orange"] == "on an orange background"
+    )
+
+
+def test_x0_weight_is_min_snr_plus_a_floor():
+    snr = torch.tensor([0.0047, 1.0, 10.0])
+    assert torch.allclose(x0_weight(snr, 5.0), torch.tensor([0.0047, 1.0, 5.0]))
+    assert torch.allclose(x0_weight(snr, 5.0, 1.0), torch.tensor([1.0047, 2.0, 6.0]))
+    eps_weight = x0_weight(snr, 5.0) / snr  # Min-SNR-5 for an epsilon loss: 1 up to SNR 5, then 5 / SNR
+    assert torch.allclose(eps_weight, torch.tensor([1.0, 1.0, 0.5]))
+
+
 def test_unknown_names_are_user_errors(tmp_path):
     with pytest.raises(BoothError):
         train_stage("lora", tmp_path, tmp_path, TINY)
@@ -178,6 +253,32 @@ def test_resumed_chunks_match_one_run(stage, data_dir, trained, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     chunks = [r for r in read_log(two, stage) if r.get("event") == "chunk"]
     assert [(c["start_step"], c["end_step"]) for c in chunks] == [(0, 3), (3, 6)]
+
+
+@needs_data
+def test_unet_only_checkpoints_from_before_the_text_encoder_joined_still_resume(data_dir, trained, tmp_path):
+    """A UNet checkpoint without ``unet.`` keys (older runs, frozen encoder) resumes; with training, a clear error."""
+    frozen = replace(TINY, unet=replace(TINY.unet, train_text_encoder=False))
+    work = _work_with_prerequisites(trained, tmp_path, "unet")
+    run = json.loads((work / "config.json").read_text())
+    run["config"] = frozen.to_json()
+    (work / "config.json").write_text(json.dumps(run))
+    train_stage("unet", data_dir, work, frozen, steps=3, progress=False)
+    path = work / "unet" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for key in ("model", "ema"):
+        state[key] = {k[5:]: v for k, v in state[key].items() if k.startswith("unet.")}
+    torch.save(state, path)
+    report = train_stage("unet", data_dir, work, frozen, steps=3, progress=False)
+    assert (report.step, report.ran_steps, report.finished) == (6, 3, True)
+    assert (final_dir(work, "unet") / "diffusion_pytorch_model.safetensors").is_file()
+
+    (work / "unet" / "done.json").unlink()
+    torch.save(state, path)
+    run["config"] = TINY.to_json()
+    (work / "config.json").write_text(json.dumps(run))
+    with pytest.raises(BoothError, match="frozen text encoder"):
+        train_stage("unet", data_dir, work, TINY, steps=1, progress=False)
 
 
 @needs_data
@@ -245,18 +346,39 @@ def test_export_layout_fp16_and_card(exported, trained):
 
 
 @needs_data
-def test_exported_text_encoder_is_the_trained_clip_text_tower(exported, trained):
+def test_exported_text_encoder_is_the_one_the_unet_stage_fine_tuned(exported, trained):
+    """TINY trains the text encoder with the UNet: the pipeline ships that encoder, the evaluator keeps CLIP's."""
     from transformers import CLIPModel, CLIPTextModel
 
-    trained_clip = CLIPModel.from_pretrained(final_dir(trained, "clip"))
-    expected = {f"text_model.{k}": v.half() for k, v in trained_clip.text_model.state_dict().items()}
+    assert TINY.unet.train_text_encoder
+    tuned = CLIPTextModel.from_pretrained(final_dir(trained, "unet") / "text_encoder")
+    expected = {
+        (k if k.startswith("text_model.") else f"text_model.{k}"): v.half()
+        for k, v in tuned.state_dict().items()
+    }
     stored = load_file(exported / "text_encoder" / "model.safetensors")
     assert stored.keys() == expected.keys()
     assert all(torch.equal(stored[k], expected[k]) for k in expected)
     loaded = CLIPTextModel.from_pretrained(exported / "text_encoder")
     assert loaded.dtype == torch.float32
+    trained_clip = CLIPModel.from_pretrained(final_dir(trained, "clip"))
     evaluator = CLIPModel.from_pretrained(exported / "clip")
-    assert all(torch.equal(evaluator.text_model.state_dict()[k[11:]].half(), v) for k, v in stored.items())
+    tower = {f"text_model.{k}": v.half() for k, v in trained_clip.text_model.state_dict().items()}
+    assert all(torch.equal(evaluator.text_model.state_dict()[k[11:]].half(), v) for k, v in tower.items())
+    assert any(not torch.equal(stored[k], tower[k]) for k in tower)  # the UNet stage moved the encoder
+
+
+@needs_data
+def test_frozen_text_encoder_rides_along_unchanged(data_dir, trained):
+    """Without train_text_encoder the encoder gets no gradient and the export would copy CLIP's tower."""
+    frozen = replace(TINY, unet=replace(TINY.unet, train_text_encoder=False))
+    task = build_task("unet", frozen, load_split(data_dir), torch.device("cpu"), 0, trained)
+    before = {k: v.clone() for k, v in task.model.text_encoder.state_dict().items()}
+    loss, _ = task.loss(torch.arange(4), torch.Generator().manual_seed(0), None)
+    loss.backward()
+    assert all(p.grad is None for p in task.model.text_encoder.parameters())
+    assert any(p.grad is not None for p in task.model.unet.parameters())
+    assert all(torch.equal(before[k], v) for k, v in task.model.text_encoder.state_dict().items())
 
 
 @needs_data

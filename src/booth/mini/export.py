@@ -36,6 +36,7 @@ from booth.mini.train import (
     DATASET_FILE,
     DONE,
     STAGES,
+    TEXT_ENCODER,
     final_dir,
     is_finished,
     read_log,
@@ -68,15 +69,23 @@ def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def load_trained_pipeline(work_dir: str | Path):
-    """The fp32 `StableDiffusionPipeline` of a finished run (text encoder copied from mini-CLIP)."""
+    """The fp32 `StableDiffusionPipeline` of a finished run.
+
+    The text encoder is the one the UNet stage fine-tuned (``unet/final/text_encoder``) when it trained one,
+    else a copy of the mini-CLIP text tower.
+    """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     work = Path(work_dir)
-    clip = CLIPModel.from_pretrained(final_dir(work, "clip"))
+    tuned = final_dir(work, "unet") / TEXT_ENCODER
+    if tuned.is_dir():
+        text_encoder = CLIPTextModel.from_pretrained(tuned).eval()
+    else:
+        text_encoder = arch_mod.text_encoder_from_clip(CLIPModel.from_pretrained(final_dir(work, "clip")))
     return StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(final_dir(work, "vae")),
-        text_encoder=arch_mod.text_encoder_from_clip(clip),
+        text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(final_dir(work, "clip")),
         unet=UNet2DConditionModel.from_pretrained(final_dir(work, "unet")),
         scheduler=arch_mod.build_inference_scheduler(),
