@@ -247,6 +247,8 @@ def test_sdxl_trains_both_encoders(tmp_path, subject):
         ([], "--initializer-token"),
         (["--initializer-token", "  "], "--initializer-token"),
         (["--initializer-token", "dog", "--prior-preservation", "--class-prompt", "a dog"], "prior"),
+        (["--initializer-token", "dog", "--name", "dog"], "would get the learned vectors"),  # trigger = "dog"
+        (["--initializer-token", "toy dog", "--name", "Dog"], "would get the learned vectors"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sd1_dir, subject, capsys, flags, message):

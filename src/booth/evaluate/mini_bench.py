@@ -131,7 +131,7 @@ def train_config(
         method=method,
         model=s.model,
         out=out,
-        name=name,
+        name=None if method == "textual-inversion" else name,  # TI: the file name is the trigger word
         steps=s.steps,
         seed=s.seed,
         data=DataConfig(images=instance_dir, instance_prompt=instance_prompt),

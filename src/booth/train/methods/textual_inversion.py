@@ -161,6 +161,26 @@ class TextualInversion(Method):
             raise BoothError(
                 "--train-text-encoder is a DreamBooth option; textual inversion trains only the new word"
             )
+        cls.check_trigger_word(config)
+
+    @staticmethod
+    def trigger_word(config) -> str | None:
+        """The A1111 file's stem, its trigger word there: `name`, else the placeholder without ``<>``."""
+        from booth.train.formats.embeddings import safe_file_stem
+
+        return config.name or safe_file_stem(config.tokens.placeholder) or None
+
+    @classmethod
+    def check_trigger_word(cls, config) -> None:
+        """Refuse an A1111 trigger word that is one of the initializer's words: it would hijack that word."""
+        trigger = cls.trigger_word(config)
+        words = {w.lower() for w in (config.tokens.initializer or "").split()}
+        if trigger and trigger.lower() in words:
+            raise BoothError(
+                f"the A1111 embedding would be {trigger}.safetensors, and its file name is its trigger word: "
+                f"every prompt with {trigger!r} (the initializer word) would get the learned vectors instead; "
+                "choose another --name"
+            )
 
     def __init__(self, config):
         super().__init__(config)
@@ -277,9 +297,9 @@ class TextualInversion(Method):
 
     def file_stem(self) -> str:
         """The A1111 file's name (= its trigger word there): `name`, else the placeholder without ``<>``."""
-        from booth.train.formats.embeddings import DIFFUSERS_EMBEDDING_FILE, safe_file_stem
+        from booth.train.formats.embeddings import DIFFUSERS_EMBEDDING_FILE
 
-        stem = self.config.name or safe_file_stem(self.config.tokens.placeholder) or self.config.run_name
+        stem = self.trigger_word(self.config) or self.config.run_name
         if f"{stem}.safetensors" == DIFFUSERS_EMBEDDING_FILE:
             stem += "-a1111"
         return stem
