@@ -5,9 +5,7 @@ quietly."""
 
 from __future__ import annotations
 
-import base64
 import json
-import time
 import warnings
 
 import pytest
@@ -19,26 +17,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from booth.server.app import create_app  # noqa: E402
 from booth.server.config import ServerConfig  # noqa: E402
+from server_helpers import upload, wait_job
 
 BASE = "http://127.0.0.1"
 FAST = {"steps": 2, "sampler_name": "Euler", "width": 32, "height": 32, "seed": 1}
-
-
-def upload(client, subject) -> str:
-    images = [base64.b64encode(p.read_bytes()).decode() for p in sorted(subject.glob("*.png"))]
-    r = client.post("/booth/v1/uploads", json={"images": images})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def wait_job(client, job_id, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/booth/v1/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['status']}")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +34,7 @@ def _train(client, subject, **body) -> dict:
     body = {"upload": upload(client, subject), "instance_prompt": "a sks dog", "steps": 2, **body}
     r = client.post("/booth/v1/train", json=body)
     assert r.status_code == 202, r.text
-    job = wait_job(client, r.json()["job"]["id"])
+    job = wait_job(client, r.json()["job"]["id"], timeout=180)
     assert job["status"] == "done", job
     return job
 

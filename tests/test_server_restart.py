@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from server_helpers import wait_job
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
@@ -65,16 +67,6 @@ def _stop(proc) -> None:
     proc.log.close()
 
 
-def _wait(http, job_id, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = http.get(f"/booth/v1/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still {job['status']}")
-
-
 def test_sigkilled_server_restarts_and_resumes(tiny_sd1_dir, subject, tmp_path):
     data, log_path = tmp_path / "data", tmp_path / "server.log"
     proc, http = _serve(tiny_sd1_dir, data, log_path)
@@ -118,13 +110,13 @@ def test_sigkilled_server_restarts_and_resumes(tiny_sd1_dir, subject, tmp_path):
         ids = [j["id"] for j in http.get("/booth/v1/queue").json()["jobs"]]
         assert queued_id in ids
         assert http.get(f"/booth/v1/jobs/{queued_id}").json()["status"] in ("queued", "running", "done")
-        job = _wait(http, job_id)
+        job = wait_job(http, job_id)
         assert job["status"] == "done", job
         assert job["step"] == STEPS and job["result"]["steps"] == STEPS and job["attempts"] == 2
         resumed_from = job["result"]["resumed_from"]
         assert resumed_from % EVERY == 0 and killed_at - EVERY <= resumed_from <= killed_at
         assert "killed" in [item["name"] for item in http.get("/sdapi/v1/loras").json()]
-        assert _wait(http, queued_id)["status"] == "done"
+        assert wait_job(http, queued_id)["status"] == "done"
         assert len(http.get(f"/booth/v1/jobs/{queued_id}/result").json()["images"]) == 1
     finally:
         http.close()

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from booth.server.app import create_app  # noqa: E402
 from booth.server.config import Limits, ServerConfig  # noqa: E402
+from server_helpers import upload, wait_job
 
 BASE = "http://127.0.0.1"
 FAST = {"steps": 2, "sampler_name": "Euler", "width": 32, "height": 32, "seed": 1}
@@ -33,25 +34,6 @@ def b64_png(path) -> str:
 def make_config(tiny_sd1_dir, data_dir, **kwargs) -> ServerConfig:
     kwargs.setdefault("limits", Limits(max_body_bytes=4 * 1024 * 1024, max_upload_images=5))
     return ServerConfig(model=str(tiny_sd1_dir), data_dir=data_dir, **kwargs)
-
-
-def upload(client, subject) -> str:
-    images = [b64_png(p) for p in sorted(subject.glob("*.png"))]
-    r = client.post("/booth/v1/uploads", json={"images": images})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def wait_job(client, job_id, until=("done", "failed", "cancelled"), timeout=120, seen=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/booth/v1/jobs/{job_id}").json()
-        if seen is not None:
-            seen.append(job)
-        if job["status"] in until:
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['status']}")
 
 
 @pytest.fixture(scope="module")
