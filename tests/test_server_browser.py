@@ -57,7 +57,9 @@ def test_page_generates_trains_and_uses_the_lora(server, subject, chromium_brows
     page.wait_for_selector("#gallery img", timeout=60_000)
     assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") > 0
     assert "Steps: 2" in page.inner_text("#infotext")
-    assert page.locator("#jobs tbody tr").count() >= 1  # the txt2img job arrived through the events
+    # the txt2img job arrives through the events, which can trail the HTTP response that brought the image
+    page.wait_for_selector("#jobs tbody tr", timeout=10_000)
+    assert page.locator("#jobs tbody tr").count() >= 1
 
     # 2. personalize: upload, pick LoRA, 4 steps, watch progress reach done
     page.set_input_files("#subject-files", sorted(str(f) for f in subject.glob("*.png")))
