@@ -72,7 +72,16 @@ from booth.errors import BoothError
 from booth.fsutil import atomic_folder
 from booth.mini import architecture as arch_mod
 from booth.mini.architecture import ClipConfig, MiniArchitecture, UNetConfig, VaeConfig
-from booth.mini.compose import CAPTION_PARTS, Layout, article, caption
+from booth.mini.compose import (
+    BACKGROUNDS,
+    CAPTION_PARTS,
+    POSITION_PHRASES,
+    POSITIONS_BY_SIZE,
+    SIZES,
+    Layout,
+    article,
+    caption,
+)
 
 STAGES: tuple[str, ...] = ("clip", "vae", "unet")
 CHECKPOINT = "checkpoint.pt"
@@ -81,9 +90,8 @@ DONE = "done.json"
 LOG = "log.jsonl"
 CONFIG_FILE = "config.json"
 DATASET_FILE = "dataset.json"
-TEXT_ENCODER = (
-    "text_encoder"  # unet/final/text_encoder: the fine-tuned encoder, when the UNet stage trains it
-)
+# unet/final/text_encoder: the fine-tuned encoder, when the UNet stage trains it
+TEXT_ENCODER = "text_encoder"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the temperature at 100 (Radford et al. 2021)
 
 
@@ -349,8 +357,6 @@ def sample_caption(record: dict, dropout: CaptionDropout, gen: torch.Generator) 
 
 def part_phrases(styles: list[str]) -> dict[str, dict[str, str]]:
     """The phrase of every value of every caption part, as the caption template writes it."""
-    from booth.mini.compose import BACKGROUNDS, POSITION_PHRASES, SIZES
-
     return {
         "position": dict(POSITION_PHRASES),
         "size": {size: size for size in SIZES},
@@ -372,8 +378,6 @@ def hard_negative(
 
     `vocab` lists the values of "concept" and "style"; layouts stay valid (a large object only in the centre).
     """
-    from booth.mini.compose import BACKGROUNDS, POSITIONS_BY_SIZE, SIZES
-
     named = ["concept", *(p for p in parts if p in ("size", "position", "background", "style"))]
     if record["size"] == "large" and "position" in named:  # a large object has no other position
         named.remove("position")
@@ -859,10 +863,14 @@ class StageReport:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
-    """Exponential moving average of the weights, decay warmed up as min(decay, (1 + t) / (10 + t))."""
+    """Exponential moving average of the weights, decay warmed up as min(decay, (1 + t) / (10 + t)).
+
+    Frozen parameters (a text encoder that only rides along) equal their average already and are skipped.
+    """
     rate = 1.0 - min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, rate)
+        if p.requires_grad:
+            e.lerp_(p, rate)
 
 
 def _rng_state() -> dict:

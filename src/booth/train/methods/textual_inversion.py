@@ -164,18 +164,20 @@ class TextualInversion(Method):
         cls.check_trigger_word(config)
 
     @staticmethod
-    def trigger_word(config) -> str | None:
-        """The A1111 file's stem, its trigger word there: `name`, else the placeholder without ``<>``."""
-        from booth.train.formats.embeddings import safe_file_stem
+    def trigger_word(config) -> str:
+        """The A1111 file's stem, its trigger word there: `name`, else the placeholder without ``<>``, else the
+        run name; ``-a1111`` added if that would clash with diffusers' file name."""
+        from booth.train.formats.embeddings import DIFFUSERS_EMBEDDING_FILE, safe_file_stem
 
-        return config.name or safe_file_stem(config.tokens.placeholder) or None
+        stem = config.name or safe_file_stem(config.tokens.placeholder) or config.run_name
+        return stem + "-a1111" if f"{stem}.safetensors" == DIFFUSERS_EMBEDDING_FILE else stem
 
     @classmethod
     def check_trigger_word(cls, config) -> None:
         """Refuse an A1111 trigger word that is one of the initializer's words: it would hijack that word."""
         trigger = cls.trigger_word(config)
         words = {w.lower() for w in (config.tokens.initializer or "").split()}
-        if trigger and trigger.lower() in words:
+        if trigger.lower() in words:
             raise BoothError(
                 f"the A1111 embedding would be {trigger}.safetensors, and its file name is its trigger word: "
                 f"every prompt with {trigger!r} (the initializer word) would get the learned vectors instead; "
@@ -296,13 +298,8 @@ class TextualInversion(Method):
         return vectors if len(vectors) > 1 else next(iter(vectors.values()))
 
     def file_stem(self) -> str:
-        """The A1111 file's name (= its trigger word there): `name`, else the placeholder without ``<>``."""
-        from booth.train.formats.embeddings import DIFFUSERS_EMBEDDING_FILE
-
-        stem = self.trigger_word(self.config) or self.config.run_name
-        if f"{stem}.safetensors" == DIFFUSERS_EMBEDDING_FILE:
-            stem += "-a1111"
-        return stem
+        """The A1111 file's name (= its trigger word there); see `trigger_word`."""
+        return self.trigger_word(self.config)
 
     def save(self, out: Path, metadata: dict[str, str]) -> dict[str, Path]:
         from booth.train.formats.embeddings import DIFFUSERS_EMBEDDING_FILE, save_embedding
