@@ -282,6 +282,43 @@ def test_unet_only_checkpoints_from_before_the_text_encoder_joined_still_resume(
 
 
 @needs_data
+def test_unet_warm_start_takes_the_ema_of_another_run_and_its_own_text_encoder_lr(
+    data_dir, trained, tmp_path
+):
+    """`init` starts model and EMA from another run's checkpoint EMA; `text_encoder_lr` is the encoder's peak LR."""
+    source = torch.load(trained / "unet" / "checkpoint.pt", weights_only=True)
+    fine = replace(
+        TINY,
+        unet=replace(
+            TINY.unet, init=str(trained / "unet" / "checkpoint.pt"), text_encoder_lr=5e-3, snr_floor=1.0
+        ),
+    )
+    work = _work_with_prerequisites(trained, tmp_path, "unet")
+    run = json.loads((work / "config.json").read_text())
+    run["config"] = fine.to_json()
+    (work / "config.json").write_text(json.dumps(run))
+    report = train_stage("unet", data_dir, work, fine, steps=0, progress=False)
+    state = torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
+    assert report.step == 0
+    for key in ("model", "ema"):
+        assert all(torch.equal(state[key][k], v) for k, v in source["ema"].items())
+    groups = state["optimizer"]["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == [TINY.unet.optim.lr, 5e-3]
+    from transformers import CLIPModel
+
+    encoder = A.text_encoder_from_clip(CLIPModel.from_pretrained(work / "clip" / "final"))
+    in_fast = sum(len(g["params"]) for g in groups if g["initial_lr"] == 5e-3)
+    assert in_fast == len(list(encoder.parameters()))  # exactly the text encoder's tensors
+
+    missing = replace(fine, unet=replace(fine.unet, init=str(tmp_path / "none.pt")))
+    run["config"] = missing.to_json()
+    (work / "config.json").write_text(json.dumps(run))
+    (work / "unet" / "checkpoint.pt").unlink()
+    with pytest.raises(BoothError, match="not found"):
+        train_stage("unet", data_dir, work, missing, steps=1, progress=False)
+
+
+@needs_data
 def test_finished_stages_are_skipped_and_the_run_is_pinned(data_dir, trained, tmp_path):
     assert all(r.ran_steps == 0 and r.finished for r in train_all(data_dir, trained, TINY, progress=False))
     work = tmp_path / "work"

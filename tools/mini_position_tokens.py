@@ -10,6 +10,12 @@ It separates "the UNet cannot place objects" from "the text encoder does not tel
 
 Measured 2026-11-30 (2-core AMD EPYC, warm start from the shipped UNet's EMA): floor 0, 400 steps, lr 1e-4:
 position 17%, background 64%; floor 1, 1,000 steps, lr 3e-4: position 92%, background 94% (36 images).
+
+`--condition text` trains the same way on the captions through a text encoder (the one in --init's checkpoint,
+else the work folder's mini-CLIP tower; `--text-lr` 0 keeps it frozen), so the two conditionings compare
+like for like. Measured 2026-12-01, all from runs/mini3's UNet-stage checkpoint (UNet + fine-tuned encoder),
+lr 3e-4, floor 1, position right after 300 / 600 steps: tokens 17% / 25%; text, frozen encoder 8% / 11%;
+text, encoder at lr 1e-3 8% / -; text with the cross-attention re-initialised 8% / 11%.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--floor", type=float, default=1.0, help="x0-space weight floor (T.x0_weight)")
+    parser.add_argument(
+        "--condition",
+        choices=("tokens", "text"),
+        default="tokens",
+        help="tokens: learned attribute tokens; text: the captions through the text encoder of --init",
+    )
+    parser.add_argument("--text-lr", type=float, default=0.0, help="text encoder LR (0: frozen); text only")
+    parser.add_argument(
+        "--reset-cross-attention", action="store_true", help="re-initialise the UNet's attn2 after --init"
+    )
+    parser.add_argument("--text-length", type=int, default=77, help="text: pad captions to this many tokens")
+    parser.add_argument("--probe-every", type=int, default=0, help="sample and check every N steps too")
     args = parser.parse_args()
     from diffusers import AutoencoderKL
 
@@ -61,17 +79,67 @@ def main() -> None:
     table = torch.nn.Embedding(n, cfg.arch.clip.text_width)
     torch.nn.init.normal_(table.weight)
     unet = A.build_unet(cfg.arch.unet, cfg.arch.clip.text_width)
-    if args.init:
-        unet.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True)["ema"])
+    state = torch.load(args.init, map_location="cpu", weights_only=True)["ema"] if args.init else None
+    if state is not None:
+        unet.load_state_dict(
+            {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith("text_")}
+        )
+    if args.reset_cross_attention:
+        fresh = A.build_unet(cfg.arch.unet, cfg.arch.clip.text_width, seed=1).state_dict()
+        unet.load_state_dict({k: fresh[k] if ".attn2." in k else v for k, v in unet.state_dict().items()})
     gen = torch.Generator().manual_seed(0)
 
     def tokens(record: dict, drop: float) -> list[int]:
         keep = torch.rand(len(PARTS), generator=gen) >= drop
         return [offsets[p] + vocab[p].index(record[p]) if k else 0 for p, k in zip(PARTS, keep.tolist())]
 
+    if args.condition == "text":
+        from transformers import CLIPModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(work / "clip" / "final")
+        encoder = A.text_encoder_from_clip(CLIPModel.from_pretrained(work / "clip" / "final"))
+        if state is not None and any(k.startswith("text_encoder.") for k in state):
+            encoder.load_state_dict(
+                {
+                    k.removeprefix("text_encoder."): v
+                    for k, v in state.items()
+                    if k.startswith("text_encoder.")
+                }
+            )
+        encoder.requires_grad_(args.text_lr > 0).train(args.text_lr > 0)
+
+        def table(ids: torch.Tensor) -> torch.Tensor:  # token rows -> captions -> encoder states
+            texts = []
+            for row in ids.tolist():
+                record = {p: vocab[p][i - offsets[p]] for p, i in zip(PARTS, row) if i}
+                parts = tuple(p for p in T.CAPTION_PARTS if p in record)
+                if "concept" not in record:
+                    texts.append("")
+                    continue
+                record.setdefault("background", "white")
+                record.setdefault("position", "centre")
+                record.setdefault("size", "small")
+                record.setdefault("style", None)
+                texts.append(T.record_caption(record, parts))
+            tok = tokenizer(
+                texts, padding="max_length", max_length=args.text_length, truncation=True, return_tensors="pt"
+            )
+            with torch.set_grad_enabled(args.text_lr > 0):
+                return encoder(tok.input_ids)[0]
+
+        def tokens(record: dict, drop: float) -> list[int]:  # noqa: F811 - the concept is never dropped
+            keep = (torch.rand(len(PARTS), generator=gen) >= drop).tolist()
+            keep[0] = True
+            return [offsets[p] + vocab[p].index(record[p]) if k else 0 for p, k in zip(PARTS, keep)]
+
     noise = A.build_noise_scheduler()
     abar_all = noise.alphas_cumprod
-    groups = [{"params": unet.parameters(), "lr": args.lr}, {"params": table.parameters(), "lr": 1e-3}]
+    if args.condition == "tokens":
+        groups = [{"params": unet.parameters(), "lr": args.lr}, {"params": table.parameters(), "lr": 1e-3}]
+    else:
+        groups = [{"params": unet.parameters(), "lr": args.lr}]
+        if args.text_lr > 0:
+            groups.append({"params": encoder.parameters(), "lr": args.text_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     started = time.time()
     unet.train()
@@ -101,6 +169,9 @@ def main() -> None:
         optimizer.step()
         if step % 50 == 0:
             print(step, round(loss.item(), 4), f"{time.time() - started:.0f}s", flush=True)
+        if args.probe_every and step and step % args.probe_every == 0:
+            print(step, sample(unet.eval(), table, vocab, tokens, vae, scale), flush=True)
+            unet.train()
     print(json.dumps({**vars(args), **sample(unet.eval(), table, vocab, tokens, vae, scale)}))
 
 

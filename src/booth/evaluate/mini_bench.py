@@ -80,9 +80,9 @@ def find_subject(subject: str | Path) -> Path:
     return path
 
 
-def subject_word(method: str, noun: str) -> str:
-    """How prompts name the subject: "sks dog", "<sks>" (a learned word) or "<new1> dog"."""
-    return {"textual-inversion": "<sks>", "custom-diffusion": f"<new1> {noun}"}.get(
+def subject_word(method: str, noun: str, token: str = "<new1>") -> str:
+    """How prompts name the subject: "sks dog", "<sks>" (a learned word) or "<new1> dog" (`token`)."""
+    return {"textual-inversion": "<sks>", "custom-diffusion": f"{token} {noun}"}.get(
         method, f"{IDENTIFIER} {noun}"
     )
 
@@ -118,7 +118,9 @@ def train_config(
     out: Path,
     s: BenchSettings,
     name: str,
+    token: str = "<new1>",
 ):
+    """The `TrainConfig` of one benchmark run (`token`: Custom Diffusion's modifier token)."""
     from booth.train import DataConfig, LoraConfig, OptimConfig, PriorConfig, TrainConfig
     from booth.train.config import TokenConfig
 
@@ -126,7 +128,7 @@ def train_config(
     if method == "textual-inversion":
         tokens = TokenConfig(placeholder="<sks>", initializer=noun)
     elif method == "custom-diffusion":
-        tokens = TokenConfig(placeholder="<new1>", initializer=noun)
+        tokens = TokenConfig(placeholder=token, initializer=noun)
     return TrainConfig(
         method=method,
         model=s.model,
@@ -205,8 +207,10 @@ def run_subject(
     s: BenchSettings,
     evaluator=None,
     base_engine=None,
+    token: str = "<new1>",
 ) -> SubjectRun:
-    """Train one method on one subject and score it (see the module docstring)."""
+    """Train one method on one subject and score it (see the module docstring); `token`: Custom Diffusion's
+    modifier token."""
     from booth.evaluate.mini import MiniEvaluator, context_prompt
     from booth.generate.engine import Engine
     from booth.train import train
@@ -214,7 +218,7 @@ def run_subject(
     subject_dir = find_subject(subject)
     out.mkdir(parents=True, exist_ok=True)
     noun = json.loads((subject_dir / "subject.json").read_text())["class_noun"]
-    word = subject_word(method, noun)
+    word = subject_word(method, noun, token)
     instance_prompt, noun = prepare_instance_folder(subject_dir, out / "subject", word)
     references = [open_rgb(p) for p in sorted((out / "subject").glob("*.png"))]
     evaluator = evaluator or MiniEvaluator(None if s.model is None else Path(s.model) / "clip")
@@ -222,7 +226,7 @@ def run_subject(
 
     start = time.monotonic()
     config = train_config(
-        method, prior, out / "subject", instance_prompt, noun, out / "run", s, subject_dir.name
+        method, prior, out / "subject", instance_prompt, noun, out / "run", s, subject_dir.name, token
     )
     result = train(config, overwrite=True, progress=s.progress)
     train_seconds = time.monotonic() - start
@@ -467,8 +471,10 @@ def add_eval_commands(sub) -> None:
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
     m.set_defaults(func=cmd_eval_mini)
     from booth.evaluate.dreambench import add_dreambench_command
+    from booth.evaluate.mini_merge import add_merge_eval_command
 
     add_dreambench_command(eval_sub)
+    add_merge_eval_command(eval_sub)
     p.set_defaults(func=lambda args: p.print_help() or 0)
 
 

@@ -165,7 +165,12 @@ class VaeTrainConfig:
 
 @dataclass(frozen=True)
 class UNetTrainConfig:
-    """The UNet stage."""
+    """The UNet stage.
+
+    `text_encoder_lr`: the text encoder's peak learning rate when it trains (None: the UNet's).
+    `init`: warm start from another UNet-stage ``checkpoint.pt`` (its EMA weights start both the model and the
+    EMA; its optimizer state is not used): a fine-tuning phase of an earlier run, recorded in the config.
+    """
 
     optim: Optim
     captions: CaptionDropout = field(default_factory=lambda: CaptionDropout(empty=0.1, concept_only=0.1))
@@ -174,6 +179,8 @@ class UNetTrainConfig:
     min_snr_gamma: float = 5.0
     train_text_encoder: bool = False
     snr_floor: float = 0.0
+    text_encoder_lr: float | None = None
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -505,13 +512,26 @@ def read_log(work_dir: str | Path, stage: str) -> list[dict]:
 # --- the three tasks: steps 1-5 of the loop ----------------------------------------------------------------
 
 
-def _trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices, kernels and embeddings only (not on biases, norm gains, the temperature)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+def _trainable_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float, lrs: dict[str, float] | None = None
+) -> list[dict]:
+    """Weight decay on matrices, kernels and embeddings only (not on biases, norm gains, the temperature).
+
+    `lrs` maps a child module's name to its own learning rate (e.g. {"text_encoder": 1e-3}); the rest get `lr`.
+    """
+    lrs = lrs or {}
+    owners = [(name, dict(model.named_children())[name]) for name in lrs]
+    owned = {id(p) for _, m in owners for p in m.parameters()}
+    sets = [(lr, [p for p in model.parameters() if id(p) not in owned])]
+    sets += [(lrs[name], list(m.parameters())) for name, m in owners]
+    groups = []
+    for rate, params in sets:
+        params = [p for p in params if p.requires_grad]
+        groups.append(
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": rate}
+        )
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": rate})
+    return [g for g in groups if g["params"]] if lrs else groups
 
 
 class ClipTask:
@@ -958,7 +978,13 @@ def _open_session(
     folder.mkdir(parents=True, exist_ok=True)
     task = build_task(stage, config, data, dev, seed, work, dtype=dtype, progress=progress)
     optim = config.stage(stage).optim
-    optimizer = torch.optim.AdamW(_trainable_groups(task.model, optim.weight_decay), lr=optim.lr)
+    cfg = config.stage(stage)
+    lrs = {}
+    if stage == "unet" and cfg.train_text_encoder and cfg.text_encoder_lr is not None:
+        lrs[TEXT_ENCODER] = cfg.text_encoder_lr
+    optimizer = torch.optim.AdamW(
+        _trainable_groups(task.model, optim.weight_decay, optim.lr, lrs), lr=optim.lr
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.steps)
     ema = copy.deepcopy(task.model).requires_grad_(False) if stage == "unet" else None
     session = _Session(
@@ -974,9 +1000,27 @@ def _open_session(
         dtype=dtype,
         seed=seed,
     )
+    if not (folder / CHECKPOINT).is_file() and stage == "unet" and cfg.init:
+        _warm_start(session, Path(cfg.init))
     _load_checkpoint(session)
     _trim_log(folder / LOG, session.step)
     return session
+
+
+def _warm_start(s: _Session, path: Path) -> None:
+    """Start the UNet stage's model and EMA from the EMA weights of another run's UNet-stage checkpoint."""
+    if not path.is_file():
+        raise BoothError(f"unet init {path} not found (a UNet-stage checkpoint.pt of an earlier run)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights = state.get("ema") or state["model"]
+    if not any(k.startswith("unet.") for k in weights):  # written before the text encoder joined the stage
+        own = s.task.model.text_encoder.state_dict()
+        weights = {
+            **{f"unet.{k}": v for k, v in weights.items()},
+            **{f"text_encoder.{k}": v for k, v in own.items()},
+        }
+    s.task.model.load_state_dict(weights)
+    s.ema.load_state_dict(weights)
 
 
 def _save_checkpoint(s: _Session) -> None:

@@ -1,0 +1,310 @@
+"""The merge benchmark: two subjects trained separately with Custom Diffusion, merged, then rendered together.
+
+Steps (`merge_benchmark`; `booth eval merge` is its command line):
+
+1. Train Custom Diffusion on subject A with modifier token ``<new1>`` and on subject B with ``<new2>``, each
+   alone, on booth-mini (the settings of the mini benchmark, `booth.evaluate.mini_bench`).
+2. Merge the two in closed form (`booth.train.merge.merge_custom_diffusion`, Kumari et al. 2023, sec. 3.3).
+3. Render with four models: the base model (class nouns), A alone, B alone, and the merge:
+   - each subject in the mini benchmark's `CONTEXTS` (alone in the image): subject fidelity (mini CLIP-I to
+     that subject's real images) and prompt fidelity, so the cost of merging shows against each model alone;
+   - `COMPOSED` prompts naming both subjects, one on the left and one on the right: each half of the image is
+     scored against the real images of the subject asked there (mini CLIP-I of the half, resized to the
+     model's resolution), and "both" is the share of images where both halves score above the base model's
+     mean for that subject and half.
+
+A model that knows only one subject gets the other's class noun in every prompt. booth-mini's world shows
+one object an image (its training captions never name two), so two-subject prompts ask for something the base
+model never saw; the numbers are reported as measured.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from booth.errors import BoothError
+from booth.evaluate.mini_bench import (
+    CONTEXTS,
+    BenchSettings,
+    find_subject,
+    generate,
+    personalized_engine,
+    run_subject,
+    subject_word,
+)
+
+TOKENS = ("<new1>", "<new2>")
+# {left} and {right} are subject phrases ("a <new1> dog"); each prompt is rendered with A left and with A right
+COMPOSED: tuple[str, ...] = (
+    "{left} on the left and {right} on the right",
+    "{left} on the left and {right} on the right on a white background",
+)
+
+
+@dataclass
+class ModelScores:
+    """What one model scored: per subject in its contexts, and in the two-subject prompts."""
+
+    model: str
+    subject_fidelity: dict[str, float]
+    prompt_fidelity: dict[str, float]
+    composed_fidelity: dict[str, float]  # per subject: mini CLIP-I of the half where it was asked
+    composed_whole: dict[str, float]  # per subject: mini CLIP-I of the whole two-subject image
+    both_shown: float | None = None  # share of two-subject images with both halves above the base's mean
+
+
+def halves(image):
+    """(left half, right half) of an image, each resized back to the image's size (the evaluator's input)."""
+    w, h = image.size
+    left = image.crop((0, 0, w // 2, h)).resize((w, h))
+    right = image.crop((w - w // 2, 0, w, h)).resize((w, h))
+    return left, right
+
+
+def composed_prompts(words: Sequence[str]) -> list[tuple[str, int]]:
+    """Every `COMPOSED` prompt with subject 0 left and with subject 0 right: (text, index of the left subject)."""
+    prompts = []
+    for template in COMPOSED:
+        for left in (0, 1):
+            prompts.append((template.format(left=f"a {words[left]}", right=f"a {words[1 - left]}"), left))
+    return prompts
+
+
+def score_model(
+    label: str,
+    engine,
+    suffix: str,
+    words: Sequence[str],
+    references: Sequence[Sequence[Any]],
+    s: BenchSettings,
+    evaluator,
+) -> tuple[ModelScores, dict[str, Any]]:
+    """Render both subjects alone (in `CONTEXTS`) and together (`COMPOSED`) with one model; score them.
+
+    `words`: how this model's prompts name subjects A and B; `references`: each subject's real images.
+    Returns the scores and the images (for the report and for `both_shown`)."""
+    from booth.evaluate.mini import context_prompt
+
+    fidelity, prompt_fidelity, images = {}, {}, {}
+    for i, key in enumerate("AB"):
+        prompts = [context_prompt(words[i], *c) for c in CONTEXTS]
+        rows = [generate(engine, p.text + suffix, s.seeds, s.sample_steps) for p in prompts]
+        flat = [im for row in rows for im in row]
+        fidelity[key] = evaluator.subject_fidelity(flat, references[i])
+        repeated = [p for p in prompts for _ in range(s.seeds)]
+        prompt_fidelity[key] = evaluator.prompt_fidelity(flat, repeated)["all"]
+        images[f"alone-{key}"] = (rows, [p.text for p in prompts])
+    composed = composed_prompts(words)
+    rows = [generate(engine, text + suffix, s.seeds, s.sample_steps) for text, _ in composed]
+    half_scores: list[dict[str, float]] = []  # per image: subject -> fidelity of the half it was asked in
+    whole = {"A": [], "B": []}
+    for (_, left), row in zip(composed, rows):
+        for image in row:
+            parts = halves(image)
+            by_subject = {}
+            for side, part in enumerate(parts):
+                subject = left if side == 0 else 1 - left
+                by_subject["AB"[subject]] = evaluator.subject_fidelity([part], references[subject])
+            half_scores.append(by_subject)
+            for i, key in enumerate("AB"):
+                whole[key].append(evaluator.subject_fidelity([image], references[i]))
+    images["composed"] = (rows, [text for text, _ in composed])
+    images["half_scores"] = half_scores
+    scores = ModelScores(
+        label,
+        fidelity,
+        prompt_fidelity,
+        {k: statistics.fmean(h[k] for h in half_scores) for k in "AB"},
+        {k: statistics.fmean(v) for k, v in whole.items()},
+    )
+    return scores, images
+
+
+def both_shown(half_scores: Sequence[dict[str, float]], base: ModelScores) -> float:
+    """Share of two-subject images where each subject's half beats the base model's mean for that subject."""
+    hits = [all(h[k] > base.composed_fidelity[k] for k in "AB") for h in half_scores]
+    return sum(hits) / len(hits)
+
+
+def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Path:
+    """Steps 1-3 of the module docstring; writes results.json, table.md and report/index.html. Returns table.md."""
+    from booth.evaluate.mini import MiniEvaluator
+    from booth.generate.engine import Engine
+    from booth.models.loading import load_pipeline
+    from booth.train.formats.custom_diffusion import load_custom_diffusion
+    from booth.train.merge import merge_custom_diffusion, regularization_prompts
+
+    if len(subjects) != 2:
+        raise BoothError(f"the merge benchmark takes two subjects, got {len(subjects)}")
+    dirs = [find_subject(x) for x in subjects]
+    if dirs[0].resolve() == dirs[1].resolve():
+        raise BoothError("the merge benchmark needs two different subjects")
+    nouns = [json.loads((d / "subject.json").read_text())["class_noun"] for d in dirs]
+    started = time.monotonic()
+    evaluator = MiniEvaluator(None if s.model is None else Path(s.model) / "clip")
+    base_engine = Engine.from_model(s.model)
+    # 1. train each subject alone, with its own modifier token
+    runs = [
+        run_subject(
+            "custom-diffusion", False, d, out / "runs" / f"{d.name}", s, evaluator, base_engine, token
+        )
+        for d, token in zip(dirs, TOKENS)
+    ]
+    train_seconds = [r.train_seconds for r in runs]
+    references = [r.images["references"] for r in runs]
+    words = [subject_word("custom-diffusion", noun, token) for noun, token in zip(nouns, TOKENS)]
+    # 2. merge in closed form
+    tick = time.monotonic()
+    pipe = load_pipeline(s.model, device="cpu").pipe
+    merged = merge_custom_diffusion(
+        [r.train_result.out for r in runs], regularization_prompts(), pipe, out / "merged", name="merged"
+    )
+    merge_seconds = time.monotonic() - tick
+    # 3. render and score with each model
+    engines: list[tuple[str, Any, list[str]]] = [("base model", base_engine, list(nouns))]
+    for i, run in enumerate(runs):
+        engine, _ = personalized_engine("custom-diffusion", run.train_result, s.model)
+        named = list(nouns)
+        named[i] = words[i]
+        engines.append((f"{dirs[i].name} alone", engine, named))
+    loaded = load_pipeline(s.model)
+    load_custom_diffusion(loaded.pipe, out / "merged")
+    engines.append(("merged", Engine(loaded), list(words)))
+    results, all_images = [], []
+    for label, engine, named in engines:
+        scores, images = score_model(label, engine, "", named, references, s, evaluator)
+        results.append(scores)
+        all_images.append(images)
+    for scores, images in zip(results, all_images):
+        scores.both_shown = both_shown(images["half_scores"], results[0])
+    summary = {
+        "protocol": "booth mini merge benchmark v1",
+        "subjects": {"A": dirs[0].name, "B": dirs[1].name},
+        "words": {"A": words[0], "B": words[1]},
+        "settings": asdict(s),
+        "contexts": [list(c) for c in CONTEXTS],
+        "composed_prompts": [t for t, _ in composed_prompts(words)],
+        "train_seconds": train_seconds,
+        "merge_seconds": round(merge_seconds, 2),
+        "merge": {
+            "constraint_error": merged.constraint_error,
+            "reg_change": merged.reg_change,
+            "average_reg_change": merged.average_reg_change,
+        },
+        "models": [asdict(r) for r in results],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    table = merge_table(results, dirs[0].name, dirs[1].name)
+    (out / "table.md").write_text(table)
+    write_merge_report(out / "report", results, all_images, summary)
+    return out / "table.md"
+
+
+def merge_table(results: Sequence[ModelScores], a: str, b: str) -> str:
+    """The markdown table: one row per model."""
+    lines = [
+        f"| model | {a} fidelity (alone) | {b} fidelity (alone) | prompt fidelity (alone, mean) | "
+        f"two-subject images: {a} half | {b} half | both above base |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        pf = statistics.fmean(r.prompt_fidelity.values())
+        lines.append(
+            f"| {r.model} | {r.subject_fidelity['A']:.3f} | {r.subject_fidelity['B']:.3f} | {pf:.3f} | "
+            f"{r.composed_fidelity['A']:.3f} | {r.composed_fidelity['B']:.3f} | {r.both_shown:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_merge_report(folder: Path, results, all_images, summary: dict) -> None:
+    from booth.evaluate.report import Report, bar_chart
+    from booth.generate.grid import annotated_grid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    a, b = summary["subjects"]["A"], summary["subjects"]["B"]
+    report = Report(f"booth mini merge benchmark: {a} + {b}")
+    report.text(
+        f"Custom Diffusion on {a} ({summary['words']['A']}) and {b} ({summary['words']['B']}), trained "
+        f"separately, merged in closed form (constraint error {summary['merge']['constraint_error']:.1e}). "
+        "Two-subject prompts: each half scored against the subject asked there."
+    )
+    labels = [r.model for r in results]
+    chart = bar_chart(
+        folder / "fidelity.png",
+        labels,
+        {
+            f"{a} alone": [r.subject_fidelity["A"] for r in results],
+            f"{b} alone": [r.subject_fidelity["B"] for r in results],
+            f"{a} half": [r.composed_fidelity["A"] for r in results],
+            f"{b} half": [r.composed_fidelity["B"] for r in results],
+        },
+        "mini CLIP-I to the real images",
+        ylim=(0, 1.05),
+    )
+    report.image(chart.name)
+    report.heading("Table")
+    report.table(
+        ["model", f"{a} alone", f"{b} alone", f"{a} half", f"{b} half", "both above base"],
+        [
+            [
+                r.model,
+                r.subject_fidelity["A"],
+                r.subject_fidelity["B"],
+                r.composed_fidelity["A"],
+                r.composed_fidelity["B"],
+                r.both_shown,
+            ]
+            for r in results
+        ],
+    )
+    for i, (r, images) in enumerate(zip(results, all_images)):
+        report.heading(r.model)
+        for key in ("composed", "alone-A", "alone-B"):
+            rows, texts = images[key]
+            big = [[im.resize((im.width * 2, im.height * 2), 0) for im in row] for row in rows]
+            name = f"model-{i}-{key}.png"
+            annotated_grid(big, texts, []).save(folder / name)
+            report.image(name)
+    report.save(folder)
+
+
+def add_merge_eval_command(eval_sub) -> None:
+    m = eval_sub.add_parser(
+        "merge",
+        help="two subjects trained separately (Custom Diffusion), merged, rendered together on booth-mini",
+    )
+    m.add_argument("--subjects", default="poodle,teapot", help="two example subjects or folders")
+    m.add_argument("--steps", type=int, default=BenchSettings.steps, help="training steps per subject")
+    m.add_argument("--seeds", type=int, default=BenchSettings.seeds, help="images per prompt")
+    m.add_argument("--sample-steps", type=int, default=BenchSettings.sample_steps, help="sampling steps")
+    m.add_argument("--model", default=None, help="base model (default booth-mini)")
+    m.add_argument("--out", "-o", default="runs/mini-merge", help="output folder (default runs/mini-merge)")
+    m.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    m.set_defaults(func=cmd_eval_merge)
+
+
+def cmd_eval_merge(args) -> int:
+    s = BenchSettings(
+        steps=args.steps,
+        seeds=args.seeds,
+        sample_steps=args.sample_steps,
+        model=args.model,
+        progress=not args.no_progress,
+    )
+    started = time.monotonic()
+    subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
+    table = merge_benchmark(subjects, Path(args.out), s)
+    print(table.read_text())
+    print(
+        f"results: {table.parent / 'results.json'}; report: {table.parent / 'report' / 'index.html'}; "
+        f"{time.monotonic() - started:.0f} s"
+    )
+    return 0
