@@ -337,3 +337,42 @@ def test_lora_sum_refactors_by_svd(loras, tmp_path):
         torch.testing.assert_close(delta, concat[name], atol=1e-6, rtol=1e-5)
     with pytest.raises(BoothError, match="weights"):
         merge_lora([a["kohya"], b["kohya"]], [1.0], tmp_path / "bad", "sum")
+
+
+# --- Custom Diffusion as A1111 files -----------------------------------------------------------------------------
+
+
+def test_custom_diffusion_exports_as_kohya_lora_and_embedding_that_diffusers_loads(
+    adapters, wide_sd1_dir, tmp_path
+):
+    """Booth's Custom Diffusion loader and diffusers' own LoRA + textual-inversion loaders give the same UNet output
+    on "<new1> house" written the A1111 way; a lossy export differs; bad input is refused."""
+    from booth.train.merge import export_custom_diffusion_a1111
+
+    result = export_custom_diffusion_a1111(adapters[0], tmp_path / "a1111", "house")
+    assert result.error < 1e-6 and result.words == {"<new1>": "house-new1"}
+    assert (
+        result.lora.name == "house.safetensors"
+        and result.embeddings["<new1>"].name == "house-new1.safetensors"
+    )
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def predict(pipe, prompt):
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+
+    booth_pipe, diffusers_pipe = load(wide_sd1_dir), load(wide_sd1_dir)
+    load_custom_diffusion(booth_pipe, adapters[0])
+    diffusers_pipe.load_lora_weights(str(result.lora.parent), weight_name=result.lora.name)
+    diffusers_pipe.load_textual_inversion(str(result.embeddings["<new1>"]), token="house-new1")
+    want = predict(booth_pipe, "a <new1> house")
+    torch.testing.assert_close(predict(diffusers_pipe, "a house-new1 house"), want, atol=1e-4, rtol=1e-3)
+    assert (predict(load(wide_sd1_dir), "a house") - want).abs().max() > 1e-3  # the adapter matters
+
+    lossy = export_custom_diffusion_a1111(adapters[0], tmp_path / "lossy", "house", energy=0.3)
+    assert 0 < lossy.error < 1 and lossy.max_rank < result.max_rank
+    with pytest.raises(BoothError, match="--name"):
+        export_custom_diffusion_a1111(adapters[0], tmp_path / "bad", "../house")
+    with pytest.raises(BoothError, match="--energy"):
+        export_custom_diffusion_a1111(adapters[0], tmp_path / "bad", "house", energy=0)

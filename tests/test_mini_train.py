@@ -91,6 +91,25 @@ def test_full_text_encoder_is_the_clip_text_tower_and_feeds_the_unet():
     assert A.parameter_counts(FULL.arch)["text_encoder"] == A.count_parameters(clip.text_model)
 
 
+def test_vit_position_embeddings_start_as_scaled_2d_sincos():
+    """Row r, column c of the patch raster: channel 0 = sin(r), channel dim/2 = sin(c); the class slot is 0."""
+    table = A.sincos_2d(8, 192)
+    assert table.shape == (64, 192)
+    r, c = 3, 5
+    assert table[r * 8 + c, 0].item() == pytest.approx(torch.tensor(3.0).sin().item(), abs=1e-6)
+    assert table[r * 8 + c, 96].item() == pytest.approx(torch.tensor(5.0).sin().item(), abs=1e-6)
+    assert len({tuple(row.tolist()) for row in table}) == 64  # every patch position distinct
+    config = A.ClipConfig(
+        vision_width=32, vision_heads=2, vision_layers=1, text_layers=1, text_width=32, text_heads=2
+    )
+    weight = A.build_clip(config).vision_model.embeddings.position_embedding.weight
+    assert torch.allclose(weight[1:], 0.5 * A.sincos_2d(8, 32)) and not weight[0].any()
+    default = A.build_clip(replace(config, vision_position_scale=0.0))
+    assert default.vision_model.embeddings.position_embedding.weight[1:].norm(dim=1).mean() < 0.5
+    with pytest.raises(ValueError, match="divisible by 4"):
+        A.sincos_2d(8, 30)
+
+
 def test_concept_names_tokenize_short_with_the_truncated_bpe():
     from booth.mini.concepts import BASE_CONCEPTS
 
@@ -285,7 +304,10 @@ def test_unet_only_checkpoints_from_before_the_text_encoder_joined_still_resume(
 def test_unet_warm_start_takes_the_ema_of_another_run_and_its_own_text_encoder_lr(
     data_dir, trained, tmp_path
 ):
-    """`init` starts model and EMA from another run's checkpoint EMA; `text_encoder_lr` is the encoder's peak LR."""
+    """`init` starts the UNet (model and EMA) from another run's checkpoint EMA, the encoder from this run's CLIP;
+    `text_encoder_lr` is the encoder's peak LR."""
+    from transformers import CLIPModel
+
     source = torch.load(trained / "unet" / "checkpoint.pt", weights_only=True)
     fine = replace(
         TINY,
@@ -300,15 +322,14 @@ def test_unet_warm_start_takes_the_ema_of_another_run_and_its_own_text_encoder_l
     report = train_stage("unet", data_dir, work, fine, steps=0, progress=False)
     state = torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
     assert report.step == 0
+    clip_tower = A.text_encoder_from_clip(CLIPModel.from_pretrained(work / "clip" / "final")).state_dict()
     for key in ("model", "ema"):
-        assert all(torch.equal(state[key][k], v) for k, v in source["ema"].items())
+        assert all(torch.equal(state[key][k], v) for k, v in source["ema"].items() if k.startswith("unet."))
+        assert all(torch.equal(state[key][f"text_encoder.{k}"], v) for k, v in clip_tower.items())
     groups = state["optimizer"]["param_groups"]
     assert sorted({g["initial_lr"] for g in groups}) == [TINY.unet.optim.lr, 5e-3]
-    from transformers import CLIPModel
-
-    encoder = A.text_encoder_from_clip(CLIPModel.from_pretrained(work / "clip" / "final"))
     in_fast = sum(len(g["params"]) for g in groups if g["initial_lr"] == 5e-3)
-    assert in_fast == len(list(encoder.parameters()))  # exactly the text encoder's tensors
+    assert in_fast == len(clip_tower)  # exactly the text encoder's tensors
 
     missing = replace(fine, unet=replace(fine.unet, init=str(tmp_path / "none.pt")))
     run["config"] = missing.to_json()

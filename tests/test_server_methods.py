@@ -57,6 +57,24 @@ def test_textual_inversion_word_is_listed_and_used_in_prompts(client, subject):
     assert "TI hashes: tidog" in json.loads(r.json()["info"])["infotexts"][0]
 
 
+def test_custom_diffusion_result_is_served_as_lora_plus_embedding(client, subject):
+    before = _image(client, prompt="a photo of cddog-sks dog")  # an unknown word before the training
+    job = _train(
+        client, subject, method="custom-diffusion", name="cddog", instance_prompt="a <sks> dog", lr=0.1
+    )
+    result = job["result"]
+    assert result["prompt"] == "cddog-sks <lora:cddog:1>" and result["model"] is None
+    assert "cddog" in [item["name"] for item in client.get("/sdapi/v1/loras").json()]
+    assert "cddog-sks" in client.get("/sdapi/v1/embeddings").json()["loaded"]
+    r = client.post("/sdapi/v1/txt2img", json={**FAST, "prompt": "a photo of cddog-sks dog <lora:cddog:1>"})
+    assert r.status_code == 200 and r.json()["images"][0] != before
+    infotext = json.loads(r.json()["info"])["infotexts"][0]
+    assert "TI hashes: cddog-sks" in infotext and "Lora hashes: " in infotext and "cddog" in infotext
+    for kind in ("lora", "embedding", "custom_diffusion"):
+        download = client.get(f"/booth/v1/jobs/{job['id']}/files/{kind}")
+        assert download.status_code == 200 and len(download.content) > 100, kind
+
+
 def test_dreambooth_model_is_listed_and_selectable(client, subject):
     job = _train(client, subject, method="dreambooth", name="dbdog", lr=1e-2)
     assert job["result"]["model"] == "dbdog" and job["result"]["prompt"] is None

@@ -168,8 +168,9 @@ class UNetTrainConfig:
     """The UNet stage.
 
     `text_encoder_lr`: the text encoder's peak learning rate when it trains (None: the UNet's).
-    `init`: warm start from another UNet-stage ``checkpoint.pt`` (its EMA weights start both the model and the
-    EMA; its optimizer state is not used): a fine-tuning phase of an earlier run, recorded in the config.
+    `init`: warm start from another UNet-stage ``checkpoint.pt`` (its UNet EMA weights start both the model and
+    the EMA; not its text encoder nor its optimizer state): a UNet carried over from an earlier run, recorded in
+    the config.
     """
 
     optim: Optim
@@ -1008,19 +1009,18 @@ def _open_session(
 
 
 def _warm_start(s: _Session, path: Path) -> None:
-    """Start the UNet stage's model and EMA from the EMA weights of another run's UNet-stage checkpoint."""
+    """Start the UNet (model and EMA) from the UNet EMA weights of another run's UNet-stage checkpoint.
+
+    The text encoder always starts as this run's mini-CLIP text tower: a warm start is how a UNet trained on
+    an earlier CLIP is carried over to a new one."""
     if not path.is_file():
         raise BoothError(f"unet init {path} not found (a UNet-stage checkpoint.pt of an earlier run)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     weights = state.get("ema") or state["model"]
-    if not any(k.startswith("unet.") for k in weights):  # written before the text encoder joined the stage
-        own = s.task.model.text_encoder.state_dict()
-        weights = {
-            **{f"unet.{k}": v for k, v in weights.items()},
-            **{f"text_encoder.{k}": v for k, v in own.items()},
-        }
-    s.task.model.load_state_dict(weights)
-    s.ema.load_state_dict(weights)
+    if any(k.startswith("unet.") for k in weights):  # a checkpoint of the Denoiser (UNet + text encoder)
+        weights = {k[len("unet.") :]: v for k, v in weights.items() if k.startswith("unet.")}
+    s.task.model.unet.load_state_dict(weights)
+    s.ema.unet.load_state_dict(weights)
 
 
 def _save_checkpoint(s: _Session) -> None:

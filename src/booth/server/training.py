@@ -18,8 +18,10 @@ ETA) goes to the job, and cancel / shutdown set `TrainState.stop_requested` (the
 `TrainingInterrupted`: cancelled, or re-queued on shutdown). `<data_dir>/trainings` is one of the
 LoRA and embeddings folders and its DreamBooth `model/` folders are listed in sd-models, so a finished result is
 usable at once: the job result says how (`prompt`: `<lora:NAME:1>` or the textual-inversion word to add;
-`model`: the `sd_model_checkpoint` title of a DreamBooth model). Custom Diffusion results are not applied by the
-server yet (download them: `files/diffusers`).
+`model`: the `sd_model_checkpoint` title of a DreamBooth model). A Custom Diffusion result is exported as a kohya
+LoRA plus an embedding for its modifier token (`booth.train.merge.export_custom_diffusion_a1111`, exact), so its
+`prompt` is "<name>-<token> <lora:<name>:1>" and the files also load in A1111 / ComfyUI (downloads `lora`,
+`embedding`; the booth and diffusers files: `custom_diffusion`, `diffusers`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,17 @@ from booth.server.queue import JOB_ID_RE, Job, JobContext, JobStopped, Outcome
 UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 MAX_TRAIN_STEPS = 20_000
-FILE_KINDS = ("lora", "diffusers", "embedding", "single_file", "log", "loss_plot", "config", "preview")
+FILE_KINDS = (
+    "lora",
+    "diffusers",
+    "embedding",
+    "custom_diffusion",
+    "single_file",
+    "log",
+    "loss_plot",
+    "config",
+    "preview",
+)
 
 # what `options` may set in the TrainConfig (nested sections: these keys only); paths are never client input
 ALLOWED_OPTIONS: dict[str, Any] = {
@@ -390,7 +402,7 @@ class TrainingRunner:
 
     def _make_usable(self, config, files: dict[str, str]) -> dict[str, Any]:
         """Refresh the server's lists so the result is usable at once; how to use it (`prompt` text to add,
-        or the sd-models `model` title to select). Custom Diffusion results are not served yet (download)."""
+        or the sd-models `model` title to select)."""
         services = self.services
         if config.method == "lora":
             return {"prompt": f"<lora:{config.run_name}:1>", "model": None}
@@ -403,7 +415,27 @@ class TrainingRunner:
         if config.method == "dreambooth" and "diffusers" in files:
             services.registry.entries(refresh=True)
             return {"prompt": None, "model": config.run_name}
+        if config.method == "custom-diffusion" and "custom_diffusion" in files:
+            return self._custom_diffusion_usable(config, files)
         return {"prompt": None, "model": None}
+
+    def _custom_diffusion_usable(self, config, files: dict[str, str]) -> dict[str, Any]:
+        """Export the Custom Diffusion model as a kohya LoRA + embedding (``a1111/`` beside it), which the
+        LoRA and embeddings folders serve: the prompt says "<name>-sks dog <lora:<name>:1>" for the token "<sks>"."""
+        from booth.train.merge import export_custom_diffusion_a1111
+
+        root = trainings_dir(self.services).resolve()
+        source = root / files["custom_diffusion"]
+        export = export_custom_diffusion_a1111(source, source.parent / "a1111", config.run_name)
+        files["lora"] = str(export.lora.resolve().relative_to(root))
+        for path in export.embeddings.values():
+            files.setdefault("embedding", str(path.resolve().relative_to(root)))
+        models = self.services.models
+        models.embeddings(refresh=True)
+        if models.engine is not None:  # on the worker thread: no job is using the engine now
+            models.engine.embeddings = models.usable_embeddings(models.engine)
+        word = export.words.get(config.tokens.placeholder) or next(iter(export.words.values()), "")
+        return {"prompt": f"{word} <lora:{config.run_name}:1>".strip(), "model": None}
 
 
 def _file_path(services, job, kind: str) -> Path:

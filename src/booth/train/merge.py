@@ -454,6 +454,97 @@ def compress_custom_diffusion(
     )
 
 
+@dataclass
+class A1111Export:
+    """`export_custom_diffusion_a1111`'s files and what the SVD kept."""
+
+    lora: Path
+    embeddings: dict[str, Path]  # modifier token -> its embedding file (the file stem is the prompt word)
+    words: dict[str, str]  # modifier token -> the word that replaces it in prompts
+    max_rank: int
+    error: float  # relative Frobenius error of all weight deltas together (0 at full rank)
+
+
+def export_custom_diffusion_a1111(
+    path: str | os.PathLike, out: str | os.PathLike, name: str, energy: float = 1.0
+) -> A1111Export:
+    """A Custom Diffusion model as files A1111, ComfyUI, kohya and diffusers load: a kohya LoRA plus embeddings.
+
+    Each weight delta ΔW = W - W0 of a cross-attention K/V (and q/out) layer becomes a LoRA module by SVD,
+    ΔW = U diag(s) Vᵀ: ``lora_up`` = U_k diag(s_k), ``lora_down`` = V_kᵀ, k = `kept_rank(s, energy)` (energy 1:
+    every non-zero singular value, exact up to float32), zero-padded to the largest k so one ``alpha`` = that
+    rank fits every module (kohya's scale alpha / rank = 1). Bias deltas
+    (q/out training) have no LoRA form and are refused. Each modifier token becomes an A1111 embedding
+    ``<name>-<token>.safetensors`` (kohya ``emb_params``), so "<new1> dog" is written "<name>-new1 dog
+    <lora:<name>:1>" in an A1111 prompt. Booth files only (the deltas; a diffusers file needs its base model).
+    """
+    from booth.train.formats.custom_diffusion import read_custom_diffusion
+    from booth.train.formats.embeddings import safe_file_stem, save_embedding
+    from booth.train.formats.lora import _write_safetensors, lora_state_dict_to_kohya
+
+    if not 0 < energy <= 1:
+        raise BoothError(f"--energy must be in (0, 1], got {energy}")
+    stem = safe_file_stem(name)
+    if not stem or stem != name:
+        raise BoothError(f"--name {name!r}: use letters, digits, '.', '_' or '-'")
+    weights = read_custom_diffusion(path)
+    if weights.full:
+        raise BoothError(
+            f"{weights.label} holds full weights (a diffusers file); export needs booth's deltas"
+        )
+    state: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    err2 = total2 = 0.0
+    for layer in sorted(weights.layers):
+        delta = weights.delta(layer).double()
+        if delta.dim() != 2:
+            raise BoothError(
+                f"{weights.label} trained biases ({layer}); a LoRA cannot hold them: retrain without q/out"
+            )
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        k = max(1, kept_rank(s, energy)) if energy < 1 else max(1, int((s > s[0] * 1e-7).sum()))
+        module = layer.removesuffix(".weight")
+        factors[module] = ((u[:, :k] * s[:k]).float(), vh[:k].float())
+        approx = (u[:, :k] * s[:k]) @ vh[:k]
+        err2 += float((delta - approx).norm()) ** 2
+        total2 += float(delta.norm()) ** 2
+    # one rank for every module (smaller factors padded with zeros, which add nothing) and alpha = rank, so
+    # kohya's scale alpha / rank is 1 everywhere: diffusers 0.42's kohya converter mis-assigns per-module alphas
+    # of mid_block modules (its alpha_pattern keys miss them), which a uniform alpha avoids
+    rank = max((up.shape[1] for up, _ in factors.values()), default=0)
+    for module, (up, down) in factors.items():
+        pad = rank - up.shape[1]
+        state[f"unet.{module}.lora_A.weight"] = torch.cat([down, down.new_zeros(pad, down.shape[1])])
+        state[f"unet.{module}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
+    architecture = weights.metadata.get("booth.architecture") or "sd1"
+    tensors = lora_state_dict_to_kohya(state, float(rank), architecture)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+        "ss_sd_model_name": weights.base_model,
+        "booth.method": "custom-diffusion",
+        "booth.exported_from": Path(weights.path).name if weights.path else "",
+        "booth.export_energy": str(energy),
+        "booth.modifier_tokens": json.dumps(sorted(weights.tokens)),
+    }
+    lora = _write_safetensors(out / f"{stem}.safetensors", tensors, meta)
+    embeddings, words = {}, {}
+    for token, vector in sorted(weights.tokens.items()):
+        word = f"{stem}-{safe_file_stem(token) or 'token'}"
+        embeddings[token] = save_embedding(out / f"{word}.safetensors", vector.reshape(1, -1))
+        words[token] = word
+    return A1111Export(
+        lora=lora,
+        embeddings=embeddings,
+        words=words,
+        max_rank=rank,
+        error=math.sqrt(err2 / total2) if total2 else 0.0,
+    )
+
+
 # ====================================================================================================
 # LoRA
 
@@ -743,6 +834,23 @@ def add_merge_commands(sub) -> None:
     )
     c.set_defaults(func=cmd_compress)
 
+    x = sub.add_parser(
+        "export-a1111",
+        help="write a Custom Diffusion model as a kohya LoRA plus A1111 embeddings (A1111, ComfyUI, diffusers)",
+        description="Each weight delta becomes a LoRA module by SVD (exact at --energy 1); each modifier token "
+        "an embedding named <name>-<token>.",
+    )
+    x.add_argument("adapter", help="booth Custom Diffusion file or run folder")
+    x.add_argument("--out", "-o", required=True, help="output folder")
+    x.add_argument("--name", required=True, help="the LoRA's name (file stem; <lora:NAME:1> in prompts)")
+    x.add_argument(
+        "--energy",
+        type=float,
+        default=1.0,
+        help="share of each delta's singular-value sum kept (default 1: exact)",
+    )
+    x.set_defaults(func=cmd_export_a1111)
+
 
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
     if text is None:
@@ -828,13 +936,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_a1111(args: argparse.Namespace) -> int:
+    result = export_custom_diffusion_a1111(args.adapter, args.out, args.name, args.energy)
+    print(f"lora: {result.lora} (rank up to {result.max_rank}, relative error {result.error:.2e})")
+    for token, path in result.embeddings.items():
+        print(f"embedding: {path} (write {result.words[token]} where the prompt said {token})")
+    return 0
+
+
 __all__ = [
+    "A1111Export",
     "CompressionResult",
     "LayerMerge",
     "LoraMergeResult",
     "MergeResult",
     "add_merge_commands",
     "compress_custom_diffusion",
+    "export_custom_diffusion_a1111",
     "kept_rank",
     "merge_custom_diffusion",
     "merge_lora",
