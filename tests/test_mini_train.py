@@ -340,6 +340,28 @@ def test_unet_warm_start_takes_the_ema_of_another_run_and_its_own_text_encoder_l
 
 
 @needs_data
+def test_readout_term_teaches_the_token_average_every_caption_part(data_dir, trained):
+    """The readout heads read position/size/background/style from the averaged text states; the term trains the
+    text encoder (not the UNet) and is refused without a trainable encoder."""
+    aux = replace(TINY, unet=replace(TINY.unet, readout_weight=1.0))
+    task = build_task("unet", aux, load_split(data_dir), torch.device("cpu"), 0, trained)
+    assert set(task.model.readout) == {"position", "size", "background", "style"}
+    assert task.model.readout["position"].out_features == 9
+    plain = build_task("unet", TINY, load_split(data_dir), torch.device("cpu"), 0, trained)
+    torch.manual_seed(0)
+    index = torch.arange(16)
+    with_term, stats = task.loss(index, torch.Generator().manual_seed(0), None)
+    without, _ = plain.loss(index, torch.Generator().manual_seed(0), None)
+    assert 0 <= stats["readout_acc"] <= 1 and with_term.item() > without.item()  # same draws, plus the term
+    with_term.backward()
+    assert task.model.readout["position"].weight.grad.abs().sum() > 0
+    assert task.model.text_encoder.get_input_embeddings().weight.grad.abs().sum() > 0
+    frozen = replace(aux, unet=replace(aux.unet, train_text_encoder=False))
+    with pytest.raises(BoothError, match="needs train_text_encoder"):
+        build_task("unet", frozen, load_split(data_dir), torch.device("cpu"), 0, trained)
+
+
+@needs_data
 def test_finished_stages_are_skipped_and_the_run_is_pinned(data_dir, trained, tmp_path):
     assert all(r.ran_steps == 0 and r.finished for r in train_all(data_dir, trained, TINY, progress=False))
     work = tmp_path / "work"
