@@ -82,7 +82,7 @@ def main() -> None:
     state = torch.load(args.init, map_location="cpu", weights_only=True)["ema"] if args.init else None
     if state is not None:
         unet.load_state_dict(
-            {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith("text_")}
+            {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith(("text_", "readout."))}
         )
     if args.reset_cross_attention:
         fresh = A.build_unet(cfg.arch.unet, cfg.arch.clip.text_width, seed=1).state_dict()

@@ -79,8 +79,9 @@ def load_embeddings_dir(folder: str | os.PathLike) -> dict[str, Vectors]:
     Hidden files, empty files, ``*.preview.*`` images and images without an embedding are skipped silently
     (A1111), and so are files that are clearly something else: training checkpoints, ``.safetensors`` whose
     header names other tensors (LoRAs, Custom Diffusion deltas, model weights: only the header is read) and
-    anything inside a diffusers model folder (``model_index.json``), so a folder of training runs can be an
-    embeddings folder. A file that cannot be read is skipped with a warning, so one bad download does not stop
+    anything inside a diffusers model folder (``model_index.json``) or beside a Custom Diffusion weights file
+    (its modifier tokens mean the concept only with those weights; `booth export-a1111` writes a usable pair),
+    so a folder of training runs can be an embeddings folder. A file that cannot be read is skipped with a warning, so one bad download does not stop
     a run.
     The first file (in path order) wins when two give the same trigger word.
     """
@@ -98,6 +99,8 @@ def load_embeddings_dir(folder: str | os.PathLike) -> dict[str, Vectors]:
             continue
         if _in_model_folder(path, folder) or (suffix == ".safetensors" and not _may_be_embedding(path)):
             continue
+        if (path.parent / CUSTOM_DIFFUSION_FILE).is_file():
+            continue  # a Custom Diffusion modifier token: half a model without its attention weights
         if suffix in IMAGE_SUFFIXES:
             if Path(path.stem).suffix.lower() == ".preview":
                 continue
@@ -164,6 +167,9 @@ def usable_embeddings(embeddings: Mapping[str, Vectors], pipe, warn: bool = True
             stacklevel=2,
         )
     return kept
+
+
+CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"  # = formats.custom_diffusion's
 
 
 def _is_training_checkpoint(path: Path) -> bool:
