@@ -536,6 +536,7 @@ def _trainable_groups(
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": rate}
         )
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": rate})
+    # without `lrs` always the same two groups (empty or not): older checkpoints' optimizer states fit them
     return [g for g in groups if g["params"]] if lrs else groups
 
 

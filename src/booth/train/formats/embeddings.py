@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from booth.errors import BoothError
+from booth.train.formats.custom_diffusion import DIFFUSERS_CD_FILE
 
 DIFFUSERS_EMBEDDING_FILE = "learned_embeds.safetensors"  # diffusers TEXT_INVERSION_NAME_SAFE
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -99,7 +100,7 @@ def load_embeddings_dir(folder: str | os.PathLike) -> dict[str, Vectors]:
             continue
         if _in_model_folder(path, folder) or (suffix == ".safetensors" and not _may_be_embedding(path)):
             continue
-        if (path.parent / CUSTOM_DIFFUSION_FILE).is_file():
+        if (path.parent / DIFFUSERS_CD_FILE).is_file():
             continue  # a Custom Diffusion modifier token: half a model without its attention weights
         if suffix in IMAGE_SUFFIXES:
             if Path(path.stem).suffix.lower() == ".preview":
@@ -167,9 +168,6 @@ def usable_embeddings(embeddings: Mapping[str, Vectors], pipe, warn: bool = True
             stacklevel=2,
         )
     return kept
-
-
-CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"  # = formats.custom_diffusion's
 
 
 def _is_training_checkpoint(path: Path) -> bool:
