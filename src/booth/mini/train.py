@@ -377,6 +377,28 @@ def part_phrases(styles: list[str]) -> dict[str, dict[str, str]]:
     }
 
 
+def part_cross_entropy(values, records, parts, logits_of, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy (and accuracy) of every caption part named in a caption, over that part's values.
+
+    `values`: part -> its value names (the classes); `parts`: per sample, the parts its caption kept (None: none);
+    `logits_of(part, rows)`: the class logits of those samples. `like`: a tensor of the graph, for a zero loss
+    when no caption names a part.
+    """
+    losses, hits = [], []
+    for part, names in values.items():
+        rows = [i for i, p in enumerate(parts) if p and part in p]
+        if not rows:
+            continue
+        logits = logits_of(part, rows)
+        labels = torch.tensor([names.index(records[i][part]) for i in rows], device=logits.device)
+        losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+        hits.append((logits.argmax(dim=1) == labels).float())
+    if not losses:
+        return like.sum() * 0.0, 0.0
+    count = sum(len(h) for h in hits)
+    return torch.stack(losses).sum() / count, torch.cat(hits).mean().item()
+
+
 def _other(values: list[str], current: str, gen: torch.Generator) -> str:
     """A value of `values` other than `current`, drawn from `gen` (`current` itself if it is the only one)."""
     choices = [v for v in values if v != current]
@@ -611,20 +633,18 @@ class ClipTask:
     def _phrase_loss(self, records, parts, text_emb, phrase_emb, scale):
         """Cross-entropy of each named part of each caption over that part's phrases (text tower only)."""
         phrase_emb = F.normalize(_pooled(phrase_emb).float(), dim=-1)
-        losses, hits, start = [], [], 0
+        starts, start = {}, 0
         for part, values in self.phrases.items():
-            keys = list(values)
-            rows = [i for i, p in enumerate(parts) if p and part in p]
-            if rows:
-                logits = scale * text_emb[rows] @ phrase_emb[start : start + len(keys)].T
-                labels = torch.tensor([keys.index(records[i][part]) for i in rows], device=self.device)
-                losses.append(F.cross_entropy(logits, labels, reduction="sum"))
-                hits.append((logits.argmax(dim=1) == labels).float())
-            start += len(keys)
-        if not losses:
-            return text_emb.sum() * 0.0, 0.0
-        count = sum(len(h) for h in hits)
-        return torch.stack(losses).sum() / count, torch.cat(hits).mean().item()
+            starts[part], start = start, start + len(values)
+        return part_cross_entropy(
+            {part: list(values) for part, values in self.phrases.items()},
+            records,
+            parts,
+            lambda part, rows: (
+                scale * text_emb[rows] @ phrase_emb[starts[part] : starts[part] + len(self.phrases[part])].T
+            ),
+            text_emb,
+        )
 
     def save_final(self, folder: Path, data_dir: Path) -> dict:
         from booth.models.tokenizer import write_clip_tokenizer_files
@@ -792,12 +812,8 @@ class UNetTask:
         self.noise = arch_mod.build_noise_scheduler()
         self.alphas_cumprod = self.noise.alphas_cumprod.to(device)
         unet = arch_mod.build_unet(config.arch.unet, config.arch.clip.text_width, seed=seed)
-        self.readout_values = {
-            "position": list(POSITION_PHRASES),
-            "size": list(SIZES),
-            "background": list(BACKGROUNDS),
-            "style": sorted({r["style"] for r in data.records}),
-        }
+        styles = sorted({r["style"] for r in data.records})
+        self.readout_values = {part: list(values) for part, values in part_phrases(styles).items()}
         readout = {k: len(v) for k, v in self.readout_values.items()} if self.cfg.readout_weight else None
         if readout and not self.cfg.train_text_encoder:
             raise BoothError("readout_weight trains the text encoder: it needs train_text_encoder")
@@ -845,19 +861,13 @@ class UNetTask:
 
     def _readout_loss(self, average: torch.Tensor, records: list[dict], parts) -> tuple[torch.Tensor, float]:
         """Mean cross-entropy of every named caption part read from the token-averaged text states."""
-        losses, hits = [], []
-        for part, values in self.readout_values.items():
-            rows = [i for i, p in enumerate(parts) if p and part in p]
-            if not rows:
-                continue
-            logits = self.model.readout[part](average[rows])
-            labels = torch.tensor([values.index(records[i][part]) for i in rows], device=average.device)
-            losses.append(F.cross_entropy(logits, labels, reduction="sum"))
-            hits.append((logits.argmax(dim=1) == labels).float())
-        if not losses:
-            return average.sum() * 0.0, 0.0
-        count = sum(len(h) for h in hits)
-        return torch.stack(losses).sum() / count, torch.cat(hits).mean().item()
+        return part_cross_entropy(
+            self.readout_values,
+            records,
+            parts,
+            lambda part, rows: self.model.readout[part](average[rows]),
+            average,
+        )
 
     def save_final(self, folder: Path, data_dir: Path) -> dict:
         self.model.eval().unet.save_pretrained(folder)  # the loop has copied the EMA weights in
