@@ -476,3 +476,24 @@ def test_a_finished_run_continues_with_more_steps(tmp_path, tiny_sd1_dir, subjec
 
     a, b = load_file(straight.files["diffusers"]), load_file(more.files["diffusers"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_grad_norm_matches_torch_and_leaves_small_gradients_alone():
+    from booth.train.loop import clip_grad_norm
+
+    gen = torch.Generator().manual_seed(0)
+    for scale, clipped in ((10.0, True), (1e-3, False)):
+        ours = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in range(3)]
+        theirs = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in range(3)]
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(5, 3, generator=gen) * scale
+            b.grad = a.grad.clone()
+        before = [a.grad.clone() for a in ours]
+        total = clip_grad_norm(ours + [torch.nn.Parameter(torch.zeros(2))], 1.0)  # one without a gradient
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        assert torch.allclose(total, expected)
+        assert all(torch.allclose(a.grad, b.grad, atol=1e-7) for a, b in zip(ours, theirs))
+        changed = any(not torch.equal(a.grad, g) for a, g in zip(ours, before))
+        assert changed is clipped
+        if clipped:
+            assert torch.nn.utils.get_total_norm([a.grad for a in ours]) == pytest.approx(1.0, rel=1e-5)
