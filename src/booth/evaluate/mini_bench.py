@@ -38,11 +38,16 @@ CONTEXTS: tuple[tuple[str | None, str | None, str | None, str | None], ...] = (
     ("grey", None, None, "twemoji"),
 )
 IDENTIFIER = "sks"
-METHOD_SETTINGS: dict[str, dict[str, Any]] = {  # per method: LR, rank / tokens for the mini world
-    "lora": {"lr": 5e-4},
-    "dreambooth": {"lr": 2e-5},
-    "textual-inversion": {"lr": 5e-3},
-    "custom-diffusion": {"lr": 1e-4},
+# per method: LR and Min-SNR gamma for the mini world (booth-mini was trained with a Min-SNR-weighted loss).
+# Measured on booth-mini v2 (poodle, 250 steps, no prior, 2 seeds; mini CLIP-I, base model 0.024):
+# LoRA lr 5e-4 -0.116, 1e-3 0.036, 2e-3 0.147, 4e-3 0.166 (prompt fidelity 0.67), 2e-3 + Min-SNR 5 0.177 (teapot
+# 0.240 vs base 0.213, backpack 0.221 vs 0.140); full DreamBooth lr 2e-5 -0.075, 1e-4 0.149; Custom Diffusion lr
+# 1e-4 0.043, 1e-3 0.163 (prompt fidelity 0.58: position lost), so 5e-4.
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "lora": {"lr": 2e-3, "snr_gamma": 5.0},
+    "dreambooth": {"lr": 1e-4, "snr_gamma": 5.0},
+    "textual-inversion": {"lr": 5e-3, "snr_gamma": 5.0},
+    "custom-diffusion": {"lr": 5e-4, "snr_gamma": 5.0},
 }
 
 
@@ -121,9 +126,10 @@ def train_config(
     token: str = "<new1>",
 ):
     """The `TrainConfig` of one benchmark run (`token`: Custom Diffusion's modifier token)."""
-    from booth.train import DataConfig, LoraConfig, OptimConfig, PriorConfig, TrainConfig
+    from booth.train import DataConfig, LoraConfig, LossConfig, OptimConfig, PriorConfig, TrainConfig
     from booth.train.config import TokenConfig
 
+    settings = METHOD_SETTINGS.get(method, {})
     tokens = TokenConfig()
     if method == "textual-inversion":
         tokens = TokenConfig(placeholder="<sks>", initializer=noun)
@@ -145,7 +151,8 @@ def train_config(
         ),
         lora=LoraConfig(rank=s.rank),
         tokens=tokens,
-        optim=OptimConfig(lr=METHOD_SETTINGS.get(method, {}).get("lr"), batch_size=s.batch_size),
+        optim=OptimConfig(lr=settings.get("lr"), batch_size=s.batch_size),
+        loss=LossConfig(snr_gamma=settings.get("snr_gamma")),
         checkpoint_every=max(s.steps, 1),
     )
 
