@@ -31,7 +31,18 @@ needs_data = pytest.mark.skipif(
     not set(BASE_STYLES) <= set(installed_styles()),
     reason="emoji sources not installed (tools/install-data.sh)",
 )
-GATES = {"concept", "background", "position", "size", "style", "psnr", "psnr_novel", "speed"}
+GATES = {
+    "concept",
+    "background",
+    "position",
+    "size",
+    "style",
+    "psnr",
+    "psnr_novel",
+    "psnr_object",
+    "psnr_novel_object",
+    "speed",
+}
 SMALL = ["--samples", "6", "--concepts", "3", "--steps", "2", "--psnr-images", "8", "--speed-runs", "1"]
 
 
@@ -120,6 +131,35 @@ def test_update_card_appends_when_there_is_no_quality_section(tmp_path):
         update_card(tmp_path / "missing.md", report)
 
 
+def test_vae_psnr_scores_the_object_pixels_apart():
+    """An autoencoder that keeps the background and greys out the object: object PSNR far below the whole's."""
+    from types import SimpleNamespace
+
+    from booth.mini.check import vae_psnr
+
+    class GreyObject(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):
+            background = z[..., :1, :1]
+            is_object = (z - background).abs().amax(dim=1, keepdim=True) > 0.08
+            return SimpleNamespace(sample=torch.where(is_object, torch.zeros_like(z), z))
+
+    image = Image.new("RGB", (32, 32), (20, 60, 220))
+    image.paste((250, 40, 160), (8, 8, 16, 16))  # a pink square, 1/16 of the image
+    scores = vae_psnr(GreyObject(), [image])
+    assert scores["object"] == pytest.approx(
+        10 * math.log10(4 / (((250 / 127.5 - 1) ** 2 + (40 / 127.5 - 1) ** 2 + (160 / 127.5 - 1) ** 2) / 3)),
+        abs=1e-3,
+    )
+    assert scores["all"] == pytest.approx(scores["object"] + 10 * math.log10(16), abs=1e-3)
+
+
 # --- on a tiny exported model ---
 
 
@@ -135,6 +175,7 @@ def test_every_gate_is_measured_in_range(checked):
     assert (gates["concept"]["n"], gates["background"]["n"]) == (3, 6)
     assert math.isfinite(gates["psnr"]["measured"]) and gates["psnr"]["n"] == 8
     assert math.isfinite(gates["psnr_novel"]["measured"])
+    assert math.isfinite(gates["psnr_object"]["measured"]) and gates["psnr_object"]["n"] == 8
     assert gates["speed"]["measured"] > 0 and gates["speed"]["target"] == "< 1 s"
     assert all(g["passed"] in (True, False, None) for g in gates.values())
 

@@ -25,10 +25,12 @@ from booth.mini.train import (
     final_dir,
     hard_negative,
     load_split,
+    object_mask,
     part_phrases,
     read_log,
     record_caption,
     resolve_device,
+    rotate_hue,
     sample_caption,
     train_all,
     train_stage,
@@ -337,6 +339,89 @@ def test_unet_warm_start_takes_the_ema_of_another_run_and_its_own_text_encoder_l
     (work / "unet" / "checkpoint.pt").unlink()
     with pytest.raises(BoothError, match="not found"):
         train_stage("unet", data_dir, work, missing, steps=1, progress=False)
+
+
+@needs_data
+def test_unet_warm_start_can_carry_the_fine_tuned_text_encoder(data_dir, trained, tmp_path):
+    """`init_text_encoder` starts the encoder from the checkpoint's EMA encoder; a UNet-only checkpoint refuses."""
+    source = torch.load(trained / "unet" / "checkpoint.pt", weights_only=True)
+    fine = replace(
+        TINY, unet=replace(TINY.unet, init=str(trained / "unet" / "checkpoint.pt"), init_text_encoder=True)
+    )
+    work = _work_with_prerequisites(trained, tmp_path, "unet")
+    run = json.loads((work / "config.json").read_text())
+    run["config"] = fine.to_json()
+    (work / "config.json").write_text(json.dumps(run))
+    train_stage("unet", data_dir, work, fine, steps=0, progress=False)
+    state = torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
+    encoder = {k: v for k, v in source["ema"].items() if k.startswith("text_encoder.")}
+    assert encoder and all(
+        torch.equal(state[key][k], v) for key in ("model", "ema") for k, v in encoder.items()
+    )
+
+    unet_only = {k: v for k, v in source.items()}
+    unet_only["ema"] = {k[5:]: v for k, v in source["ema"].items() if k.startswith("unet.")}
+    torch.save(unet_only, tmp_path / "unet-only.pt")
+    no_encoder = replace(fine, unet=replace(fine.unet, init=str(tmp_path / "unet-only.pt")))
+    run["config"] = no_encoder.to_json()
+    (work / "config.json").write_text(json.dumps(run))
+    (work / "unet" / "checkpoint.pt").unlink()
+    with pytest.raises(BoothError, match="holds no text encoder"):
+        train_stage("unet", data_dir, work, no_encoder, steps=1, progress=False)
+
+
+def test_object_mask_marks_what_differs_from_the_background():
+    x = torch.full((2, 3, 8, 8), -1.0)
+    x[0, :, 2:5, 3:6] = torch.tensor([0.9, -0.5, 0.7])[:, None, None]  # a pink square on black
+    x[1] = 0.4  # a flat image: no object
+    mask = object_mask(x)
+    assert mask.shape == (2, 1, 8, 8)
+    assert mask[0, 0, 2:5, 3:6].eq(1).all() and mask[0].sum() == 9 and mask[1].sum() == 0
+
+
+def test_rotate_hue_keeps_grey_and_luma_and_turns_colours():
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 4, 4, generator=gen) * 0.6 - 0.3  # stays inside [-1, 1] (no clamping) when turned
+    assert torch.allclose(rotate_hue(x, torch.zeros(3)), x, atol=1e-5)
+    assert torch.allclose(rotate_hue(x, torch.full((3,), 2 * math.pi)), x, atol=1e-5)
+    grey = torch.full((1, 3, 2, 2), 0.3)
+    assert torch.allclose(rotate_hue(grey, torch.tensor([1.0])), grey, atol=1e-6)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    turned = rotate_hue(x, torch.tensor([0.5, 2.0, 4.0]))
+    assert torch.allclose((turned * luma).sum(1), (x * luma).sum(1), atol=1e-5)
+    assert (turned - x).abs().amax() > 0.1
+    red = torch.tensor([0.8, -0.6, -0.6]).view(1, 3, 1, 1)
+    third = torch.tensor([2 * math.pi / 3])
+    channels = {int(rotate_hue(red, turn).flatten().argmax()) for turn in (third, -third)}
+    assert channels == {1, 2}  # a third of a turn either way takes red to green and to blue
+
+
+@needs_data
+def test_vae_warm_start_and_object_weight(data_dir, trained, tmp_path):
+    """`init` loads a diffusers VAE folder; `object_weight` raises the loss by weighting the object's pixels."""
+    from diffusers import AutoencoderKL
+
+    folder = final_dir(trained, "vae")
+    data = load_split(data_dir)
+    losses = []
+    for weight in (0.0, 4.0):
+        cfg = replace(TINY, vae=replace(TINY.vae, init=str(folder), object_weight=weight))
+        task = build_task("vae", cfg, data, torch.device("cpu"), seed=1, work=tmp_path)
+        shipped = AutoencoderKL.from_pretrained(folder).state_dict()
+        assert all(torch.equal(task.model.state_dict()[k], v.float()) for k, v in shipped.items())
+        loss, stats = task.loss(torch.arange(4), torch.Generator().manual_seed(0), None)
+        losses.append((loss.item(), stats["psnr"]))
+    assert losses[1][0] > losses[0][0] * 1.05  # same batch and noise: only the weights differ
+    assert losses[1][1] == pytest.approx(losses[0][1])  # the reported PSNR is unweighted
+    jittered = replace(TINY, vae=replace(TINY.vae, init=str(folder), hue_jitter=1.0))
+    task = build_task("vae", jittered, data, torch.device("cpu"), seed=1, work=tmp_path)
+    loss, stats = task.loss(torch.arange(4), torch.Generator().manual_seed(0), None)
+    assert stats["psnr"] != pytest.approx(losses[0][1])  # other colours in, other reconstructions out
+    bad = replace(TINY, vae=replace(TINY.vae, init=str(tmp_path / "missing")))
+    with pytest.raises(BoothError, match="not a diffusers AutoencoderKL folder"):
+        build_task("vae", bad, data, torch.device("cpu"), seed=1, work=tmp_path)
 
 
 @needs_data

@@ -7,7 +7,8 @@ Gates, each over a fixed seeded prompt set (same seed -> same prompts, seeds and
 - background / position: `booth.mini.checks` on images generated from full captions built from valid
   layouts (`booth.mini.compose.LAYOUTS`: "large" only in the centre); size is reported alongside.
 - style: mini-CLIP zero-shot over the base styles ("a {concept}, {style} style" for each style).
-- VAE PSNR: posterior-mean reconstructions of held-out renders (test split), in dB; novel split reported.
+- VAE PSNR: posterior-mean reconstructions of held-out renders (test split), in dB; novel split reported; and
+  both over the object's pixels only (the flat background is most of an image and easy).
 - speed: median wall time of one 64x64 image with `steps` steps (report; the benchmark is
   ``benchmarks/mini_speed.py``).
 
@@ -380,19 +381,27 @@ def split_prompts(pairs: Sequence[tuple[Image.Image, dict]]) -> list[Prompt]:
 
 
 @torch.no_grad()
-def vae_psnr(vae: Any, images: Sequence[Image.Image], batch: int = 64) -> float:
-    """Mean per-image PSNR (dB, images in [-1, 1]) of the VAE's posterior-mean reconstructions."""
+def vae_psnr(vae: Any, images: Sequence[Image.Image], batch: int = 64) -> dict[str, float]:
+    """Mean per-image PSNR (dB, images in [-1, 1]) of the VAE's posterior-mean reconstructions: "all" pixels and
+    the "object" pixels alone (those that differ from the flat background, `booth.mini.train.object_mask`)."""
+    from booth.mini.train import object_mask
+
     if not images:
-        return float("nan")
-    values = []
+        return {"all": float("nan"), "object": float("nan")}
+    values: dict[str, list[torch.Tensor]] = {"all": [], "object": []}
     dtype = next(vae.parameters()).dtype
     for i in range(0, len(images), batch):
         arr = np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images[i : i + batch]])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
         recon = vae.decode(vae.encode(x.to(dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
-        mse = (recon - x).pow(2).flatten(1).mean(dim=1).clamp_min(1e-12)
-        values.append(10.0 * torch.log10(4.0 / mse))
-    return float(torch.cat(values).mean())
+        err, mask = (recon - x).pow(2), object_mask(x)
+        mse = {
+            "all": err.flatten(1).mean(dim=1),
+            "object": (err * mask).flatten(1).sum(1) / (3 * mask.flatten(1).sum(1)).clamp_min(1),
+        }
+        for key, m in mse.items():
+            values[key].append(10.0 * torch.log10(4.0 / m.clamp_min(1e-12)))
+    return {key: float(torch.cat(v).mean()) for key, v in values.items()}
 
 
 def time_generation(engine: Any, config: CheckConfig) -> float:
@@ -535,6 +544,22 @@ def run_check(
             n=psnr["novel"][1],
         ),
         Gate(
+            "psnr_object",
+            "VAE PSNR, object pixels only (held-out renders)",
+            "dB",
+            None,
+            measured=psnr["test_object"][0],
+            n=psnr["test_object"][1],
+        ),
+        Gate(
+            "psnr_novel_object",
+            "VAE PSNR, object pixels only (novel subjects)",
+            "dB",
+            None,
+            measured=psnr["novel_object"][0],
+            n=psnr["novel_object"][1],
+        ),
+        Gate(
             "speed",
             f"one {config.resolution}x{config.resolution} image, {config.steps} steps",
             "s",
@@ -570,13 +595,15 @@ def _ceilings(
 
 
 def _psnr_rows(vae: Any, data_dir: Path, config: CheckConfig, l_prompts: list[Prompt]) -> dict:
-    """(PSNR, n) for the test and novel splits (test falls back to on-the-fly renders of the prompt set)."""
+    """(PSNR, n) for the test and novel splits, all pixels ("test") and object pixels ("test_object"); test
+    falls back to on-the-fly renders of the prompt set."""
     rows = {}
     for split in ("test", "novel"):
         images = [im for im, _ in split_records(data_dir, split, config.psnr_images)]
         if not images and split == "test":
             images = real_renders(l_prompts[: config.psnr_images], config) or []
-        rows[split] = (vae_psnr(vae, images) if images else None, len(images))
+        values = vae_psnr(vae, images) if images else {"all": None, "object": None}
+        rows[split], rows[f"{split}_object"] = (values["all"], len(images)), (values["object"], len(images))
     return rows
 
 
