@@ -252,6 +252,13 @@ def _work_with_prerequisites(trained, tmp_path, stage):
     return work
 
 
+def _pin(work, config) -> None:
+    """Re-pin a work folder's run to `config` (a test changing settings between calls on purpose)."""
+    run = json.loads((work / "config.json").read_text())
+    run["config"] = config.to_json()
+    (work / "config.json").write_text(json.dumps(run))
+
+
 @needs_data
 @pytest.mark.parametrize("stage", ["clip", "unet"])
 def test_resumed_chunks_match_one_run(stage, data_dir, trained, tmp_path):
@@ -281,9 +288,7 @@ def test_unet_only_checkpoints_from_before_the_text_encoder_joined_still_resume(
     """A UNet checkpoint without ``unet.`` keys (older runs, frozen encoder) resumes; with training, a clear error."""
     frozen = replace(TINY, unet=replace(TINY.unet, train_text_encoder=False))
     work = _work_with_prerequisites(trained, tmp_path, "unet")
-    run = json.loads((work / "config.json").read_text())
-    run["config"] = frozen.to_json()
-    (work / "config.json").write_text(json.dumps(run))
+    _pin(work, frozen)
     train_stage("unet", data_dir, work, frozen, steps=3, progress=False)
     path = work / "unet" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
@@ -296,8 +301,7 @@ def test_unet_only_checkpoints_from_before_the_text_encoder_joined_still_resume(
 
     (work / "unet" / "done.json").unlink()
     torch.save(state, path)
-    run["config"] = TINY.to_json()
-    (work / "config.json").write_text(json.dumps(run))
+    _pin(work, TINY)
     with pytest.raises(BoothError, match="frozen text encoder"):
         train_stage("unet", data_dir, work, TINY, steps=1, progress=False)
 
@@ -318,9 +322,7 @@ def test_unet_warm_start_takes_the_ema_of_another_run_and_its_own_text_encoder_l
         ),
     )
     work = _work_with_prerequisites(trained, tmp_path, "unet")
-    run = json.loads((work / "config.json").read_text())
-    run["config"] = fine.to_json()
-    (work / "config.json").write_text(json.dumps(run))
+    _pin(work, fine)
     report = train_stage("unet", data_dir, work, fine, steps=0, progress=False)
     state = torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
     assert report.step == 0
@@ -334,8 +336,7 @@ def test_unet_warm_start_takes_the_ema_of_another_run_and_its_own_text_encoder_l
     assert in_fast == len(clip_tower)  # exactly the text encoder's tensors
 
     missing = replace(fine, unet=replace(fine.unet, init=str(tmp_path / "none.pt")))
-    run["config"] = missing.to_json()
-    (work / "config.json").write_text(json.dumps(run))
+    _pin(work, missing)
     (work / "unet" / "checkpoint.pt").unlink()
     with pytest.raises(BoothError, match="not found"):
         train_stage("unet", data_dir, work, missing, steps=1, progress=False)
@@ -349,9 +350,7 @@ def test_unet_warm_start_can_carry_the_fine_tuned_text_encoder(data_dir, trained
         TINY, unet=replace(TINY.unet, init=str(trained / "unet" / "checkpoint.pt"), init_text_encoder=True)
     )
     work = _work_with_prerequisites(trained, tmp_path, "unet")
-    run = json.loads((work / "config.json").read_text())
-    run["config"] = fine.to_json()
-    (work / "config.json").write_text(json.dumps(run))
+    _pin(work, fine)
     train_stage("unet", data_dir, work, fine, steps=0, progress=False)
     state = torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
     encoder = {k: v for k, v in source["ema"].items() if k.startswith("text_encoder.")}
@@ -363,8 +362,7 @@ def test_unet_warm_start_can_carry_the_fine_tuned_text_encoder(data_dir, trained
     unet_only["ema"] = {k[5:]: v for k, v in source["ema"].items() if k.startswith("unet.")}
     torch.save(unet_only, tmp_path / "unet-only.pt")
     no_encoder = replace(fine, unet=replace(fine.unet, init=str(tmp_path / "unet-only.pt")))
-    run["config"] = no_encoder.to_json()
-    (work / "config.json").write_text(json.dumps(run))
+    _pin(work, no_encoder)
     (work / "unet" / "checkpoint.pt").unlink()
     with pytest.raises(BoothError, match="holds no text encoder"):
         train_stage("unet", data_dir, work, no_encoder, steps=1, progress=False)
