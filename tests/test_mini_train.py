@@ -398,28 +398,40 @@ def test_rotate_hue_keeps_grey_and_luma_and_turns_colours():
 
 @needs_data
 def test_vae_warm_start_and_object_weight(data_dir, trained, tmp_path):
-    """`init` loads a diffusers VAE folder; `object_weight` raises the loss by weighting the object's pixels."""
+    """`init` starts a fresh VAE stage from a diffusers VAE folder; `object_weight` raises the loss by weighting the
+    object's pixels; `hue_jitter` feeds other colours."""
     from diffusers import AutoencoderKL
 
     folder = final_dir(trained, "vae")
+    warm = replace(TINY, vae=replace(TINY.vae, init=str(folder)))
+    work = _work_with_prerequisites(trained, tmp_path, "vae")
+    _pin(work, warm)
+    train_stage("vae", data_dir, work, warm, steps=0, progress=False)
+    model = torch.load(work / "vae" / "checkpoint.pt", weights_only=True)["model"]
+    shipped = AutoencoderKL.from_pretrained(folder).state_dict()
+    assert all(torch.equal(model[k], v.float()) for k, v in shipped.items())
+
     data = load_split(data_dir)
-    losses = []
-    for weight in (0.0, 4.0):
-        cfg = replace(TINY, vae=replace(TINY.vae, init=str(folder), object_weight=weight))
-        task = build_task("vae", cfg, data, torch.device("cpu"), seed=1, work=tmp_path)
-        shipped = AutoencoderKL.from_pretrained(folder).state_dict()
-        assert all(torch.equal(task.model.state_dict()[k], v.float()) for k, v in shipped.items())
+    results = {}
+    for name, vae_cfg in {
+        "plain": TINY.vae,
+        "object": replace(TINY.vae, object_weight=4.0),
+        "hue": replace(TINY.vae, hue_jitter=1.0),
+    }.items():
+        task = build_task("vae", replace(TINY, vae=vae_cfg), data, torch.device("cpu"), seed=1, work=tmp_path)
         loss, stats = task.loss(torch.arange(4), torch.Generator().manual_seed(0), None)
-        losses.append((loss.item(), stats["psnr"]))
-    assert losses[1][0] > losses[0][0] * 1.05  # same batch and noise: only the weights differ
-    assert losses[1][1] == pytest.approx(losses[0][1])  # the reported PSNR is unweighted
-    jittered = replace(TINY, vae=replace(TINY.vae, init=str(folder), hue_jitter=1.0))
-    task = build_task("vae", jittered, data, torch.device("cpu"), seed=1, work=tmp_path)
-    loss, stats = task.loss(torch.arange(4), torch.Generator().manual_seed(0), None)
-    assert stats["psnr"] != pytest.approx(losses[0][1])  # other colours in, other reconstructions out
-    bad = replace(TINY, vae=replace(TINY.vae, init=str(tmp_path / "missing")))
+        results[name] = (loss.item(), stats["psnr"])
+    assert results["object"][0] > results["plain"][0] * 1.05  # same batch and noise: only the weights differ
+    assert results["object"][1] == pytest.approx(results["plain"][1])  # the reported PSNR is unweighted
+    assert results["hue"][1] != pytest.approx(
+        results["plain"][1]
+    )  # other colours in, other reconstructions out
+
+    missing = replace(TINY, vae=replace(TINY.vae, init=str(tmp_path / "missing")))
+    (work / "vae" / "checkpoint.pt").unlink()
+    _pin(work, missing)
     with pytest.raises(BoothError, match="not a diffusers AutoencoderKL folder"):
-        build_task("vae", bad, data, torch.device("cpu"), seed=1, work=tmp_path)
+        train_stage("vae", data_dir, work, missing, steps=1, progress=False)
 
 
 @needs_data

@@ -159,7 +159,7 @@ class VaeTrainConfig:
     `object_weight`: extra weight of the object's pixels in the reconstruction terms, w = 1 + object_weight on
     pixels that differ from the flat background (`object_mask`). In the mini world the object covers 5-30% of
     an image, so an unweighted loss is mostly background: the shipped VAE reconstructs renders at 24.7 dB but
-    their objects at 15.4 dB, and decodes a pink, green or blue object as orange (measured 2026-12-01).
+    their objects at 15.4 dB, and decodes pink objects as orange (measured 2026-12-01).
     `init`: warm start from a diffusers `AutoencoderKL` folder (e.g. a shipped pipeline's ``vae/``) with the
     same architecture; recorded in the config like the UNet's.
     `hue_jitter`: share of each batch whose hue is rotated by a random angle (`rotate_hue`). The emoji sets
@@ -736,10 +736,7 @@ class VaeTask:
 
     def __init__(self, config: TrainConfig, data: MiniData, device: torch.device, seed: int):
         self.cfg, self.data, self.device = config.vae, data, device
-        self.model = arch_mod.build_vae(config.arch.vae, seed=seed)
-        if self.cfg.init:
-            self.model.load_state_dict(_vae_init_weights(Path(self.cfg.init)))
-        self.model = self.model.to(device).train()
+        self.model = arch_mod.build_vae(config.arch.vae, seed=seed).to(device).train()
 
     def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
         # 1. load batch (a `hue_jitter` share with its hue rotated)
@@ -1134,7 +1131,7 @@ def _open_session(
         dtype=dtype,
         seed=seed,
     )
-    if not (folder / CHECKPOINT).is_file() and stage == "unet" and cfg.init:
+    if not (folder / CHECKPOINT).is_file() and getattr(cfg, "init", None):  # a fresh VAE or UNet stage
         _warm_start(session, Path(cfg.init))
     _load_checkpoint(session)
     _trim_log(folder / LOG, session.step)
@@ -1142,10 +1139,14 @@ def _open_session(
 
 
 def _warm_start(s: _Session, path: Path) -> None:
-    """Start the UNet (model and EMA) from the UNet EMA weights of another run's UNet-stage checkpoint.
+    """Start a fresh stage from earlier weights: the VAE from a diffusers folder; the UNet (model and EMA) from
+    the UNet EMA weights of another run's UNet-stage checkpoint.
 
     The text encoder starts as this run's mini-CLIP text tower (how a UNet trained on an earlier CLIP is
     carried over to a new one) unless `init_text_encoder` asks for the checkpoint's encoder too."""
+    if s.stage == "vae":
+        s.task.model.load_state_dict(_vae_init_weights(path))
+        return
     if not path.is_file():
         raise BoothError(f"unet init {path} not found (a UNet-stage checkpoint.pt of an earlier run)")
     state = torch.load(path, map_location="cpu", weights_only=True)
