@@ -527,37 +527,14 @@ def run_check(
             floor=1 / len(BASE_STYLES),
             n=n_l,
         ),
-        Gate(
-            "psnr",
-            "VAE reconstruction PSNR (held-out renders)",
-            "dB",
-            24.0,
-            measured=psnr["test"][0],
-            n=psnr["test"][1],
-        ),
-        Gate(
-            "psnr_novel",
-            "VAE reconstruction PSNR (novel subjects)",
-            "dB",
-            None,
-            measured=psnr["novel"][0],
-            n=psnr["novel"][1],
-        ),
-        Gate(
-            "psnr_object",
-            "VAE PSNR, object pixels only (held-out renders)",
-            "dB",
-            None,
-            measured=psnr["test_object"][0],
-            n=psnr["test_object"][1],
-        ),
-        Gate(
-            "psnr_novel_object",
-            "VAE PSNR, object pixels only (novel subjects)",
-            "dB",
-            None,
-            measured=psnr["novel_object"][0],
-            n=psnr["novel_object"][1],
+        *(
+            Gate(name, label, "dB", target, measured=psnr[key][0], n=psnr[key][1])
+            for name, key, label, target in (
+                ("psnr", "test", "VAE reconstruction PSNR (held-out renders)", 24.0),
+                ("psnr_novel", "novel", "VAE reconstruction PSNR (novel subjects)", None),
+                ("psnr_object", "test_object", "VAE PSNR, object pixels only (held-out renders)", None),
+                ("psnr_novel_object", "novel_object", "VAE PSNR, object pixels only (novel subjects)", None),
+            )
         ),
         Gate(
             "speed",
