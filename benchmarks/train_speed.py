@@ -14,12 +14,17 @@ config; a small 768-wide text encoder and a small x8 VAE, which do not train and
 
     python benchmarks/train_speed.py                         # CPU: booth-mini 64 px, SD-1.5 UNet at 128 px
     python benchmarks/train_speed.py --sd-resolution 512     # on a GPU: SD-1.5 UNet at 512 px
+    python benchmarks/train_speed.py --compare-thp           # also without transparent huge pages (CPU)
+
+booth turns on torch's transparent-huge-page allocation for CPU tensors (THP_MEM_ALLOC_ENABLE=1, set when
+booth is imported); `--compare-thp` runs every configuration a second time with it off and prints the speedup.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -188,6 +193,11 @@ def main() -> None:
     parser.add_argument("--models", default="mini,sd15", help="comma-separated: mini, sd15")
     parser.add_argument("--methods", default="lora,dreambooth", help="comma-separated methods")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument(
+        "--compare-thp",
+        action="store_true",
+        help="also run each configuration without transparent huge pages and print the speedup",
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and args.device != "cpu"
@@ -199,40 +209,58 @@ def main() -> None:
         print(json.dumps(measure_one(model, method, res, batch, args.steps, args.device)))
         return
     rows = []
+    thp_modes = ("1", "0") if args.compare_thp else ("1",)
     for model in args.models.split(","):
         for method in args.methods.split(","):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--one",
-                model,
-                method,
-                "--steps",
-                str(args.steps),
-                "--sd-resolution",
-                str(sd_res),
-            ]
-            cmd += ["--batch", str(args.batch)] if args.batch else []
-            cmd += ["--device", args.device] if args.device else []
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{model}/{method}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            runs = {}
+            for thp in thp_modes:  # torch reads THP_MEM_ALLOC_ENABLE at start-up: one process per mode
+                runs[thp] = run_one(args, model, method, sd_res, thp)
+            if runs["1"] is None:
                 continue
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            row = runs["1"]
+            off = runs.get("0")
+            row["thp_speedup"] = off["step_s"] / row["step_s"] if off else None
+            rows.append(row)
     print(
         f"{'model':<8} {'method':<11} {'px':>4} {'batch':>5} {'trainable':>11} {'step s':>8} {'bare s':>8} "
-        f"{'optim s':>8} {'steps/s':>8} {'ratio':>6} {'w/o opt':>7}  memory"
+        f"{'optim s':>8} {'steps/s':>8} {'ratio':>6} {'w/o opt':>7} {'THP x':>6}  memory"
     )
     for r in rows:
+        thp = f"{r['thp_speedup']:>6.2f}" if r["thp_speedup"] else f"{'-':>6}"
         print(
             f"{r['model']:<8} {r['method']:<11} {r['resolution']:>4} {r['batch']:>5} {r['trainable_params']:>11,} "
             f"{r['step_s']:>8.3f} {r['bare_s']:>8.3f} {r['optim_s']:>8.3f} {r['steps_per_s']:>8.2f} {r['ratio']:>6.3f} "
-            f"{r['ratio_without_optim']:>7.3f}  {r['memory']}"
+            f"{r['ratio_without_optim']:>7.3f} {thp}  {r['memory']}"
         )
     print(
         f"device: {rows[0]['device'] if rows else '-'}, threads: {rows[0]['threads'] if rows else '-'}; ratio = "
-        "trainer step / bare UNet forward+backward (goal <= 1.10); w/o opt = (step - optimizer update) / bare"
+        "trainer step / bare UNet forward+backward (goal <= 1.10); w/o opt = (step - optimizer update) / bare; "
+        "THP x = step time without transparent huge pages / with them"
     )
+
+
+def run_one(args, model: str, method: str, sd_res: int, thp: str) -> dict | None:
+    """One configuration in its own process (its own peak memory, its own THP setting)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        model,
+        method,
+        "--steps",
+        str(args.steps),
+        "--sd-resolution",
+        str(sd_res),
+    ]
+    cmd += ["--batch", str(args.batch)] if args.batch else []
+    cmd += ["--device", args.device] if args.device else []
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        err = done.stderr.strip().splitlines()[-1:]
+        print(f"{model}/{method} (THP {thp}): failed: {err}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
