@@ -154,6 +154,23 @@ def test_txt2img_defaults_and_legacy_sampler(client):
     assert "Schedule type: Karras" in json.loads(r.json()["info"])["infotexts"][0]
 
 
+def test_latent_couple_as_an_alwayson_script(client):
+    """The extension's API arguments [enabled, divisions, positions, weights, end at step] drive the regions: the
+    image differs from plain AND, the infotext carries them; disabled means plain AND."""
+    body = {"prompt": "a cat AND a dog", "seed": 3, **FAST}
+    couple = {"Latent Couple extension": {"args": [True, "1:2,1:2", "0:0,0:1", "1,1", 2]}}
+    off = {"Latent Couple extension": {"args": [False, "1:2,1:2", "0:0,0:1", "1,1", 2]}}
+    plain, regional, disabled = (
+        client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": scripts}).json()
+        for scripts in ({}, couple, off)
+    )
+    info = json.loads(regional["info"])["infotexts"][0]
+    assert 'Latent Couple: "divisions=1:2,1:2 positions=0:0,0:1 weights=1,1 end at step=2"' in info
+    assert "Latent Couple" not in json.loads(disabled["info"])["infotexts"][0]
+    pixels = [list(decode_png(r["images"][0]).getdata()) for r in (plain, regional, disabled)]
+    assert pixels[1] != pixels[0] and pixels[2] == pixels[0]
+
+
 def test_img2img(client):
     init = Image.new("RGB", (40, 40), (200, 30, 30))
     buffer = io.BytesIO()
@@ -251,7 +268,8 @@ def test_samplers_schedulers_loras_embeddings(client):
         "/sdapi/v1/hypernetworks",
     ):
         assert client.get(path).json() == []
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    scripts = {"txt2img": ["latent couple extension"], "img2img": ["latent couple extension"]}
+    assert client.get("/sdapi/v1/scripts").json() == scripts
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["used"] > 0
     assert client.get("/sdapi/v1/cmd-flags").json()["api_auth"] is None
@@ -455,6 +473,10 @@ BAD_REQUESTS = [
     ("int-overflow", "post", "/sdapi/v1/txt2img", {"width": 10**30}, 400, "width"),
     ("hires", "post", "/sdapi/v1/txt2img", {"enable_hr": True}, 400, "hires"),
     ("script", "post", "/sdapi/v1/txt2img", {"script_name": "x/y/z plot"}, 422, "script not found"),
+    ("alwayson-unknown", "post", "/sdapi/v1/txt2img", {"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "not found"),
+    ("couple-args", "post", "/sdapi/v1/txt2img", {"alwayson_scripts": {"Latent Couple extension": {"args": [True]}}}, 422, "latent couple"),
+    ("couple-region", "post", "/sdapi/v1/txt2img", {"prompt": "a AND b", **FAST, "alwayson_scripts": {"latent couple extension": {"args": [True, "1:2,1:2", "0:0,0:9", "1,1", 20]}}}, 400, "outside division"),
+    ("couple-count", "post", "/sdapi/v1/txt2img", {"prompt": "a", **FAST, "alwayson_scripts": {"latent couple extension": {"args": [True, "1:2,1:2", "0:0,0:1", "1,1", 20]}}}, 400, "2 regions"),
     ("invalid-base64", "post", "/sdapi/v1/img2img", {"init_images": ["not base64!!"]}, 400, "invalid encoded"),
     ("no-init-image", "post", "/sdapi/v1/img2img", {"prompt": "x"}, 404, "init image"),
     ("url-init-image", "post", "/sdapi/v1/img2img", {"init_images": ["http://x/a.png"]}, 400, "url"),

@@ -89,6 +89,14 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="static range below which dynamic thresholding never clips (default 1.0)",
     )
     g.add_argument("--eta", type=float, default=None, help="eta for DDIM / ancestral samplers")
+    g.add_argument(
+        "--latent-couple",
+        default=None,
+        metavar="SETTINGS",
+        help="a region per AND sub-prompt, as A1111's Latent Couple extension writes it: "
+        "'divisions=1:1,1:2,1:2 positions=0:0,0:0,0:1 weights=0.2,0.8,0.8 end at step=20' (missing keys: "
+        "these defaults)",
+    )
     i = p.add_argument_group("img2img")
     i.add_argument("--init-image", action="append", default=[], metavar="FILE", help="init image (img2img)")
     i.add_argument("--denoising-strength", type=float, default=0.75, help="0..1 (default 0.75)")
@@ -243,6 +251,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         guidance_rescale=args.guidance_rescale,
         dynamic_threshold=args.dynamic_threshold,
         dynamic_threshold_max=args.dynamic_threshold_max,
+        latent_couple=args.latent_couple,
         init_images=init_images,
         denoising_strength=args.denoising_strength,
         resize_mode=args.resize_mode,

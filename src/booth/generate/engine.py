@@ -23,6 +23,7 @@ from booth.errors import BoothError
 from booth.generate import guidance
 from booth.generate.noise import batch_noise, resolve_seed, step_generators
 from booth.generate.params import GenerationParams
+from booth.generate.regions import LatentCouple
 
 
 @dataclass
@@ -115,6 +116,14 @@ class _Guide:
     conds: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]]
     weights: list[float]
     uncond: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+    couple: LatentCouple | None = None  # a region per sub-prompt (`booth.generate.regions`)
+
+    def weights_at(self, step: int, latents: torch.Tensor) -> list[float] | list[torch.Tensor]:
+        """The AND weights of sampling step `step`: per-pixel with Latent Couple, else the plain ones."""
+        if self.couple is None:
+            return self.weights
+        h, w = latents.shape[-2:]
+        return self.couple.weights(self.weights, step, h, w, latents.device, latents.dtype)
 
 
 StepCallback = Callable[[GenerationState], None]
@@ -297,9 +306,10 @@ class Engine:
             parts = list(pred.chunk(len(rows)))
             if do_cfg:
                 uncond, conds = parts[0], parts[1:]
-                out = guidance.composable_cfg(uncond, conds, guide.weights, params.cfg_scale)
+                weights = guide.weights_at(step, latents)
+                out = guidance.composable_cfg(uncond, conds, weights, params.cfg_scale)
                 if params.guidance_rescale > 0:
-                    positive = guidance.composable_cfg(uncond, conds, guide.weights, 1.0)
+                    positive = guidance.composable_cfg(uncond, conds, weights, 1.0)
                     out = guidance.rescale_noise_cfg(out, positive, params.guidance_rescale)
             else:
                 out = guidance.composable_cfg(parts[0] * 0, parts, guide.weights, 1.0)
@@ -364,7 +374,9 @@ class Engine:
         if self.family.uses_pooled_text and not negative.strip() and self._zero_empty_negative:
             uncond = [(end, torch.zeros_like(e), torch.zeros_like(p)) for end, e, p in uncond]
         used = set(getattr(encoder, "used_embeddings", set()))
-        return _Guide(conds=conds, weights=[w for _, w in parts], uncond=uncond), used
+        weights = [w for _, w in parts]
+        couple = LatentCouple.parse(params.latent_couple).check(len(parts)) if params.latent_couple else None
+        return _Guide(conds=conds, weights=weights, uncond=uncond, couple=couple), used
 
     @property
     def _zero_empty_negative(self) -> bool:
@@ -454,6 +466,8 @@ class Engine:
             extra["Dynamic threshold max"] = params.dynamic_threshold_max
         if params.emphasis != "Original":
             extra["Emphasis"] = params.emphasis
+        if params.latent_couple:
+            extra["Latent Couple"] = LatentCouple.parse(params.latent_couple).infotext()
         if used_embeddings:
             extra["TI hashes"] = ", ".join(sorted(used_embeddings))
         if schedule_differs_with_old_timelines(prompt, params.steps):

@@ -50,6 +50,9 @@ class GenerationParams:
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023; 0 disables
     dynamic_threshold: float | None = None  # Imagen percentile p (e.g. 0.995); None disables
     dynamic_threshold_max: float = 1.0  # the static range the percentile threshold never goes below
+    # a region per AND sub-prompt, in the PNG-info form of A1111's Latent Couple extension
+    # ("divisions=1:1,1:2,1:2 positions=0:0,0:0,0:1 weights=0.2,0.8,0.8 end at step=20"); None: off
+    latent_couple: str | None = None
     # img2img
     init_images: list[Any] = field(default_factory=list)  # PIL images
     denoising_strength: float = 0.75
@@ -82,6 +85,12 @@ class GenerationParams:
             raise BoothError(f"unknown emphasis mode {self.emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
         if self.clip_skip < 1:
             raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if self.latent_couple:
+            from booth.generate.regions import LatentCouple
+
+            LatentCouple.parse(self.latent_couple)
+            if self.cfg_scale == 1.0:
+                raise BoothError("Latent Couple works on the guidance terms: use a cfg scale other than 1")
         return self
 
     def replace(self, **changes) -> GenerationParams:

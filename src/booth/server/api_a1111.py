@@ -460,7 +460,9 @@ def build_router(services) -> APIRouter:
 
     @router.get("/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        from booth.server.generation import ALWAYSON_SCRIPTS
+
+        return {"txt2img": list(ALWAYSON_SCRIPTS), "img2img": list(ALWAYSON_SCRIPTS)}
 
     return router
 

@@ -9,8 +9,10 @@ Mapping (`a1111.md` §12.3-12.5): `sampler_name or sampler_index` + `scheduler` 
 A1111 defaults to 512), `batch_size`, `n_iter`, `eta` (None: option `eta_ddim` / `eta_ancestral`),
 `denoising_strength`, `resize_mode` 0-2 and `init_images` (img2img), `disable_extra_networks`; options
 `CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, per request via `override_settings`.
+`alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
+positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Not supported, refused with a clear error rather than ignored: hires fix (`enable_hr`), `script_name`,
-`alwayson_scripts`, `tiling`, inpainting (`mask`), `resize_mode` 3, a refiner.
+other `alwayson_scripts`, `tiling`, inpainting (`mask`), `resize_mode` 3, a refiner.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from booth.server.config import Limits
 from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
 
 GENERATION_KINDS = ("txt2img", "img2img")
+ALWAYSON_SCRIPTS = ("latent couple extension",)  # lower-case titles, as A1111 matches them
 TRANSIENT_FIELDS = ("init_images", "mask")
 
 # Options (`GET/POST /sdapi/v1/options`) booth understands, with A1111's names and defaults.
@@ -149,7 +152,8 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
     if request.get("script_name"):
         raise JobFailed(422, "Script not found")
     for name in request.get("alwayson_scripts") or {}:
-        raise JobFailed(422, f"always on script {name} not found")
+        if name.lower() not in ALWAYSON_SCRIPTS:
+            raise JobFailed(422, f"always on script {name} not found")
     if request.get("tiling"):
         raise JobFailed(400, "tiling is not supported by booth")
     if request.get("refiner_checkpoint") not in (None, "", "None"):
@@ -189,6 +193,30 @@ def _check_limits(request: dict[str, Any], limits: Limits, kind: str) -> None:
             raise JobFailed(404, "Init image not found")  # A1111's answer
         if len(images) > limits.max_init_images:
             bad(f"at most {limits.max_init_images} init images per request, got {len(images)}")
+
+
+def latent_couple_setting(request: dict[str, Any]) -> str | None:
+    """The Latent Couple settings of a request's `alwayson_scripts` entry (args: enabled, divisions, positions,
+    weights, end at step), in the PNG-info form `GenerationParams.latent_couple` takes; None when off."""
+    entry = next(
+        (
+            v
+            for k, v in (request.get("alwayson_scripts") or {}).items()
+            if k.lower() == "latent couple extension"
+        ),
+        None,
+    )
+    if entry is None:
+        return None
+    args = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(args, list) or len(args) < 5:
+        raise JobFailed(
+            422, "Latent Couple extension args: [enabled, divisions, positions, weights, end_at_step]"
+        )
+    enabled, divisions, positions, weights, end = args[:5]
+    if not enabled:
+        return None
+    return f"divisions={divisions} positions={positions} weights={weights} end at step={end}"
 
 
 def resolve_sampler_checked(request: dict[str, Any]):
@@ -234,6 +262,7 @@ def build_params(
         clip_skip=options.get("CLIP_stop_at_last_layers", 1),
         emphasis=options.get("emphasis", "Original"),
         disable_extra_networks=bool(request.get("disable_extra_networks")),
+        latent_couple=latent_couple_setting(request),
     )
     if kind == "img2img":
         strength = request.get("denoising_strength")
