@@ -6,22 +6,36 @@ import pytest
 from PIL import Image
 
 from booth.errors import BoothError
-from booth.evaluate.mini_merge import composed_prompts, halves
+from booth.evaluate.mini_merge import BOTTOM_RIGHT, LEFT, TOP_LEFT, composed_prompts, crop
 
 
-def test_halves_split_left_and_right_at_full_size():
+def test_crop_takes_a_region_at_full_size():
     image = Image.new("RGB", (64, 64), "white")
     image.paste((255, 0, 0), (0, 0, 32, 64))
-    left, right = halves(image)
-    assert left.size == right.size == (64, 64)
-    assert left.getpixel((63, 10)) == (255, 0, 0) and right.getpixel((0, 10)) == (255, 255, 255)
+    image.paste((0, 0, 255), (32, 32, 64, 64))
+    left, top_left, bottom_right = (crop(image, r) for r in (LEFT, TOP_LEFT, BOTTOM_RIGHT))
+    assert left.size == top_left.size == bottom_right.size == (64, 64)
+    assert left.getpixel((63, 10)) == (255, 0, 0)
+    assert set(top_left.getdata()) == {(255, 0, 0)}
+    assert set(bottom_right.getdata()) == {(0, 0, 255)}
 
 
-def test_composed_prompts_put_each_subject_on_each_side():
+def test_composed_prompts_put_each_subject_in_each_region_in_both_kinds():
     prompts = composed_prompts(["<new1> dog", "<new2> teapot"])
-    assert ("a <new1> dog on the left and a <new2> teapot on the right", 0) in prompts
-    assert ("a <new2> teapot on the left and a <new1> dog on the right", 1) in prompts
-    assert len(prompts) == 4
+    texts = {p.text: p for p in prompts}
+    side = texts["a <new1> dog on the left and a <new2> teapot on the right"]
+    assert side.kind == "one prompt" and side.region == {"A": LEFT, "B": (0.5, 0.0, 1.0, 1.0)}
+    swapped = texts["a <new2> teapot on the left and a <new1> dog on the right"]
+    assert swapped.region["B"] == LEFT
+    corners = [p for p in prompts if p.kind == "AND"]
+    assert len(corners) == 4 and all(p.text.count(" AND ") == 1 for p in corners)
+    first = next(p for p in corners if p.text.startswith("a small <new1> dog in the top left"))
+    assert first.text.endswith("a small <new2> teapot in the bottom right on a white background")
+    assert first.region == {"A": TOP_LEFT, "B": BOTTOM_RIGHT}
+    regional = [p for p in prompts if p.kind == "Latent Couple"]
+    assert len(regional) == 2 and all(p.latent_couple and p.text.count(" AND ") == 1 for p in regional)
+    assert all(p.latent_couple is None for p in prompts if p.kind != "Latent Couple")
+    assert len(prompts) == 10
 
 
 def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_dir, capsys):
@@ -36,9 +50,12 @@ def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_di
     assert results["words"] == {"A": "<new1> dog", "B": "<new2> teapot"}  # class nouns
     assert results["merge"]["constraint_error"] < 1e-4
     for model in results["models"]:
-        assert set(model["composed_fidelity"]) == {"A", "B"}
+        assert set(model["composed_fidelity"]) == {"one prompt", "AND", "Latent Couple"}
+        assert all(set(v) == {"A", "B"} for v in model["composed_fidelity"].values())
         assert all(-1 <= v <= 1 for v in model["subject_fidelity"].values())
-        assert 0 <= model["both_shown"] <= 1
+        assert set(model["both_shown"]) == {"one prompt", "AND", "Latent Couple"}
+        assert all(0 <= v <= 1 for v in model["both_shown"].values())
+    assert sum(" AND " in c["text"] for c in results["composed_prompts"]) == 6
     assert (out / "merged" / "merged.booth-cd.safetensors").is_file()
     table = (out / "table.md").read_text()
     assert table.count("\n") == 6 and "| merged |" in table

@@ -185,10 +185,12 @@ def personalized_engine(method: str, result, base_model: str | None):
     raise BoothError(f"no evaluation recipe for method {method!r}")
 
 
-def generate(engine, prompt: str, seeds: int, steps: int):
+def generate(engine, prompt: str, seeds: int, steps: int, **params):
+    """`seeds` images of `prompt` (seeds 1000, 1001, ...); `params`: other `GenerationParams` fields."""
     from booth.generate.params import GenerationParams
 
-    return engine.generate(GenerationParams(prompt=prompt, steps=steps, seed=1000, batch_size=seeds)).images
+    request = GenerationParams(prompt=prompt, steps=steps, seed=1000, batch_size=seeds, **params)
+    return engine.generate(request).images
 
 
 @dataclass

@@ -8,14 +8,18 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
 3. Render with four models: the base model (class nouns), A alone, B alone, and the merge:
    - each subject in the mini benchmark's `CONTEXTS` (alone in the image): subject fidelity (mini CLIP-I to
      that subject's real images) and prompt fidelity, so the cost of merging shows against each model alone;
-   - `COMPOSED` prompts naming both subjects, one on the left and one on the right: each half of the image is
-     scored against the real images of the subject asked there (mini CLIP-I of the half, resized to the
-     model's resolution), and "both" is the share of images where both halves score above the base model's
-     mean for that subject and half.
+   - `COMPOSED` prompts naming both subjects, each in its own region of the image, in three kinds: one prompt
+     ("a <new1> dog on the left and a <new2> teapot on the right"), composable diffusion (A1111's ``AND``,
+     Liu et al. 2022: "a small <new1> dog in the top left ... AND a small <new2> teapot in the bottom right
+     ...", one guidance term per subject), and Latent Couple (the same ``AND`` with each term confined to its
+     half of the image, `booth.generate.regions`). Each region of the image is scored against the real images of the
+     subject asked there (mini CLIP-I of the crop, resized to the model's resolution), and "both" is the
+     share of images where both regions score above the base model's mean for that subject, kind and model.
 
 A model that knows only one subject gets the other's class noun in every prompt. booth-mini's world shows
-one object an image (its training captions never name two), so two-subject prompts ask for something the base
-model never saw; the numbers are reported as measured.
+one object an image (its training captions never name two), so a one-prompt request for two subjects asks for
+something it never saw; with ``AND`` each term asks for one object, as in its training captions, and with
+Latent Couple each term also has its own half of the image.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,39 +44,87 @@ from booth.evaluate.mini_bench import (
 )
 
 TOKENS = ("<new1>", "<new2>")
-# {left} and {right} are subject phrases ("a <new1> dog"); each prompt is rendered with A left and with A right
-COMPOSED: tuple[str, ...] = (
-    "{left} on the left and {right} on the right",
-    "{left} on the left and {right} on the right on a white background",
+
+# Regions of the image as (left, top, right, bottom) fractions of its width and height.
+LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+TOP_LEFT, TOP_RIGHT = (0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5)
+BOTTOM_LEFT, BOTTOM_RIGHT = (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)
+KINDS = ("one prompt", "AND", "Latent Couple")
+HALVES = "divisions=1:2,1:2 positions=0:0,0:1 weights=1,1"  # Latent Couple: first term left, second right
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A two-subject prompt: `template` names {first} and {second} (subject phrases without an article), asked
+    in `regions` (first's, second's); `kind` is one of `KINDS`; `latent_couple`: its regions setting, if any."""
+
+    kind: str
+    template: str
+    regions: tuple[tuple[float, ...], tuple[float, ...]]
+    latent_couple: str | None = None
+
+
+WHITE = " on a white background"
+COMPOSED: tuple[Composition, ...] = (
+    Composition("one prompt", "a {first} on the left and a {second} on the right", (LEFT, RIGHT)),
+    Composition("one prompt", "a {first} on the left and a {second} on the right" + WHITE, (LEFT, RIGHT)),
+    Composition(
+        "AND",
+        f"a small {{first}} in the top left{WHITE} AND a small {{second}} in the bottom right{WHITE}",
+        (TOP_LEFT, BOTTOM_RIGHT),
+    ),
+    Composition(
+        "AND",
+        f"a small {{first}} in the top right{WHITE} AND a small {{second}} in the bottom left{WHITE}",
+        (TOP_RIGHT, BOTTOM_LEFT),
+    ),
+    Composition(
+        "Latent Couple",
+        f"a {{first}} on the left{WHITE} AND a {{second}} on the right{WHITE}",
+        (LEFT, RIGHT),
+        HALVES,
+    ),
 )
+
+
+@dataclass(frozen=True)
+class ComposedPrompt:
+    """One rendered two-subject prompt: its text, kind, and the region where subject A and subject B were asked."""
+
+    text: str
+    kind: str
+    region: dict[str, tuple[float, ...]]
+    latent_couple: str | None = None
 
 
 @dataclass
 class ModelScores:
-    """What one model scored: per subject in its contexts, and in the two-subject prompts."""
+    """What one model scored: per subject in its contexts, and in the two-subject prompts of each kind."""
 
     model: str
     subject_fidelity: dict[str, float]
     prompt_fidelity: dict[str, float]
-    composed_fidelity: dict[str, float]  # per subject: mini CLIP-I of the half where it was asked
-    composed_whole: dict[str, float]  # per subject: mini CLIP-I of the whole two-subject image
-    both_shown: float | None = None  # share of two-subject images with both halves above the base's mean
+    composed_fidelity: dict[str, dict[str, float]]  # kind -> subject -> mini CLIP-I of its region
+    composed_whole: dict[str, float]  # per subject: mini CLIP-I of the whole two-subject images
+    both_shown: dict[str, float] = field(default_factory=dict)  # kind -> share with both regions above base
 
 
-def halves(image):
-    """(left half, right half) of an image, each resized back to the image's size (the evaluator's input)."""
+def crop(image, region: tuple[float, ...]):
+    """The `region` (fractions) of an image, resized back to the image's size (the evaluator's input)."""
     w, h = image.size
-    left = image.crop((0, 0, w // 2, h)).resize((w, h))
-    right = image.crop((w - w // 2, 0, w, h)).resize((w, h))
-    return left, right
+    box = (round(region[0] * w), round(region[1] * h), round(region[2] * w), round(region[3] * h))
+    return image.crop(box).resize((w, h))
 
 
-def composed_prompts(words: Sequence[str]) -> list[tuple[str, int]]:
-    """Every `COMPOSED` prompt with subject 0 left and with subject 0 right: (text, index of the left subject)."""
+def composed_prompts(words: Sequence[str]) -> list[ComposedPrompt]:
+    """Every `COMPOSED` prompt with subject A first and with subject B first."""
     prompts = []
-    for template in COMPOSED:
-        for left in (0, 1):
-            prompts.append((template.format(left=f"a {words[left]}", right=f"a {words[1 - left]}"), left))
+    for c in COMPOSED:
+        for first in (0, 1):
+            second = 1 - first
+            text = c.template.format(first=words[first], second=words[second])
+            region = {"AB"[first]: c.regions[0], "AB"[second]: c.regions[1]}
+            prompts.append(ComposedPrompt(text, c.kind, region, c.latent_couple))
     return prompts
 
 
@@ -101,35 +153,45 @@ def score_model(
         prompt_fidelity[key] = evaluator.prompt_fidelity(flat, repeated)["all"]
         images[f"alone-{key}"] = (rows, [p.text for p in prompts])
     composed = composed_prompts(words)
-    rows = [generate(engine, text + suffix, s.seeds, s.sample_steps) for text, _ in composed]
-    half_scores: list[dict[str, float]] = []  # per image: subject -> fidelity of the half it was asked in
+    rows = [
+        generate(engine, c.text + suffix, s.seeds, s.sample_steps, latent_couple=c.latent_couple)
+        for c in composed
+    ]
+    region_scores: list[
+        tuple[str, dict[str, float]]
+    ] = []  # per image: (kind, subject -> fidelity of its region)
     whole = {"A": [], "B": []}
-    for (_, left), row in zip(composed, rows):
+    for c, row in zip(composed, rows):
         for image in row:
-            parts = halves(image)
-            by_subject = {}
-            for side, part in enumerate(parts):
-                subject = left if side == 0 else 1 - left
-                by_subject["AB"[subject]] = evaluator.subject_fidelity([part], references[subject])
-            half_scores.append(by_subject)
+            by_subject = {
+                key: evaluator.subject_fidelity([crop(image, c.region[key])], references[i])
+                for i, key in enumerate("AB")
+            }
+            region_scores.append((c.kind, by_subject))
             for i, key in enumerate("AB"):
                 whole[key].append(evaluator.subject_fidelity([image], references[i]))
-    images["composed"] = (rows, [text for text, _ in composed])
-    images["half_scores"] = half_scores
+    images["composed"] = (rows, [c.text for c in composed])
+    images["region_scores"] = region_scores
+    by_kind = {
+        kind: {k: statistics.fmean(h[k] for q, h in region_scores if q == kind) for k in "AB"}
+        for kind in KINDS
+    }
     scores = ModelScores(
-        label,
-        fidelity,
-        prompt_fidelity,
-        {k: statistics.fmean(h[k] for h in half_scores) for k in "AB"},
-        {k: statistics.fmean(v) for k, v in whole.items()},
+        label, fidelity, prompt_fidelity, by_kind, {k: statistics.fmean(v) for k, v in whole.items()}
     )
     return scores, images
 
 
-def both_shown(half_scores: Sequence[dict[str, float]], base: ModelScores) -> float:
-    """Share of two-subject images where each subject's half beats the base model's mean for that subject."""
-    hits = [all(h[k] > base.composed_fidelity[k] for k in "AB") for h in half_scores]
-    return sum(hits) / len(hits)
+def both_shown(region_scores: Sequence[tuple[str, dict[str, float]]], base: ModelScores) -> dict[str, float]:
+    """Per kind: share of two-subject images where each subject's region beats the base model's mean for that
+    subject and kind."""
+    shares = {}
+    for kind in KINDS:
+        hits = [
+            all(h[k] > base.composed_fidelity[kind][k] for k in "AB") for q, h in region_scores if q == kind
+        ]
+        shares[kind] = sum(hits) / len(hits)
+    return shares
 
 
 def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Path:
@@ -182,14 +244,14 @@ def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Pat
         results.append(scores)
         all_images.append(images)
     for scores, images in zip(results, all_images):
-        scores.both_shown = both_shown(images["half_scores"], results[0])
+        scores.both_shown = both_shown(images["region_scores"], results[0])
     summary = {
         "protocol": "booth mini merge benchmark v1",
         "subjects": {"A": dirs[0].name, "B": dirs[1].name},
         "words": {"A": words[0], "B": words[1]},
         "settings": asdict(s),
         "contexts": [list(c) for c in CONTEXTS],
-        "composed_prompts": [t for t, _ in composed_prompts(words)],
+        "composed_prompts": [asdict(c) for c in composed_prompts(words)],
         "train_seconds": train_seconds,
         "merge_seconds": round(merge_seconds, 2),
         "merge": {
@@ -209,18 +271,18 @@ def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Pat
 
 
 def merge_table(results: Sequence[ModelScores], a: str, b: str) -> str:
-    """The markdown table: one row per model."""
-    lines = [
-        f"| model | {a} fidelity (alone) | {b} fidelity (alone) | prompt fidelity (alone, mean) | "
-        f"two-subject images: {a} half | {b} half | both above base |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """The markdown table: one row per model; two-subject images per kind (one prompt, AND)."""
+    head = f"| model | {a} fidelity (alone) | {b} fidelity (alone) | prompt fidelity (alone, mean) |"
+    for kind in KINDS:
+        head += f" {kind}: {a} region | {kind}: {b} region | {kind}: both above base |"
+    lines = [head, "|---" * (4 + 3 * len(KINDS)) + "|"]
     for r in results:
         pf = statistics.fmean(r.prompt_fidelity.values())
-        lines.append(
-            f"| {r.model} | {r.subject_fidelity['A']:.3f} | {r.subject_fidelity['B']:.3f} | {pf:.3f} | "
-            f"{r.composed_fidelity['A']:.3f} | {r.composed_fidelity['B']:.3f} | {r.both_shown:.3f} |"
-        )
+        line = f"| {r.model} | {r.subject_fidelity['A']:.3f} | {r.subject_fidelity['B']:.3f} | {pf:.3f} |"
+        for kind in KINDS:
+            c = r.composed_fidelity[kind]
+            line += f" {c['A']:.3f} | {c['B']:.3f} | {r.both_shown[kind]:.3f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +296,8 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
     report.text(
         f"Custom Diffusion on {a} ({summary['words']['A']}) and {b} ({summary['words']['B']}), trained "
         f"separately, merged in closed form (constraint error {summary['merge']['constraint_error']:.1e}). "
-        "Two-subject prompts: each half scored against the subject asked there."
+        "Two-subject prompts (one prompt, and composable diffusion with AND): each region scored against the "
+        "subject asked there."
     )
     labels = [r.model for r in results]
     chart = bar_chart(
@@ -243,8 +306,11 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
         {
             f"{a} alone": [r.subject_fidelity["A"] for r in results],
             f"{b} alone": [r.subject_fidelity["B"] for r in results],
-            f"{a} half": [r.composed_fidelity["A"] for r in results],
-            f"{b} half": [r.composed_fidelity["B"] for r in results],
+            **{
+                f"{x} region ({kind})": [r.composed_fidelity[kind][key] for r in results]
+                for kind in KINDS
+                for key, x in (("A", a), ("B", b))
+            },
         },
         "mini CLIP-I to the real images",
         ylim=(0, 1.05),
@@ -252,15 +318,14 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
     report.image(chart.name)
     report.heading("Table")
     report.table(
-        ["model", f"{a} alone", f"{b} alone", f"{a} half", f"{b} half", "both above base"],
+        ["model", f"{a} alone", f"{b} alone"]
+        + [f"{kind}: {x}" for kind in KINDS for x in (f"{a} region", f"{b} region", "both above base")],
         [
-            [
-                r.model,
-                r.subject_fidelity["A"],
-                r.subject_fidelity["B"],
-                r.composed_fidelity["A"],
-                r.composed_fidelity["B"],
-                r.both_shown,
+            [r.model, r.subject_fidelity["A"], r.subject_fidelity["B"]]
+            + [
+                v
+                for kind in KINDS
+                for v in (r.composed_fidelity[kind]["A"], r.composed_fidelity[kind]["B"], r.both_shown[kind])
             ]
             for r in results
         ],
