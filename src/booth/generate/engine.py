@@ -219,7 +219,7 @@ class Engine:
             self.extra_networks.deactivate_all(self.pipe)
 
         state.job_no = params.n_iter
-        extra = self._extra_params(params, prompt, used)
+        extra = self._extra_params(params, prompt, used, guide.couple)
         kept = kept[: len(images)]
         infotexts = [
             self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
@@ -454,7 +454,7 @@ class Engine:
         return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
     def _extra_params(
-        self, params: GenerationParams, prompt: str, used_embeddings: set[str]
+        self, params: GenerationParams, prompt: str, used_embeddings: set[str], couple: LatentCouple | None
     ) -> dict[str, Any]:
         from booth.prompts import schedule_differs_with_old_timelines
 
@@ -466,8 +466,8 @@ class Engine:
             extra["Dynamic threshold max"] = params.dynamic_threshold_max
         if params.emphasis != "Original":
             extra["Emphasis"] = params.emphasis
-        if params.latent_couple:
-            extra["Latent Couple"] = LatentCouple.parse(params.latent_couple).infotext()
+        if couple is not None:
+            extra["Latent Couple"] = couple.infotext()
         if used_embeddings:
             extra["TI hashes"] = ", ".join(sorted(used_embeddings))
         if schedule_differs_with_old_timelines(prompt, params.steps):
