@@ -12,9 +12,9 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
      ("a <new1> dog on the left and a <new2> teapot on the right"), composable diffusion (A1111's ``AND``,
      Liu et al. 2022: "a small <new1> dog in the top left ... AND a small <new2> teapot in the bottom right
      ...", one guidance term per subject), and Latent Couple (the same ``AND`` with each term confined to its
-     half of the image, `booth.generate.regions`). Each region of the image is scored against the real images of the
-     subject asked there (mini CLIP-I of the crop, resized to the model's resolution), and "both" is the
-     share of images where both regions score above the base model's mean for that subject, kind and model.
+     half of the image, `booth.generate.regions`). Each region of the image is scored against the real images
+     of the subject asked there (mini CLIP-I of the crop, resized to the model's resolution), and "both" is the
+     share of images where both regions score above the base model's mean for that subject and kind.
 
 A model that knows only one subject gets the other's class noun in every prompt. booth-mini's world shows
 one object an image (its training captions never name two), so a one-prompt request for two subjects asks for
@@ -157,9 +157,8 @@ def score_model(
         generate(engine, c.text + suffix, s.seeds, s.sample_steps, latent_couple=c.latent_couple)
         for c in composed
     ]
-    region_scores: list[
-        tuple[str, dict[str, float]]
-    ] = []  # per image: (kind, subject -> fidelity of its region)
+    # per image: (kind, subject -> fidelity of the region it was asked in)
+    region_scores: list[tuple[str, dict[str, float]]] = []
     whole = {"A": [], "B": []}
     for c, row in zip(composed, rows):
         for image in row:
@@ -271,7 +270,7 @@ def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Pat
 
 
 def merge_table(results: Sequence[ModelScores], a: str, b: str) -> str:
-    """The markdown table: one row per model; two-subject images per kind (one prompt, AND)."""
+    """The markdown table: one row per model; two-subject images per kind (`KINDS`)."""
     head = f"| model | {a} fidelity (alone) | {b} fidelity (alone) | prompt fidelity (alone, mean) |"
     for kind in KINDS:
         head += f" {kind}: {a} region | {kind}: {b} region | {kind}: both above base |"
@@ -296,8 +295,7 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
     report.text(
         f"Custom Diffusion on {a} ({summary['words']['A']}) and {b} ({summary['words']['B']}), trained "
         f"separately, merged in closed form (constraint error {summary['merge']['constraint_error']:.1e}). "
-        "Two-subject prompts (one prompt, and composable diffusion with AND): each region scored against the "
-        "subject asked there."
+        f"Two-subject prompts ({', '.join(KINDS)}): each region scored against the subject asked there."
     )
     labels = [r.model for r in results]
     chart = bar_chart(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -110,7 +111,7 @@ class LatentCouple:
         region mask ([1, 1, height, width]) up to `end_at_step`, the plain weights after it."""
         if step > self.end_at_step:
             return weights
-        return [w * r.mask(height, width).to(device, dtype) for w, r in zip(weights, self.regions)]
+        return [w * m for w, m in zip(weights, _masks(self, height, width, device, dtype))]
 
     def infotext(self) -> str:
         """The PNG-info value, as the extension writes it."""
@@ -124,7 +125,14 @@ class LatentCouple:
         )
 
 
-def format_settings(fields: dict[str, str]) -> str:
+@lru_cache(maxsize=32)  # a server sees many settings; each entry is a few small tensors
+def _masks(couple: LatentCouple, height: int, width: int, device, dtype) -> tuple[torch.Tensor, ...]:
+    """Every region's mask at one latent size, on `device`: built once, not at every sampling step."""
+    return tuple(r.mask(height, width).to(device, dtype) for r in couple.regions)
+
+
+def format_settings(fields: dict[str, object]) -> str:
+    """The extension's PNG-info text from its four settings."""
     return " ".join(f"{k}={fields[k]}" for k in ("divisions", "positions", "weights", "end at step"))
 
 

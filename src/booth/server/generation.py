@@ -30,7 +30,8 @@ from booth.server.config import Limits
 from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
 
 GENERATION_KINDS = ("txt2img", "img2img")
-ALWAYSON_SCRIPTS = ("latent couple extension",)  # lower-case titles, as A1111 matches them
+LATENT_COUPLE_SCRIPT = "latent couple extension"
+ALWAYSON_SCRIPTS = (LATENT_COUPLE_SCRIPT,)  # lower-case titles, as A1111 matches them
 TRANSIENT_FIELDS = ("init_images", "mask")
 
 # Options (`GET/POST /sdapi/v1/options`) booth understands, with A1111's names and defaults.
@@ -199,11 +200,7 @@ def latent_couple_setting(request: dict[str, Any]) -> str | None:
     """The Latent Couple settings of a request's `alwayson_scripts` entry (args: enabled, divisions, positions,
     weights, end at step), in the PNG-info form `GenerationParams.latent_couple` takes; None when off."""
     entry = next(
-        (
-            v
-            for k, v in (request.get("alwayson_scripts") or {}).items()
-            if k.lower() == "latent couple extension"
-        ),
+        (v for k, v in (request.get("alwayson_scripts") or {}).items() if k.lower() == LATENT_COUPLE_SCRIPT),
         None,
     )
     if entry is None:
@@ -213,10 +210,14 @@ def latent_couple_setting(request: dict[str, Any]) -> str | None:
         raise JobFailed(
             422, "Latent Couple extension args: [enabled, divisions, positions, weights, end_at_step]"
         )
+    from booth.generate.regions import format_settings
+
     enabled, divisions, positions, weights, end = args[:5]
     if not enabled:
         return None
-    return f"divisions={divisions} positions={positions} weights={weights} end at step={end}"
+    return format_settings(
+        {"divisions": divisions, "positions": positions, "weights": weights, "end at step": end}
+    )
 
 
 def resolve_sampler_checked(request: dict[str, Any]):
