@@ -347,3 +347,14 @@ def test_cli_errors_are_one_line(tiny_sd1_dir, tmp_path, capsys):
     assert "unknown prompt list 'animals'" in capsys.readouterr().err
     assert main([*base, "--subject-images", str(EXAMPLES / "poodle"), "--live", "--prompts", "object"]) == 2
     assert "--live" in capsys.readouterr().err
+
+
+def test_bar_charts_keep_negative_scores_in_view(tmp_path):
+    """A cosine below the chart's bottom moves the bottom down (the merge report cut off -0.25 at 0)."""
+    from booth.evaluate.report import bar_chart, bar_ylim
+
+    assert bar_ylim((0, 1.05), {"a": [0.3, 0.5], "b": [0.9]}) == (0, 1.05)
+    assert bar_ylim((0, 1.05), {"a": [0.3, -0.25]}) == pytest.approx((-0.35, 1.05))
+    assert bar_ylim((-0.1, 1.05), {"a": [-0.05]}) == (-0.1, 1.05)
+    path = bar_chart(tmp_path / "c.png", ["x", "y"], {"a": [0.3, -0.25]}, "t", ylim=(0, 1.05))
+    assert path.is_file() and path.stat().st_size > 1000

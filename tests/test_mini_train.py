@@ -25,6 +25,7 @@ from booth.mini.train import (
     final_dir,
     hard_negative,
     load_split,
+    names_part,
     object_mask,
     part_phrases,
     read_log,
@@ -435,6 +436,35 @@ def test_vae_warm_start_and_object_weight(data_dir, trained, tmp_path):
 
 
 @needs_data
+def test_clip_warm_start_from_a_clip_folder(data_dir, trained, tmp_path):
+    """`init` starts a fresh CLIP stage from a CLIPModel folder (a longer second run of a finished CLIP);
+    a folder of another architecture or no folder: one-line errors."""
+    from transformers import CLIPModel
+
+    folder = final_dir(trained, "clip")
+    warm = replace(TINY, clip=replace(TINY.clip, init=str(folder)))
+    work = _work_with_prerequisites(trained, tmp_path, "clip")
+    _pin(work, warm)
+    train_stage("clip", data_dir, work, warm, steps=0, progress=False)
+    model = torch.load(work / "clip" / "checkpoint.pt", weights_only=True)["model"]
+    finished = CLIPModel.from_pretrained(folder).state_dict()
+    assert all(torch.equal(model[k], v.float()) for k, v in finished.items())
+    fresh = build_task("clip", TINY, load_split(data_dir), torch.device("cpu"), seed=0, work=tmp_path)
+    assert not torch.equal(fresh.model.logit_scale, model["logit_scale"])  # the init did something
+
+    (work / "clip" / "checkpoint.pt").unlink()
+    other = replace(TINY.arch, clip=replace(TINY.arch.clip, text_layers=TINY.arch.clip.text_layers + 1))
+    wider = replace(warm, arch=other)
+    _pin(work, wider)
+    with pytest.raises(BoothError, match="another architecture"):
+        train_stage("clip", data_dir, work, wider, steps=0, progress=False)
+    missing = replace(TINY, clip=replace(TINY.clip, init=str(tmp_path / "missing")))
+    _pin(work, missing)
+    with pytest.raises(BoothError, match="not a transformers CLIPModel folder"):
+        train_stage("clip", data_dir, work, missing, steps=0, progress=False)
+
+
+@needs_data
 def test_readout_term_teaches_the_token_average_every_caption_part(data_dir, trained):
     """The readout heads read position/size/background/style from the averaged text states; the term trains the
     text encoder (not the UNet) and is refused without a trainable encoder."""
@@ -454,6 +484,28 @@ def test_readout_term_teaches_the_token_average_every_caption_part(data_dir, tra
     frozen = replace(aux, unet=replace(aux.unet, train_text_encoder=False))
     with pytest.raises(BoothError, match="needs train_text_encoder"):
         build_task("unet", frozen, load_split(data_dir), torch.device("cpu"), 0, trained)
+
+
+@needs_data
+def test_readout_can_read_the_concept_too(data_dir, trained):
+    """With "concept" in readout_parts a head over the training set's concepts joins, fed by every non-empty
+    caption (a concept-only caption names no layout part but names its concept); unknown parts are refused."""
+    data = load_split(data_dir)
+    parts = ("concept", "position")
+    aux = replace(TINY, unet=replace(TINY.unet, readout_weight=1.0, readout_parts=parts))
+    task = build_task("unet", aux, data, torch.device("cpu"), 0, trained)
+    assert set(task.model.readout) == set(parts)
+    assert task.model.readout["concept"].out_features == len({r["concept"] for r in data.records}) > 1
+    assert names_part((), "concept") and not names_part((), "position") and not names_part(None, "concept")
+    records = data.records[:4]
+    average = torch.randn(4, task.model.text_encoder.config.hidden_size, requires_grad=True)
+    loss, _ = task._readout_loss(average, records, [(), (), None, None])  # concept-only captions only
+    loss.backward()
+    assert loss.item() > 0 and task.model.readout["concept"].weight.grad.abs().sum() > 0
+    assert task.model.readout["position"].weight.grad is None  # no caption named a position
+    bad = replace(aux, unet=replace(aux.unet, readout_parts=("colour",)))
+    with pytest.raises(BoothError, match="unknown readout parts"):
+        build_task("unet", bad, data, torch.device("cpu"), 0, trained)
 
 
 @needs_data

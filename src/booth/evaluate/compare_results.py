@@ -223,13 +223,12 @@ def write_html(
     )
     shown = [m for m in ("dino", "clip_i", "clip_t") if any(r["mean"][m] is not None for r in rows)]
     series = {r["label"]: [r["mean"][m] if r["mean"][m] is not None else 0.0 for m in shown] for r in rows}
-    low = min([0.0, *(v for values in series.values() for v in values)])
     chart = bar_chart(
         out / "scores.png",
         [LABELS[m] for m in shown],
         series,
         "mean over subjects",
-        ylim=(min(-0.1, low - 0.1), 1.05),
+        ylim=(-0.1, 1.05),
     )
     report.image(chart.name, "DINO, CLIP-I, CLIP-T per row")
     scatter = comparison_scatter(out / "scatter.png", rows)

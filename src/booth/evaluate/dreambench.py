@@ -793,7 +793,7 @@ def write_report(folder: Path, results: dict[str, Any], images: dict[str, Any]) 
             groups,
             series,
             "subject fidelity (mean cosine)",
-            ylim=_ylim(series),
+            ylim=(-0.1, 1.05),
         )
         report.image(chart.name, "subject fidelity against the real images, between floor and ceiling")
     series = {"generated": [scores["clip_t"]], "floor (noise)": [floor["clip_t"]]}
@@ -802,7 +802,7 @@ def write_report(folder: Path, results: dict[str, Any], images: dict[str, Any]) 
         ["CLIP-T"],
         series,
         "prompt fidelity (mean cosine)",
-        ylim=_ylim(series),
+        ylim=(-0.1, 1.05),
     )
     report.image(chart.name, "prompt fidelity: image-text cosine")
     if scores["pres"] is not None:
@@ -856,12 +856,6 @@ def write_report(folder: Path, results: dict[str, Any], images: dict[str, Any]) 
     for key, text in results["score_convention"].items():
         report.text(f"{key}: {text}", note=True)
     return report.save(folder)
-
-
-def _ylim(series: dict[str, list[float]]) -> tuple[float, float]:
-    """(bottom, top) for cosine bar charts: [-0.1, 1.05], lower when a value is negative."""
-    low = min([0.0, *(v for values in series.values() for v in values)])
-    return (min(-0.1, low - 0.1), 1.05)
 
 
 def _thumb(image: Image.Image, size: int) -> Image.Image:

@@ -89,7 +89,11 @@ def bar_chart(
     ylabel: str = "",
     ylim: tuple[float, float] | None = None,
 ) -> Path:
-    """Grouped bars: one group per label in `groups`, one bar per series (matplotlib, Agg)."""
+    """Grouped bars: one group per label in `groups`, one bar per series (matplotlib, Agg).
+
+    `ylim` (bottom, top): the bottom moves below the lowest value when a value lies under it (cosine scores can
+    be negative), so no bar is cut off.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,10 +110,16 @@ def bar_chart(
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     if ylim:
-        ax.set_ylim(*ylim)
+        ax.set_ylim(*bar_ylim(ylim, series))
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
+
+
+def bar_ylim(ylim: tuple[float, float], series: dict[str, Sequence[float]]) -> tuple[float, float]:
+    """`ylim` with its bottom moved 0.1 below the lowest value when that value lies under it."""
+    low = min([ylim[0], *(v for values in series.values() for v in values)])
+    return (ylim[0] if low >= ylim[0] else low - 0.1, ylim[1])
 
 
 def save_figure(fig, path: Path) -> Path:

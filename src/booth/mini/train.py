@@ -143,6 +143,8 @@ class ClipTrainConfig:
     from 57% to 59%; position stayed at chance (13% -> 14%), and 500 more steps with phrase_weight=1 did
     not make the text tower's states for captions that differ only in position any less alike (mean
     cosine 0.98, against 0.42-0.53 for background colour).
+    `init`: warm start from a `transformers` CLIPModel folder of the same architecture (e.g. a shipped
+    pipeline's ``clip/`` or another run's ``clip/final``), recorded in the config like the VAE's.
     """
 
     optim: Optim
@@ -150,6 +152,7 @@ class ClipTrainConfig:
     hard_negatives: int = 0
     concept_weight: float = 0.0
     phrase_weight: float = 0.0
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,11 @@ class UNetTrainConfig:
 
     `text_encoder_lr`: the text encoder's peak learning rate when it trains (None: the UNet's).
     `readout_weight`: weight of an auxiliary term on the trainable text encoder: linear heads read each named
-    caption part (position, size, background, style) from the encoder's states averaged over all 77 tokens,
-    cross-entropy (see `Denoiser`).
+    caption part of `readout_parts` from the encoder's states averaged over all 77 tokens, cross-entropy (see
+    `Denoiser`). `readout_parts` may also hold "concept" (every caption but the empty one names it): without it
+    the term pulls the average towards the layout parts only, and the trainable encoder loses the concept
+    (2026-12-01, the shipped encoder: states of captions differing only in the concept at cosine 0.91-0.99,
+    the mini-CLIP text tower it started from 0.20-0.91).
     `init`: warm start from another UNet-stage ``checkpoint.pt`` (its UNet EMA weights start both the model and
     the EMA; not its optimizer state): a UNet carried over from an earlier run, recorded in the config.
     `init_text_encoder`: also start the text encoder from that checkpoint's (EMA) encoder, which it must hold
@@ -202,6 +208,7 @@ class UNetTrainConfig:
     init: str | None = None
     readout_weight: float = 0.0
     init_text_encoder: bool = False
+    readout_parts: tuple[str, ...] = CAPTION_PARTS
 
 
 @dataclass(frozen=True)
@@ -400,6 +407,11 @@ def part_phrases(styles: list[str]) -> dict[str, dict[str, str]]:
     }
 
 
+def names_part(parts: tuple[str, ...] | None, part: str) -> bool:
+    """Whether a caption keeping `parts` names `part` (the concept is in every caption but the empty one)."""
+    return parts is not None and (part == "concept" or part in parts)
+
+
 def part_cross_entropy(values, records, parts, logits_of, like: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Mean cross-entropy (and accuracy) of every caption part named in a caption, over that part's values.
 
@@ -409,7 +421,7 @@ def part_cross_entropy(values, records, parts, logits_of, like: torch.Tensor) ->
     """
     losses, hits = [], []
     for part, names in values.items():
-        rows = [i for i, p in enumerate(parts) if p and part in p]
+        rows = [i for i, p in enumerate(parts) if names_part(p, part)]
         if not rows:
             continue
         logits = logits_of(part, rows)
@@ -798,13 +810,20 @@ class VaeTask:
         return {"scaling_factor": factor, "test_psnr_db": self.test_psnr(data_dir)}
 
 
-def _vae_init_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a diffusers `AutoencoderKL` folder, for `VaeTrainConfig.init`."""
-    from diffusers import AutoencoderKL
+def _folder_init_weights(stage: str, folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a saved model folder, for the `init` of the CLIP (a `transformers` CLIPModel) or the
+    VAE (a diffusers `AutoencoderKL`) stage."""
+    if stage == "clip":
+        from transformers import CLIPModel as loader
 
+        kind = "transformers CLIPModel"
+    else:
+        from diffusers import AutoencoderKL as loader
+
+        kind = "diffusers AutoencoderKL"
     if not (folder / "config.json").is_file():
-        raise BoothError(f"vae init {folder} is not a diffusers AutoencoderKL folder (no config.json)")
-    return AutoencoderKL.from_pretrained(folder).state_dict()
+        raise BoothError(f"{stage} init {folder} is not a {kind} folder (no config.json)")
+    return loader.from_pretrained(folder).state_dict()
 
 
 def x0_weight(snr: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
@@ -848,6 +867,16 @@ class Denoiser(torch.nn.Module):
             )
 
 
+def readout_classes(parts: tuple[str, ...], records: list[dict], styles: list[str]) -> dict[str, list[str]]:
+    """The classes of each readout part: the caption parts' values, and the training set's concepts."""
+    values = {part: list(v) for part, v in part_phrases(styles).items()}
+    values["concept"] = sorted({r["concept"] for r in records})
+    unknown = set(parts) - set(values)
+    if unknown:
+        raise BoothError(f"unknown readout parts {sorted(unknown)}: choose from {sorted(values)}")
+    return {part: values[part] for part in parts}
+
+
 class UNetTask:
     """UNet2DConditionModel: epsilon prediction with Min-SNR weights, CFG and caption-part dropout.
 
@@ -881,7 +910,7 @@ class UNetTask:
         self.alphas_cumprod = self.noise.alphas_cumprod.to(device)
         unet = arch_mod.build_unet(config.arch.unet, config.arch.clip.text_width, seed=seed)
         styles = sorted({r["style"] for r in data.records})
-        self.readout_values = {part: list(values) for part, values in part_phrases(styles).items()}
+        self.readout_values = readout_classes(self.cfg.readout_parts, data.records, styles)
         readout = {k: len(v) for k, v in self.readout_values.items()} if self.cfg.readout_weight else None
         if readout and not self.cfg.train_text_encoder:
             raise BoothError("readout_weight trains the text encoder: it needs train_text_encoder")
@@ -1131,7 +1160,7 @@ def _open_session(
         dtype=dtype,
         seed=seed,
     )
-    if not (folder / CHECKPOINT).is_file() and getattr(cfg, "init", None):  # a fresh VAE or UNet stage
+    if not (folder / CHECKPOINT).is_file() and cfg.init:  # a fresh stage started from earlier weights
         _warm_start(session, Path(cfg.init))
     _load_checkpoint(session)
     _trim_log(folder / LOG, session.step)
@@ -1139,13 +1168,16 @@ def _open_session(
 
 
 def _warm_start(s: _Session, path: Path) -> None:
-    """Start a fresh stage from earlier weights: the VAE from a diffusers folder; the UNet (model and EMA) from
-    the UNet EMA weights of another run's UNet-stage checkpoint.
+    """Start a fresh stage from earlier weights: the CLIP or VAE from a saved model folder; the UNet (model and
+    EMA) from the UNet EMA weights of another run's UNet-stage checkpoint.
 
     The text encoder starts as this run's mini-CLIP text tower (how a UNet trained on an earlier CLIP is
     carried over to a new one) unless `init_text_encoder` asks for the checkpoint's encoder too."""
-    if s.stage == "vae":
-        s.task.model.load_state_dict(_vae_init_weights(path))
+    if s.stage in ("clip", "vae"):
+        try:
+            s.task.model.load_state_dict(_folder_init_weights(s.stage, path))
+        except RuntimeError:  # missing, unexpected or differently shaped weights
+            raise BoothError(f"{s.stage} init {path} has another architecture than this run's") from None
         return
     if not path.is_file():
         raise BoothError(f"unet init {path} not found (a UNet-stage checkpoint.pt of an earlier run)")
