@@ -4,9 +4,9 @@
     booth mini check --model runs/mini11-at-1000 --samples 100 --psnr-images 50 --speed-runs 1
 
 The folder is the bundled booth-mini (tokenizer, scheduler, mini-CLIP evaluator) with the run's VAE
-(``<work>/vae/final``) and the checkpoint's EMA UNet and text encoder (the encoder only when the run trains
-it; else the run's mini-CLIP text tower stays, as in the bundled model). `booth mini export` does this for a
-finished run; this tool is for the checkpoints in between.
+(``<work>/vae/final``), the checkpoint's EMA UNet and its text encoder (an older, UNet-only checkpoint: the
+run's mini-CLIP text tower, as `booth mini export` does). `booth mini export` writes a finished run; this tool
+is for the checkpoints in between.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from booth.mini.architecture import text_encoder_from_clip
+from booth.mini.train import final_dir, unet_checkpoint_weights
 from booth.models.loading import default_model_path
 
 
@@ -30,25 +32,29 @@ def main() -> None:
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists")
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPModel, CLIPTextModel
 
     state = torch.load(args.work / "unet" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    ema = state["ema"]
+    parts = unet_checkpoint_weights(state)
     tmp = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(default_model_path(), tmp)
     unet = UNet2DConditionModel.from_pretrained(tmp / "unet")
-    unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
+    unet.load_state_dict(parts["unet"])
     unet.to(torch.float16).save_pretrained(tmp / "unet")
-    encoder = {k[13:]: v for k, v in ema.items() if k.startswith("text_encoder.")}
+    encoder = parts.get("text_encoder")
     if encoder:
         text = CLIPTextModel.from_pretrained(tmp / "text_encoder")
         text.load_state_dict(encoder)
-        text.to(torch.float16).save_pretrained(tmp / "text_encoder")
-    vae = AutoencoderKL.from_pretrained(args.work / "vae" / "final")
+    else:
+        text = text_encoder_from_clip(CLIPModel.from_pretrained(final_dir(args.work, "clip")))
+    text.to(torch.float16).save_pretrained(tmp / "text_encoder")
+    vae = AutoencoderKL.from_pretrained(final_dir(args.work, "vae"))
     vae.to(torch.float16).save_pretrained(tmp / "vae")
     tmp.rename(args.out)
-    print(f"wrote {args.out} (step {state['step']}, text encoder: {'checkpoint' if encoder else 'bundled'})")
+    print(
+        f"wrote {args.out} (step {state['step']}, text encoder: {'checkpoint' if encoder else 'the run CLIP'})"
+    )
 
 
 if __name__ == "__main__":

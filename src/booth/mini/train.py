@@ -1167,6 +1167,18 @@ def _open_session(
     return session
 
 
+def unet_checkpoint_weights(state: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The EMA (else the raw) weights of a UNet-stage checkpoint, per component: "unet", and "text_encoder"
+    when the checkpoint is of the `Denoiser` (older checkpoints hold the UNet alone)."""
+    weights = state.get("ema") or state["model"]
+    if not any(k.startswith("unet.") for k in weights):
+        return {"unet": weights}
+    return {
+        name: {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(f"{name}.")}
+        for name in ("unet", TEXT_ENCODER)
+    }
+
+
 def _warm_start(s: _Session, path: Path) -> None:
     """Start a fresh stage from earlier weights: the CLIP or VAE from a saved model folder; the UNet (model and
     EMA) from the UNet EMA weights of another run's UNet-stage checkpoint.
@@ -1181,14 +1193,7 @@ def _warm_start(s: _Session, path: Path) -> None:
         return
     if not path.is_file():
         raise BoothError(f"unet init {path} not found (a UNet-stage checkpoint.pt of an earlier run)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("ema") or state["model"]
-    parts = {"unet": weights}
-    if any(k.startswith("unet.") for k in weights):  # a checkpoint of the Denoiser (UNet + text encoder)
-        parts = {
-            name: {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(f"{name}.")}
-            for name in ("unet", TEXT_ENCODER)
-        }
+    parts = unet_checkpoint_weights(torch.load(path, map_location="cpu", weights_only=True))
     if s.task.cfg.init_text_encoder:
         if not parts.get(TEXT_ENCODER):
             raise BoothError(f"unet init {path} holds no text encoder (its run did not train one)")
