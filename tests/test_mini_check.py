@@ -20,6 +20,7 @@ from booth.mini.check import (
     add_check_command,
     concept_prompts,
     layout_prompts,
+    pair_prompts,
     preprocess,
     update_card,
 )
@@ -41,9 +42,11 @@ GATES = {
     "psnr_novel",
     "psnr_object",
     "psnr_novel_object",
+    "pairs",
     "speed",
 }
 SMALL = ["--samples", "6", "--concepts", "3", "--steps", "2", "--psnr-images", "8", "--speed-runs", "1"]
+SMALL += ["--pairs", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,14 @@ def test_prompt_sets_are_seeded_valid_and_sized():
     assert len(concepts) == 10 and len({p.concept for p in concepts}) == 5
     assert concepts[0].text == f"a {concepts[0].concept.name}" or concepts[0].text.startswith("an ")
     assert len(concept_prompts(CheckConfig())) == len(BASE_CONCEPTS)
+    pairs = pair_prompts(config)
+    assert len(pairs) == CheckConfig().pairs and pairs == pair_prompts(config) != pair_prompts(
+        CheckConfig(seed=4)
+    )
+    for p in pairs:
+        first, second = p.composition.concept.name, p.composition.second.name
+        assert first != second and p.text.index(first) < p.text.index(" and ") < p.text.rindex(second)
+    assert pair_prompts(CheckConfig(pairs=0)) == []
 
 
 def test_preprocess_follows_the_processor_config():
@@ -177,6 +188,8 @@ def test_every_gate_is_measured_in_range(checked):
     assert math.isfinite(gates["psnr_novel"]["measured"])
     assert math.isfinite(gates["psnr_object"]["measured"]) and gates["psnr_object"]["n"] == 8
     assert gates["speed"]["measured"] > 0 and gates["speed"]["target"] == "< 1 s"
+    assert 0.0 <= gates["pairs"]["measured"] <= 1.0 and gates["pairs"]["n"] == 4
+    assert gates["pairs"]["ceiling"] >= 0.75 and gates["pairs"]["target"] == "report"
     assert all(g["passed"] in (True, False, None) for g in gates.values())
 
 

@@ -15,13 +15,17 @@ from booth.mini import checks
 from booth.mini.compose import (
     BACKGROUNDS,
     LAYOUTS,
+    PAIR_POSITIONS,
     POSITION_PHRASES,
     POSITIONS,
     SIZES,
     Composition,
     Layout,
+    PairComposition,
     caption,
     compose,
+    compose_art,
+    pair_caption,
     slot_box,
 )
 from booth.mini.concepts import BASE_CONCEPTS, CATEGORIES, HELD_OUT_SUBJECTS, concept_by_name
@@ -158,6 +162,50 @@ def test_compositions_match_geometry_and_caption():
         assert (pixels[outside] == BACKGROUNDS[comp.layout.background]).all()
 
 
+def test_pair_captions_name_both_objects_in_order():
+    both = pair_caption(("red apple", "eagle"), "noto", "blue", ("left", "right"))
+    assert (
+        both
+        == "a small red apple on the left and a small eagle on the right on a blue background, noto style"
+    )
+    assert (
+        pair_caption(("red apple", "eagle"), "noto", "blue", ("top", "bottom"), ())
+        == "a red apple and an eagle"
+    )
+    with pytest.raises(ValueError, match="two-object layouts"):
+        PairComposition(BASE_CONCEPTS[0], BASE_CONCEPTS[1], "noto", "blue", ("left", "top"))
+    # small slots of opposite positions never overlap
+    for first, second in PAIR_POSITIONS:
+        a, b = slot_box(first, "small", 64), slot_box(second, "small", 64)
+        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (first, second)
+
+
+@needs_data
+def test_pair_renders_and_the_pair_checker():
+    """Two objects render in their slots only; `check_pair` finds them, and not in one-object renders."""
+    rng = random.Random(5)
+    found = single_found = 0
+    for _ in range(80):
+        first, second = rng.sample(BASE_CONCEPTS, 2)
+        style, colour, positions = (
+            rng.choice(BASE_STYLES),
+            rng.choice(list(BACKGROUNDS)),
+            rng.choice(PAIR_POSITIONS),
+        )
+        pair = PairComposition(first, second, style, colour, positions)
+        image = pair.render(render_master(first, style), render_master(second, style))
+        pixels = np.asarray(image)
+        outside = np.ones((64, 64), dtype=bool)
+        for position in positions:
+            x0, y0, x1, y1 = slot_box(position, "small", 64)
+            outside[y0:y1, x0:x1] = False
+        assert (pixels[outside] == BACKGROUNDS[colour]).all()
+        found += checks.check_pair(image, positions)
+        single = compose_art(render_master(first, style), rng.choice(LAYOUTS))
+        single_found += checks.check_pair(single, positions)
+    assert found / 80 >= 0.95 and single_found / 80 <= 0.15, (found, single_found)
+
+
 @needs_data
 def test_checkers_agree_with_ground_truth_on_renders():
     comps = _sample_compositions(400, BASE_STYLES, seed=2)
@@ -199,12 +247,39 @@ def test_dataset_is_reproducible_and_described(tmp_path):
 
     manifest = json.loads((first.root / "manifest.json").read_text())
     assert manifest["splits"] == {"train": 30, "test": 12, "novel": 4} == first.splits
+    assert not (first.root / "pairs").exists()
     assert len(manifest["concepts"]) == len(BASE_CONCEPTS)
     assert set(manifest["sources"]) == {*BASE_STYLES, "fluent"}
     assert all(s["licence"] and s["version"] for s in manifest["sources"].values())
     with pytest.raises(BoothError, match="exists"):
         build_dataset(tmp_path / "a", 5, **kwargs)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+@needs_data
+def test_pairs_split_adds_two_object_images_and_leaves_the_other_splits_alone(tmp_path):
+    from booth.mini.dataset import build_dataset
+
+    kwargs = {"n_test": 6, "n_novel": 2, "progress": False}
+    plain = build_dataset(tmp_path / "plain", 12, seed=1, **kwargs)
+    paired = build_dataset(tmp_path / "paired", 12, seed=1, n_pairs=10, **kwargs)
+    assert paired.splits == {"train": 12, "test": 6, "novel": 2, "pairs": 10}
+    for split in ("train", "test", "novel"):
+        for path in sorted((plain.root / split).iterdir()):
+            assert (paired.root / split / path.name).read_bytes() == path.read_bytes(), path
+    again = build_dataset(tmp_path / "again", 12, seed=1, n_pairs=10, **kwargs)
+    for path in sorted((paired.root / "pairs").iterdir()):
+        assert (again.root / "pairs" / path.name).read_bytes() == path.read_bytes(), path
+    records = _records(paired.root / "pairs")
+    assert len(records) == 10 and all(r["concept"] != r["concept2"] for r in records)
+    for r in records:
+        positions = (r["position"], r["position2"])
+        assert positions in PAIR_POSITIONS and r["size"] == r["size2"] == "small"
+        assert r["caption"] == pair_caption(
+            (r["concept"], r["concept2"]), r["style"], r["background"], positions
+        )
+        assert checks.check_pair(Image.open(paired.root / "pairs" / r["file_name"]), positions)
+    assert json.loads((paired.root / "manifest.json").read_text())["splits"]["pairs"] == 10
 
 
 @needs_data

@@ -46,6 +46,7 @@ needs_data = pytest.mark.skipif(
     reason="emoji sources not installed (tools/install-data.sh)",
 )
 RECORD = {"concept": "dog", "style": "noto", "background": "blue", "position": "top left", "size": "small"}
+PAIR = {**RECORD, "concept2": "cat", "position2": "bottom right", "size2": "small"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def data_dir(tmp_path_factory):
     from booth.mini.dataset import build_dataset
 
     path = tmp_path_factory.mktemp("mini") / "data"
-    build_dataset(path, n_images=64, seed=0, n_test=16, n_novel=8, progress=False)
+    build_dataset(path, n_images=64, seed=0, n_test=16, n_novel=8, n_pairs=8, progress=False)
     return path
 
 
@@ -367,6 +368,57 @@ def test_unet_warm_start_can_carry_the_fine_tuned_text_encoder(data_dir, trained
     (work / "unet" / "checkpoint.pt").unlink()
     with pytest.raises(BoothError, match="holds no text encoder"):
         train_stage("unet", data_dir, work, no_encoder, steps=1, progress=False)
+
+
+def test_two_object_records_caption_both_objects():
+    full = "a small dog in the top left and a small cat in the bottom right on a blue background, noto style"
+    assert record_caption(PAIR, ("size", "position", "background", "style")) == full
+    assert record_caption(PAIR, ()) == "a dog and a cat"
+    assert record_caption(PAIR, None) == ""
+
+
+@needs_data
+def test_unet_stage_can_also_train_on_the_pairs_split(data_dir, trained, tmp_path):
+    """`pairs` appends the two-object images (latents cached, checksum pinned); a dataset without them refuses."""
+    paired = replace(TINY, unet=replace(TINY.unet, pairs=True, readout_weight=1.0))
+    work = _work_with_prerequisites(trained, tmp_path, "unet")
+    _pin(work, paired)
+    report = train_stage("unet", data_dir, work, paired, steps=2, progress=False)
+    assert report.step == 2 and report.last_loss is not None and report.last_loss == report.last_loss
+    pairs = load_split(data_dir, "pairs")
+    assert json.loads((work / "dataset.json").read_text())["pairs_checksum"] == pairs.checksum
+    latents = torch.load(work / "unet" / "latents.pt", weights_only=True)
+    assert latents["mean"].shape[0] == len(load_split(data_dir, "train")) + len(pairs) == 72
+
+    no_pairs = tmp_path / "no-pairs"
+    shutil.copytree(data_dir, no_pairs, ignore=shutil.ignore_patterns("pairs"))
+    with pytest.raises(BoothError, match="no pairs split"):
+        train_stage("unet", no_pairs, work, paired, steps=1, progress=False)
+
+
+@needs_data
+def test_unet_warm_start_from_a_pipeline_folder(data_dir, trained, exported, tmp_path):
+    """`init` may name a diffusers pipeline folder (e.g. the shipped booth-mini): its UNet and text encoder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    fine = replace(TINY, unet=replace(TINY.unet, init=str(exported), init_text_encoder=True))
+    work = _work_with_prerequisites(trained, tmp_path, "unet")
+    _pin(work, fine)
+    train_stage("unet", data_dir, work, fine, steps=0, progress=False)
+    state = torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
+    unet = UNet2DConditionModel.from_pretrained(exported / "unet").state_dict()
+    encoder = CLIPTextModel.from_pretrained(exported / "text_encoder").state_dict()
+    for key in ("model", "ema"):
+        assert all(torch.equal(state[key][f"unet.{k}"], v.float()) for k, v in unet.items())
+        assert all(torch.equal(state[key][f"text_encoder.{k}"], v.float()) for k, v in encoder.items())
+
+    wide = replace(TINY.arch, unet=replace(TINY.arch.unet, block_out_channels=(16, 32, 64)))
+    other = replace(fine, arch=wide)
+    _pin(work, other)
+    (work / "unet" / "checkpoint.pt").unlink()
+    with pytest.raises(BoothError, match="another architecture"):
+        train_stage("unet", data_dir, work, other, steps=1, progress=False)
 
 
 def test_object_mask_marks_what_differs_from_the_background():

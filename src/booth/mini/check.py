@@ -7,6 +7,9 @@ Gates, each over a fixed seeded prompt set (same seed -> same prompts, seeds and
 - background / position: `booth.mini.checks` on images generated from full captions built from valid
   layouts (`booth.mini.compose.LAYOUTS`: "large" only in the centre); size is reported alongside.
 - style: mini-CLIP zero-shot over the base styles ("a {concept}, {style} style" for each style).
+- two objects (report): `booth.mini.checks.check_pair` on images of two-object prompts ("a small X on the
+  left and a small Y on the right on a blue background, noto style", `PAIR_POSITIONS`), what multi-concept
+  prompts need; ceiling: the same prompts rendered exactly.
 - VAE PSNR: posterior-mean reconstructions of held-out renders (test split), in dB; novel split reported; and
   both over the object's pixels only (the flat background is most of an image and easy).
 - speed: median wall time of one 64x64 image with `steps` steps (report; the benchmark is
@@ -39,9 +42,18 @@ from tqdm.auto import tqdm
 
 from booth.errors import BoothError
 from booth.mini import checks
-from booth.mini.compose import LAYOUTS, Composition, Layout, caption, compose
+from booth.mini.compose import (
+    BACKGROUNDS,
+    LAYOUTS,
+    PAIR_POSITIONS,
+    Composition,
+    Layout,
+    PairComposition,
+    caption,
+    compose,
+)
 from booth.mini.concepts import BASE_CONCEPTS, Concept
-from booth.mini.render import BASE_STYLES
+from booth.mini.render import BASE_STYLES, render_master
 
 CARD_BEGIN = "<!-- booth mini check: begin (generated; rerun booth mini check --update-card) -->"
 CARD_END = "<!-- booth mini check: end -->"
@@ -61,6 +73,7 @@ class CheckConfig:
     psnr_images: int = 300  # held-out renders for the VAE PSNR
     speed_runs: int = 5  # timed single-image generations (after one warm-up)
     resolution: int = 64
+    pairs: int = 40  # two-object prompts (0: no such row)
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,52 @@ def layout_prompts(
         text = caption(concept.name, style, layout)
         prompts.append(Prompt(text, config.seed + 100_000 + i, concept, style, layout))
     return prompts
+
+
+@dataclass(frozen=True)
+class PairPrompt:
+    """One generation of the two-object set: the text, its seed and the composition it asks for."""
+
+    text: str
+    seed: int
+    composition: PairComposition
+
+
+def pair_prompts(
+    config: CheckConfig, concepts: Sequence[Concept] = BASE_CONCEPTS, styles: Sequence[str] = BASE_STYLES
+) -> list[PairPrompt]:
+    """`config.pairs` two-object captions over random concept pairs, styles, colours and `PAIR_POSITIONS`."""
+    rng = random.Random(f"{config.seed}/pairs")
+    prompts = []
+    for i in range(config.pairs):
+        first, second = rng.sample(list(concepts), 2)
+        style, colour, positions = (
+            rng.choice(styles),
+            rng.choice(list(BACKGROUNDS)),
+            rng.choice(PAIR_POSITIONS),
+        )
+        comp = PairComposition(first, second, style, colour, positions, config.resolution)
+        prompts.append(PairPrompt(comp.caption, config.seed + 200_000 + i, comp))
+    return prompts
+
+
+def pair_accuracy(images: Sequence[Image.Image], prompts: Sequence[PairPrompt]) -> float:
+    """Share of images showing two objects where their prompts ask (`booth.mini.checks.check_pair`)."""
+    return _mean([checks.check_pair(im, p.composition.positions) for im, p in zip(images, prompts)])
+
+
+def pair_renders(prompts: Sequence[PairPrompt]) -> list[Image.Image] | None:
+    """The two-object prompts rendered exactly; None when the emoji sources are not installed."""
+    try:
+        return [
+            p.composition.render(
+                render_master(p.composition.concept, p.composition.style),
+                render_master(p.composition.second, p.composition.style),
+            )
+            for p in prompts
+        ]
+    except BoothError:
+        return None
 
 
 # --- mini-CLIP zero-shot ---------------------------------------------------------------------------------
@@ -463,13 +522,14 @@ def run_check(
     model_dir, clip_dir = resolve_paths(model, clip)
     evaluator = MiniClip(clip_dir, model_dir / "tokenizer")
     engine = Engine.from_model(str(model_dir))
-    c_prompts, l_prompts = concept_prompts(config), layout_prompts(config)
-    bar = tqdm(
-        total=len(c_prompts) + len(l_prompts), desc="booth mini check", unit="img", disable=not progress
-    )
+    c_prompts, l_prompts, p_prompts = concept_prompts(config), layout_prompts(config), pair_prompts(config)
+    total = len(c_prompts) + len(l_prompts) + len(p_prompts)
+    bar = tqdm(total=total, desc="booth mini check", unit="img", disable=not progress)
     with bar:
         c_images = generate_images(engine, c_prompts, config, bar)
         l_images = generate_images(engine, l_prompts, config, bar)
+        p_images = generate_images(engine, p_prompts, config, bar)
+    p_renders = pair_renders(p_prompts)
     ceilings, source = _ceilings(evaluator, Path(data_dir), c_prompts, l_prompts, config)
     psnr = _psnr_rows(engine.pipe.vae, Path(data_dir), config, l_prompts)
     seconds = time_generation(engine, config)
@@ -526,6 +586,21 @@ def run_check(
             ceiling=ceilings.get("style"),
             floor=1 / len(BASE_STYLES),
             n=n_l,
+        ),
+        *(
+            [
+                Gate(
+                    "pairs",
+                    "two objects where asked",
+                    "%",
+                    None,
+                    measured=pair_accuracy(p_images, p_prompts),
+                    ceiling=pair_accuracy(p_renders, p_prompts) if p_renders else None,
+                    n=len(p_prompts),
+                )
+            ]
+            if p_prompts
+            else []
         ),
         *(
             Gate(name, label, "dB", target, measured=psnr[key][0], n=psnr[key][1])
@@ -656,6 +731,9 @@ def add_check_flags(parser: argparse.ArgumentParser) -> None:
         "--psnr-images", type=int, default=300, help="held-out renders for PSNR (default 300)"
     )
     parser.add_argument("--speed-runs", type=int, default=5, help="timed generations (default 5)")
+    parser.add_argument(
+        "--pairs", type=int, default=40, help="two-object prompts (default 40; 0: skip that row)"
+    )
     parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument(
         "--update-card", action="store_true", help="write the table into the model's README.md"
@@ -670,6 +748,8 @@ def config_from_args(args: argparse.Namespace) -> CheckConfig:
     bad = [name for name, value in sizes.items() if value < 1]
     if bad:
         raise BoothError(f"{', '.join(bad)} must be at least 1")
+    if args.pairs < 0:
+        raise BoothError("--pairs must be at least 0")
     return CheckConfig(
         samples=args.samples,
         concepts=args.concepts,
@@ -678,6 +758,7 @@ def config_from_args(args: argparse.Namespace) -> CheckConfig:
         cfg_scale=args.cfg_scale,
         psnr_images=args.psnr_images,
         speed_runs=args.speed_runs,
+        pairs=args.pairs,
     )
 
 
@@ -695,6 +776,7 @@ def command_line(args: argparse.Namespace) -> str:
         "cfg_scale",
         "psnr_images",
         "speed_runs",
+        "pairs",
     ):
         value = getattr(args, flag)
         if value is not None:

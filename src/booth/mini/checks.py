@@ -10,6 +10,9 @@ They read an image the way `booth.mini.compose` lays one out, with no learned mo
   else left/right (top/bottom); the pair is named like `POSITIONS` ("top left", "left", "centre"...).
 - size: the longer side of the foreground's bounding box (rows and columns holding at least
   ``max(2, R // 32)`` foreground pixels) over R, named by the nearest `SIZES` fraction on a log scale.
+- two objects (`check_pair`, for `PAIR_POSITIONS`): each named half or quadrant holds at least
+  `MIN_PAIR_FOREGROUND` x R^2 foreground pixels, and the band of +-`PAIR_GAP` x R around the dividing
+  line(s) at most `MAX_GAP_FOREGROUND` of its pixels (one wide object across the middle is not two).
 
 ``classify_*`` return the name or ``None``; ``check_*`` compare it with the expected name.
 """
@@ -29,6 +32,9 @@ UNIFORM_FRACTION = 0.5  # share of the border ring that must be the background c
 FOREGROUND_DISTANCE = 48.0  # RGB distance from the background beyond which a pixel is foreground
 CENTRE_BAND = 0.1  # centroid offsets within +-0.1 R of the middle count as centred on that axis
 MIN_FOREGROUND = 0.005  # below this share of foreground pixels there is no object to place
+MIN_PAIR_FOREGROUND = 0.01  # each of two objects covers at least this share of the canvas
+PAIR_GAP = 0.0625  # half-width of the band between two objects' slots (the renders leave it empty)
+MAX_GAP_FOREGROUND = 0.2  # at most this share of that band may be foreground
 
 
 @dataclass(frozen=True)
@@ -174,3 +180,34 @@ def check_layout(image: Image.Image | np.ndarray, layout: Layout) -> dict[str, b
         "position": check_position(image, layout.position),
         "size": check_size(image, layout.size),
     }
+
+
+def _half(position: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """The pixels on the named side(s) of the middle: "left" x < 0.5, "top left" also y < 0.5 (units of R)."""
+    words = position.split()
+    mask = np.ones(xs.shape, dtype=bool)
+    for word, coord, low in (
+        ("left", xs, True),
+        ("right", xs, False),
+        ("top", ys, True),
+        ("bottom", ys, False),
+    ):
+        if word in words:
+            mask &= coord < 0.5 if low else coord >= 0.5
+    return mask
+
+
+def check_pair(image: Image.Image | np.ndarray, positions: tuple[str, str]) -> bool:
+    """Whether the image shows two objects at `positions` (one of `PAIR_POSITIONS`), see the module docstring."""
+    mask = foreground_mask(image)
+    side = mask.shape[0]
+    ys, xs = (np.indices(mask.shape) + 0.5) / side
+    if any(mask[_half(p, xs, ys)].sum() < MIN_PAIR_FOREGROUND * mask.size for p in positions):
+        return False
+    words = set(" ".join(positions).split())
+    band = np.zeros(mask.shape, dtype=bool)
+    if words & {"left", "right"}:
+        band |= np.abs(xs - 0.5) < PAIR_GAP
+    if words & {"top", "bottom"}:
+        band |= np.abs(ys - 0.5) < PAIR_GAP
+    return bool(mask[band].mean() <= MAX_GAP_FOREGROUND)

@@ -24,6 +24,12 @@ def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n-novel", type=int, default=100, help="held-out Fluent subject images (default 100)"
     )
+    parser.add_argument(
+        "--n-pairs",
+        type=int,
+        default=4000,
+        help="two-object images in a 'pairs' split, for the UNet stage (default 4000; 0: none)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -44,6 +50,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         n_test=args.n_test,
         n_novel=args.n_novel,
+        n_pairs=args.n_pairs,
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )

@@ -17,6 +17,11 @@ Geometry, for a square canvas of R pixels (R = 64 by default):
 Captions come from one template, ``a {size} {concept} {position phrase} on a {background} background,
 {style} style``, e.g. "a small red apple in the top left on a blue background, openmoji style"; `caption`
 can drop parts (for caption dropout, or the "a {concept}" prompts of the concept metric).
+
+Two-object images (`PairComposition`, the dataset's ``pairs`` split): two small objects of one style on one
+background, in opposite slots (`PAIR_POSITIONS`: left/right, top/bottom and both diagonals, either order;
+small slots never overlap), captioned "a small red apple on the left and a small cat on the right on a blue
+background, openmoji style" (`pair_caption`), the first object named first.
 """
 
 from __future__ import annotations
@@ -69,6 +74,17 @@ POSITIONS_BY_SIZE: dict[str, tuple[str, ...]] = {
     "large": ("centre",),
 }
 MARGIN_FRACTION = 1 / 16
+PAIR_POSITIONS: tuple[tuple[str, str], ...] = tuple(
+    pair
+    for a, b in (
+        ("left", "right"),
+        ("top", "bottom"),
+        ("top left", "bottom right"),
+        ("top right", "bottom left"),
+    )
+    for pair in ((a, b), (b, a))
+)
+PAIR_SIZE = "small"
 CAPTION_PARTS: tuple[str, ...] = ("size", "position", "background", "style")
 CAPTION_TEMPLATE = "a {size} {concept} {position} on a/an {background} background, {style} style"
 
@@ -129,6 +145,20 @@ def article(phrase: str) -> str:
     return "an" if vowel else "a"
 
 
+def _check_parts(parts: tuple[str, ...]) -> None:
+    unknown = set(parts) - set(CAPTION_PARTS)
+    if unknown:
+        raise ValueError(f"unknown caption parts {sorted(unknown)}: choose from {CAPTION_PARTS}")
+
+
+def _setting(background: str | None, style: str | None, parts: tuple[str, ...]) -> str:
+    """The caption's tail: " on a blue background, noto style" (only the parts kept)."""
+    text = (
+        f" on {article(background)} {background} background" if background and "background" in parts else ""
+    )
+    return text + (f", {style} style" if style and "style" in parts else "")
+
+
 def caption(
     concept: str, style: str | None, layout: Layout | None, parts: tuple[str, ...] = CAPTION_PARTS
 ) -> str:
@@ -137,18 +167,30 @@ def caption(
     ``caption("red apple", "openmoji", Layout("blue", "top left", "small"))`` is "a small red apple in the
     top left on a blue background, openmoji style"; with ``parts=()`` it is "a red apple".
     """
-    unknown = set(parts) - set(CAPTION_PARTS)
-    if unknown:
-        raise ValueError(f"unknown caption parts {sorted(unknown)}: choose from {CAPTION_PARTS}")
+    _check_parts(parts)
     noun = f"{layout.size} {concept}" if layout and "size" in parts else concept
     text = f"{article(noun)} {noun}"
     if layout and "position" in parts:
         text += f" {POSITION_PHRASES[layout.position]}"
-    if layout and "background" in parts:
-        text += f" on {article(layout.background)} {layout.background} background"
-    if style and "style" in parts:
-        text += f", {style} style"
-    return text
+    return text + _setting(layout.background if layout else None, style, parts)
+
+
+def pair_caption(
+    concepts: tuple[str, str],
+    style: str | None,
+    background: str | None,
+    positions: tuple[str, str],
+    parts: tuple[str, ...] = CAPTION_PARTS,
+) -> str:
+    """The caption of a two-object image keeping `parts`: "a small red apple on the left and a small cat on
+    the right on a blue background, noto style"; with ``parts=()`` "a red apple and a cat"."""
+    _check_parts(parts)
+    phrases = []
+    for concept, position in zip(concepts, positions):
+        noun = f"{PAIR_SIZE} {concept}" if "size" in parts else concept
+        where = f" {POSITION_PHRASES[position]}" if "position" in parts else ""
+        phrases.append(f"{article(noun)} {noun}{where}")
+    return " and ".join(phrases) + _setting(background, style, parts)
 
 
 def slot_side(size: str, resolution: int) -> int:
@@ -173,14 +215,67 @@ def slot_box(position: str, size: str, resolution: int) -> tuple[int, int, int, 
     return x0, y0, x0 + side, y0 + side
 
 
+def compose_objects(
+    objects: list[tuple[Image.Image, str, str]], background: str, resolution: int = 64
+) -> Image.Image:
+    """Lay RGBA masters (cropped to their art) out on a flat background, each (art, position, size) in its
+    slot: an RGB image of `resolution` px."""
+    canvas = Image.new("RGBA", (resolution, resolution), (*BACKGROUNDS[background], 255))
+    for art, position, size in objects:
+        x0, y0, x1, _ = slot_box(position, size, resolution)
+        side = x1 - x0
+        scaled = fit(art, side)
+        canvas.alpha_composite(
+            scaled, dest=(x0 + (side - scaled.width) // 2, y0 + (side - scaled.height) // 2)
+        )
+    return canvas.convert("RGB")
+
+
 def compose_art(art: Image.Image, layout: Layout, resolution: int = 64) -> Image.Image:
     """Lay an RGBA master (cropped to its art) out on a flat background: an RGB image of `resolution` px."""
-    x0, y0, x1, _ = slot_box(layout.position, layout.size, resolution)
-    side = x1 - x0
-    scaled = fit(art, side)
-    canvas = Image.new("RGBA", (resolution, resolution), (*BACKGROUNDS[layout.background], 255))
-    canvas.alpha_composite(scaled, dest=(x0 + (side - scaled.width) // 2, y0 + (side - scaled.height) // 2))
-    return canvas.convert("RGB")
+    return compose_objects([(art, layout.position, layout.size)], layout.background, resolution)
+
+
+@dataclass(frozen=True)
+class PairComposition:
+    """A two-object image: `concept` at `positions[0]` and `second` at `positions[1]`, both small, one style."""
+
+    concept: Concept
+    second: Concept
+    style: str
+    background: str
+    positions: tuple[str, str]
+    resolution: int = 64
+
+    def __post_init__(self) -> None:
+        if self.positions not in PAIR_POSITIONS:
+            raise ValueError(f"positions {self.positions} are not one of the two-object layouts")
+        Layout(self.background, self.positions[0], PAIR_SIZE)  # validates the background
+
+    @property
+    def caption(self) -> str:
+        """The full caption (every template part)."""
+        names = (self.concept.name, self.second.name)
+        return pair_caption(names, self.style, self.background, self.positions)
+
+    def fields(self) -> dict[str, str]:
+        """The structured caption parts, as stored in metadata.jsonl (the second object's with a "2")."""
+        return {
+            "caption": self.caption,
+            "concept": self.concept.name,
+            "concept2": self.second.name,
+            "style": self.style,
+            "background": self.background,
+            "position": self.positions[0],
+            "position2": self.positions[1],
+            "size": PAIR_SIZE,
+            "size2": PAIR_SIZE,
+        }
+
+    def render(self, art: Image.Image, second_art: Image.Image) -> Image.Image:
+        """The RGB image, from the two masters."""
+        objects = [(art, self.positions[0], PAIR_SIZE), (second_art, self.positions[1], PAIR_SIZE)]
+        return compose_objects(objects, self.background, self.resolution)
 
 
 def compose(composition: Composition) -> Image.Image:

@@ -10,12 +10,15 @@ data_dir=out_dir)`` reads it), atomically (built beside `out_dir`, then renamed 
       train/metadata.jsonl   file_name, caption, concept, style, background, position, size, category, codepoints
       test/                  held-out compositions of the same concepts and styles (autoencoder PSNR, eval)
       novel/                 held-out Fluent Emoji 3D subjects (never in train), captioned with their class noun
+      pairs/                 two small objects an image (`n_pairs`, 0: no such folder), for the UNet stage
 
 Sampling: every (concept, style) pair has its own seeded permutation of the 190 layouts (10 colours x 19
 position/size pairs); train image i takes pair ``order_r[i % P]`` (a fresh seeded shuffle of the P pairs in
 each round r = i // P) with that pair's r-th layout, so concepts and styles are balanced and no composition
 repeats. The test split walks the same permutations from the other end, so it never meets train and does not
-depend on `n_images`. Same seed, same machine setup -> byte-identical PNGs, metadata and manifest.
+depend on `n_images`. The pairs split draws its own seeded stream (two distinct concepts, a style, a colour
+and one of `PAIR_POSITIONS` per image), so it leaves the other splits' bytes as they are. Same seed, same
+machine setup -> byte-identical PNGs, metadata and manifest.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from booth.mini.compose import (
     CAPTION_TEMPLATE,
     LAYOUTS,
     MARGIN_FRACTION,
+    PAIR_POSITIONS,
     POSITIONS_BY_SIZE,
     SIZES,
     Composition,
     Layout,
+    PairComposition,
     caption,
     compose_art,
 )
@@ -69,9 +74,10 @@ class DatasetConfig:
     n_novel: int = 100
     styles: tuple[str, ...] = BASE_STYLES
     concepts: tuple[Concept, ...] = BASE_CONCEPTS
+    n_pairs: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_images < 1 or self.n_test < 0 or self.n_novel < 0:
+        if self.n_images < 1 or self.n_test < 0 or self.n_novel < 0 or self.n_pairs < 0:
             raise BoothError("the dataset needs at least 1 training image and non-negative split sizes")
         if self.resolution < 16:
             raise BoothError(f"resolution {self.resolution} is too small (at least 16 px)")
@@ -131,27 +137,49 @@ def _walk_novel(config: DatasetConfig) -> Iterator[Composition]:
         yield Composition(subject, "fluent", rng.choice(LAYOUTS), config.resolution)
 
 
-def _record(composition: Composition, file_name: str) -> dict:
+def _walk_pairs(config: DatasetConfig) -> Iterator[PairComposition]:
+    """Two-object images: two distinct concepts of one style on one colour, in one of `PAIR_POSITIONS`."""
+    rng = _rng(config.seed, "pairs")
+    colours = list(BACKGROUNDS)
+    for _ in range(config.n_pairs):
+        first, second = rng.sample(config.concepts, 2)
+        style, background = rng.choice(config.styles), rng.choice(colours)
+        yield PairComposition(first, second, style, background, rng.choice(PAIR_POSITIONS), config.resolution)
+
+
+def _record(composition: Composition | PairComposition, file_name: str) -> dict:
     concept = composition.concept
     fields = composition.fields()
+    if isinstance(composition, PairComposition):
+        fields["codepoints2"] = composition.second.key
     if concept in HELD_OUT_SUBJECTS:  # captioned with the class noun: the subject's name is what is novel
         fields["caption"] = caption(concept.class_noun, composition.style, composition.layout)
         fields["class_noun"] = concept.class_noun
     return {"file_name": file_name, **fields, "category": concept.category, "codepoints": concept.key}
 
 
-def _write_split(folder: Path, compositions: Iterator[Composition], total: int, progress: bool) -> str:
+def _write_split(
+    folder: Path, compositions: Iterator[Composition | PairComposition], total: int, progress: bool
+) -> str:
     """Write one split's PNGs and metadata.jsonl; return the SHA-256 of the metadata."""
     folder.mkdir(parents=True)
     masters: dict[tuple[str, str], Image.Image] = {}
+
+    def master(concept: Concept, style: str) -> Image.Image:
+        key = (concept.key, style)
+        if key not in masters:
+            masters[key] = render_master(concept, style)
+        return masters[key]
+
     lines = []
     bar = tqdm(compositions, total=total, desc=f"booth-mini {folder.name}", unit="img", disable=not progress)
     for i, comp in enumerate(bar):
-        key = (comp.concept.key, comp.style)
-        if key not in masters:
-            masters[key] = render_master(comp.concept, comp.style)
         file_name = f"{i:06d}.png"
-        compose_art(masters[key], comp.layout, comp.resolution).save(folder / file_name, format="PNG")
+        if isinstance(comp, PairComposition):
+            image = comp.render(master(comp.concept, comp.style), master(comp.second, comp.style))
+        else:
+            image = compose_art(master(comp.concept, comp.style), comp.layout, comp.resolution)
+        image.save(folder / file_name, format="PNG")
         lines.append(json.dumps(_record(comp, file_name), sort_keys=True))
     text = "\n".join(lines) + ("\n" if lines else "")
     (folder / "metadata.jsonl").write_text(text)
@@ -183,6 +211,7 @@ def _manifest_data(config: DatasetConfig, splits: dict[str, int], checksums: dic
         "splits": splits,
         "styles": list(config.styles),
         "caption_template": CAPTION_TEMPLATE,
+        "pair_positions": [list(p) for p in PAIR_POSITIONS],
         "concepts": [{"name": c.name, "category": c.category, "codepoints": c.key} for c in config.concepts],
         "held_out_subjects": [
             {"name": s.name, "class_noun": s.class_noun, "codepoints": s.key} for s in HELD_OUT_SUBJECTS
@@ -210,6 +239,9 @@ def build_from_config(
             "test": _walk(config, config.n_test, "test"),
             "novel": _walk_novel(config),
         }
+        if config.n_pairs:
+            splits["pairs"] = config.n_pairs
+            walks["pairs"] = _walk_pairs(config)
         checksums = {
             f"{name}/metadata.jsonl": _write_split(built / name, walks[name], count, progress)
             for name, count in splits.items()
@@ -228,16 +260,23 @@ def build_dataset(
     *,
     n_test: int = 300,
     n_novel: int = 100,
+    n_pairs: int = 0,
     progress: bool = True,
     overwrite: bool = False,
 ) -> Manifest:
     """Build booth-mini's dataset: `n_images` training images (+ test and novel splits) into `out_dir`.
 
-    Reproducible: the same arguments give byte-identical files. Raises `BoothError` if a source package is
+    `n_pairs` two-object images go to a ``pairs`` split. Reproducible: the same arguments give byte-identical
+    files. Raises `BoothError` if a source package is
     missing (naming the install command) or `out_dir` exists and `overwrite` is False.
     """
     config = DatasetConfig(
-        n_images=n_images, seed=seed, resolution=resolution, n_test=n_test, n_novel=n_novel
+        n_images=n_images,
+        seed=seed,
+        resolution=resolution,
+        n_test=n_test,
+        n_novel=n_novel,
+        n_pairs=n_pairs,
     )
     return build_from_config(out_dir, config, progress=progress, overwrite=overwrite)
 

@@ -81,6 +81,7 @@ from booth.mini.compose import (
     Layout,
     article,
     caption,
+    pair_caption,
 )
 
 STAGES: tuple[str, ...] = ("clip", "vae", "unet")
@@ -193,8 +194,13 @@ class UNetTrainConfig:
     the mini-CLIP text tower it started from 0.20-0.91).
     `init`: warm start from another UNet-stage ``checkpoint.pt`` (its UNet EMA weights start both the model and
     the EMA; not its optimizer state): a UNet carried over from an earlier run, recorded in the config.
+    `init` may also be a diffusers pipeline folder (e.g. the shipped booth-mini): its ``unet/`` (and, with
+    `init_text_encoder`, its ``text_encoder/``).
     `init_text_encoder`: also start the text encoder from that checkpoint's (EMA) encoder, which it must hold
     (a run with `train_text_encoder`); otherwise the encoder is this run's mini-CLIP text tower.
+    `pairs`: also train on the dataset's ``pairs`` split (two small objects an image, "a small X on the left
+    and a small Y on the right ..."; `booth.mini.dataset`), so the model can draw two things at once, as
+    multi-concept prompts ask; the readout term skips those images.
     """
 
     optim: Optim
@@ -209,6 +215,7 @@ class UNetTrainConfig:
     readout_weight: float = 0.0
     init_text_encoder: bool = False
     readout_parts: tuple[str, ...] = CAPTION_PARTS
+    pairs: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,7 @@ class TrainConfig:
     dataset_images: int = 20000
     dataset_test: int = 300
     dataset_novel: int = 100
+    dataset_pairs: int = 0
 
     def stage(self, stage: str) -> ClipTrainConfig | VaeTrainConfig | UNetTrainConfig:
         """The training config of one stage."""
@@ -384,10 +392,21 @@ def sample_parts(dropout: CaptionDropout, gen: torch.Generator) -> tuple[str, ..
     return tuple(p for p, r in zip(keep, u[2:]) if r < dropout.keep_part)
 
 
+def is_pair(record: dict) -> bool:
+    """Whether a metadata record is a two-object image (the ``pairs`` split)."""
+    return "concept2" in record
+
+
 def record_caption(record: dict, parts: tuple[str, ...] | None) -> str:
     """The caption of a metadata record keeping `parts` ("" for None)."""
     if parts is None:
         return ""
+    if is_pair(record):
+        concepts, positions = (
+            (record["concept"], record["concept2"]),
+            (record["position"], record["position2"]),
+        )
+        return pair_caption(concepts, record["style"], record["background"], positions, parts)
     layout = Layout(record["background"], record["position"], record["size"])
     return caption(record["concept"], record["style"], layout, parts)
 
@@ -951,7 +970,8 @@ class UNetTask:
         per_sample = (predicted - noise).pow(2).flatten(1).mean(dim=1)
         loss, stats = (weight * per_sample).mean(), {"mse": per_sample.mean().item()}
         if self.cfg.readout_weight:
-            readout, accuracy = self._readout_loss(text.float().mean(dim=1), records, parts)
+            single = [None if is_pair(r) else p for r, p in zip(records, parts)]  # the heads read one object
+            readout, accuracy = self._readout_loss(text.float().mean(dim=1), records, single)
             loss = loss + self.cfg.readout_weight * readout
             stats["readout_acc"] = accuracy
         return loss, stats
@@ -1097,6 +1117,26 @@ def _pin_run(work: Path, config: TrainConfig, data: MiniData, data_dir: Path, se
         atomic_write_text(path, json.dumps(dataset, indent=2) + "\n")
 
 
+def _with_pairs(work: Path, data: MiniData, data_dir: Path) -> MiniData:
+    """The training split followed by the ``pairs`` split; the pairs' checksum is pinned in dataset.json."""
+    try:
+        pairs = load_split(data_dir, "pairs")
+    except BoothError:
+        raise BoothError(
+            f"{data_dir} has no pairs split (two-object images): rebuild it with booth mini dataset --n-pairs N"
+        ) from None
+    path = work / DATASET_FILE
+    dataset = json.loads(path.read_text())
+    pinned = dataset.setdefault("pairs_checksum", pairs.checksum)
+    if pinned != pairs.checksum:
+        raise BoothError(
+            f"{work} was trained on other two-object images than {data_dir}; use a new --work folder"
+        )
+    atomic_write_text(path, json.dumps(dataset, indent=2) + "\n")
+    checksum = hashlib.sha256(f"{data.checksum}+{pairs.checksum}".encode()).hexdigest()
+    return MiniData(torch.cat([data.images, pairs.images]), data.records + pairs.records, checksum)
+
+
 @dataclass
 class _Session:
     """One `train_stage` call: the task, its optimizer state and where it logs."""
@@ -1134,6 +1174,8 @@ def _open_session(
             f"{data_dir} holds {data.images.shape[-1]} px images; the model is {config.arch.resolution} px"
         )
     _pin_run(work, config, data, data_dir, seed)
+    if stage == "unet" and config.unet.pairs:
+        data = _with_pairs(work, data, data_dir)
     folder = work / stage
     folder.mkdir(parents=True, exist_ok=True)
     task = build_task(stage, config, data, dev, seed, work, dtype=dtype, progress=progress)
@@ -1179,9 +1221,20 @@ def unet_checkpoint_weights(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
+def _pipeline_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The "unet" and (if present) "text_encoder" weights of a diffusers pipeline folder, as float32."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    parts = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet").float().state_dict()}
+    if (folder / TEXT_ENCODER / "config.json").is_file():
+        parts[TEXT_ENCODER] = CLIPTextModel.from_pretrained(folder / TEXT_ENCODER).float().state_dict()
+    return parts
+
+
 def _warm_start(s: _Session, path: Path) -> None:
     """Start a fresh stage from earlier weights: the CLIP or VAE from a saved model folder; the UNet (model and
-    EMA) from the UNet EMA weights of another run's UNet-stage checkpoint.
+    EMA) from the UNet EMA weights of another run's UNet-stage checkpoint, or from a pipeline folder's UNet.
 
     The text encoder starts as this run's mini-CLIP text tower (how a UNet trained on an earlier CLIP is
     carried over to a new one) unless `init_text_encoder` asks for the checkpoint's encoder too."""
@@ -1191,16 +1244,25 @@ def _warm_start(s: _Session, path: Path) -> None:
         except RuntimeError:  # missing, unexpected or differently shaped weights
             raise BoothError(f"{s.stage} init {path} has another architecture than this run's") from None
         return
-    if not path.is_file():
-        raise BoothError(f"unet init {path} not found (a UNet-stage checkpoint.pt of an earlier run)")
-    parts = unet_checkpoint_weights(torch.load(path, map_location="cpu", weights_only=True))
+    if (path / "unet" / "config.json").is_file():  # a diffusers pipeline folder
+        parts = _pipeline_weights(path)
+    elif path.is_file():
+        parts = unet_checkpoint_weights(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        raise BoothError(
+            f"unet init {path} not found (a UNet-stage checkpoint.pt of an earlier run, or a pipeline folder)"
+        )
+    names = ["unet"]
     if s.task.cfg.init_text_encoder:
         if not parts.get(TEXT_ENCODER):
             raise BoothError(f"unet init {path} holds no text encoder (its run did not train one)")
-        s.task.model.text_encoder.load_state_dict(parts[TEXT_ENCODER])
-        s.ema.text_encoder.load_state_dict(parts[TEXT_ENCODER])
-    s.task.model.unet.load_state_dict(parts["unet"])
-    s.ema.unet.load_state_dict(parts["unet"])
+        names.append(TEXT_ENCODER)
+    try:
+        for name in names:
+            getattr(s.task.model, name).load_state_dict(parts[name])
+            getattr(s.ema, name).load_state_dict(parts[name])
+    except RuntimeError:  # missing, unexpected or differently shaped weights
+        raise BoothError(f"unet init {path} has another architecture than this run's") from None
 
 
 def _save_checkpoint(s: _Session) -> None:

@@ -62,6 +62,7 @@ def _ensure_dataset(data: Path, preset_name: str, progress: bool) -> None:
         config.dataset_images,
         n_test=config.dataset_test,
         n_novel=config.dataset_novel,
+        n_pairs=config.dataset_pairs,
         progress=progress,
         overwrite=data.exists(),
     )
