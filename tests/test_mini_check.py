@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -42,6 +43,8 @@ GATES = {
     "psnr_novel",
     "psnr_object",
     "psnr_novel_object",
+    "concept_vae",
+    "style_vae",
     "pairs",
     "speed",
 }
@@ -170,6 +173,12 @@ def test_vae_psnr_scores_the_object_pixels_apart():
     )
     assert scores["all"] == pytest.approx(scores["object"] + 10 * math.log10(16), abs=1e-3)
 
+    from booth.mini.check import vae_reconstructions
+
+    (recon,) = vae_reconstructions(GreyObject(), [image])
+    pixels = np.asarray(recon)
+    assert (pixels[0, 0] == (20, 60, 220)).all() and (pixels[10, 10] == (128, 128, 128)).all()
+
 
 # --- on a tiny exported model ---
 
@@ -190,6 +199,8 @@ def test_every_gate_is_measured_in_range(checked):
     assert gates["speed"]["measured"] > 0 and gates["speed"]["target"] == "< 1 s"
     assert 0.0 <= gates["pairs"]["measured"] <= 1.0 and gates["pairs"]["n"] == 4
     assert gates["pairs"]["ceiling"] >= 0.75 and gates["pairs"]["target"] == "report"
+    for name in ("concept_vae", "style_vae"):
+        assert 0.0 <= gates[name]["measured"] <= 1.0 and gates[name]["target"] == "report", gates[name]
     assert all(g["passed"] in (True, False, None) for g in gates.values())
 
 

@@ -12,6 +12,9 @@ Gates, each over a fixed seeded prompt set (same seed -> same prompts, seeds and
   prompts need; ceiling: the same prompts rendered exactly.
 - VAE PSNR: posterior-mean reconstructions of held-out renders (test split), in dB; novel split reported; and
   both over the object's pixels only (the flat background is most of an image and easy).
+- the autoencoder's cap (report): the concept and style zero-shot on those reconstructions of the ceiling's
+  real renders. Every generated image is a VAE decode, so a UNet that reproduced the renders' latents
+  exactly would score this, not the real-render ceiling.
 - speed: median wall time of one 64x64 image with `steps` steps (report; the benchmark is
   ``benchmarks/mini_speed.py``).
 
@@ -439,8 +442,27 @@ def split_prompts(pairs: Sequence[tuple[Image.Image, dict]]) -> list[Prompt]:
     ]
 
 
+def _reconstruct(vae: Any, images: Sequence[Image.Image], batch: int = 64):
+    """(x, reconstruction) batches in [-1, 1]: the VAE's posterior-mean decode of `images`."""
+    dtype = next(vae.parameters()).dtype
+    for i in range(0, len(images), batch):
+        arr = np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images[i : i + batch]])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+        yield x, vae.decode(vae.encode(x.to(dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+
+
 @torch.no_grad()
-def vae_psnr(vae: Any, images: Sequence[Image.Image], batch: int = 64) -> dict[str, float]:
+def vae_reconstructions(vae: Any, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The VAE's posterior-mean reconstructions of `images`, as 8-bit RGB images."""
+    out = []
+    for _, recon in _reconstruct(vae, images):
+        pixels = ((recon.permute(0, 2, 3, 1) + 1.0) * 127.5).round().to(torch.uint8).numpy()
+        out += [Image.fromarray(p) for p in pixels]
+    return out
+
+
+@torch.no_grad()
+def vae_psnr(vae: Any, images: Sequence[Image.Image]) -> dict[str, float]:
     """Mean per-image PSNR (dB, images in [-1, 1]) of the VAE's posterior-mean reconstructions: "all" pixels and
     the "object" pixels alone (those that differ from the flat background, `booth.mini.train.object_mask`)."""
     from booth.mini.train import object_mask
@@ -448,11 +470,7 @@ def vae_psnr(vae: Any, images: Sequence[Image.Image], batch: int = 64) -> dict[s
     if not images:
         return {"all": float("nan"), "object": float("nan")}
     values: dict[str, list[torch.Tensor]] = {"all": [], "object": []}
-    dtype = next(vae.parameters()).dtype
-    for i in range(0, len(images), batch):
-        arr = np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images[i : i + batch]])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-        recon = vae.decode(vae.encode(x.to(dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+    for x, recon in _reconstruct(vae, images):
         err, mask = (recon - x).pow(2), object_mask(x)
         mse = {
             "all": err.flatten(1).mean(dim=1),
@@ -531,6 +549,7 @@ def run_check(
         p_images = generate_images(engine, p_prompts, config, bar)
     p_renders = pair_renders(p_prompts)
     ceilings, source = _ceilings(evaluator, Path(data_dir), c_prompts, l_prompts, config)
+    capped, _ = _ceilings(evaluator, Path(data_dir), c_prompts, l_prompts, config, engine.pipe.vae)
     psnr = _psnr_rows(engine.pipe.vae, Path(data_dir), config, l_prompts)
     seconds = time_generation(engine, config)
     layout = layout_accuracy(l_images, l_prompts)
@@ -588,6 +607,16 @@ def run_check(
             n=n_l,
         ),
         *(
+            Gate(
+                f"{name}_vae",
+                f"{name} on VAE reconstructions of real renders",
+                "%",
+                None,
+                measured=capped.get(name),
+            )
+            for name in ("concept", "style")
+        ),
+        *(
             [
                 Gate(
                     "pairs",
@@ -626,9 +655,15 @@ def run_check(
 
 
 def _ceilings(
-    clip: MiniClip, data_dir: Path, c_prompts: list[Prompt], l_prompts: list[Prompt], config: CheckConfig
+    clip: MiniClip,
+    data_dir: Path,
+    c_prompts: list[Prompt],
+    l_prompts: list[Prompt],
+    config: CheckConfig,
+    vae: Any = None,
 ) -> tuple[dict[str, float], str]:
-    """Every metric on real renders: the test split when there is one, else composed from the prompts."""
+    """Every metric on real renders: the test split when there is one, else composed from the prompts; with
+    a `vae`, on its reconstructions of those renders."""
     pairs = split_records(data_dir, "test", max(len(l_prompts), len(c_prompts)))
     if pairs:
         prompts = split_prompts(pairs)
@@ -639,6 +674,10 @@ def _ceilings(
         if c_images is None or l_images is None:
             return {}, "none (no test split, emoji sources not installed)"
         c_truth, l_truth, source = c_prompts, l_prompts, "composed on the fly"
+    if vae is not None:
+        same = c_images is l_images
+        c_images = vae_reconstructions(vae, c_images)
+        l_images = c_images if same else vae_reconstructions(vae, l_images)
     return {
         "concept": concept_accuracy(clip, c_images, [p.concept for p in c_truth]),
         **layout_accuracy(l_images, l_truth),
