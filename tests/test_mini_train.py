@@ -621,6 +621,12 @@ def test_export_layout_fp16_and_card(exported, trained):
     card = (exported / "README.md").read_text()
     assert "## Training" in card and "cpu:" in card and "6 x 8" in card and "not measured yet" in card
     assert "OpenMoji" in (exported / "ATTRIBUTION.md").read_text()
+    assert (
+        "--preset tiny" in card and "pairs 8 images" in card and "Every stage trained on `train` only" in card
+    )
+    training = json.loads((exported / "training.json").read_text())
+    assert training["config"] == TINY.to_json() and training["seed"] == 0
+    assert training["dataset"]["train_checksum"] == load_split(training["dataset"]["path"]).checksum
     assert not list(exported.parent.glob(".booth-mini.tmp-*"))
 
 

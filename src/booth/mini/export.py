@@ -10,6 +10,8 @@
       scheduler/                      DPMSolverMultistepScheduler (DPM-Solver++ 2M) on SD's scaled-linear betas
       clip/                           the mini-CLIP evaluator: CLIPModel + tokenizer + CLIPImageProcessor config
       README.md                       model card: data, sizes, training time and hardware (from the logs)
+      training.json                   the run's configuration and seed (work/config.json) and its dataset's
+                                      manifest and checksums: what `booth.mini.train.TrainConfig` trained
       ATTRIBUTION.md                  licences and attribution of the training art
 
 Weights are fp16 safetensors. The transformers configs say ``"dtype": "float32"``: transformers 5 loads a
@@ -35,6 +37,7 @@ from booth.mini.train import (
     CONFIG_FILE,
     DATASET_FILE,
     DONE,
+    PRESETS,
     STAGES,
     TEXT_ENCODER,
     final_dir,
@@ -44,6 +47,7 @@ from booth.mini.train import (
 from booth.models.tokenizer import write_clip_tokenizer_files
 
 COMPONENTS = ("text_encoder", "vae", "unet")
+SPLIT_ORDER = ("train", "test", "novel", "pairs")
 
 
 def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
@@ -64,6 +68,8 @@ def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
         _write_clip(work, tmp / "clip", num_merges)
         dataset = json.loads((work / DATASET_FILE).read_text())
         (tmp / "ATTRIBUTION.md").write_text(dataset.get("attribution", ""))
+        training = {**run, "dataset": {k: v for k, v in dataset.items() if k != "attribution"}}
+        (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(work, tmp))
     return out.resolve()
 
@@ -197,9 +203,14 @@ def _data_section(dataset: dict) -> list[str]:
         "x position x size, with exact captions "
         f'("{manifest.get("caption_template", "")}").',
         "",
-        f"Splits: {', '.join(f'{k} {splits[k]}' for k in ('train', 'test', 'novel') if k in splits)} images. "
-        "Every stage trained on `train` only; `novel` holds Fluent Emoji subjects that no stage saw",
-        "(for personalization).",
+        f"Splits: {', '.join(f'{k} {splits[k]}' for k in SPLIT_ORDER if k in splits)} images. "
+        + (
+            "The CLIP and VAE stages trained on `train`, the UNet also on `pairs` (two small objects an image, "
+            '"a small X on the left and a small Y on the right ...")'
+            if "pairs_checksum" in dataset
+            else "Every stage trained on `train` only"
+        )
+        + "; `novel` holds Fluent Emoji subjects that no stage saw (for personalization).",
         "",
         "| style | source | package | licence | use |",
         "|---|---|---|---|---|",
@@ -266,7 +277,12 @@ def _training_section(work: Path, run: dict) -> list[str]:
     lines = [
         "## Training",
         "",
-        f"`booth mini train --preset {config['name']}` (seed {run['seed']}), stages in order, each resumable.",
+        (
+            f"`booth mini train --preset {config['name']}`"
+            if config["name"] in PRESETS
+            else f"Configuration {config['name']!r} (in `training.json`, run with `booth.mini.train.train_stage`)"
+        )
+        + f" (seed {run['seed']}), stages in order, each resumable.",
         "",
         "| stage | steps x batch | lr | wall time | chunks | final loss | hardware |",
         "|---|---|---|---|---|---|---|",
