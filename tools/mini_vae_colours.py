@@ -6,7 +6,9 @@ and a grid of the example subjects and one of them hue-rotated, encoded and deco
 For each VAE folder it prints PSNR (posterior-mean reconstructions; `booth.mini.check.vae_psnr`) on up to 300
 held-out renders of --data and on the example subjects' images, whole images and object pixels apart. The grid
 (top: input, then one row of reconstructions per VAE) shows one image of each example subject and the first
-example's image hue-rotated by 60, 120, 180 and 240 degrees.
+example's image hue-rotated by 60, 120, 180 and 240 degrees. With ``--clip DIR`` (a mini-CLIP: a shipped
+``clip/`` or a run's ``clip/final``) it also prints the concept and style zero-shot on the held-out renders and
+on each VAE's reconstructions of them: the autoencoder's cap on `booth mini check`'s concept and style gates.
 
 Measured 2026-12-01 on the shipped VAE: held-out 24.66 dB (objects 15.40 dB), examples 23.81 (15.83); the
 teapot's and backpack's pink come back orange.
@@ -23,7 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from booth.mini.check import vae_psnr
+from booth.mini.check import (
+    MiniClip,
+    concept_accuracy,
+    split_prompts,
+    split_records,
+    style_accuracy,
+    vae_psnr,
+    vae_reconstructions,
+)
 from booth.mini.train import rotate_hue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,22 +62,9 @@ def hue_rotations(image: Image.Image, degrees=(60, 120, 180, 240)) -> list[Image
     return out
 
 
-@torch.no_grad()
-def reconstruct(vae, images: list[Image.Image]) -> list[Image.Image]:
-    x = (
-        torch.stack([torch.from_numpy(np.asarray(im, np.float32)).permute(2, 0, 1) for im in images]) / 127.5
-        - 1.0
-    )
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    return [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)) for t in y]
-
-
-def held_out(data: Path, n: int) -> list[Image.Image]:
-    meta = data / "test" / "metadata.jsonl"
-    if not meta.is_file():
-        return []
-    records = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()][:n]
-    return [Image.open(data / "test" / r["file_name"]).convert("RGB") for r in records]
+def zero_shot(clip: MiniClip, images: list[Image.Image], prompts) -> str:
+    concept = concept_accuracy(clip, images, [p.concept for p in prompts])
+    return f"concept {100 * concept:.1f}%, style {100 * style_accuracy(clip, images, prompts):.1f}%"
 
 
 def main() -> None:
@@ -78,10 +75,17 @@ def main() -> None:
     parser.add_argument("--data", default="data/mini", help="booth-mini dataset (default data/mini)")
     parser.add_argument("--images", type=int, default=300, help="held-out renders (default 300)")
     parser.add_argument("--out", default="vae-colours.png", help="grid image (default vae-colours.png)")
+    parser.add_argument(
+        "--clip", help="mini-CLIP folder: also zero-shot concept/style on renders and reconstructions"
+    )
     args = parser.parse_args()
     examples, one_each = example_images()
     shown = one_each + hue_rotations(one_each[0])
-    test = held_out(Path(args.data), args.images)
+    records = split_records(Path(args.data), "test", args.images)
+    test, prompts = [im for im, _ in records], split_prompts(records)
+    clip = MiniClip(args.clip) if args.clip else None
+    if clip and test:
+        print(f"{args.clip}: held-out renders ({len(test)}): {zero_shot(clip, test, prompts)}")
     rows = [shown]
     for folder in args.vae:
         vae = AutoencoderKL.from_pretrained(folder).float().eval()
@@ -91,7 +95,11 @@ def main() -> None:
                 print(
                     f"{folder}: {name} ({len(images)}): {s['all']:.2f} dB, object pixels {s['object']:.2f} dB"
                 )
-        rows.append(reconstruct(vae, shown))
+        if clip and test:
+            print(
+                f"{folder}: its reconstructions: {zero_shot(clip, vae_reconstructions(vae, test), prompts)}"
+            )
+        rows.append(vae_reconstructions(vae, shown))
     side = shown[0].width
     grid = Image.new("RGB", (side * len(shown), side * len(rows)), "white")
     for r, row in enumerate(rows):

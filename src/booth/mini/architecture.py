@@ -46,6 +46,27 @@ import torch
 # OpenAI CLIP's image normalisation (the CLIPImageProcessor defaults)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_processor_config(image_size: int) -> dict:
+    """The `CLIPImageProcessor` config of the mini-CLIP (preprocessor_config.json): resize, crop, CLIP's
+    mean and std."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+
+
 SD_BETA_START, SD_BETA_END = 0.00085, 0.012  # Stable Diffusion's scaled-linear DDPM schedule
 TRAIN_TIMESTEPS = 1000
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from booth.errors import BoothError
 from booth.mini import checks
+from booth.mini.architecture import clip_processor_config
 from booth.mini.compose import (
     BACKGROUNDS,
     LAYOUTS,
@@ -281,7 +282,9 @@ class MiniClip:
         self.model = CLIPModel.from_pretrained(clip_dir).float().eval()
         tok_dir = Path(tokenizer_dir) if tokenizer_dir and Path(tokenizer_dir).is_dir() else clip_dir
         self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-        self.pre = json.loads((clip_dir / "preprocessor_config.json").read_text())
+        pre = clip_dir / "preprocessor_config.json"  # a training run's clip/final has none: the export's
+        size = self.model.config.vision_config.image_size
+        self.pre = json.loads(pre.read_text()) if pre.is_file() else clip_processor_config(size)
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """CLIPImageProcessor's steps with PIL/numpy: RGB, resize shortest edge, centre crop, rescale, normalise."""

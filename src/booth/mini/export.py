@@ -137,21 +137,7 @@ def _write_clip(work: Path, folder: Path, num_merges: int) -> None:
     clip.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     _config_dtype_float32(folder)
     write_clip_tokenizer_files(folder, num_merges)
-    size = clip.config.vision_config.image_size
-    processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"shortest_edge": size},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": size, "width": size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(arch_mod.CLIP_MEAN),
-        "image_std": list(arch_mod.CLIP_STD),
-    }
+    processor = arch_mod.clip_processor_config(clip.config.vision_config.image_size)
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
