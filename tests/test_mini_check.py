@@ -201,6 +201,7 @@ def test_every_gate_is_measured_in_range(checked):
     assert gates["pairs"]["ceiling"] >= 0.75 and gates["pairs"]["target"] == "report"
     for name in ("concept_vae", "style_vae"):
         assert 0.0 <= gates[name]["measured"] <= 1.0 and gates[name]["target"] == "report", gates[name]
+        assert gates[name]["n"] == 6  # test-split renders, as many as the larger prompt set (--samples 6)
     assert all(g["passed"] in (True, False, None) for g in gates.values())
 
 

@@ -616,6 +616,7 @@ def run_check(
                 "%",
                 None,
                 measured=capped.get(name),
+                n=int(capped.get("n", 0)),
             )
             for name in ("concept", "style")
         ),
@@ -682,6 +683,7 @@ def _ceilings(
         c_images = vae_reconstructions(vae, c_images)
         l_images = c_images if same else vae_reconstructions(vae, l_images)
     return {
+        "n": len(c_images),
         "concept": concept_accuracy(clip, c_images, [p.concept for p in c_truth]),
         **layout_accuracy(l_images, l_truth),
         "style": style_accuracy(clip, l_images, l_truth),
