@@ -16,10 +16,11 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
      of the subject asked there (mini CLIP-I of the crop, resized to the model's resolution), and "both" is the
      share of images where both regions score above the base model's mean for that subject and kind.
 
-A model that knows only one subject gets the other's class noun in every prompt. booth-mini's world shows
-one object an image (its training captions never name two), so a one-prompt request for two subjects asks for
-something it never saw; with ``AND`` each term asks for one object, as in its training captions, and with
-Latent Couple each term also has its own half of the image.
+A model that knows only one subject gets the other's class noun in every prompt. The shipped booth-mini never
+saw two objects in one image, so a one-prompt request for two subjects asks for something it never saw; with
+``AND`` each term asks for one object, as in its training captions, and with Latent Couple each term also has
+its own half of the image. A booth-mini trained with the dataset's two-object images (`UNetTrainConfig.pairs`)
+draws two objects for the one-prompt kind (measured in docs/mini-benchmark.md).
 """
 
 from __future__ import annotations

@@ -293,8 +293,8 @@ def _full() -> TrainConfig:
     UNet 4,000 x 64; on a Xeon with AMX about 1 h 55 min) would have taken over 3 h there.
 
     The UNet also trains on 4,000 two-object images (`UNetTrainConfig.pairs`, 2026-12-02): warm-started from the
-    shipped UNet, 750 steps with them drew two objects where asked in 62% of `booth mini check`'s two-object
-    prompts, against 0% before.
+    shipped UNet, 2,000 steps with them (runs/mini13, see the model card) drew two objects where asked in 95% of
+    `booth mini check`'s two-object prompts, against 0% for the shipped weights.
 
     The VAE's object weight and hue jitter (2026-12-01) are not in the shipped weights yet: the same 1,600 steps
     with them reconstruct held-out renders at 24.52 dB, their objects' pixels at 16.12 dB, against 23.80 /
