@@ -395,6 +395,11 @@ def test_unet_stage_can_also_train_on_the_pairs_split(data_dir, trained, tmp_pat
     with pytest.raises(BoothError, match="no pairs split"):
         train_stage("unet", no_pairs, work, paired, steps=1, progress=False)
 
+    pinned = json.loads((work / "dataset.json").read_text())
+    (work / "dataset.json").write_text(json.dumps({**pinned, "pairs_checksum": "0" * 64}))
+    with pytest.raises(BoothError, match="other two-object images"):
+        train_stage("unet", data_dir, work, paired, steps=1, progress=False)
+
 
 @needs_data
 def test_unet_warm_start_from_a_pipeline_folder(data_dir, trained, exported, tmp_path):

@@ -1132,12 +1132,13 @@ def _with_pairs(work: Path, data: MiniData, data_dir: Path) -> MiniData:
         ) from None
     path = work / DATASET_FILE
     dataset = json.loads(path.read_text())
-    pinned = dataset.setdefault("pairs_checksum", pairs.checksum)
-    if pinned != pairs.checksum:
+    if "pairs_checksum" not in dataset:  # the first UNet session pins them
+        dataset["pairs_checksum"] = pairs.checksum
+        atomic_write_text(path, json.dumps(dataset, indent=2) + "\n")
+    elif dataset["pairs_checksum"] != pairs.checksum:
         raise BoothError(
             f"{work} was trained on other two-object images than {data_dir}; use a new --work folder"
         )
-    atomic_write_text(path, json.dumps(dataset, indent=2) + "\n")
     checksum = hashlib.sha256(f"{data.checksum}+{pairs.checksum}".encode()).hexdigest()
     return MiniData(torch.cat([data.images, pairs.images]), data.records + pairs.records, checksum)
 
