@@ -551,8 +551,9 @@ def run_check(
         l_images = generate_images(engine, l_prompts, config, bar)
         p_images = generate_images(engine, p_prompts, config, bar)
     p_renders = pair_renders(p_prompts)
-    ceilings, source = _ceilings(evaluator, Path(data_dir), c_prompts, l_prompts, config)
-    capped, _ = _ceilings(evaluator, Path(data_dir), c_prompts, l_prompts, config, engine.pipe.vae)
+    ceilings, capped, source = _ceilings(
+        evaluator, engine.pipe.vae, Path(data_dir), c_prompts, l_prompts, config
+    )
     psnr = _psnr_rows(engine.pipe.vae, Path(data_dir), config, l_prompts)
     seconds = time_generation(engine, config)
     layout = layout_accuracy(l_images, l_prompts)
@@ -658,36 +659,47 @@ def run_check(
     return CheckReport(gates, str(model_dir), config, hardware=_hardware(), details=details)
 
 
-def _ceilings(
-    clip: MiniClip,
-    data_dir: Path,
-    c_prompts: list[Prompt],
-    l_prompts: list[Prompt],
-    config: CheckConfig,
-    vae: Any = None,
-) -> tuple[dict[str, float], str]:
-    """Every metric on real renders: the test split when there is one, else composed from the prompts; with
-    a `vae`, on its reconstructions of those renders."""
+def _real_renders(data_dir: Path, c_prompts: list[Prompt], l_prompts: list[Prompt], config: CheckConfig):
+    """The real renders the ceilings are measured on, with what they show: (concept images, their prompts,
+    layout images, their prompts, source); the test split when there is one, else composed from the prompts,
+    else None (no test split and no emoji sources)."""
     pairs = split_records(data_dir, "test", max(len(l_prompts), len(c_prompts)))
     if pairs:
         prompts = split_prompts(pairs)
         images = [im for im, r in pairs if r["concept"] in {p.concept.name for p in prompts}]
-        c_images, c_truth, l_images, l_truth, source = images, prompts, images, prompts, "test split"
-    else:
-        c_images, l_images = real_renders(c_prompts, config), real_renders(l_prompts, config)
-        if c_images is None or l_images is None:
-            return {}, "none (no test split, emoji sources not installed)"
-        c_truth, l_truth, source = c_prompts, l_prompts, "composed on the fly"
-    if vae is not None:
-        same = c_images is l_images
-        c_images = vae_reconstructions(vae, c_images)
-        l_images = c_images if same else vae_reconstructions(vae, l_images)
-    return {
-        "n": len(c_images),
-        "concept": concept_accuracy(clip, c_images, [p.concept for p in c_truth]),
-        **layout_accuracy(l_images, l_truth),
-        "style": style_accuracy(clip, l_images, l_truth),
-    }, source
+        return images, prompts, images, prompts, "test split"
+    c_images, l_images = real_renders(c_prompts, config), real_renders(l_prompts, config)
+    if c_images is None or l_images is None:
+        return None
+    return c_images, c_prompts, l_images, l_prompts, "composed on the fly"
+
+
+def _ceilings(
+    clip: MiniClip,
+    vae: Any,
+    data_dir: Path,
+    c_prompts: list[Prompt],
+    l_prompts: list[Prompt],
+    config: CheckConfig,
+) -> tuple[dict[str, float], dict[str, float], str]:
+    """Every metric on the real renders (the ceilings), and on the `vae`'s reconstructions of those renders
+    (the autoencoder's cap), with the renders' source."""
+    renders = _real_renders(data_dir, c_prompts, l_prompts, config)
+    if renders is None:
+        return {}, {}, "none (no test split, emoji sources not installed)"
+    c_images, c_truth, l_images, l_truth, source = renders
+    c_recons = vae_reconstructions(vae, c_images)
+    l_recons = c_recons if l_images is c_images else vae_reconstructions(vae, l_images)
+
+    def scores(c_shown: list[Image.Image], l_shown: list[Image.Image]) -> dict[str, float]:
+        return {
+            "n": len(c_shown),
+            "concept": concept_accuracy(clip, c_shown, [p.concept for p in c_truth]),
+            **layout_accuracy(l_shown, l_truth),
+            "style": style_accuracy(clip, l_shown, l_truth),
+        }
+
+    return scores(c_images, l_images), scores(c_recons, l_recons), source
 
 
 def _psnr_rows(vae: Any, data_dir: Path, config: CheckConfig, l_prompts: list[Prompt]) -> dict:
