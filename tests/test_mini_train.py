@@ -114,6 +114,25 @@ def test_vit_position_embeddings_start_as_scaled_2d_sincos():
         A.sincos_2d(8, 30)
 
 
+def test_vae_mid_attention_can_be_left_out_and_the_folder_still_loads_in_diffusers(tmp_path):
+    from diffusers import AutoencoderKL
+
+    config = A.VaeConfig(block_out_channels=(8, 16), norm_num_groups=4, sample_size=16)
+    with_attention = A.build_vae(config)
+    without = A.build_vae(replace(config, mid_attention=False))
+    assert with_attention.encoder.mid_block.attentions[0] is not None
+    assert without.encoder.mid_block.attentions[0] is None and without.decoder.mid_block.attentions[0] is None
+    assert A.count_parameters(without) < A.count_parameters(with_attention)
+    without.save_pretrained(tmp_path)
+    loaded = AutoencoderKL.from_pretrained(tmp_path).eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = loaded.encode(x).latent_dist.mean
+        expected = without.eval().encode(x).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)  # two levels: factor 2
+    assert torch.allclose(latents, expected)
+
+
 def test_concept_names_tokenize_short_with_the_truncated_bpe():
     from booth.mini.concepts import BASE_CONCEPTS
 

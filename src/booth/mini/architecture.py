@@ -105,13 +105,20 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class VaeConfig:
-    """`AutoencoderKL`: ``len(block_out_channels) - 1`` downsamplings (3 levels -> factor 4)."""
+    """`AutoencoderKL`: ``len(block_out_channels) - 1`` downsamplings (3 levels -> factor 4).
+
+    `mid_attention`: the self-attention layer in the middle block of encoder and decoder (diffusers'
+    ``mid_block_add_attention``; SD's VAE has it). At a 32x32 latent it attends over 1,024 positions and
+    dominates the autoencoder's cost (measured: a training step of (32, 64) at batch 16, 1.26 s with it,
+    0.72 s without).
+    """
 
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 16
     sample_size: int = 64
+    mid_attention: bool = True
 
 
 @dataclass(frozen=True)
@@ -264,6 +271,7 @@ def build_vae(config: VaeConfig, seed: int = 0):
             norm_num_groups=config.norm_num_groups,
             sample_size=config.sample_size,
             scaling_factor=1.0,
+            mid_block_add_attention=config.mid_attention,
         )
 
 
