@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from booth.generate.engine import Engine
@@ -165,6 +166,26 @@ def test_prompt_editing_sits_between_its_two_prompts(sd1_engine):
     edit = run(sd1_engine, prompt="[red:blue:2] apple")
     e, r, b = (pixels(x.images[0]) for x in (edit, red, blue))
     assert not np.array_equal(e, r) and not np.array_equal(e, b)
+
+
+def test_conditioning_is_built_once_and_again_only_when_prompt_editing_switches(sd1_engine, monkeypatch):
+    built, seen = [], []
+    stack = Engine._stack_conditioning
+    monkeypatch.setattr(Engine, "_stack_conditioning", lambda self, *a: built.append(1) or stack(self, *a))
+    hook = sd1_engine.pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        run(sd1_engine, prompt="red apple", steps=4)
+        assert len(built) == 1 and len(seen) == 4
+        built.clear(), seen.clear()
+        run(sd1_engine, prompt="[red:blue:2] apple", steps=4)
+    finally:
+        hook.remove()
+    assert len(built) == 2  # "red apple" for steps 1-2, "blue apple" for steps 3-4
+    assert (
+        torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3]) and not torch.equal(seen[1], seen[2])
+    )
 
 
 def test_guidance_rescale_and_dynamic_threshold_change_the_image(sd1_engine):
