@@ -87,6 +87,20 @@ def test_full_preset_fits_the_fp16_budget():
     assert FULL.arch.latent_size == 16 and FULL.arch.resolution == 64
 
 
+def test_the_factor2_experiment_fits_the_budget_on_32px_latents():
+    arch = PRESETS["factor2"].arch
+    assert arch.latent_size == arch.unet.sample_size == 32 and arch.resolution == 64
+    sizes = A.fp16_megabytes(A.parameter_counts(arch))
+    assert sizes["total"] + 0.5 <= 40.0, sizes
+
+
+def test_an_architecture_whose_unet_does_not_fit_its_vae_is_refused():
+    with pytest.raises(ValueError, match="latent size 32"):
+        A.MiniArchitecture(vae=A.VaeConfig(block_out_channels=(32, 64)))
+    with pytest.raises(ValueError, match="4 levels"):
+        A.MiniArchitecture(unet=A.UNetConfig(block_out_channels=(32, 64, 128, 128)))
+
+
 def test_full_text_encoder_is_the_clip_text_tower_and_feeds_the_unet():
     with torch.device("meta"):
         clip = A.build_clip(FULL.arch.clip)

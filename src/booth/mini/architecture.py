@@ -123,7 +123,8 @@ class VaeConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """`UNet2DConditionModel` on the VAE's latents.
+    """`UNet2DConditionModel` on the VAE's latents (``sample_size``: the latent side, which a pipeline's default
+    image size is computed from).
 
     ``attention_heads`` is per level (diffusers' ``attention_head_dim`` argument, which SD configs use as the
     number of heads); (2, 4, 4) makes heads 32 wide. The lowest level (4x4) has no attention.
@@ -146,6 +147,18 @@ class MiniArchitecture:
     clip: ClipConfig = field(default_factory=ClipConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+
+    def __post_init__(self) -> None:
+        unet = self.unet
+        levels = len(unet.block_out_channels)
+        if not levels == len(unet.down_block_types) == len(unet.up_block_types) == len(unet.attention_heads):
+            raise ValueError(
+                f"the UNet has {levels} levels: give as many down/up block types and attention heads"
+            )
+        if unet.sample_size != self.latent_size:
+            raise ValueError(
+                f"UNet sample_size {unet.sample_size} != the VAE's latent size {self.latent_size}"
+            )
 
     @property
     def resolution(self) -> int:
