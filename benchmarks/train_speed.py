@@ -15,6 +15,11 @@ config; a small 768-wide text encoder and a small x8 VAE, which do not train and
     python benchmarks/train_speed.py                         # CPU: booth-mini 64 px, SD-1.5 UNet at 128 px
     python benchmarks/train_speed.py --sd-resolution 512     # on a GPU: SD-1.5 UNet at 512 px
     python benchmarks/train_speed.py --compare-thp           # also without transparent huge pages (CPU)
+    python benchmarks/train_speed.py --models sd15 --methods dreambooth --sd-resolution 256 \
+        --gradient-checkpointing                             # a larger image in the CPU's memory
+
+With `--gradient-checkpointing` the trainer and the bare forward + backward both recompute activations (one
+UNet with checkpointing on), so the ratio still compares like with like.
 
 booth turns on torch's transparent-huge-page allocation for CPU tensors (THP_MEM_ALLOC_ENABLE=1, set when
 booth is imported); `--compare-thp` runs every configuration a second time with it off and prints the speedup.
@@ -81,7 +86,9 @@ def subject_folder(folder: Path, resolution: int) -> Path:
     return folder
 
 
-def measure_one(model: str, method: str, resolution: int, batch: int, steps: int, device: str | None) -> dict:
+def measure_one(
+    model: str, method: str, resolution: int, batch: int, steps: int, device: str | None, checkpointing: bool
+) -> dict:
     from booth.train import DataConfig, LoraConfig, OptimConfig, TrainConfig
     from booth.train.loop import Trainer
 
@@ -101,6 +108,7 @@ def measure_one(model: str, method: str, resolution: int, batch: int, steps: int
         optim=OptimConfig(batch_size=batch),
         device=device,
         checkpoint_every=10**6,
+        gradient_checkpointing=checkpointing,
     )
     trainer = Trainer(cfg, progress=False, loaded=loaded)
     trainer.setup()
@@ -165,6 +173,7 @@ def measure_one(model: str, method: str, resolution: int, batch: int, steps: int
         "method": method,
         "resolution": resolution,
         "batch": batch,
+        "checkpointing": checkpointing,
         "device": str(trainer.device),
         "trainable_params": trainable,
         "step_s": step_s,
@@ -194,6 +203,11 @@ def main() -> None:
     parser.add_argument("--methods", default="lora,dreambooth", help="comma-separated methods")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="train (and time the bare forward + backward) with gradient checkpointing",
+    )
+    parser.add_argument(
         "--compare-thp",
         action="store_true",
         help="also run each configuration without transparent huge pages and print the speedup",
@@ -206,7 +220,11 @@ def main() -> None:
         model, method = args.one
         res = 64 if model == "mini" else sd_res
         batch = args.batch or (4 if model == "mini" else (2 if gpu else 1))
-        print(json.dumps(measure_one(model, method, res, batch, args.steps, args.device)))
+        print(
+            json.dumps(
+                measure_one(model, method, res, batch, args.steps, args.device, args.gradient_checkpointing)
+            )
+        )
         return
     rows = []
     thp_modes = ("1", "0") if args.compare_thp else ("1",)
@@ -233,7 +251,8 @@ def main() -> None:
             f"{r['ratio_without_optim']:>7.3f} {thp}  {r['memory']}"
         )
     print(
-        f"device: {rows[0]['device'] if rows else '-'}, threads: {rows[0]['threads'] if rows else '-'}; ratio = "
+        f"device: {rows[0]['device'] if rows else '-'}, threads: {rows[0]['threads'] if rows else '-'}, "
+        f"gradient checkpointing: {'on' if args.gradient_checkpointing else 'off'}; ratio = "
         "trainer step / bare UNet forward+backward (goal <= 1.10); w/o opt = (step - optimizer update) / bare; "
         "THP x = step time without transparent huge pages / with them"
     )
@@ -254,6 +273,7 @@ def run_one(args, model: str, method: str, sd_res: int, thp: str) -> dict | None
     ]
     cmd += ["--batch", str(args.batch)] if args.batch else []
     cmd += ["--device", args.device] if args.device else []
+    cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
