@@ -326,7 +326,8 @@ def _factor2() -> TrainConfig:
     `booth mini check` (2026-12-02): concept 7.5% (shipped 3.0%), background 53% (shipped 99%), position 99%,
     size 82%, style 41% (44%), two objects 90%, 1.19 s an image (shipped 0.88 s on the same machine). Not
     shipped: backgrounds come out in the wrong shade (neon green for green, light blue for white), and the
-    concepts are still blobs. See the model card's "Open" section.
+    concepts are still blobs. See the model card's "Open" section. Give it its own ``--work`` and ``--export``
+    folders: a finished run otherwise exports over the bundled weights.
     """
     arch = MiniArchitecture(
         vae=VaeConfig(block_out_channels=(32, 64), mid_attention=False),
