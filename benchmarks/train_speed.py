@@ -1,8 +1,9 @@
 """Training speed and memory of booth's engine, and its overhead over a bare UNet forward + backward.
 
 For each model and method it times `Trainer.step` (data from the cache, noise, UNet, loss, backward, AdamW,
-LR schedule) and, interleaved on the same model, batch and trainable parameters, a bare UNet forward +
-backward with the same inputs; it prints steps/s, peak memory and the ratio step / bare (goal <= 1.10).
+LR schedule) and, in alternating blocks on the same model, batch and trainable parameters, a bare UNet forward +
+backward with the same inputs; it prints steps/s, the step's peak memory and the ratio step / bare (goal
+<= 1.10).
 It also times the optimizer update alone (AdamW on the trainable parameters, gradients given): every trainer
 pays it, and for a full fine-tune on a CPU it is a large part of the step (860 M parameters of fp32 AdamW
 state to read and write), so "ratio w/o opt" = (step - optimizer) / bare shows what the engine itself adds.
@@ -28,6 +29,7 @@ booth is imported); `--compare-thp` runs every configuration a second time with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -86,8 +88,39 @@ def subject_folder(folder: Path, resolution: int) -> Path:
     return folder
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's RSS high-water mark (VmHWM,
+    reset by writing 5 to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):  # not Linux: the peak then covers the whole process
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, what was measured) since the last `reset_peak_memory`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20, "CUDA allocated"
+    try:
+        status = Path("/proc/self/status").read_text()
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 1024, "peak RSS of the step"
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process"
+
+
 def measure_one(
-    model: str, method: str, resolution: int, batch: int, steps: int, device: str | None, checkpointing: bool
+    model: str,
+    method: str,
+    resolution: int,
+    batch: int,
+    steps: int,
+    device: str | None,
+    checkpointing: bool,
+    fused: bool = False,
 ) -> dict:
     from booth.train import DataConfig, LoraConfig, OptimConfig, TrainConfig
     from booth.train.loop import Trainer
@@ -105,7 +138,7 @@ def measure_one(
             resolution=resolution,
         ),
         lora=LoraConfig(rank=4),
-        optim=OptimConfig(batch_size=batch),
+        optim=OptimConfig(batch_size=batch, max_grad_norm=0.0 if fused else 1.0, fused_backward_pass=fused),
         device=device,
         checkpoint_every=10**6,
         gradient_checkpointing=checkpointing,
@@ -121,14 +154,22 @@ def measure_one(
     params = list(trainer.method.trainable_parameters().values())
 
     def bare():
+        if trainer.fused_step:
+            trainer.fused_step.enabled = False  # a plain backward: no update inside it
         pred = trainer._unet(unet, x, t, c, None)
         pred.float().pow(2).mean().backward()
         for p in params:
             p.grad = None
+        if trainer.fused_step:
+            trainer.fused_step.enabled = True
 
-    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    grads: list[
+        torch.Tensor
+    ] = []  # made for the optimizer's block only, so they do not count in the step's peak
 
     def optim():
+        if not grads:
+            grads.extend(torch.randn_like(p) * 1e-3 for p in params)
         for p, g in zip(params, grads):
             p.grad = g
         trainer.optimizer.step()
@@ -146,27 +187,29 @@ def measure_one(
         step_no += 1
         trainer.step(step_no)
 
-    for fn in (step, bare, optim, step, bare, optim):  # warm-up
-        fn()
-        sync()
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    # Blocks, not interleaved calls: what one call leaves in the allocator changes the next one's time (on the
+    # CPU a bare pass right after a fused-backward step took 3.5-4.4 s, after another bare pass 2.1 s), so each
+    # function runs `steps` times in a row after an untimed call, in two rounds (step, bare, optim; then again).
+    # Peak memory is the trainer step's own: reset before each step block, read after it.
     times: dict[str, list[float]] = {"step": [], "bare": [], "optim": []}
-    for _ in range(steps):
+    peaks = []
+    for _round in range(2):
         for name, fn in (("step", step), ("bare", bare), ("optim", optim)):
+            if name == "step":
+                reset_peak_memory(trainer.device)
+            fn()  # untimed: the allocator settles into this function's pattern
             sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(max(1, steps // 2)):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+            if name == "step":
+                peaks.append(peak_memory(trainer.device))
+            grads.clear()
     step_s, bare_s, optim_s = (statistics.median(times[k]) for k in ("step", "bare", "optim"))
-    if trainer.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        memory = f"{peak:.0f} MiB (CUDA allocated)"
-    else:
-        import resource
-
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (peak RSS)"
+    mib, what = max(peaks)
+    memory = f"{mib:.0f} MiB ({what})"
     trainable = sum(p.numel() for p in params)
     return {
         "model": model,
@@ -174,6 +217,7 @@ def measure_one(
         "resolution": resolution,
         "batch": batch,
         "checkpointing": checkpointing,
+        "fused": fused,
         "device": str(trainer.device),
         "trainable_params": trainable,
         "step_s": step_s,
@@ -208,6 +252,11 @@ def main() -> None:
         help="train (and time the bare forward + backward) with gradient checkpointing",
     )
     parser.add_argument(
+        "--fused-backward-pass",
+        action="store_true",
+        help="train with the optimizer step fused into the backward pass (no clipping), the bare pass as before",
+    )
+    parser.add_argument(
         "--compare-thp",
         action="store_true",
         help="also run each configuration without transparent huge pages and print the speedup",
@@ -222,7 +271,16 @@ def main() -> None:
         batch = args.batch or (4 if model == "mini" else (2 if gpu else 1))
         print(
             json.dumps(
-                measure_one(model, method, res, batch, args.steps, args.device, args.gradient_checkpointing)
+                measure_one(
+                    model,
+                    method,
+                    res,
+                    batch,
+                    args.steps,
+                    args.device,
+                    args.gradient_checkpointing,
+                    args.fused_backward_pass,
+                )
             )
         )
         return
@@ -252,7 +310,8 @@ def main() -> None:
         )
     print(
         f"device: {rows[0]['device'] if rows else '-'}, threads: {rows[0]['threads'] if rows else '-'}, "
-        f"gradient checkpointing: {'on' if args.gradient_checkpointing else 'off'}; ratio = "
+        f"gradient checkpointing: {'on' if args.gradient_checkpointing else 'off'}, "
+        f"fused backward pass: {'on (no clipping)' if args.fused_backward_pass else 'off'}; ratio = "
         "trainer step / bare UNet forward+backward (goal <= 1.10); w/o opt = (step - optimizer update) / bare; "
         "THP x = step time without transparent huge pages / with them"
     )
@@ -274,6 +333,7 @@ def run_one(args, model: str, method: str, sd_res: int, thp: str) -> dict | None
     cmd += ["--batch", str(args.batch)] if args.batch else []
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    cmd += ["--fused-backward-pass"] if args.fused_backward_pass else []
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:

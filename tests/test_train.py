@@ -133,6 +133,7 @@ def run_with_stop(cfg, stop_at):
     [
         {},
         {"method": "dreambooth", "ema_decay": 0.9},
+        {"method": "dreambooth", "optim": OptimConfig(lr=1e-3, max_grad_norm=0.0, fused_backward_pass=True)},
     ],
 )
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd1_dir, subject, extra):
@@ -244,6 +245,9 @@ def cli(*args: str) -> int:
         (None, ["--steps", "0"], "--steps"),
         (None, ["--method", "lora", "--lora-targets", "nope"], "nope"),
         (None, ["--resume"], "nothing to resume"),
+        (None, ["--max-grad-norm", "-1"], "--max-grad-norm"),
+        (None, ["--fused-backward-pass", "--max-grad-norm", "1"], "--max-grad-norm 0"),
+        (None, ["--fused-backward-pass", "--gradient-accumulation", "2"], "accumulate"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sd1_dir, subject, capsys, setup, flags, message):
@@ -479,7 +483,7 @@ def test_a_finished_run_continues_with_more_steps(tmp_path, tiny_sd1_dir, subjec
 
 
 def test_clip_grad_norm_matches_torch_and_leaves_small_gradients_alone():
-    from booth.train.loop import clip_grad_norm
+    from booth.train.optim import clip_grad_norm
 
     gen = torch.Generator().manual_seed(0)
     for scale, clipped in ((10.0, True), (1e-3, False)):
@@ -497,6 +501,49 @@ def test_clip_grad_norm_matches_torch_and_leaves_small_gradients_alone():
         assert changed is clipped
         if clipped:
             assert torch.nn.utils.get_total_norm([a.grad for a in ours]) == pytest.approx(1.0, rel=1e-5)
+    big = torch.nn.Parameter(torch.zeros(3))
+    big.grad = torch.full((3,), 100.0)
+    assert clip_grad_norm([big], 0.0) > 100 and torch.equal(big.grad, torch.full((3,), 100.0))  # 0 = off
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+def test_fused_backward_pass_matches_the_ordinary_step_without_holding_all_gradients(
+    tmp_path, tiny_sd1_dir, subject, method, monkeypatch
+):
+    """Each weight updated inside the backward pass: the same losses, gradient norms and weights as the
+    ordinary AdamW step (under a warm-up LR schedule), while at most one trained gradient exists at a time."""
+    from safetensors.torch import load_file
+
+    from booth.train.optim import FusedBackwardStep
+
+    held = []
+    step = FusedBackwardStep._step
+
+    def counting(self, p):
+        held.append(sum(q.grad is not None for g in self.optimizer.param_groups for q in g["params"]))
+        step(self, p)
+
+    monkeypatch.setattr(FusedBackwardStep, "_step", counting)
+    lr = 1e-2 if method == "lora" else 1e-3
+    runs = {}
+    for fused in (False, True):
+        optim = OptimConfig(
+            lr=lr, max_grad_norm=0.0, fused_backward_pass=fused, scheduler="linear", warmup_steps=2
+        )
+        cfg = config(tmp_path / str(fused), tiny_sd1_dir, subject, method=method, steps=4, optim=optim)
+        runs[fused] = train(cfg, progress=False)
+    plain, fused = (read_log(runs[k].out / "log.jsonl") for k in (False, True))
+    assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in fused], rel=1e-5, abs=1e-7)
+    assert [r["grad_norm"] for r in plain] == pytest.approx([r["grad_norm"] for r in fused], rel=1e-4)
+    assert (
+        len(set(r["lr"] for r in fused)) > 1
+    )  # the LR changed during the run and the fused steps followed it
+    assert held and max(held) == 1
+    files = [runs[k].files["diffusers"] for k in (False, True)]
+    if method == "dreambooth":
+        files = [f / "unet" / "diffusion_pytorch_model.safetensors" for f in files]
+    a, b = (load_file(f) for f in files)
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
 THP_PROBE = """

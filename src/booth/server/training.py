@@ -81,6 +81,7 @@ ALLOWED_OPTIONS: dict[str, Any] = {
         "gradient_accumulation",
         "weight_decay",
         "max_grad_norm",
+        "fused_backward_pass",
     },
     "loss": {"snr_gamma", "noise_offset"},
 }

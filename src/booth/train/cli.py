@@ -127,8 +127,19 @@ def add_train_command(sub) -> None:
     o.add_argument("--batch-size", type=int, default=1, help="instance images per step (default 1)")
     o.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per step (default 1)")
     o.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
-    o.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1)")
+    o.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip gradients to this global norm; 0 = off (default 1, off with --fused-backward-pass)",
+    )
     o.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA)")
+    o.add_argument(
+        "--fused-backward-pass",
+        action="store_true",
+        help="update each weight inside the backward pass as its gradient is ready: no whole-model gradients "
+        "in memory (4 bytes per trained parameter less); no clipping or gradient accumulation",
+    )
     o.add_argument(
         "--train-text-encoder", action="store_true", help="DreamBooth: fine-tune the text encoder too"
     )
@@ -227,8 +238,9 @@ def config_from_args(args: argparse.Namespace):
             batch_size=args.batch_size,
             gradient_accumulation=args.gradient_accumulation,
             weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm,
+            max_grad_norm=default_max_grad_norm(args),
             use_8bit_adam=args.use_8bit_adam,
+            fused_backward_pass=args.fused_backward_pass,
         ),
         tokens=tokens,
         custom_diffusion=CustomDiffusionConfig(
@@ -250,6 +262,14 @@ def config_from_args(args: argparse.Namespace):
         save_single_file=args.save_single_file,
         device=args.device,
     )
+
+
+def default_max_grad_norm(args: argparse.Namespace) -> float:
+    """--max-grad-norm as given, else 1 (diffusers' scripts), or off with --fused-backward-pass (which cannot clip
+    by the global norm)."""
+    if args.max_grad_norm is not None:
+        return args.max_grad_norm
+    return 0.0 if args.fused_backward_pass else 1.0
 
 
 def _concepts(args: argparse.Namespace):

@@ -167,7 +167,11 @@ class OptimConfig:
 
     `lr` None = the method's default (DreamBooth 5e-6, LoRA 1e-4, as the diffusers READMEs); `text_encoder_lr`
     None = `lr`. `batch_size` counts instance images; with class-image prior preservation each batch also holds
-    as many class images (diffusers' concatenated batch).
+    as many class images (diffusers' concatenated batch). `max_grad_norm` 0 = no clipping.
+    `fused_backward_pass`: update each weight as soon as its gradient is ready, inside the backward pass, so the
+    gradients of the whole model never exist together (`booth.train.optim.FusedBackwardStep`; 4 bytes per
+    trained parameter less memory); it cannot clip by the global norm (`max_grad_norm` must be 0), accumulate
+    gradients or use 8-bit Adam.
     """
 
     lr: float | None = None
@@ -182,6 +186,7 @@ class OptimConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
+    fused_backward_pass: bool = False
 
 
 @dataclass
@@ -296,6 +301,20 @@ class TrainConfig:
             raise BoothError(f"--lr must be positive, got {o.lr}")
         if o.batch_size < 1 or o.gradient_accumulation < 1:
             raise BoothError("--batch-size and --gradient-accumulation must be at least 1")
+        if o.max_grad_norm < 0:
+            raise BoothError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {o.max_grad_norm}")
+        if o.fused_backward_pass:
+            if o.max_grad_norm > 0:
+                raise BoothError(
+                    "--fused-backward-pass updates each weight before the others' gradients exist, so it cannot "
+                    "clip by the global gradient norm; pass --max-grad-norm 0"
+                )
+            if o.gradient_accumulation > 1:
+                raise BoothError(
+                    "--fused-backward-pass cannot accumulate gradients; use --gradient-accumulation 1"
+                )
+            if o.use_8bit_adam:
+                raise BoothError("--fused-backward-pass works with torch's AdamW only; drop --use-8bit-adam")
         if o.scheduler not in LR_SCHEDULERS:
             raise BoothError(
                 f"unknown --lr-scheduler {o.scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}"
