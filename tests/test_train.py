@@ -506,7 +506,7 @@ def test_clip_grad_norm_matches_torch_and_leaves_small_gradients_alone():
     assert clip_grad_norm([big], 0.0) > 100 and torch.equal(big.grad, torch.full((3,), 100.0))  # 0 = off
 
 
-@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+@pytest.mark.parametrize("method", ["dreambooth", "lora", "textual-inversion", "custom-diffusion"])
 def test_fused_backward_pass_matches_the_ordinary_step_without_holding_all_gradients(
     tmp_path, tiny_sd1_dir, subject, method, monkeypatch
 ):
@@ -524,13 +524,23 @@ def test_fused_backward_pass_matches_the_ordinary_step_without_holding_all_gradi
         step(self, p)
 
     monkeypatch.setattr(FusedBackwardStep, "_step", counting)
-    lr = 1e-2 if method == "lora" else 1e-3
+    from booth.train.config import TokenConfig
+
+    lr = {"lora": 1e-2, "textual-inversion": 5e-3}.get(method, 1e-3)
+    extra = {}
+    if method in ("textual-inversion", "custom-diffusion"):  # a new word; its other rows must stay put
+        extra = dict(
+            tokens=TokenConfig(placeholder="<sks>", initializer="dog"),
+            data=DataConfig(images=subject, instance_prompt="a <sks> dog"),
+        )
     runs = {}
     for fused in (False, True):
         optim = OptimConfig(
             lr=lr, max_grad_norm=0.0, fused_backward_pass=fused, scheduler="linear", warmup_steps=2
         )
-        cfg = config(tmp_path / str(fused), tiny_sd1_dir, subject, method=method, steps=4, optim=optim)
+        cfg = config(
+            tmp_path / str(fused), tiny_sd1_dir, subject, method=method, steps=4, optim=optim, **extra
+        )
         runs[fused] = train(cfg, progress=False)
     plain, fused = (read_log(runs[k].out / "log.jsonl") for k in (False, True))
     assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in fused], rel=1e-5, abs=1e-7)
@@ -539,11 +549,17 @@ def test_fused_backward_pass_matches_the_ordinary_step_without_holding_all_gradi
         len(set(r["lr"] for r in fused)) > 1
     )  # the LR changed during the run and the fused steps followed it
     assert held and max(held) == 1
-    files = [runs[k].files["diffusers"] for k in (False, True)]
+    files = [
+        sorted(f for f in runs[k].files.values() if str(f).endswith(".safetensors")) for k in (False, True)
+    ]
     if method == "dreambooth":
-        files = [f / "unet" / "diffusion_pytorch_model.safetensors" for f in files]
-    a, b = (load_file(f) for f in files)
-    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+        files = [
+            [runs[k].files["diffusers"] / "unet" / "diffusion_pytorch_model.safetensors"] for k in (0, 1)
+        ]
+    assert files[0] and len(files[0]) == len(files[1])
+    for one, other in zip(*files):
+        a, b = load_file(one), load_file(other)
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
 THP_PROBE = """
