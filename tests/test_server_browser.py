@@ -1,7 +1,7 @@
 """The web page end to end in headless Chromium (Playwright, system Chromium) against a real server (uvicorn in a
 thread, tiny model): generate an image, upload the subject, train a 4-step LoRA with live progress and a
 preview image, "try it", and generate with the LoRA; then "try it" for textual inversion (the word goes into the
-prompt) and DreamBooth (the model is selected)."""
+prompt) and DreamBooth (the model is selected); and generate with Latent Couple regions."""
 
 from __future__ import annotations
 
@@ -114,4 +114,36 @@ def test_page_generates_trains_and_uses_the_lora(server, subject, chromium_brows
     )
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery img').length == 3", timeout=60_000)
+    assert not errors, errors
+
+
+def test_page_draws_each_sub_prompt_in_its_region(server, chromium_browser):
+    """The "Regions (Latent Couple)" panel sends the extension's alwayson_scripts arguments: the image's
+    infotext carries the settings, and a setting that does not fit the prompt comes back as an error line."""
+    page = chromium_browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
+    page.fill("#prompt", "a dog AND a red dog AND a blue dog")
+    page.fill("#steps", "2")
+    page.click("#regions summary")
+    page.check("#lc-enabled")
+    page.fill("#lc-weights", "0.3,0.7,0.7")
+    page.fill("#lc-end", "1")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    info = page.inner_text("#infotext")
+    assert (
+        'Latent Couple: "divisions=1:1,1:2,1:2 positions=0:0,0:0,0:1 weights=0.3,0.7,0.7 end at step=1"'
+        in info
+    )
+    page.fill("#lc-weights", "0.3,0.7")  # two weights for three sub-prompts
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('gen-status').textContent.startsWith('error')")
+    assert "weights" in page.inner_text("#gen-status")
+    page.uncheck("#lc-enabled")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length == 2", timeout=60_000)
+    assert "Latent Couple" not in page.inner_text("#infotext")
     assert not errors, errors

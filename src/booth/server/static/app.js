@@ -90,6 +90,11 @@ $("gen-form").onsubmit = async (ev) => {
     seed: intOrNull("seed") ?? -1, width: intOrNull("width"), height: intOrNull("height"),
     batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1,
   };
+  if ($("lc-enabled").checked) {  // the Latent Couple extension's arguments, in its order
+    req.alwayson_scripts = { "Latent Couple extension": { args: [
+      true, $("lc-divisions").value, $("lc-positions").value, $("lc-weights").value, intOrNull("lc-end") ?? 20,
+    ] } };
+  }
   $("generate").disabled = true;
   $("gen-status").textContent = "generating…";
   const t0 = performance.now();
