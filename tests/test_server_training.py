@@ -293,3 +293,17 @@ def test_events_stream_job_progress(client, subject):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_fused_backward_pass_option_turns_clipping_off_as_on_the_cli(client, subject):
+    upload_id = upload(client, subject)
+    body = {"upload": upload_id, "instance_prompt": "a sks dog", "steps": 2, "method": "dreambooth"}
+    r = client.post("/booth/v1/train", json={**body, "options": {"optim": {"fused_backward_pass": True}}})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "done", job
+    optim = client.get(f"/booth/v1/jobs/{job['id']}/files/config").json()["optim"]
+    assert optim["fused_backward_pass"] is True and optim["max_grad_norm"] == 0.0
+    asked = {"optim": {"fused_backward_pass": True, "max_grad_norm": 1.0}}  # clipping asked for: refused
+    r = client.post("/booth/v1/train", json={**body, "options": asked})
+    assert r.status_code == 400 and "--max-grad-norm 0" in r.json()["detail"]
