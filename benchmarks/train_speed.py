@@ -163,9 +163,8 @@ def measure_one(
         if trainer.fused_step:
             trainer.fused_step.enabled = True
 
-    grads: list[
-        torch.Tensor
-    ] = []  # made for the optimizer's block only, so they do not count in the step's peak
+    # made for the optimizer's block only, so they do not count in the step's peak
+    grads: list[torch.Tensor] = []
 
     def optim():
         if not grads:

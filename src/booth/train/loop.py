@@ -23,7 +23,6 @@ import json
 import random
 import shutil
 import time
-import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -572,10 +571,7 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # fused: the optimizer stepped, through its per-parameter views
-            warnings.filterwarnings(
-                "ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning
-            )
+        with self.fused_step.scheduler_step() if self.fused_step else nullcontext():
             self.lr_scheduler.step()
         self.method.after_step()
         if self.ema:

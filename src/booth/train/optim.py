@@ -3,6 +3,9 @@ the optimizer step fused into the backward pass."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from booth.errors import BoothError
@@ -97,6 +100,17 @@ class FusedBackwardStep:
         total = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
         self._norms, self._done = [], set()
         return total
+
+    @staticmethod
+    @contextlib.contextmanager
+    def scheduler_step():
+        """Around the LR scheduler's step: torch warns (on its first step) that the optimizer has not stepped,
+        since it stepped through its per-parameter views, which the scheduler's check cannot see."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning
+            )
+            yield
 
     def remove(self) -> None:
         """Take the hooks off the parameters (the model may be trained or used again after the run)."""
