@@ -433,7 +433,10 @@ class Trainer:
                     "gradient; train on one process"
                 )
             self.fused_step = FusedBackwardStep(self.optimizer)
-        self.ema = EMA(self.method.trainable_parameters(), cfg.ema_decay) if cfg.ema_decay else None
+        # the trained parameters are fixed from here on; collecting them walks every module (2.3 ms a step on
+        # booth-mini, 2% of its forward + backward), so the step reads this instead
+        self.trained = self.method.trainable_parameters()
+        self.ema = EMA(self.trained, cfg.ema_decay) if cfg.ema_decay else None
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints
@@ -561,7 +564,7 @@ class Trainer:
         if self.fused_step:
             grad_norm = self.fused_step.finish()
         else:
-            params = list(self.method.trainable_parameters().values())
+            params = list(self.trained.values())
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
@@ -575,7 +578,7 @@ class Trainer:
             self.lr_scheduler.step()
         self.method.after_step()
         if self.ema:
-            self.ema.update(self.method.trainable_parameters(), step)
+            self.ema.update(self.trained, step)
         if self.dist.num_processes > 1:  # log the mean over processes
             values = torch.tensor([totals[k] for k in totals], device=self.device)
             torch.distributed.all_reduce(values)
