@@ -562,6 +562,27 @@ def test_fused_backward_pass_matches_the_ordinary_step_without_holding_all_gradi
         assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
+def test_fused_backward_pass_takes_its_hooks_off_the_model_after_the_run(tmp_path, tiny_sd1_dir, subject):
+    """A model trained with --fused-backward-pass in this process (the server keeps models loaded) must not go
+    on updating its weights in later backward passes."""
+    from booth.models.loading import load_pipeline
+    from booth.train.loop import Trainer
+
+    loaded = load_pipeline(str(tiny_sd1_dir), device="cpu")
+    optim = OptimConfig(lr=1e-3, max_grad_norm=0.0, fused_backward_pass=True)
+    cfg = config(tmp_path, tiny_sd1_dir, subject, method="dreambooth", steps=2, optim=optim)
+    Trainer(cfg, progress=False, loaded=loaded).run()
+    unet = loaded.pipe.unet
+    weight = unet.conv_in.weight
+    assert weight.requires_grad  # still marked trainable after the run, so a backward reaches it
+    before = weight.detach().clone()
+    size = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, size, size)
+    c = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    unet(x, torch.tensor([10]), encoder_hidden_states=c).sample.pow(2).mean().backward()
+    assert weight.grad is not None and torch.equal(weight.detach(), before)  # no hook stepped and freed it
+
+
 THP_PROBE = """
 import os, booth, torch
 x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
