@@ -86,6 +86,8 @@ def test_xy_grid_from_the_cli(tiny_sd1_dir, tmp_path):
         (["--schedule-type", "Wobbly"], "Karras"),
         (["--width", "65"], "multiple of 8"),
         (["--steps", "0"], "steps"),
+        (["--cfg-scale", "nan"], "cfg scale must be a finite number"),  # nan passes `< 0`
+        (["--denoising-strength", "inf"], "finite"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tiny_sd1_dir, tmp_path, capsys, args, message):

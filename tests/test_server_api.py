@@ -496,6 +496,7 @@ BAD_REQUESTS = [
     ("wrong-method", "get", "/sdapi/v1/txt2img", None, 405, ""),
     ("bad-job-kind", "post", "/booth/v1/jobs", {"kind": "shell", "params": {}}, 400, "kind"),
     ("body-too-large", "post", "/sdapi/v1/txt2img", {"prompt": "x" * (3 * 1024 * 1024)}, 413, "larger than"),
+    ("nan-cfg", "post", "/sdapi/v1/txt2img", b'{"prompt": "x", "cfg_scale": NaN, "steps": 2, "width": 32, "height": 32}', 400, "finite"),
 ]
 # fmt: on
 

@@ -6,6 +6,7 @@ One dataclass serves the CLI, the Python API, scripts (X/Y grid axes set its fie
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,10 @@ class GenerationParams:
 
     def validate(self) -> GenerationParams:
         """Raise BoothError with a one-line message for any invalid field; return self."""
+        for f in dataclasses.fields(self):  # nan passes `cfg_scale < 0` and the like: refuse it (and inf) first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BoothError(f"{f.name.replace('_', ' ')} must be a finite number, got {value}")
         if self.steps < 1:
             raise BoothError(f"steps must be at least 1, got {self.steps}")
         if self.batch_size < 1 or self.n_iter < 1:

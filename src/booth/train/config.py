@@ -8,6 +8,7 @@ something else; each field says what it means and which ecosystem convention it 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -297,6 +298,13 @@ class TrainConfig:
             if not 0 <= self.lora.dropout < 1:
                 raise BoothError(f"--lora-dropout must be in [0, 1), got {self.lora.dropout}")
         o = self.optim
+        # nan passes every comparison below (and inf some): refuse both first, under the CLI's flag names
+        for section, prefix in ((o, ""), (self.loss, ""), (self.lora, "lora-"), (self.prior, "prior-")):
+            for f in fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    flag = "--alpha" if f.name == "alpha" else f"--{prefix}{f.name.replace('_', '-')}"
+                    raise BoothError(f"{flag} must be a finite number, got {value}")
         if o.lr is not None and o.lr <= 0:
             raise BoothError(f"--lr must be positive, got {o.lr}")
         if o.batch_size < 1 or o.gradient_accumulation < 1:
