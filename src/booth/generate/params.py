@@ -64,7 +64,8 @@ class GenerationParams:
 
     def validate(self) -> GenerationParams:
         """Raise BoothError with a one-line message for any invalid field; return self."""
-        for f in dataclasses.fields(self):  # nan passes `cfg_scale < 0` and the like: refuse it (and inf) first
+        # nan passes `cfg_scale < 0` and the like: refuse it (and inf) first
+        for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise BoothError(f"{f.name.replace('_', ' ')} must be a finite number, got {value}")
