@@ -87,9 +87,8 @@ class FusedBackwardStep:
             )
         self._done.add(id(p))
         one, group = self._one[id(p)]
-        one.state = (
-            self.optimizer.state
-        )  # the run's optimizer holds the state (and load_state_dict replaces it)
+        # the run's optimizer holds the state (re-read each time: its load_state_dict replaces the dict)
+        one.state = self.optimizer.state
         one.param_groups[0]["lr"] = group["lr"]  # as the LR schedule set it
         self._norms.append(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32))
         one.step()
