@@ -155,6 +155,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd1_dir, subject
     assert resumed.losses == full.losses[2:]
 
 
+def test_seed_global_seeds_the_cpu_stream_as_torch_manual_seed_does():
+    """The per-step seed of modules' own draws (adapter dropout): the same CPU stream as torch.manual_seed, and
+    a different seed gives a different stream."""
+    from booth.train.samples import seed_global
+
+    seed_global(7, torch.device("cpu"))
+    a = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(a, torch.rand(4))
+    seed_global(8, torch.device("cpu"))
+    assert not torch.equal(a, torch.rand(4))
+
+
 def test_prior_class_images_are_generated_once_and_reused(tmp_path, tiny_sd1_dir, subject):
     cache = tmp_path / "cache"
     prior = PriorConfig(

@@ -42,6 +42,7 @@ from booth.train.samples import (
     generator,
     load_samples,
     pixels,
+    seed_global,
     stream_seed,
 )
 
@@ -598,7 +599,7 @@ class Trainer:
         """Loss of micro-step m (numbered steps as in the module docstring)."""
         cfg = self.config
         gen = generator(cfg.seed, "step", m)
-        torch.manual_seed(stream_seed(cfg.seed, "modules", m))  # dropout inside the adapters
+        seed_global(stream_seed(cfg.seed, "modules", m), self.device)  # dropout inside the adapters
         rng = random.Random(stream_seed(cfg.seed, "data", m))  # flips, crops, prompt templates, augmentation
 
         # 1. Batch: instance samples, then class samples (class-image prior) in the same batch.

@@ -34,6 +34,15 @@ def generator(seed: int, stream: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(seed, stream, index))
 
 
+def seed_global(seed: int, device: torch.device) -> None:
+    """Seed torch's global generators of the CPU and `device` (what modules' own draws, e.g. dropout, use).
+    torch.manual_seed also queues a lazy seed for every accelerator backend torch was built with, formatting
+    the Python stack each time (88 us a call on a CPU-only machine: once per training step here)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
 @dataclass
 class Sample:
     """One training image at its training size, with its prompt and (once encoded) its latent posterior.
