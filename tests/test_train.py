@@ -364,9 +364,9 @@ def test_generate_applies_a_trained_lora_by_path_or_name(tmp_path, tiny_sd1_dir,
     assert "Lora hashes" in meta.parameters
 
 
-@pytest.mark.slow
 def test_accelerate_launch_two_processes(tmp_path, tiny_sd1_dir, subject):
-    """`accelerate launch` works unchanged: two CPU processes (gloo), DDP, prior class images generated once."""
+    """`accelerate launch` works unchanged: two CPU processes (gloo), DDP, prior class images generated once
+    (16 s on the 2-core CPU, so in the default suite)."""
     import os
     import subprocess
     import sys
