@@ -1,4 +1,4 @@
-"""booth eval merge: two subjects trained separately with Custom Diffusion, merged, rendered together."""
+"""booth eval merge: two subjects trained separately (Custom Diffusion or LoRA), merged, rendered together."""
 
 import json
 
@@ -38,17 +38,37 @@ def test_composed_prompts_put_each_subject_in_each_region_in_both_kinds():
     assert len(prompts) == 10
 
 
-def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_dir, capsys):
+@pytest.mark.parametrize("method", ["custom-diffusion", "lora"])
+def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_dir, capsys, method):
     from booth.cli import main
 
     out = tmp_path / "merge"
-    args = ["eval", "merge", "--subjects", "poodle,teapot", "--steps", "2", "--seeds", "1"]
+    args = [
+        "eval",
+        "merge",
+        "--subjects",
+        "poodle,teapot",
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--method",
+        method,
+    ]
     args += ["--sample-steps", "2", "--model", str(mini_model_dir), "--out", str(out), "--no-progress"]
     assert main(args) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
+    assert results["method"] == method
     assert [m["model"] for m in results["models"]] == ["base model", "poodle alone", "teapot alone", "merged"]
-    assert results["words"] == {"A": "<new1> dog", "B": "<new2> teapot"}  # class nouns
-    assert results["merge"]["constraint_error"] < 1e-4
+    if method == "lora":  # one identifier each, both LoRAs' deltas in one file (rank 8 + 8)
+        assert results["words"] == {"A": "sks dog", "B": "zwx teapot"}
+        assert results["merge"] == {"mode": "concat", "rank": 16}
+        assert (out / "merged" / "merged.safetensors").is_file()
+        assert "merged by concatenation" in (out / "report" / "index.html").read_text()
+    else:
+        assert results["words"] == {"A": "<new1> dog", "B": "<new2> teapot"}  # class nouns
+        assert results["merge"]["constraint_error"] < 1e-4
+        assert (out / "merged" / "merged.booth-cd.safetensors").is_file()
     for model in results["models"]:
         assert set(model["composed_fidelity"]) == {"one prompt", "AND", "Latent Couple"}
         assert all(set(v) == {"A", "B"} for v in model["composed_fidelity"].values())
@@ -56,7 +76,6 @@ def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_di
         assert set(model["both_shown"]) == {"one prompt", "AND", "Latent Couple"}
         assert all(0 <= v <= 1 for v in model["both_shown"].values())
     assert sum(" AND " in c["text"] for c in results["composed_prompts"]) == 6
-    assert (out / "merged" / "merged.booth-cd.safetensors").is_file()
     table = (out / "table.md").read_text()
     assert table.count("\n") == 6 and "| merged |" in table
     html = (out / "report" / "index.html").read_text()
@@ -70,4 +89,13 @@ def test_eval_merge_refuses_other_than_two_subjects(tmp_path, subjects):
 
     with pytest.raises(BoothError, match="two"):
         merge_benchmark(subjects, tmp_path / "m", BenchSettings(progress=False))
+    assert not (tmp_path / "m").exists()
+
+
+def test_eval_merge_refuses_a_method_it_cannot_merge(tmp_path):
+    from booth.evaluate.mini_bench import BenchSettings
+    from booth.evaluate.mini_merge import merge_benchmark
+
+    with pytest.raises(BoothError, match="custom-diffusion or lora"):
+        merge_benchmark(["poodle", "teapot"], tmp_path / "m", BenchSettings(progress=False), "dreambooth")
     assert not (tmp_path / "m").exists()

@@ -85,11 +85,15 @@ def find_subject(subject: str | Path) -> Path:
     return path
 
 
-def subject_word(method: str, noun: str, token: str = "<new1>") -> str:
-    """How prompts name the subject: "sks dog", "<sks>" (a learned word) or "<new1> dog" (`token`)."""
-    return {"textual-inversion": "<sks>", "custom-diffusion": f"{token} {noun}"}.get(
-        method, f"{IDENTIFIER} {noun}"
-    )
+def subject_word(method: str, noun: str, token: str | None = None) -> str:
+    """How prompts name the subject: "<sks>" (textual inversion's learned word), "<new1> dog" (Custom Diffusion's
+    modifier token) or "sks dog" (DreamBooth's rare identifier); `token` replaces the modifier token or the
+    identifier (several subjects in one model need one each)."""
+    if method == "textual-inversion":
+        return "<sks>"
+    if method == "custom-diffusion":
+        return f"{token or '<new1>'} {noun}"
+    return f"{token or IDENTIFIER} {noun}"
 
 
 def prepare_instance_folder(subject_dir: Path, target: Path, word: str | None = None) -> tuple[str, str]:
@@ -123,9 +127,9 @@ def train_config(
     out: Path,
     s: BenchSettings,
     name: str,
-    token: str = "<new1>",
+    token: str | None = None,
 ):
-    """The `TrainConfig` of one benchmark run (`token`: Custom Diffusion's modifier token)."""
+    """The `TrainConfig` of one benchmark run (`token`: Custom Diffusion's modifier token, default <new1>)."""
     from booth.train import DataConfig, LoraConfig, LossConfig, OptimConfig, PriorConfig, TrainConfig
     from booth.train.config import TokenConfig
 
@@ -134,7 +138,7 @@ def train_config(
     if method == "textual-inversion":
         tokens = TokenConfig(placeholder="<sks>", initializer=noun)
     elif method == "custom-diffusion":
-        tokens = TokenConfig(placeholder=token, initializer=noun)
+        tokens = TokenConfig(placeholder=token or "<new1>", initializer=noun)
     return TrainConfig(
         method=method,
         model=s.model,
@@ -163,13 +167,7 @@ def personalized_engine(method: str, result, base_model: str | None):
     from booth.models.loading import load_pipeline
 
     if method == "lora":
-        from booth.generate.networks import LoraNetwork
-        from booth.prompts import ExtraNetworkRegistry
-
-        engine = Engine(
-            load_pipeline(base_model), extra_networks=ExtraNetworkRegistry([LoraNetwork([result.out])])
-        )
-        return engine, f" <lora:{result.files['kohya'].stem}:1>"
+        return lora_engine(result.files["kohya"], base_model)
     if method == "dreambooth":
         return Engine(load_pipeline(str(result.files["diffusers"]))), ""
     if method == "textual-inversion":
@@ -183,6 +181,20 @@ def personalized_engine(method: str, result, base_model: str | None):
         load_custom_diffusion(loaded.pipe, result.out)  # attn2 processors + modifier tokens, in place
         return Engine(loaded), ""
     raise BoothError(f"no evaluation recipe for method {method!r}")
+
+
+def lora_engine(file: Path, base_model: str | None):
+    """(engine, prompt suffix) applying the kohya-format LoRA `file` at weight 1, as A1111's ``<lora:name:1>``."""
+    from booth.generate.engine import Engine
+    from booth.generate.networks import LoraNetwork
+    from booth.models.loading import load_pipeline
+    from booth.prompts import ExtraNetworkRegistry
+
+    file = Path(file)
+    engine = Engine(
+        load_pipeline(base_model), extra_networks=ExtraNetworkRegistry([LoraNetwork([file.parent])])
+    )
+    return engine, f" <lora:{file.stem}:1>"
 
 
 def generate(engine, prompt: str, seeds: int, steps: int, **params):
@@ -216,10 +228,10 @@ def run_subject(
     s: BenchSettings,
     evaluator=None,
     base_engine=None,
-    token: str = "<new1>",
+    token: str | None = None,
 ) -> SubjectRun:
     """Train one method on one subject and score it (see the module docstring); `token`: Custom Diffusion's
-    modifier token."""
+    modifier token or DreamBooth's identifier (`subject_word`)."""
     from booth.evaluate.mini import MiniEvaluator, context_prompt
     from booth.generate.engine import Engine
     from booth.train import train

@@ -1,10 +1,12 @@
-"""The merge benchmark: two subjects trained separately with Custom Diffusion, merged, then rendered together.
+"""The merge benchmark: two subjects trained separately (Custom Diffusion or LoRA), merged, then rendered together.
 
 Steps (`merge_benchmark`; `booth eval merge` is its command line):
 
-1. Train Custom Diffusion on subject A with modifier token ``<new1>`` and on subject B with ``<new2>``, each
-   alone, on booth-mini (the settings of the mini benchmark, `booth.evaluate.mini_bench`).
-2. Merge the two in closed form (`booth.train.merge.merge_custom_diffusion`, Kumari et al. 2023, sec. 3.3).
+1. Train Custom Diffusion on subject A with modifier token ``<new1>`` and on subject B with ``<new2>`` (or,
+   ``method="lora"``, DreamBooth-LoRA with identifiers ``sks`` and ``zwx``), each alone, on booth-mini (the
+   settings of the mini benchmark, `booth.evaluate.mini_bench`).
+2. Merge the two: Custom Diffusion in closed form (`booth.train.merge.merge_custom_diffusion`, Kumari et al.
+   2023, sec. 3.3); LoRAs by concatenation (`booth.train.merge.merge_lora`, exactly the sum of both deltas).
 3. Render with four models: the base model (class nouns), A alone, B alone, and the merge:
    - each subject in the mini benchmark's `CONTEXTS` (alone in the image): subject fidelity (mini CLIP-I to
      that subject's real images) and prompt fidelity, so the cost of merging shows against each model alone;
@@ -44,7 +46,8 @@ from booth.evaluate.mini_bench import (
     subject_word,
 )
 
-TOKENS = ("<new1>", "<new2>")
+# per method: how subjects A and B are named (modifier tokens; DreamBooth identifiers)
+TOKENS = {"custom-diffusion": ("<new1>", "<new2>"), "lora": ("sks", "zwx")}
 
 # Regions of the image as (left, top, right, bottom) fractions of its width and height.
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
@@ -194,14 +197,15 @@ def both_shown(region_scores: Sequence[tuple[str, dict[str, float]]], base: Mode
     return shares
 
 
-def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Path:
+def merge_benchmark(
+    subjects: Sequence[str], out: Path, s: BenchSettings, method: str = "custom-diffusion"
+) -> Path:
     """Steps 1-3 of the module docstring; writes results.json, table.md and report/index.html. Returns table.md."""
     from booth.evaluate.mini import MiniEvaluator
     from booth.generate.engine import Engine
-    from booth.models.loading import load_pipeline
-    from booth.train.formats.custom_diffusion import load_custom_diffusion
-    from booth.train.merge import merge_custom_diffusion, regularization_prompts
 
+    if method not in TOKENS:
+        raise BoothError(f"the merge benchmark merges {' or '.join(TOKENS)}, not {method!r}")
     if len(subjects) != 2:
         raise BoothError(f"the merge benchmark takes two subjects, got {len(subjects)}")
     dirs = [find_subject(x) for x in subjects]
@@ -211,42 +215,37 @@ def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Pat
     started = time.monotonic()
     evaluator = MiniEvaluator(None if s.model is None else Path(s.model) / "clip")
     base_engine = Engine.from_model(s.model)
-    # 1. train each subject alone, with its own modifier token
+    # 1. train each subject alone, with its own modifier token or identifier
+    tokens = TOKENS[method]
     runs = [
-        run_subject(
-            "custom-diffusion", False, d, out / "runs" / f"{d.name}", s, evaluator, base_engine, token
-        )
-        for d, token in zip(dirs, TOKENS)
+        run_subject(method, False, d, out / "runs" / f"{d.name}", s, evaluator, base_engine, token)
+        for d, token in zip(dirs, tokens)
     ]
     train_seconds = [r.train_seconds for r in runs]
     references = [r.images["references"] for r in runs]
-    words = [subject_word("custom-diffusion", noun, token) for noun, token in zip(nouns, TOKENS)]
-    # 2. merge in closed form
+    words = [subject_word(method, noun, token) for noun, token in zip(nouns, tokens)]
+    # 2. merge
     tick = time.monotonic()
-    pipe = load_pipeline(s.model, device="cpu").pipe
-    merged = merge_custom_diffusion(
-        [r.train_result.out for r in runs], regularization_prompts(), pipe, out / "merged", name="merged"
-    )
+    merge_info, merged_engine = _merge(method, runs, out / "merged", s.model)
     merge_seconds = time.monotonic() - tick
     # 3. render and score with each model
-    engines: list[tuple[str, Any, list[str]]] = [("base model", base_engine, list(nouns))]
+    engines: list[tuple[str, Any, str, list[str]]] = [("base model", base_engine, "", list(nouns))]
     for i, run in enumerate(runs):
-        engine, _ = personalized_engine("custom-diffusion", run.train_result, s.model)
+        engine, suffix = personalized_engine(method, run.train_result, s.model)
         named = list(nouns)
         named[i] = words[i]
-        engines.append((f"{dirs[i].name} alone", engine, named))
-    loaded = load_pipeline(s.model)
-    load_custom_diffusion(loaded.pipe, out / "merged")
-    engines.append(("merged", Engine(loaded), list(words)))
+        engines.append((f"{dirs[i].name} alone", engine, suffix, named))
+    engines.append(("merged", *merged_engine, list(words)))
     results, all_images = [], []
-    for label, engine, named in engines:
-        scores, images = score_model(label, engine, "", named, references, s, evaluator)
+    for label, engine, suffix, named in engines:
+        scores, images = score_model(label, engine, suffix, named, references, s, evaluator)
         results.append(scores)
         all_images.append(images)
     for scores, images in zip(results, all_images):
         scores.both_shown = both_shown(images["region_scores"], results[0])
     summary = {
         "protocol": "booth mini merge benchmark v1",
+        "method": method,
         "subjects": {"A": dirs[0].name, "B": dirs[1].name},
         "words": {"A": words[0], "B": words[1]},
         "settings": asdict(s),
@@ -254,11 +253,7 @@ def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Pat
         "composed_prompts": [asdict(c) for c in composed_prompts(words)],
         "train_seconds": train_seconds,
         "merge_seconds": round(merge_seconds, 2),
-        "merge": {
-            "constraint_error": merged.constraint_error,
-            "reg_change": merged.reg_change,
-            "average_reg_change": merged.average_reg_change,
-        },
+        "merge": merge_info,
         "models": [asdict(r) for r in results],
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -268,6 +263,32 @@ def merge_benchmark(subjects: Sequence[str], out: Path, s: BenchSettings) -> Pat
     (out / "table.md").write_text(table)
     write_merge_report(out / "report", results, all_images, summary)
     return out / "table.md"
+
+
+def _merge(method: str, runs, folder: Path, model: str | None) -> tuple[dict[str, Any], tuple[Any, str]]:
+    """Merge the two runs' adapters into `folder`: (what the merge reports, (engine, prompt suffix))."""
+    from booth.evaluate.mini_bench import lora_engine
+    from booth.generate.engine import Engine
+    from booth.models.loading import load_pipeline
+    from booth.train.merge import merge_custom_diffusion, merge_lora, regularization_prompts
+
+    if method == "lora":
+        files = [r.train_result.files["kohya"] for r in runs]
+        merged = merge_lora(files, None, folder, mode="concat", name="merged")
+        return {"mode": "concat", "rank": merged.rank}, lora_engine(merged.files["kohya"], model)
+    from booth.train.formats.custom_diffusion import load_custom_diffusion
+
+    pipe = load_pipeline(model, device="cpu").pipe
+    adapters = [r.train_result.out for r in runs]
+    merged = merge_custom_diffusion(adapters, regularization_prompts(), pipe, folder, name="merged")
+    loaded = load_pipeline(model)
+    load_custom_diffusion(loaded.pipe, folder)
+    info = {
+        "constraint_error": merged.constraint_error,
+        "reg_change": merged.reg_change,
+        "average_reg_change": merged.average_reg_change,
+    }
+    return info, (Engine(loaded), "")
 
 
 def merge_table(results: Sequence[ModelScores], a: str, b: str) -> str:
@@ -293,9 +314,15 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
     folder.mkdir(parents=True, exist_ok=True)
     a, b = summary["subjects"]["A"], summary["subjects"]["B"]
     report = Report(f"booth mini merge benchmark: {a} + {b}")
+    if summary["method"] == "lora":
+        how = f"DreamBooth-LoRA, merged by concatenation (rank {summary['merge']['rank']})"
+    else:
+        how = (
+            "Custom Diffusion, merged in closed form "
+            f"(constraint error {summary['merge']['constraint_error']:.1e})"
+        )
     report.text(
-        f"Custom Diffusion on {a} ({summary['words']['A']}) and {b} ({summary['words']['B']}), trained "
-        f"separately, merged in closed form (constraint error {summary['merge']['constraint_error']:.1e}). "
+        f"{a} ({summary['words']['A']}) and {b} ({summary['words']['B']}) trained separately with {how}. "
         f"Two-subject prompts ({', '.join(KINDS)}): each region scored against the subject asked there."
     )
     labels = [r.model for r in results]
@@ -343,9 +370,15 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
 def add_merge_eval_command(eval_sub) -> None:
     m = eval_sub.add_parser(
         "merge",
-        help="two subjects trained separately (Custom Diffusion), merged, rendered together on booth-mini",
+        help="two subjects trained separately (Custom Diffusion or LoRA), merged, rendered together on booth-mini",
     )
     m.add_argument("--subjects", default="poodle,teapot", help="two example subjects or folders")
+    m.add_argument(
+        "--method",
+        choices=sorted(TOKENS),
+        default="custom-diffusion",
+        help="custom-diffusion (closed-form merge, default) or lora (concatenation)",
+    )
     m.add_argument("--steps", type=int, default=BenchSettings.steps, help="training steps per subject")
     m.add_argument("--seeds", type=int, default=BenchSettings.seeds, help="images per prompt")
     m.add_argument("--sample-steps", type=int, default=BenchSettings.sample_steps, help="sampling steps")
@@ -365,7 +398,7 @@ def cmd_eval_merge(args) -> int:
     )
     started = time.monotonic()
     subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
-    table = merge_benchmark(subjects, Path(args.out), s)
+    table = merge_benchmark(subjects, Path(args.out), s, args.method)
     print(table.read_text())
     print(
         f"results: {table.parent / 'results.json'}; report: {table.parent / 'report' / 'index.html'}; "
