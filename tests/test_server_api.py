@@ -585,6 +585,8 @@ def test_serve_command_line(tiny_sd1_dir, tmp_path, capsys):
     assert config.auth == [("a", "b"), ("c", "d:e")] and config.limits.max_side == 1024
     assert main(["serve", "--api-auth", "nocolon"]) == 2
     assert main(["serve", "--lora-dir", str(tmp_path / "missing")]) == 2
+    # a device the models cannot load on: refused before serving (it used to serve, then fail every request)
+    assert main(["serve", "--device", "nonsense", "--data-dir", str(tmp_path / "d")]) == 2
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -592,5 +594,10 @@ def test_serve_command_line(tiny_sd1_dir, tmp_path, capsys):
         argv = ["serve", "--model", str(tiny_sd1_dir), "--port", str(port), "--data-dir", str(tmp_path / "d")]
         assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and "--api-auth" in lines[0] and "not a folder" in lines[1]
-    assert "cannot listen" in lines[2]
+    assert len(lines) == 4 and "--api-auth" in lines[0] and "not a folder" in lines[1]
+    assert "unknown device 'nonsense'" in lines[2] and "cannot listen" in lines[3]
+    from booth.errors import BoothError
+    from booth.server.config import ServerConfig
+
+    with pytest.raises(BoothError, match="unknown dtype 'int8'"):  # the Python API has no argparse choices
+        ServerConfig(data_dir=tmp_path / "d", dtype="int8").validate()

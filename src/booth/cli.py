@@ -213,20 +213,6 @@ def _version() -> str:
     return __version__
 
 
-def _device(name: str | None) -> str:
-    from booth.devices import resolve_device
-
-    return str(resolve_device(name))
-
-
-def _dtype(name: str | None, device: str):
-    import torch
-
-    if name:
-        return getattr(torch, name)
-    return torch.float16 if device.startswith("cuda") else torch.float32
-
-
 def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     from booth.generate.params import GenerationParams
 
@@ -288,9 +274,11 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     ensure_writable_dir(out)
     embeddings = _embeddings(args)
-    device = _device(args.device)
+    from booth.devices import resolve_device, resolve_dtype
+
+    device = str(resolve_device(args.device))
     engine = Engine.from_model(
-        args.model, device=device, dtype=_dtype(args.dtype, device), extra_networks=registry
+        args.model, device=device, dtype=resolve_dtype(args.dtype, device), extra_networks=registry
     )
     for path in args.custom_diffusion:
         from booth.train.formats.custom_diffusion import load_custom_diffusion

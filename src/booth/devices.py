@@ -20,3 +20,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise BoothError(f"device {device!r} is not available")
     return resolved
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """A torch dtype by name ("float16", "bfloat16", "float32"); None -> float16 on CUDA, else float32."""
+    if name:
+        if name not in ("float16", "bfloat16", "float32"):
+            raise BoothError(f"unknown dtype {name!r}; choose float16, bfloat16 or float32")
+        return getattr(torch, name)
+    return torch.float16 if str(device).startswith("cuda") else torch.float32

@@ -114,8 +114,12 @@ class ServerConfig:
         return True
 
     def validate(self) -> ServerConfig:
+        from booth.devices import resolve_device, resolve_dtype
+
         if not 0 < self.port < 65536:
             raise BoothError(f"port must be in 1..65535, got {self.port}")
+        # before serving: a server whose models cannot load would answer every request with an error
+        resolve_dtype(self.dtype, resolve_device(self.device))
         for kind, folders in (("--model-dir", self.model_dirs), ("--lora-dir", self.lora_dirs)):
             for folder in folders:
                 if not folder.is_dir():

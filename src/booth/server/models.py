@@ -180,12 +180,13 @@ class ModelManager:
         if self.engine is not None and self.entry is not None and self.entry.source == entry.source:
             return self.engine
         self.unload()
+        from booth.devices import resolve_device, resolve_dtype
         from booth.generate.engine import Engine
         from booth.models.loading import load_pipeline
         from booth.prompts import ExtraNetworkRegistry
 
-        device = _device(self.config.device)
-        model = load_pipeline(entry.source, device=device, dtype=_dtype(self.config.dtype, device))
+        device = str(resolve_device(self.config.device))
+        model = load_pipeline(entry.source, device=device, dtype=resolve_dtype(self.config.dtype, device))
         if model.hash and not entry.hash:
             entry.hash = model.hash
         engine = Engine(model, extra_networks=ExtraNetworkRegistry([self.lora_network()]))
@@ -246,20 +247,6 @@ class ModelManager:
             }
             out["loaded" if name in usable else "skipped"][name] = item
         return out
-
-
-def _device(name: str | None) -> str:
-    from booth.devices import resolve_device
-
-    return str(resolve_device(name))
-
-
-def _dtype(name: str | None, device: str):
-    import torch
-
-    if name:
-        return getattr(torch, name)
-    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 __all__ = ["ModelEntry", "ModelManager", "ModelRegistry"]
