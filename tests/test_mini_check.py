@@ -233,3 +233,13 @@ def test_cli_prints_the_table(model_dir, data_dir, capsys):
     assert "| gate | target | measured | pass | ceiling (real renders) | floor (chance) | n |" in out
     for label in ("concept:", "background colour right", "position right", "style right", "PSNR", "steps"):
         assert label in out
+
+
+def test_a_data_folder_that_is_not_there_is_refused(model_dir, tmp_path, capsys):
+    """A mistyped --data is an error (one line, exit 2), not a check on renders composed on the fly."""
+    from booth.cli import main
+
+    missing = tmp_path / "no-such-data"
+    assert main(["mini", "check", "--model", str(model_dir), "--data", str(missing), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--data {missing} is not a folder" in err

@@ -420,6 +420,9 @@ def real_renders(prompts: Sequence[Prompt], config: CheckConfig) -> list[Image.I
         return None
 
 
+DEFAULT_DATA = "data/mini"
+
+
 def split_records(data_dir: Path, split: str, limit: int) -> list[tuple[Image.Image, dict]]:
     """Up to `limit` (image, metadata record) pairs of a dataset split; [] when there is none."""
     meta = data_dir / split / "metadata.jsonl"
@@ -531,7 +534,7 @@ def _hardware() -> str:
 def run_check(
     model: str | Path | None = None,
     clip: str | Path | None = None,
-    data_dir: str | Path = "data/mini",
+    data_dir: str | Path = DEFAULT_DATA,
     config: CheckConfig = CheckConfig(),
     *,
     progress: bool = True,
@@ -774,7 +777,9 @@ def add_check_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="booth-mini pipeline folder (default: the bundled model)")
     parser.add_argument("--clip", help="mini-CLIP evaluator folder (default <model>/clip)")
     parser.add_argument(
-        "--data", default="data/mini", help="dataset with test/novel splits (default data/mini)"
+        "--data",
+        default=DEFAULT_DATA,
+        help=f"dataset with test/novel splits (default {DEFAULT_DATA}; without it, renders are composed on the fly)",
     )
     parser.add_argument(
         "--samples", type=int, default=100, help="prompts of the layout/style set (default 100)"
@@ -843,6 +848,12 @@ def command_line(args: argparse.Namespace) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the check from parsed flags, print the table, write JSON / card as asked; returns 0."""
     config = config_from_args(args)
+    if (
+        args.data != DEFAULT_DATA and not Path(args.data).is_dir()
+    ):  # without the default, renders are composed
+        raise BoothError(
+            f"--data {args.data} is not a folder (build it with: booth mini dataset --out {args.data})"
+        )
     report = run_check(args.model, args.clip, args.data, config, progress=not args.no_progress)
     report.command = command_line(args)
     print(report.table())
