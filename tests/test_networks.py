@@ -158,6 +158,14 @@ def test_unknown_name_is_a_user_error(engine, base, lora_dir):
     assert np.array_equal(pixels(engine, "a cat"), base)
 
 
+def test_unknown_name_says_where_it_looked(tmp_path):
+    """With nothing to choose from, the error says why: an empty folder, or no folder at all."""
+    with pytest.raises(BoothError, match=f"unknown LoRA 'nope': no LoRA files in {tmp_path}"):
+        LoraNetwork([tmp_path]).find("nope")
+    with pytest.raises(BoothError, match=r"no LoRA folder or file given \(--lora-dir DIR or --lora FILE\)"):
+        LoraNetwork([]).find("nope")
+
+
 def test_changed_file_is_reloaded(engine, lora_dir, tmp_path):
     net = LoraNetwork([tmp_path])
     swap = tmp_path / "swap.safetensors"

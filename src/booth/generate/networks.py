@@ -135,9 +135,15 @@ class LoraNetwork:
         available = self.available()
         if name in available:
             return available[name]
-        where = ", ".join(str(d) for d in self.dirs) or "no LoRA folders"
-        names = ", ".join(available) if available else f"none found in {where}"
-        raise BoothError(f"unknown LoRA {name!r}; available: {names}")
+        if available:
+            raise BoothError(f"unknown LoRA {name!r}; available: {', '.join(available)}")
+        if self.dirs:
+            raise BoothError(
+                f"unknown LoRA {name!r}: no LoRA files in {', '.join(str(d) for d in self.dirs)}"
+            )
+        raise BoothError(
+            f"unknown LoRA {name!r}: no LoRA folder or file given (--lora-dir DIR or --lora FILE)"
+        )
 
     # ------------------------------------------------------------------------------------------------
     # ExtraNetworkHandler

@@ -231,7 +231,7 @@ def build_from_config(
     """Build the dataset described by `config` into `out_dir` (see the module docstring)."""
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
-        raise BoothError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise BoothError(f"{out_dir} already exists; --overwrite replaces it")
     with atomic_folder(out_dir) as built:
         splits = {"train": config.n_images, "test": config.n_test, "novel": config.n_novel}
         walks = {
