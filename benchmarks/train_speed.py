@@ -139,7 +139,7 @@ def measure_one(
             resolution=resolution,
         ),
         lora=LoraConfig(rank=4),
-        optim=OptimConfig(batch_size=batch, max_grad_norm=0.0 if fused else 1.0, fused_backward_pass=fused),
+        optim=OptimConfig(batch_size=batch, fused_backward_pass=fused),
         device=device,
         checkpoint_every=10**6,
         gradient_checkpointing=checkpointing,

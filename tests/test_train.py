@@ -498,6 +498,15 @@ def test_a_finished_run_continues_with_more_steps(tmp_path, tiny_sd1_dir, subjec
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_max_grad_norm_defaults_to_off_with_the_fused_backward_pass_only():
+    """One default for the CLI, the server and Python: clip at 1, except with the fused step (which cannot clip by
+    the global norm); a value given is kept, and the saved config records the resolved value."""
+    assert OptimConfig().max_grad_norm == 1.0
+    assert OptimConfig(fused_backward_pass=True).max_grad_norm == 0.0
+    assert OptimConfig(max_grad_norm=0.5).max_grad_norm == 0.5
+    assert OptimConfig(fused_backward_pass=True, max_grad_norm=2.0).max_grad_norm == 2.0  # kept: refused later
+
+
 def test_clip_grad_norm_matches_torch_and_leaves_small_gradients_alone():
     from booth.train.optim import clip_grad_norm
 

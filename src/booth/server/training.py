@@ -253,8 +253,6 @@ def build_train_config(services, req: TrainRequest, job_id: str, name: str):
         "prior": {},
     }
     _merge_options(data, req.options)
-    if data["optim"].get("fused_backward_pass"):  # as the CLI: no clipping unless asked (it would be refused)
-        data["optim"].setdefault("max_grad_norm", 0.0)
     if req.lr is not None:
         data["optim"]["lr"] = req.lr
     if req.batch_size is not None:

@@ -238,7 +238,7 @@ def config_from_args(args: argparse.Namespace):
             batch_size=args.batch_size,
             gradient_accumulation=args.gradient_accumulation,
             weight_decay=args.weight_decay,
-            max_grad_norm=default_max_grad_norm(args),
+            max_grad_norm=args.max_grad_norm,
             use_8bit_adam=args.use_8bit_adam,
             fused_backward_pass=args.fused_backward_pass,
         ),
@@ -262,14 +262,6 @@ def config_from_args(args: argparse.Namespace):
         save_single_file=args.save_single_file,
         device=args.device,
     )
-
-
-def default_max_grad_norm(args: argparse.Namespace) -> float:
-    """--max-grad-norm as given, else 1 (diffusers' scripts), or off with --fused-backward-pass (which cannot clip
-    by the global norm)."""
-    if args.max_grad_norm is not None:
-        return args.max_grad_norm
-    return 0.0 if args.fused_backward_pass else 1.0
 
 
 def _concepts(args: argparse.Namespace):

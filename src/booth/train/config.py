@@ -168,7 +168,8 @@ class OptimConfig:
 
     `lr` None = the method's default (DreamBooth 5e-6, LoRA 1e-4, as the diffusers READMEs); `text_encoder_lr`
     None = `lr`. `batch_size` counts instance images; with class-image prior preservation each batch also holds
-    as many class images (diffusers' concatenated batch). `max_grad_norm` 0 = no clipping.
+    as many class images (diffusers' concatenated batch). `max_grad_norm` 0 = no clipping; None = 1 (diffusers'
+    scripts), or 0 with `fused_backward_pass`.
     `fused_backward_pass`: update each weight as soon as its gradient is ready, inside the backward pass, so the
     gradients of the whole model never exist together (`booth.train.optim.FusedBackwardStep`; 4 bytes per
     trained parameter less memory); it cannot clip by the global norm (`max_grad_norm` must be 0), accumulate
@@ -185,9 +186,13 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None
     use_8bit_adam: bool = False
     fused_backward_pass: bool = False
+
+    def __post_init__(self):
+        if self.max_grad_norm is None:  # the fused step cannot clip by the global norm: off unless asked
+            self.max_grad_norm = 0.0 if self.fused_backward_pass else 1.0
 
 
 @dataclass
