@@ -35,14 +35,14 @@ finished stages. ``work/config.json`` and ``work/dataset.json`` pin the configur
 different configuration needs a new work folder. Logs: ``work/<stage>/log.jsonl`` (one record per step:
 loss, lr, seconds; and one ``"event": "chunk"`` record per call with the hardware and wall time).
 
-Precision: bf16 autocast where it pays (CUDA with bf16; a CPU with AMX tiles), else fp32; losses in fp32.
+Precision: bf16 autocast where it pays (CUDA with bf16; a CPU with AMX tiles or AVX512-BF16), else fp32;
+losses in fp32.
 
-Step times measured on this machine (a 2-core Xeon with AMX, shared with other users at load average
-0.5-3, so they are noisy; the training loop itself with data, frozen encoders and EMA, bf16 autocast, 2
-threads, full preset): CLIP 0.71-0.84 s a step (batch 128), VAE 0.33 s (batch 16), UNet 1.00-1.06 s
-(batch 64); encoding the 20,000 latents once 4 ms an image (84 s). Without AMX (fp32) the bare model steps
-measured 0.93 s, 1.43 s (batch 32) and 1.30 s + 0.17 s text encoder. `PRESETS["full"]` is sized from the
-bf16 numbers (see `_full`): about 20 + 20 + 71 min of steps + 3 min of setup, about 1 h 55 min in all.
+Step times (the training loop with data, frozen encoders and EMA, bf16 autocast, 2 threads, full preset;
+2-core AMD EPYC with AVX512-BF16 and no AMX, 2026-12-06): CLIP 1.45 s a step (batch 128), VAE 0.58 s
+(batch 16), UNet with its text encoder 0.78 s (batch 32); encoding the 24,000 latents once 1.6 min. On a
+2-core Xeon with AMX the UNet steps were about 1.8x slower (2026-12-02). Whatever runs on the second core
+slows every step several times (a CLIP step 0.92 s -> 5.96 s with a busy second core).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class CaptionDropout:
 
 @dataclass(frozen=True)
 class ClipTrainConfig:
-    """The mini-CLIP stage. The three extra terms are off in the "full" preset (the shipped model).
+    """The mini-CLIP stage. The "full" preset uses one hard negative and the concept term, not the phrase term.
 
     `hard_negatives`: per image, that many extra negative captions, each its own caption with one of the
     named parts changed (another position, colour, size, style or concept; NegCLIP, Yuksekgonul et al.
@@ -284,31 +284,44 @@ def _tiny() -> TrainConfig:
 
 
 def _full() -> TrainConfig:
-    """The shipped model: under 2 h on a 2-core CPU, minutes on a GPU.
+    """The shipped model's recipe, from scratch: about 2 h on a 2-core CPU, minutes on a GPU.
 
-    CLIP 1,000 x 128 (6.4 epochs of 20,000 images), VAE 1,600 x 16 (1.3 epochs), UNet 4,200 x 32 (6.7 epochs),
-    plus latent caching and loading / checkpoints (about 1 min a stage). Sized for one thread on a 2-core AMD
-    EPYC with AVX512-BF16 (no AMX) while the other core did other work: with two threads a busy second core
-    made every step 4-6x slower (0.92 s -> 5.96 s for a CLIP step). The first plan (CLIP 1,400, VAE 3,600,
-    UNet 4,000 x 64; on a Xeon with AMX about 1 h 55 min) would have taken over 3 h there.
+    Every stage as the shipped weights' chain of warm starts ended up (see the model card), in one run. Times
+    measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16 autocast, 2026-12-06: CLIP 1,500 x
+    128 with one hard negative per image and the zero-shot concept term, 1.45 s a step, 36 min; VAE 1,600 x
+    16 with the object weight and hue jitter, 0.58 s a step, 15 min; UNet 4,500 x 32 from scratch with the
+    text encoder training (lr 1e-3), the x0-weight floor, the readout term over the concept and the layout
+    parts and the two-object images, about 0.78 s a step; plus caching the latents (1.6 min) and
+    checkpoints.
 
-    The UNet also trains on 4,000 two-object images (`UNetTrainConfig.pairs`, 2026-12-02): warm-started from the
-    shipped UNet, 2,000 steps with them (runs/mini13, see the model card) drew two objects where asked in 95% of
-    `booth mini check`'s two-object prompts, against 0% for the shipped weights.
-
-    The VAE's object weight and hue jitter (2026-12-01) are not in the shipped weights yet: the same 1,600 steps
-    with them reconstruct held-out renders at 24.52 dB, their objects' pixels at 16.12 dB, against 23.80 /
-    14.58 dB for the first release's VAE, and keep pink, purple, blue and green objects apart instead of turning
-    them orange (`tools/mini_vae_colours.py`).
+    Why each part (measured on warm starts of the earlier weights, 2026-11-30 .. 12-02): the hard negative
+    and the concept term (with the ViT's sin-cos position start, `ClipConfig`) took the mini-CLIP's zero-shot
+    concept accuracy on real renders from 12% to 32%; the readout term (with the trainable encoder) moved
+    position from 11% to 98%; "concept" among the readout parts keeps the encoder's captions apart by concept
+    (cosine 0.30-0.57 instead of 0.91-0.99); the object weight and hue jitter keep pink, purple and blue
+    objects from decoding orange (`VaeTrainConfig`); the two-object images drew two objects where asked in
+    95% of `booth mini check`'s pair prompts (0% without).
     """
     return TrainConfig(
         name="full",
         arch=MiniArchitecture(),
-        clip=ClipTrainConfig(Optim(steps=1000, batch_size=128, lr=5e-4, warmup_steps=80, weight_decay=0.1)),
+        clip=ClipTrainConfig(
+            Optim(steps=1500, batch_size=128, lr=5e-4, warmup_steps=80, weight_decay=0.1),
+            hard_negatives=1,
+            concept_weight=1.0,
+        ),
         vae=VaeTrainConfig(
             Optim(steps=1600, batch_size=16, lr=6e-4, warmup_steps=120), object_weight=4.0, hue_jitter=0.5
         ),
-        unet=UNetTrainConfig(Optim(steps=4200, batch_size=32, lr=3e-4, warmup_steps=120), pairs=True),
+        unet=UNetTrainConfig(
+            Optim(steps=4500, batch_size=32, lr=3e-4, warmup_steps=120),
+            train_text_encoder=True,
+            text_encoder_lr=1e-3,
+            snr_floor=1.0,
+            readout_weight=0.1,
+            readout_parts=("concept", *CAPTION_PARTS),
+            pairs=True,
+        ),
         dataset_pairs=4000,
     )
 
@@ -341,21 +354,7 @@ def _factor2() -> TrainConfig:
     )
     full = _full()
     return replace(
-        full,
-        name="factor2",
-        arch=arch,
-        clip=replace(
-            full.clip, optim=replace(full.clip.optim, steps=1500), hard_negatives=1, concept_weight=1.0
-        ),
-        unet=replace(
-            full.unet,
-            optim=replace(full.unet.optim, steps=3400),
-            train_text_encoder=True,
-            text_encoder_lr=1e-3,
-            snr_floor=1.0,
-            readout_weight=0.1,
-            readout_parts=("concept", *CAPTION_PARTS),
-        ),
+        full, name="factor2", arch=arch, unet=replace(full.unet, optim=replace(full.unet.optim, steps=3400))
     )
 
 
