@@ -504,7 +504,8 @@ def test_max_grad_norm_defaults_to_off_with_the_fused_backward_pass_only():
     assert OptimConfig().max_grad_norm == 1.0
     assert OptimConfig(fused_backward_pass=True).max_grad_norm == 0.0
     assert OptimConfig(max_grad_norm=0.5).max_grad_norm == 0.5
-    assert OptimConfig(fused_backward_pass=True, max_grad_norm=2.0).max_grad_norm == 2.0  # kept: refused later
+    # an explicit value is kept (and refused later by TrainConfig.validate)
+    assert OptimConfig(fused_backward_pass=True, max_grad_norm=2.0).max_grad_norm == 2.0
 
 
 def test_clip_grad_norm_matches_torch_and_leaves_small_gradients_alone():
