@@ -40,7 +40,7 @@ losses in fp32.
 
 Step times (the training loop with data, frozen encoders and EMA, bf16 autocast, 2 threads, full preset;
 2-core AMD EPYC with AVX512-BF16 and no AMX, 2026-12-06): CLIP 1.45 s a step (batch 128), VAE 0.58 s
-(batch 16), UNet with its text encoder 0.78 s (batch 32); encoding the 24,000 latents once 1.6 min. On a
+(batch 16), UNet with its text encoder 0.78-0.87 s (batch 32); encoding the 24,000 latents once 1.6 min. On a
 2-core Xeon with AMX the UNet steps were about 1.8x slower (2026-12-02). Whatever runs on the second core
 slows every step several times (a CLIP step 0.92 s -> 5.96 s with a busy second core).
 """
@@ -286,21 +286,21 @@ def _tiny() -> TrainConfig:
 def _full() -> TrainConfig:
     """The shipped model's recipe, from scratch: about 2 h on a 2-core CPU, minutes on a GPU.
 
-    Every stage as the shipped weights' chain of warm starts ended up (see the model card), in one run. Times
+    The recipe that v2's chain of warm starts ended with (docs/mini-model.md), as one run: the shipped v3. Times
     measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16 autocast, 2026-12-06: CLIP 1,500 x
     128 with one hard negative per image and the zero-shot concept term, 1.45 s a step, 36 min; VAE 1,600 x
     16 with the object weight and hue jitter, 0.58 s a step, 15 min; UNet 4,500 x 32 from scratch with the
     text encoder training (lr 1e-3), the x0-weight floor, the readout term over the concept and the layout
-    parts and the two-object images, about 0.78 s a step; plus caching the latents (1.6 min) and
-    checkpoints.
+    parts and the two-object images, 0.78-0.87 s a step, 66 min with caching the latents (1.6 min); 117.6
+    min in all.
 
     Why each part (measured on warm starts of the earlier weights, 2026-11-30 .. 12-02): the hard negative
     and the concept term (with the ViT's sin-cos position start, `ClipConfig`) took the mini-CLIP's zero-shot
     concept accuracy on real renders from 12% to 32%; the readout term (with the trainable encoder) moved
     position from 11% to 98%; "concept" among the readout parts keeps the encoder's captions apart by concept
-    (cosine 0.30-0.57 instead of 0.91-0.99); the object weight and hue jitter keep pink, purple and blue
-    objects from decoding orange (`VaeTrainConfig`); the two-object images drew two objects where asked in
-    95% of `booth mini check`'s pair prompts (0% without).
+    (cosine 0.30-0.57 instead of 0.91-0.99); the object weight and hue jitter keep purple, blue and green
+    objects apart and pink from decoding orange (`VaeTrainConfig`); the two-object images drew two objects
+    where asked in 95% of `booth mini check`'s pair prompts (0% without).
     """
     return TrainConfig(
         name="full",
