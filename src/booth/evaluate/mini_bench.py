@@ -38,6 +38,7 @@ CONTEXTS: tuple[tuple[str | None, str | None, str | None, str | None], ...] = (
     ("grey", None, None, "twemoji"),
 )
 IDENTIFIER = "sks"
+MODIFIER = "<new1>"  # Custom Diffusion's modifier token when a run names none
 # per method: LR and Min-SNR gamma for the mini world (booth-mini was trained with a Min-SNR-weighted loss).
 # Measured on booth-mini v2 (poodle, 250 steps, no prior, 2 seeds; mini CLIP-I, base model 0.024):
 # LoRA lr 5e-4 -0.116, 1e-3 0.036, 2e-3 0.147, 4e-3 0.166 (prompt fidelity 0.67), 2e-3 + Min-SNR 5 0.177 (teapot
@@ -92,7 +93,7 @@ def subject_word(method: str, noun: str, token: str | None = None) -> str:
     if method == "textual-inversion":
         return "<sks>"
     if method == "custom-diffusion":
-        return f"{token or '<new1>'} {noun}"
+        return f"{token or MODIFIER} {noun}"
     return f"{token or IDENTIFIER} {noun}"
 
 
@@ -138,7 +139,7 @@ def train_config(
     if method == "textual-inversion":
         tokens = TokenConfig(placeholder="<sks>", initializer=noun)
     elif method == "custom-diffusion":
-        tokens = TokenConfig(placeholder=token or "<new1>", initializer=noun)
+        tokens = TokenConfig(placeholder=token or MODIFIER, initializer=noun)
     return TrainConfig(
         method=method,
         model=s.model,

@@ -848,9 +848,8 @@ def command_line(args: argparse.Namespace) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the check from parsed flags, print the table, write JSON / card as asked; returns 0."""
     config = config_from_args(args)
-    if (
-        args.data != DEFAULT_DATA and not Path(args.data).is_dir()
-    ):  # without the default, renders are composed
+    # a missing default folder means "compose the renders"; a folder named on the command line must exist
+    if args.data != DEFAULT_DATA and not Path(args.data).is_dir():
         raise BoothError(
             f"--data {args.data} is not a folder (build it with: booth mini dataset --out {args.data})"
         )
