@@ -6,7 +6,17 @@ import pytest
 from PIL import Image
 
 from booth.errors import BoothError
-from booth.evaluate.mini_merge import BOTTOM_RIGHT, LEFT, TOP_LEFT, composed_prompts, crop
+from booth.evaluate.mini_merge import (
+    BOTTOM_RIGHT,
+    LEFT,
+    TOP_LEFT,
+    ComposedPrompt,
+    ModelScores,
+    both_shown,
+    composed_prompts,
+    crop,
+    two_drawn,
+)
 
 
 def test_crop_takes_a_region_at_full_size():
@@ -18,6 +28,35 @@ def test_crop_takes_a_region_at_full_size():
     assert left.getpixel((63, 10)) == (255, 0, 0)
     assert set(top_left.getdata()) == {(255, 0, 0)}
     assert set(bottom_right.getdata()) == {(0, 0, 255)}
+
+
+def test_two_drawn_reads_one_object_in_each_asked_region():
+    sides = ComposedPrompt(
+        "a dog on the left and a teapot on the right", "one prompt", {"A": LEFT, "B": (0.5, 0, 1, 1)}
+    )
+    corners = ComposedPrompt("a dog AND a teapot", "AND", {"A": TOP_LEFT, "B": BOTTOM_RIGHT})
+    empty = Image.new("RGB", (64, 64), "white")
+    one = empty.copy()
+    one.paste((200, 60, 20), (6, 6, 24, 24))  # top left only
+    two = one.copy()
+    two.paste((20, 60, 200), (40, 40, 58, 58))  # and bottom right
+    assert two_drawn(two, corners) and two_drawn(two, sides)
+    assert not two_drawn(one, corners) and not two_drawn(one, sides) and not two_drawn(empty, corners)
+
+
+def test_both_shown_needs_two_objects_drawn_and_both_regions_above_base():
+    base = ModelScores(
+        "base", {}, {}, {k: {"A": 0.1, "B": 0.2} for k in ("one prompt", "AND", "Latent Couple")}, {}
+    )
+    above = {"A": 0.5, "B": 0.5}
+    scores = [
+        ("AND", above, True),
+        ("AND", above, False),
+        ("AND", {"A": 0.5, "B": 0.1}, True),
+        ("AND", above, True),
+    ]
+    scores += [("one prompt", above, True), ("Latent Couple", above, False)]
+    assert both_shown(scores, base) == {"AND": 0.5, "one prompt": 1.0, "Latent Couple": 0.0}
 
 
 def test_composed_prompts_put_each_subject_in_each_region_in_both_kinds():
@@ -38,8 +77,8 @@ def test_composed_prompts_put_each_subject_in_each_region_in_both_kinds():
     assert len(prompts) == 10
 
 
-@pytest.mark.parametrize("method", ["custom-diffusion", "lora"])
-def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_dir, capsys, method):
+@pytest.mark.parametrize("method, prior", [("custom-diffusion", False), ("lora", True)])
+def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_dir, capsys, method, prior):
     from booth.cli import main
 
     out = tmp_path / "merge"
@@ -56,9 +95,15 @@ def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_di
         method,
     ]
     args += ["--sample-steps", "2", "--model", str(mini_model_dir), "--out", str(out), "--no-progress"]
+    if prior:
+        args += ["--prior", "--num-class-images", "2"]
     assert main(args) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
-    assert results["method"] == method
+    assert results["method"] == method and results["prior"] is prior
+    if prior:  # each subject's run generated its class images and trained with them
+        for subject in ("poodle", "teapot"):
+            config = json.loads((out / "runs" / subject / "run" / "config.json").read_text())
+            assert config["prior"]["enabled"] and config["prior"]["num_class_images"] == 2
     assert [m["model"] for m in results["models"]] == ["base model", "poodle alone", "teapot alone", "merged"]
     if method == "lora":  # one identifier each, both LoRAs' deltas in one file (rank 8 + 8)
         assert results["words"] == {"A": "sks dog", "B": "zwx teapot"}
@@ -73,12 +118,14 @@ def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_di
         assert set(model["composed_fidelity"]) == {"one prompt", "AND", "Latent Couple"}
         assert all(set(v) == {"A", "B"} for v in model["composed_fidelity"].values())
         assert all(-1 <= v <= 1 for v in model["subject_fidelity"].values())
-        assert set(model["both_shown"]) == {"one prompt", "AND", "Latent Couple"}
+        assert set(model["both_shown"]) == set(model["two_drawn"]) == {"one prompt", "AND", "Latent Couple"}
+        assert all(model["both_shown"][k] <= model["two_drawn"][k] for k in model["two_drawn"])
         assert all(0 <= v <= 1 for v in model["both_shown"].values())
     assert sum(" AND " in c["text"] for c in results["composed_prompts"]) == 6
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 6 and "| merged |" in table
+    assert table.count("\n") == 6 and "| merged |" in table and "AND: two drawn" in table
     html = (out / "report" / "index.html").read_text()
+    assert ("with prior preservation" in html) is prior
     assert 'src="fidelity.png"' in html and 'src="model-3-composed.png"' in html
 
 

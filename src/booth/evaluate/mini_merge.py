@@ -4,7 +4,9 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
 
 1. Train Custom Diffusion on subject A with modifier token ``<new1>`` and on subject B with ``<new2>`` (or,
    ``method="lora"``, DreamBooth-LoRA with identifiers ``sks`` and ``zwx``), each alone, on booth-mini (the
-   settings of the mini benchmark, `booth.evaluate.mini_bench`).
+   settings of the mini benchmark, `booth.evaluate.mini_bench`); with ``prior=True`` each run also keeps its
+   class with prior preservation (DreamBooth) or generated-class regularization (Custom Diffusion), so that
+   each adapter changes its own subject and less of everything else the other is drawn with.
 2. Merge the two: Custom Diffusion in closed form (`booth.train.merge.merge_custom_diffusion`, Kumari et al.
    2023, sec. 3.3); LoRAs by concatenation (`booth.train.merge.merge_lora`, exactly the sum of both deltas).
 3. Render with four models: the base model (class nouns), A alone, B alone, and the merge:
@@ -15,8 +17,11 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
      Liu et al. 2022: "a small <new1> dog in the top left ... AND a small <new2> teapot in the bottom right
      ...", one guidance term per subject), and Latent Couple (the same ``AND`` with each term confined to its
      half of the image, `booth.generate.regions`). Each region of the image is scored against the real images
-     of the subject asked there (mini CLIP-I of the crop, resized to the model's resolution), and "both" is the
-     share of images where both regions score above the base model's mean for that subject and kind.
+     of the subject asked there (mini CLIP-I of the crop, resized to the model's resolution); "two drawn" is
+     the share of images that show two objects in those regions (`booth.mini.checks.check_pair`, no learned
+     model), and "both" the share that show two objects and where both regions score above the base model's
+     mean for that subject and kind (a region of an empty image scores too, so the crop scores alone do not
+     tell whether anything was drawn there).
 
 A model that knows only one subject gets the other's class noun in every prompt. The shipped booth-mini never
 saw two objects in one image, so a one-prompt request for two subjects asks for something it never saw; with
@@ -53,6 +58,14 @@ TOKENS = {"custom-diffusion": ("<new1>", "<new2>"), "lora": ("sks", "zwx")}
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 TOP_LEFT, TOP_RIGHT = (0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5)
 BOTTOM_LEFT, BOTTOM_RIGHT = (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)
+REGION_NAMES = {  # each region as `booth.mini.checks` names it
+    LEFT: "left",
+    RIGHT: "right",
+    TOP_LEFT: "top left",
+    TOP_RIGHT: "top right",
+    BOTTOM_LEFT: "bottom left",
+    BOTTOM_RIGHT: "bottom right",
+}
 KINDS = ("one prompt", "AND", "Latent Couple")
 HALVES = "divisions=1:2,1:2 positions=0:0,0:1 weights=1,1"  # Latent Couple: first term left, second right
 
@@ -110,7 +123,8 @@ class ModelScores:
     prompt_fidelity: dict[str, float]
     composed_fidelity: dict[str, dict[str, float]]  # kind -> subject -> mini CLIP-I of its region
     composed_whole: dict[str, float]  # per subject: mini CLIP-I of the whole two-subject images
-    both_shown: dict[str, float] = field(default_factory=dict)  # kind -> share with both regions above base
+    two_drawn: dict[str, float] = field(default_factory=dict)  # kind -> share showing two objects as asked
+    both_shown: dict[str, float] = field(default_factory=dict)  # kind -> share of two drawn, both above base
 
 
 def crop(image, region: tuple[float, ...]):
@@ -118,6 +132,13 @@ def crop(image, region: tuple[float, ...]):
     w, h = image.size
     box = (round(region[0] * w), round(region[1] * h), round(region[2] * w), round(region[3] * h))
     return image.crop(box).resize((w, h))
+
+
+def two_drawn(image, prompt: ComposedPrompt) -> bool:
+    """Whether `image` shows two objects, one in each region `prompt` asked for (`check_pair`)."""
+    from booth.mini.checks import check_pair
+
+    return check_pair(image, tuple(REGION_NAMES[r] for r in prompt.region.values()))
 
 
 def composed_prompts(words: Sequence[str]) -> list[ComposedPrompt]:
@@ -161,8 +182,8 @@ def score_model(
         generate(engine, c.text + suffix, s.seeds, s.sample_steps, latent_couple=c.latent_couple)
         for c in composed
     ]
-    # per image: (kind, subject -> fidelity of the region it was asked in)
-    region_scores: list[tuple[str, dict[str, float]]] = []
+    # per image: (kind, subject -> fidelity of the region it was asked in, two objects drawn there)
+    region_scores: list[tuple[str, dict[str, float], bool]] = []
     whole = {"A": [], "B": []}
     for c, row in zip(composed, rows):
         for image in row:
@@ -170,35 +191,48 @@ def score_model(
                 key: evaluator.subject_fidelity([crop(image, c.region[key])], references[i])
                 for i, key in enumerate("AB")
             }
-            region_scores.append((c.kind, by_subject))
+            region_scores.append((c.kind, by_subject, two_drawn(image, c)))
             for i, key in enumerate("AB"):
                 whole[key].append(evaluator.subject_fidelity([image], references[i]))
     images["composed"] = (rows, [c.text for c in composed])
     images["region_scores"] = region_scores
     by_kind = {
-        kind: {k: statistics.fmean(h[k] for q, h in region_scores if q == kind) for k in "AB"}
+        kind: {k: statistics.fmean(h[k] for q, h, _ in region_scores if q == kind) for k in "AB"}
         for kind in KINDS
     }
     scores = ModelScores(
-        label, fidelity, prompt_fidelity, by_kind, {k: statistics.fmean(v) for k, v in whole.items()}
+        label,
+        fidelity,
+        prompt_fidelity,
+        by_kind,
+        {k: statistics.fmean(v) for k, v in whole.items()},
+        {kind: statistics.fmean(two for q, _, two in region_scores if q == kind) for kind in KINDS},
     )
     return scores, images
 
 
-def both_shown(region_scores: Sequence[tuple[str, dict[str, float]]], base: ModelScores) -> dict[str, float]:
-    """Per kind: share of two-subject images where each subject's region beats the base model's mean for that
-    subject and kind."""
+def both_shown(
+    region_scores: Sequence[tuple[str, dict[str, float], bool]], base: ModelScores
+) -> dict[str, float]:
+    """Per kind: share of two-subject images that show two objects where asked and where each subject's region
+    beats the base model's mean for that subject and kind."""
     shares = {}
     for kind in KINDS:
         hits = [
-            all(h[k] > base.composed_fidelity[kind][k] for k in "AB") for q, h in region_scores if q == kind
+            two and all(h[k] > base.composed_fidelity[kind][k] for k in "AB")
+            for q, h, two in region_scores
+            if q == kind
         ]
         shares[kind] = sum(hits) / len(hits)
     return shares
 
 
 def merge_benchmark(
-    subjects: Sequence[str], out: Path, s: BenchSettings, method: str = "custom-diffusion"
+    subjects: Sequence[str],
+    out: Path,
+    s: BenchSettings,
+    method: str = "custom-diffusion",
+    prior: bool = False,
 ) -> Path:
     """Steps 1-3 of the module docstring; writes results.json, table.md and report/index.html. Returns table.md."""
     from booth.evaluate.mini import MiniEvaluator
@@ -218,7 +252,7 @@ def merge_benchmark(
     # 1. train each subject alone, with its own modifier token or identifier
     tokens = TOKENS[method]
     runs = [
-        run_subject(method, False, d, out / "runs" / f"{d.name}", s, evaluator, base_engine, token)
+        run_subject(method, prior, d, out / "runs" / f"{d.name}", s, evaluator, base_engine, token)
         for d, token in zip(dirs, tokens)
     ]
     train_seconds = [r.train_seconds for r in runs]
@@ -244,8 +278,9 @@ def merge_benchmark(
     for scores, images in zip(results, all_images):
         scores.both_shown = both_shown(images["region_scores"], results[0])
     summary = {
-        "protocol": "booth mini merge benchmark v1",
+        "protocol": "booth mini merge benchmark v2",
         "method": method,
+        "prior": prior,
         "subjects": {"A": dirs[0].name, "B": dirs[1].name},
         "words": {"A": words[0], "B": words[1]},
         "settings": asdict(s),
@@ -295,14 +330,14 @@ def merge_table(results: Sequence[ModelScores], a: str, b: str) -> str:
     """The markdown table: one row per model; two-subject images per kind (`KINDS`)."""
     head = f"| model | {a} fidelity (alone) | {b} fidelity (alone) | prompt fidelity (alone, mean) |"
     for kind in KINDS:
-        head += f" {kind}: {a} region | {kind}: {b} region | {kind}: both above base |"
-    lines = [head, "|---" * (4 + 3 * len(KINDS)) + "|"]
+        head += f" {kind}: {a} region | {kind}: {b} region | {kind}: two drawn | {kind}: both above base |"
+    lines = [head, "|---" * (4 + 4 * len(KINDS)) + "|"]
     for r in results:
         pf = statistics.fmean(r.prompt_fidelity.values())
         line = f"| {r.model} | {r.subject_fidelity['A']:.3f} | {r.subject_fidelity['B']:.3f} | {pf:.3f} |"
         for kind in KINDS:
             c = r.composed_fidelity[kind]
-            line += f" {c['A']:.3f} | {c['B']:.3f} | {r.both_shown[kind]:.3f} |"
+            line += f" {c['A']:.3f} | {c['B']:.3f} | {r.two_drawn[kind]:.3f} | {r.both_shown[kind]:.3f} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -322,8 +357,11 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
             f"(constraint error {summary['merge']['constraint_error']:.1e})"
         )
     report.text(
-        f"{a} ({summary['words']['A']}) and {b} ({summary['words']['B']}) trained separately with {how}. "
-        f"Two-subject prompts ({', '.join(KINDS)}): each region scored against the subject asked there."
+        f"{a} ({summary['words']['A']}) and {b} ({summary['words']['B']}) trained separately "
+        f"{'with' if summary['prior'] else 'without'} prior preservation, with {how}. "
+        f"Two-subject prompts ({', '.join(KINDS)}): each region scored against the subject asked there; "
+        "'two drawn': two objects where asked (read by program); 'both above base': two drawn and both "
+        "regions above the base model's mean."
     )
     labels = [r.model for r in results]
     chart = bar_chart(
@@ -345,13 +383,22 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
     report.heading("Table")
     report.table(
         ["model", f"{a} alone", f"{b} alone"]
-        + [f"{kind}: {x}" for kind in KINDS for x in (f"{a} region", f"{b} region", "both above base")],
+        + [
+            f"{kind}: {x}"
+            for kind in KINDS
+            for x in (f"{a} region", f"{b} region", "two drawn", "both above base")
+        ],
         [
             [r.model, r.subject_fidelity["A"], r.subject_fidelity["B"]]
             + [
                 v
                 for kind in KINDS
-                for v in (r.composed_fidelity[kind]["A"], r.composed_fidelity[kind]["B"], r.both_shown[kind])
+                for v in (
+                    r.composed_fidelity[kind]["A"],
+                    r.composed_fidelity[kind]["B"],
+                    r.two_drawn[kind],
+                    r.both_shown[kind],
+                )
             ]
             for r in results
         ],
@@ -379,6 +426,14 @@ def add_merge_eval_command(eval_sub) -> None:
         default="custom-diffusion",
         help="custom-diffusion (closed-form merge, default) or lora (concatenation)",
     )
+    m.add_argument(
+        "--prior",
+        action="store_true",
+        help="train each subject with prior preservation / class regularization (default: without)",
+    )
+    m.add_argument(
+        "--num-class-images", type=int, default=BenchSettings.num_class_images, help="with --prior"
+    )
     m.add_argument("--steps", type=int, default=BenchSettings.steps, help="training steps per subject")
     m.add_argument("--seeds", type=int, default=BenchSettings.seeds, help="images per prompt")
     m.add_argument("--sample-steps", type=int, default=BenchSettings.sample_steps, help="sampling steps")
@@ -393,12 +448,13 @@ def cmd_eval_merge(args) -> int:
         steps=args.steps,
         seeds=args.seeds,
         sample_steps=args.sample_steps,
+        num_class_images=args.num_class_images,
         model=args.model,
         progress=not args.no_progress,
     )
     started = time.monotonic()
     subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
-    table = merge_benchmark(subjects, Path(args.out), s, args.method)
+    table = merge_benchmark(subjects, Path(args.out), s, args.method, prior=args.prior)
     print(table.read_text())
     print(
         f"results: {table.parent / 'results.json'}; report: {table.parent / 'report' / 'index.html'}; "
