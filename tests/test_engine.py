@@ -161,6 +161,25 @@ def test_and_weights_change_the_result(sd1_engine):
     assert not np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
 
 
+def test_and_of_one_prompt_is_classifier_free_guidance_with_summed_weights(sd1_engine):
+    """x~ = x_u + sum_k w_k s (x_c,k - x_u): two equal parts of weight 1/2 are plain guidance at s, two of
+    weight 1 are plain guidance at 2s (A1111's AND; Liu et al. 2022)."""
+
+    def final_latents(**kw):
+        seen = []
+        params = GenerationParams(
+            **{**dict(prompt="a red apple", steps=3, width=64, height=64, seed=5, sampler_name="Euler"), **kw}
+        )
+        sd1_engine.generate(params, callback=lambda state: seen.append(state.latents))
+        return seen[-1]
+
+    plain, doubled = final_latents(cfg_scale=7.0), final_latents(cfg_scale=14.0)
+    halves = final_latents(prompt="a red apple :0.5 AND a red apple :0.5", cfg_scale=7.0)
+    ones = final_latents(prompt="a red apple AND a red apple", cfg_scale=7.0)
+    assert torch.allclose(halves, plain, atol=1e-4) and torch.allclose(ones, doubled, atol=1e-4)
+    assert not torch.allclose(plain, doubled, atol=1e-2)
+
+
 def test_prompt_editing_sits_between_its_two_prompts(sd1_engine):
     red, blue = run(sd1_engine, prompt="red apple"), run(sd1_engine, prompt="blue apple")
     edit = run(sd1_engine, prompt="[red:blue:2] apple")
