@@ -243,3 +243,29 @@ def test_a_data_folder_that_is_not_there_is_refused(model_dir, tmp_path, capsys)
     assert main(["mini", "check", "--model", str(model_dir), "--data", str(missing), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--data {missing} is not a folder" in err
+
+
+def test_colour_error_is_zero_for_an_identity_autoencoder_and_large_for_one_that_greys_colours():
+    from types import SimpleNamespace
+
+    from booth.mini.check import colour_error, colour_squares
+
+    class Autoencoder(torch.nn.Module):
+        def __init__(self, chroma: float):
+            super().__init__()
+            self.p, self.chroma = torch.nn.Parameter(torch.zeros(1)), chroma
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):  # keep luma, scale each pixel's chroma
+            luma = z.mean(dim=1, keepdim=True)
+            return SimpleNamespace(sample=luma + self.chroma * (z - luma))
+
+    squares = colour_squares(32)
+    assert len(squares) == 36 and len({rgb for _, rgb in squares}) == 12
+    image, rgb = squares[0]
+    assert image.getpixel((16, 16)) == rgb == (242, 61, 61) and image.getpixel((0, 0)) == (128, 128, 128)
+    assert colour_error(Autoencoder(1.0), 32) < 0.6  # 8-bit rounding only
+    grey, half = colour_error(Autoencoder(0.0), 32), colour_error(Autoencoder(0.5), 32)
+    assert grey > 50 and half == pytest.approx(grey / 2, rel=0.05)

@@ -4,7 +4,8 @@ and a grid of the example subjects and one of them hue-rotated, encoded and deco
     python tools/mini_vae_colours.py src/booth/mini/weights/vae runs/mini8/vae/final --out vae-colours.png
 
 For each VAE folder it prints PSNR (posterior-mean reconstructions; `booth.mini.check.vae_psnr`) on up to 300
-held-out renders of --data and on the example subjects' images, whole images and object pixels apart. The grid
+held-out renders of --data and on the example subjects' images, whole images and object pixels apart, and the
+colour error of flat squares of 12 hues on grey, white and black (`booth.mini.check.colour_error`, 0-255). The grid
 (top: input, then one row of reconstructions per VAE) shows one image of each example subject and the first
 example's image hue-rotated by 60, 120, 180 and 240 degrees. With ``--clip DIR`` (a mini-CLIP: a shipped
 ``clip/`` or a run's ``clip/final``) it also prints the concept and style zero-shot on the held-out renders and
@@ -12,6 +13,11 @@ on each VAE's reconstructions of them: the autoencoder's cap on `booth mini chec
 
 Measured 2026-12-01 on the shipped VAE: held-out 24.66 dB (objects 15.40 dB), examples 23.81 (15.83); the
 teapot's and backpack's pink come back orange.
+
+Measured 2026-12-06 (colour error: v1 51.4, v2 48.3, v3 36.5; 70.3 would be no colour at all): v3's VAE
+trained 1,600 steps more (same recipe, warm start) gives colour error 5.5, held-out 26.51 dB (objects 18.05),
+examples 27.32 (20.84), and the mini-CLIP reads the concept of 21.0% of its reconstructions (v3: 9.3%) -- the
+pink subjects come back pink and the purple cat purple (v3: orange, teal).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from PIL import Image
 
 from booth.mini.check import (
     MiniClip,
+    colour_error,
     concept_accuracy,
     split_prompts,
     split_records,
@@ -95,6 +102,7 @@ def main() -> None:
                 print(
                     f"{folder}: {name} ({len(images)}): {s['all']:.2f} dB, object pixels {s['object']:.2f} dB"
                 )
+        print(f"{folder}: colour error of flat squares {colour_error(vae):.1f} (0-255; no colour: 70.3)")
         if clip and test:
             print(
                 f"{folder}: its reconstructions: {zero_shot(clip, vae_reconstructions(vae, test), prompts)}"

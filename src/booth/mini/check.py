@@ -487,6 +487,42 @@ def vae_psnr(vae: Any, images: Sequence[Image.Image]) -> dict[str, float]:
     return {key: float(torch.cat(v).mean()) for key, v in values.items()}
 
 
+COLOUR_BACKGROUNDS = ((128, 128, 128), (255, 255, 255), (0, 0, 0))  # grey, white, black
+COLOUR_HUES = tuple(range(0, 360, 30))
+
+
+def colour_squares(resolution: int = 64) -> list[tuple[Image.Image, tuple[int, int, int]]]:
+    """Flat squares of 12 saturated hues (HSV s 0.75, v 0.95) on grey, white and black, with each square's RGB:
+    an object colour test that no emoji set biases (the renders draw most objects yellow, orange or brown)."""
+    import colorsys
+
+    side, out = resolution * 3 // 8, []
+    start = (resolution - side) // 2
+    for background in COLOUR_BACKGROUNDS:
+        for hue in COLOUR_HUES:
+            rgb = tuple(round(255 * v) for v in colorsys.hsv_to_rgb(hue / 360, 0.75, 0.95))
+            image = Image.new("RGB", (resolution, resolution), background)
+            image.paste(rgb, (start, start, start + side, start + side))
+            out.append((image, rgb))
+    return out
+
+
+@torch.no_grad()
+def colour_error(vae: Any, resolution: int = 64) -> float:
+    """Mean absolute error (0-255 per channel) of the colour a VAE gives back in the middle half of each of
+    `colour_squares` (away from the edges, so blur does not count): 0 keeps every colour; 70.3 drops all
+    colour (each pixel its mean of R, G and B; measured at 64 px)."""
+    squares = colour_squares(resolution)
+    recon = vae_reconstructions(vae, [image for image, _ in squares])
+    side = resolution * 3 // 8
+    lo, hi = (resolution - side // 2) // 2, (resolution + side // 2) // 2
+    errors = [
+        np.abs(np.asarray(r, np.float32)[lo:hi, lo:hi].mean(axis=(0, 1)) - np.array(rgb, np.float32)).mean()
+        for r, (_, rgb) in zip(recon, squares)
+    ]
+    return float(np.mean(errors))
+
+
 def time_generation(engine: Any, config: CheckConfig) -> float:
     """Median seconds for one image with `config.steps` steps (after one warm-up run)."""
     prompt = Prompt("a dog", config.seed, BASE_CONCEPTS[0])
