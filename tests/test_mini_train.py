@@ -17,13 +17,16 @@ from booth.errors import BoothError
 from booth.mini import architecture as A
 from booth.mini.render import BASE_STYLES, installed_styles
 from booth.mini.train import (
+    DONE,
     PRESETS,
     STAGES,
     CaptionDropout,
+    TrainConfig,
     batch_indices,
     build_task,
     final_dir,
     hard_negative,
+    is_finished,
     load_split,
     names_part,
     object_mask,
@@ -730,3 +733,51 @@ def test_cli_builds_data_trains_in_chunks_and_exports(tmp_path):
     args = parser.parse_args(base)
     assert args.func(args) == 0
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips_through_its_json(name):
+    config = PRESETS[name]
+    assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_a_recipe_file_that_is_not_a_config_is_a_user_error(tmp_path):
+    from booth.mini.train import read_run_config
+
+    bad = tmp_path / "bad.json"
+    for text, message in (
+        ("{", "cannot read"),
+        ('{"config": {"name": "x"}}', "not a booth-mini training config"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(BoothError, match=message):
+            read_run_config(bad)
+    recipe = TINY.to_json()
+    recipe["vae"]["colour"] = 1  # an unknown setting is refused, not dropped
+    bad.write_text(json.dumps(recipe))
+    with pytest.raises(BoothError, match="colour"):
+        read_run_config(bad)
+
+
+@needs_data
+def test_cli_trains_a_recipe_file_and_resumes_with_the_work_folders_own(data_dir, tmp_path):
+    from booth.mini.train_cli import add_train_commands
+
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers(dest="command"))
+    recipe = TINY.to_json()
+    recipe["clip"]["optim"]["steps"] = 3  # not a preset
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    work = tmp_path / "work"
+    base = ["train", "--stage", "clip", "--no-progress", "--data", str(data_dir), "--work", str(work)]
+    args = parser.parse_args(
+        [*base, "--config", str(tmp_path / "recipe.json"), "--steps", "2", "--seed", "3"]
+    )
+    assert args.func(args) == 0 and not is_finished(work, "clip")
+    assert json.loads((work / "config.json").read_text()) == {"config": recipe, "seed": 3}
+    args = parser.parse_args(base)  # no --preset, --config or --seed: the folder's own recipe and seed
+    assert args.func(args) == 0 and is_finished(work, "clip")
+    assert json.loads((work / "clip" / DONE).read_text())["steps"] == 3
+    args = parser.parse_args([*base[:2], "vae", *base[3:], "--preset", "tiny"])  # not the folder's: refused
+    with pytest.raises(BoothError, match="another configuration"):
+        args.func(args)

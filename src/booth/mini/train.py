@@ -246,6 +246,16 @@ class TrainConfig:
         """A JSON-able dict (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
 
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        """The config `to_json` wrote (BoothError if it is not one)."""
+        from booth.train.config import build_dataclass
+
+        try:
+            return build_dataclass(cls, data)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise BoothError(f"not a booth-mini training config: {error}") from None
+
 
 def _tiny() -> TrainConfig:
     """A smoke configuration for tests: all three stages in about 5 s on one CPU thread (64 images)."""
@@ -1134,6 +1144,27 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pinned_run(work: str | Path) -> tuple[TrainConfig, int] | None:
+    """The configuration and seed a work folder was started with (its config.json), None for a new folder."""
+    path = Path(work) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return read_run_config(path)
+
+
+def read_run_config(path: str | Path) -> tuple[TrainConfig, int]:
+    """A training recipe from a JSON file: a work folder's config.json ({"config": ..., "seed": ...}) or a
+    bare `TrainConfig.to_json` (seed 0)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise BoothError(f"cannot read booth-mini config {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise BoothError(f"{path} is not a booth-mini training config")
+    run = data if "config" in data else {"config": data, "seed": 0}
+    return TrainConfig.from_json(run["config"]), int(run.get("seed", 0))
 
 
 def _pin_run(work: Path, config: TrainConfig, data: MiniData, data_dir: Path, seed: int) -> None:

@@ -6,6 +6,10 @@ last call stopped, until every stage is done; then it exports the pipeline (defa
 folder, `booth.models.loading.default_model_path()`)::
 
     booth mini train --minutes 30      # repeat until it prints "exported"; about 2 h in all on 2 CPU cores
+
+A work folder remembers its recipe (config.json, written by its first call): later calls without ``--preset``
+or ``--config`` go on with it. ``--config FILE`` trains a recipe from JSON (another run's config.json, or a
+preset's `TrainConfig.to_json` with some values changed) without editing the presets.
 """
 
 from __future__ import annotations
@@ -14,7 +18,18 @@ import argparse
 from pathlib import Path
 
 from booth.errors import BoothError
-from booth.mini.train import PRESETS, STAGES, StageReport, is_finished, preset, train_all, train_stage
+from booth.mini.train import (
+    PRESETS,
+    STAGES,
+    StageReport,
+    TrainConfig,
+    is_finished,
+    pinned_run,
+    preset,
+    read_run_config,
+    train_all,
+    train_stage,
+)
 
 
 def _default_export() -> Path:
@@ -32,15 +47,19 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stage", default="all", choices=(*STAGES, "all"), help="stage to train (default all)"
     )
-    parser.add_argument(
-        "--preset", default="full", choices=tuple(PRESETS), help="configuration (default full)"
+    recipe = parser.add_mutually_exclusive_group()
+    recipe.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="configuration (default: the work folder's own, else full)",
     )
+    recipe.add_argument("--config", help="configuration from a JSON file (e.g. another run's config.json)")
     parser.add_argument(
         "--minutes", type=float, help="stop after this many minutes (checkpointed; rerun to resume)"
     )
     parser.add_argument("--steps", type=int, help="stop after this many steps in this call")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--seed", type=int, help="training seed (default: the work folder's own, else 0)")
     parser.add_argument(
         "--export", help="pipeline folder written when all stages are done (default: bundled model)"
     )
@@ -48,14 +67,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def _ensure_dataset(data: Path, preset_name: str, progress: bool) -> None:
+def _ensure_dataset(data: Path, config: TrainConfig, progress: bool) -> None:
     if (data / "train" / "metadata.jsonl").is_file():
         return
     if data.exists() and any(data.iterdir()):
         raise BoothError(f"{data} exists but is not a booth-mini dataset (no train/metadata.jsonl)")
     from booth.mini.dataset import build_dataset
 
-    config = preset(preset_name)
     print(f"building the booth-mini dataset in {data} ({config.dataset_images} training images)")
     build_dataset(
         data,
@@ -74,16 +92,30 @@ def _describe(report: StageReport) -> str:
     return f"{report.stage}: step {report.step}/{report.total_steps}{ran} ({state})"
 
 
+def recipe(args: argparse.Namespace) -> tuple[TrainConfig, int]:
+    """The configuration and seed to train: --config, --preset, else the work folder's pinned run, else full."""
+    pinned = pinned_run(args.work)
+    if args.config:
+        config, seed = read_run_config(args.config)
+    elif args.preset:
+        config, seed = preset(args.preset), 0
+    elif pinned:
+        config, seed = pinned
+    else:
+        config, seed = preset("full"), 0
+    return config, seed if args.seed is None else args.seed
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (a chunk of) booth-mini from parsed flags; export when every stage is done."""
-    config = preset(args.preset)
+    config, seed = recipe(args)
     data, work = Path(args.data), Path(args.work)
-    _ensure_dataset(data, args.preset, not args.no_progress)
+    _ensure_dataset(data, config, not args.no_progress)
     options = dict(
         minutes=args.minutes,
         steps=args.steps,
         device=args.device,
-        seed=args.seed,
+        seed=seed,
         progress=not args.no_progress,
     )
     if args.stage == "all":

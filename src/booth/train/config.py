@@ -405,7 +405,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data)
+        return build_dataclass(cls, data)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -425,8 +425,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are an error."""
+def build_dataclass(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from its `asdict` JSON: nested dataclasses (also optional ones),
+    lists of them, tuples (JSON lists) and paths; unknown or missing keys are a TypeError."""
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
@@ -438,15 +439,28 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
             if f.default is MISSING and f.default_factory is MISSING:
                 raise TypeError(f"{cls.__name__} needs {f.name!r}")
             continue
-        value, hint = data[f.name], hints[f.name]
-        if is_dataclass(hint):
-            value = _build(hint, value)
-        elif get_origin(hint) is list and get_args(hint) and is_dataclass(get_args(hint)[0]):
-            value = [_build(get_args(hint)[0], item) for item in value]
-        elif value is not None and "Path" in str(hint):
-            value = Path(value)
-        kwargs[f.name] = value
+        kwargs[f.name] = _value(data[f.name], hints[f.name])
     return cls(**kwargs)
+
+
+def _value(value: Any, hint: Any) -> Any:
+    """One field's value from JSON, by its type hint."""
+    if value is None:
+        return None
+    if is_dataclass(hint):
+        return build_dataclass(hint, value)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is list and args and is_dataclass(args[0]):
+        return [build_dataclass(args[0], item) for item in value]
+    if origin is tuple:
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return tuple(_value(item, inner) if inner is not None else item for item in value)
+    classes = [a for a in args if is_dataclass(a)]  # X | None
+    if classes and isinstance(value, dict):
+        return build_dataclass(classes[0], value)
+    if "Path" in str(hint):
+        return Path(value)
+    return value
 
 
 def config_differences(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
