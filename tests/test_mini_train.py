@@ -747,7 +747,9 @@ def test_a_recipe_file_that_is_not_a_config_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.json"
     for text, message in (
         ("{", "cannot read"),
+        ("[1, 2]", "not a booth-mini training config"),
         ('{"config": {"name": "x"}}', "not a booth-mini training config"),
+        (json.dumps({"config": TINY.to_json(), "seed": "one"}), "not a booth-mini training config"),
     ):
         bad.write_text(text)
         with pytest.raises(BoothError, match=message):

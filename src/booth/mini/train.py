@@ -1161,10 +1161,10 @@ def read_run_config(path: str | Path) -> tuple[TrainConfig, int]:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise BoothError(f"cannot read booth-mini config {path}: {error}") from None
-    if not isinstance(data, dict):
+    run = data if isinstance(data, dict) and "config" in data else {"config": data, "seed": 0}
+    if not isinstance(run["config"], dict) or not isinstance(run.get("seed", 0), int):
         raise BoothError(f"{path} is not a booth-mini training config")
-    run = data if "config" in data else {"config": data, "seed": 0}
-    return TrainConfig.from_json(run["config"]), int(run.get("seed", 0))
+    return TrainConfig.from_json(run["config"]), run.get("seed", 0)
 
 
 def _pin_run(work: Path, config: TrainConfig, data: MiniData, data_dir: Path, seed: int) -> None:
