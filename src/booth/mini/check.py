@@ -489,6 +489,7 @@ def vae_psnr(vae: Any, images: Sequence[Image.Image]) -> dict[str, float]:
 
 COLOUR_BACKGROUNDS = ((128, 128, 128), (255, 255, 255), (0, 0, 0))  # grey, white, black
 COLOUR_HUES = tuple(range(0, 360, 30))
+COLOUR_SQUARE = 3 / 8  # the square's side, a fraction of the image's
 
 
 def colour_squares(resolution: int = 64) -> list[tuple[Image.Image, tuple[int, int, int]]]:
@@ -496,7 +497,7 @@ def colour_squares(resolution: int = 64) -> list[tuple[Image.Image, tuple[int, i
     an object colour test that no emoji set biases (the renders draw most objects yellow, orange or brown)."""
     import colorsys
 
-    side, out = resolution * 3 // 8, []
+    side, out = int(resolution * COLOUR_SQUARE), []
     start = (resolution - side) // 2
     for background in COLOUR_BACKGROUNDS:
         for hue in COLOUR_HUES:
@@ -514,7 +515,7 @@ def colour_error(vae: Any, resolution: int = 64) -> float:
     colour (each pixel its mean of R, G and B; measured at 64 px)."""
     squares = colour_squares(resolution)
     recon = vae_reconstructions(vae, [image for image, _ in squares])
-    side = resolution * 3 // 8
+    side = int(resolution * COLOUR_SQUARE)
     lo, hi = (resolution - side // 2) // 2, (resolution + side // 2) // 2
     errors = [
         np.abs(np.asarray(r, np.float32)[lo:hi, lo:hi].mean(axis=(0, 1)) - np.array(rgb, np.float32)).mean()

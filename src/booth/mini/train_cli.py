@@ -94,15 +94,12 @@ def _describe(report: StageReport) -> str:
 
 def recipe(args: argparse.Namespace) -> tuple[TrainConfig, int]:
     """The configuration and seed to train: --config, --preset, else the work folder's pinned run, else full."""
-    pinned = pinned_run(args.work)
     if args.config:
         config, seed = read_run_config(args.config)
     elif args.preset:
         config, seed = preset(args.preset), 0
-    elif pinned:
-        config, seed = pinned
     else:
-        config, seed = preset("full"), 0
+        config, seed = pinned_run(args.work) or (preset("full"), 0)
     return config, seed if args.seed is None else args.seed
 
 

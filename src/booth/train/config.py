@@ -453,8 +453,8 @@ def _value(value: Any, hint: Any) -> Any:
     if origin is list and args and is_dataclass(args[0]):
         return [build_dataclass(args[0], item) for item in value]
     if origin is tuple:
-        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        return tuple(_value(item, inner) if inner is not None else item for item in value)
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None  # None: kept as JSON gave it
+        return tuple(_value(item, inner) for item in value)
     classes = [a for a in args if is_dataclass(a)]  # X | None
     if classes and isinstance(value, dict):
         return build_dataclass(classes[0], value)
