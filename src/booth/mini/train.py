@@ -296,21 +296,22 @@ def _tiny() -> TrainConfig:
 def _full() -> TrainConfig:
     """The shipped model's recipe, from scratch: about 2 h on a 2-core CPU, minutes on a GPU.
 
-    The recipe that v2's chain of warm starts ended with (docs/mini-model.md), as one run: the shipped v3. Times
-    measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16 autocast, 2026-12-06: CLIP 1,500 x
-    128 with one hard negative per image and the zero-shot concept term, 1.45 s a step, 36 min; VAE 1,600 x
-    16 with the object weight and hue jitter, 0.58 s a step, 15 min; UNet 4,500 x 32 from scratch with the
-    text encoder training (lr 1e-3), the x0-weight floor, the readout term over the concept and the layout
-    parts and the two-object images, 0.78-0.87 s a step, 66 min with caching the latents (1.6 min); 117.6
-    min in all.
+    v4 (docs/mini-model.md). Times measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16
+    autocast, 2026-12-06: CLIP 1,500 x 128 with one hard negative per image and the zero-shot concept term,
+    1.45 s a step, 36 min; VAE 3,200 x 16 with the object weight and hue jitter, 0.54 s a step, 30 min; UNet
+    3,600 x 32 from scratch with the text encoder training (lr 1e-3), the x0-weight floor, the readout term over
+    the concept and the layout parts and the two-object images, 0.86-0.89 s a step, 54 min with caching the
+    latents; 119.9 min in all.
 
-    Why each part (measured on warm starts of the earlier weights, 2026-11-30 .. 12-02): the hard negative
+    Why each part (measured on warm starts of the earlier weights, 2026-11-30 .. 12-06): the hard negative
     and the concept term (with the ViT's sin-cos position start, `ClipConfig`) took the mini-CLIP's zero-shot
     concept accuracy on real renders from 12% to 32%; the readout term (with the trainable encoder) moved
     position from 11% to 98%; "concept" among the readout parts keeps the encoder's captions apart by concept
     (cosine 0.30-0.57 instead of 0.91-0.99); the object weight and hue jitter keep purple, blue and green
-    objects apart and pink from decoding orange (`VaeTrainConfig`); the two-object images drew two objects
-    where asked in 95% of `booth mini check`'s pair prompts (0% without).
+    objects apart (`VaeTrainConfig`); the VAE's 3,200 steps (v3 had 1,600) give object colours back (flat hues
+    off by 5.5 of 255 instead of 36.5, `booth.mini.check.colour_error`), which coloured subjects need to be
+    personalized; the two-object images drew two objects where asked in 100% of `booth mini check`'s pair
+    prompts (0% without).
     """
     return TrainConfig(
         name="full",
@@ -321,10 +322,10 @@ def _full() -> TrainConfig:
             concept_weight=1.0,
         ),
         vae=VaeTrainConfig(
-            Optim(steps=1600, batch_size=16, lr=6e-4, warmup_steps=120), object_weight=4.0, hue_jitter=0.5
+            Optim(steps=3200, batch_size=16, lr=6e-4, warmup_steps=120), object_weight=4.0, hue_jitter=0.5
         ),
         unet=UNetTrainConfig(
-            Optim(steps=4500, batch_size=32, lr=3e-4, warmup_steps=120),
+            Optim(steps=3600, batch_size=32, lr=3e-4, warmup_steps=120),
             train_text_encoder=True,
             text_encoder_lr=1e-3,
             snr_floor=1.0,
@@ -340,16 +341,16 @@ def _factor2() -> TrainConfig:
     """An experiment, not shipped: 64x64 images on 32x32x4 latents (a 2-level VAE) instead of 16x16x4.
 
     Why: the factor-4 autoencoder caps the concept and style gates (the mini-CLIP recognises the concept in
-    32% of real renders, in 9% of the shipped VAE's reconstructions of them). This VAE, with the `full`
-    recipe's 1,600 steps (13 min), reconstructs held-out renders at 29.6 dB (objects 21.1 dB; shipped 24.7 /
+    32% of real renders, in 9% of the v2 VAE's reconstructions of them). This VAE, with v3's 1,600 VAE
+    steps (13 min), reconstructs held-out renders at 29.6 dB (objects 21.1 dB; v2 24.7 /
     15.4) and keeps the concept in 24% of them (`tools/mini_vae_colours.py`). The UNet keeps its first level
     (32x32) cheap: 32 channels, no attention. UNet from scratch, 3,400 x 32 in 72 min (2-core AMD EPYC), with
     the text encoder training (lr 1e-3), the readout term over concept and the layout parts, the x0-weight
-    floor and the two-object images; the CLIP stage was the shipped mini-CLIP (1,500 x 128, 38 min).
-    `booth mini check` (2026-12-02): concept 7.5% (shipped 3.0%), background 53% (shipped 99%), position 99%,
-    size 82%, style 41% (44%), two objects 90%, 1.19 s an image (shipped 0.88 s on the same machine). Not
+    floor and the two-object images; the CLIP stage was the v2 mini-CLIP (1,500 x 128, 38 min).
+    `booth mini check` (2026-12-02): concept 7.5% (v2 3.0%), background 53% (v2 99%), position 99%,
+    size 82%, style 41% (44%), two objects 90%, 1.19 s an image (v2 0.88 s on the same machine). Not
     shipped: backgrounds come out in the wrong shade (neon green for green, light blue for white), and the
-    concepts are still blobs. See the model card's "Open" section. Give it its own ``--work`` and ``--export``
+    concepts are still blobs. See docs/mini-model.md. Give it its own ``--work`` and ``--export``
     folders: a finished run otherwise exports over the bundled weights.
     """
     arch = MiniArchitecture(
@@ -364,7 +365,11 @@ def _factor2() -> TrainConfig:
     )
     full = _full()
     return replace(
-        full, name="factor2", arch=arch, unet=replace(full.unet, optim=replace(full.unet.optim, steps=3400))
+        full,
+        name="factor2",
+        arch=arch,
+        vae=replace(full.vae, optim=replace(full.vae.optim, steps=1600)),
+        unet=replace(full.unet, optim=replace(full.unet.optim, steps=3400)),
     )
 
 
