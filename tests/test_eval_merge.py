@@ -12,9 +12,12 @@ from booth.evaluate.mini_merge import (
     TOP_LEFT,
     ComposedPrompt,
     ModelScores,
+    RegionScore,
     both_shown,
+    ceiling,
     composed_prompts,
     crop,
+    pasted_pair,
     two_drawn,
 )
 
@@ -44,19 +47,67 @@ def test_two_drawn_reads_one_object_in_each_asked_region():
     assert not two_drawn(one, corners) and not two_drawn(one, sides) and not two_drawn(empty, corners)
 
 
-def test_both_shown_needs_two_objects_drawn_and_both_regions_above_base():
+def test_told_apart_needs_two_objects_and_each_region_closer_to_its_own_subject():
+    own, other = {"A": 0.5, "B": 0.4}, {"A": 0.2, "B": 0.1}
+    assert RegionScore("AND", own, other, True).told_apart
+    assert not RegionScore("AND", own, other, False).told_apart  # nothing drawn in one region
+    # the model drew subject A in both regions: B's region looks more like A than like B
+    assert not RegionScore("AND", own, {"A": 0.2, "B": 0.6}, True).told_apart
+
+
+def test_both_shown_needs_both_subjects_told_apart_and_above_base():
     base = ModelScores(
         "base", {}, {}, {k: {"A": 0.1, "B": 0.2} for k in ("one prompt", "AND", "Latent Couple")}, {}
     )
-    above = {"A": 0.5, "B": 0.5}
+    above, below = {"A": 0.5, "B": 0.5}, {"A": 0.0, "B": 0.0}
     scores = [
-        ("AND", above, True),
-        ("AND", above, False),
-        ("AND", {"A": 0.5, "B": 0.1}, True),
-        ("AND", above, True),
+        RegionScore("AND", above, below, True),
+        RegionScore("AND", above, below, False),  # two objects not drawn
+        RegionScore("AND", {"A": 0.5, "B": 0.1}, below, True),  # B's region under the base model's mean
+        RegionScore("AND", above, below, True),
+        RegionScore("AND", above, {"A": 0.0, "B": 0.7}, True),  # B's region more like A: A drawn twice
     ]
-    scores += [("one prompt", above, True), ("Latent Couple", above, False)]
-    assert both_shown(scores, base) == {"AND": 0.5, "one prompt": 1.0, "Latent Couple": 0.0}
+    scores += [
+        RegionScore("one prompt", above, below, True),
+        RegionScore("Latent Couple", above, below, False),
+    ]
+    assert both_shown(scores, base) == {"AND": 0.4, "one prompt": 1.0, "Latent Couple": 0.0}
+
+
+def _subject(colour, background):
+    image = Image.new("RGB", (64, 64), background)
+    image.paste(colour, (16, 16, 48, 48))
+    return [image]
+
+
+class _ColourEvaluator:
+    """Stands in for the mini-CLIP: how close the mean colour of an image's non-white pixels is to the
+    references' object colour (the centre pixel)."""
+
+    def subject_fidelity(self, images, references):
+        pixels = [p for p in images[0].getdata() if p != (255, 255, 255)] or [(255, 255, 255)]
+        mean = [sum(c) / len(pixels) for c in zip(*pixels)]
+        target = references[0].getpixel((32, 32))
+        return -sum(abs(m - t) for m, t in zip(mean, target)) / 765
+
+
+def test_pasted_pair_cuts_each_subject_from_its_background_into_its_region():
+    red, blue = _subject((220, 20, 20), (255, 140, 0)), _subject((20, 20, 220), (0, 0, 0))
+    corners = ComposedPrompt("a dog AND a teapot", "AND", {"A": TOP_LEFT, "B": BOTTOM_RIGHT})
+    image = pasted_pair([red, blue], corners, 0, 64)
+    colours = set(image.getdata())
+    assert (255, 140, 0) not in colours and (0, 0, 0) not in colours  # backgrounds cut away
+    assert image.getpixel((16, 16)) == (220, 20, 20) and image.getpixel((48, 48)) == (20, 20, 220)
+    assert image.getpixel((48, 16)) == image.getpixel((16, 48)) == (255, 255, 255)
+    assert two_drawn(image, corners)
+
+
+def test_ceiling_tells_two_subjects_apart_only_if_the_evaluator_can():
+    red, blue = _subject((220, 20, 20), (255, 140, 0)), _subject((20, 20, 220), (0, 0, 0))
+    apart = ceiling([red, blue], _ColourEvaluator(), seeds=2, size=64)
+    assert apart == {k: {"two_drawn": 1.0, "told_apart": 1.0} for k in ("one prompt", "AND", "Latent Couple")}
+    twins = ceiling([red, _subject((220, 20, 20), (0, 0, 0))], _ColourEvaluator(), seeds=2, size=64)
+    assert all(v == {"two_drawn": 1.0, "told_apart": 0.0} for v in twins.values())
 
 
 def test_composed_prompts_put_each_subject_in_each_region_in_both_kinds():
@@ -118,12 +169,16 @@ def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_di
         assert set(model["composed_fidelity"]) == {"one prompt", "AND", "Latent Couple"}
         assert all(set(v) == {"A", "B"} for v in model["composed_fidelity"].values())
         assert all(-1 <= v <= 1 for v in model["subject_fidelity"].values())
-        assert set(model["both_shown"]) == set(model["two_drawn"]) == {"one prompt", "AND", "Latent Couple"}
-        assert all(model["both_shown"][k] <= model["two_drawn"][k] for k in model["two_drawn"])
+        kinds = {"one prompt", "AND", "Latent Couple"}
+        assert set(model["both_shown"]) == set(model["told_apart"]) == set(model["two_drawn"]) == kinds
+        assert all(model["both_shown"][k] <= model["told_apart"][k] <= model["two_drawn"][k] for k in kinds)
         assert all(0 <= v <= 1 for v in model["both_shown"].values())
     assert sum(" AND " in c["text"] for c in results["composed_prompts"]) == 6
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 6 and "| merged |" in table and "AND: two drawn" in table
+    assert "| merged |" in table and "AND: two drawn" in table and "AND: told apart" in table
+    assert table.count("\n| ") == 4 and "(the ceiling), two drawn / told apart: one prompt" in table
+    assert set(results["ceiling"]) == {"one prompt", "AND", "Latent Couple"}
+    assert "(the ceiling)" in (out / "report" / "index.html").read_text()
     html = (out / "report" / "index.html").read_text()
     assert ("with prior preservation" in html) is prior
     assert 'src="fidelity.png"' in html and 'src="model-3-composed.png"' in html

@@ -19,15 +19,17 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
      half of the image, `booth.generate.regions`). Each region of the image is scored against the real images
      of the subject asked there (mini CLIP-I of the crop, resized to the model's resolution); "two drawn" is
      the share of images that show two objects in those regions (`booth.mini.checks.check_pair`, no learned
-     model), and "both" the share that show two objects and where both regions score above the base model's
-     mean for that subject and kind (a region of an empty image scores too, so the crop scores alone do not
-     tell whether anything was drawn there).
+     model); "told apart" the share of those where each region is closer to the subject asked there than to
+     the other subject (a model that draws its one subject twice scores above base in both regions, but not
+     this); "both shown" the share told apart where both regions also score above the base model's mean for
+     that subject and kind (a region of an empty image scores too, so the crop scores alone do not tell
+     whether anything was drawn there).
 
-A model that knows only one subject gets the other's class noun in every prompt. The shipped booth-mini never
-saw two objects in one image, so a one-prompt request for two subjects asks for something it never saw; with
-``AND`` each term asks for one object, as in its training captions, and with Latent Couple each term also has
-its own half of the image. A booth-mini trained with the dataset's two-object images (`UNetTrainConfig.pairs`)
-draws two objects for the one-prompt kind (measured in docs/mini-benchmark.md).
+A model that knows only one subject gets the other's class noun in every prompt. booth-mini (v3 on, trained
+with the dataset's two-object images, `UNetTrainConfig.pairs`) draws two objects for a one-prompt request, but
+it does not bind a concept to its phrase: its two objects are of one kind, so "told apart" measures what the
+merge adds and what the base model lacks (docs/mini-benchmark.md). With ``AND`` each term asks for one object,
+as in the single-object training captions, and with Latent Couple each term also has its own half.
 """
 
 from __future__ import annotations
@@ -124,7 +126,26 @@ class ModelScores:
     composed_fidelity: dict[str, dict[str, float]]  # kind -> subject -> mini CLIP-I of its region
     composed_whole: dict[str, float]  # per subject: mini CLIP-I of the whole two-subject images
     two_drawn: dict[str, float] = field(default_factory=dict)  # kind -> share showing two objects as asked
-    both_shown: dict[str, float] = field(default_factory=dict)  # kind -> share of two drawn, both above base
+    told_apart: dict[str, float] = field(
+        default_factory=dict
+    )  # kind -> share two drawn, each its own subject
+    both_shown: dict[str, float] = field(default_factory=dict)  # kind -> share told apart, both above base
+
+
+@dataclass(frozen=True)
+class RegionScore:
+    """One two-subject image: per subject ("A", "B"), mini CLIP-I of the region it was asked in to its own
+    real images (`own`) and to the other subject's (`other`); whether two objects were drawn where asked."""
+
+    kind: str
+    own: dict[str, float]
+    other: dict[str, float]
+    two: bool
+
+    @property
+    def told_apart(self) -> bool:
+        """Two objects drawn, and each region closer to the subject asked there than to the other subject."""
+        return self.two and all(self.own[k] > self.other[k] for k in "AB")
 
 
 def crop(image, region: tuple[float, ...]):
@@ -139,6 +160,52 @@ def two_drawn(image, prompt: ComposedPrompt) -> bool:
     from booth.mini.checks import check_pair
 
     return check_pair(image, tuple(REGION_NAMES[r] for r in prompt.region.values()))
+
+
+def region_score(
+    image, prompt: ComposedPrompt, references: Sequence[Sequence[Any]], evaluator
+) -> RegionScore:
+    """Score one two-subject image: each region against both subjects' real images, and two objects drawn."""
+    regions = {key: crop(image, prompt.region[key]) for key in "AB"}
+    own = {key: evaluator.subject_fidelity([regions[key]], references[i]) for i, key in enumerate("AB")}
+    other = {key: evaluator.subject_fidelity([regions[key]], references[1 - i]) for i, key in enumerate("AB")}
+    return RegionScore(prompt.kind, own, other, two_drawn(image, prompt))
+
+
+def pasted_pair(references: Sequence[Sequence[Any]], prompt: ComposedPrompt, index: int, size: int):
+    """A white `size` x `size` image with the subject of real image `index` of each subject (cut from its flat
+    background, the colour of its corner) shrunk into the region asked for it: what a model that draws both
+    subjects exactly would show (the benchmark's ceiling)."""
+    from PIL import Image, ImageChops
+
+    canvas = Image.new("RGB", (size, size), "white")
+    for i, key in enumerate("AB"):
+        left, top, right, bottom = (round(v * size) for v in prompt.region[key])
+        side = min(right - left, bottom - top)
+        real = references[i][index % len(references[i])].convert("RGB").resize((side, side))
+        background = Image.new("RGB", real.size, real.getpixel((0, 0)))
+        mask = ImageChops.difference(real, background).convert("L").point(lambda v: 255 if v > 24 else 0)
+        canvas.paste(real, (left + (right - left - side) // 2, top + (bottom - top - side) // 2), mask)
+    return canvas
+
+
+def ceiling(
+    references: Sequence[Sequence[Any]], evaluator, seeds: int, size: int
+) -> dict[str, dict[str, float]]:
+    """Per kind, the share of pasted real pairs (`pasted_pair`, `seeds` per prompt) with two objects drawn and
+    told apart: how far the program check and the evaluator can go on these subjects."""
+    scores = [
+        region_score(pasted_pair(references, c, n, size), c, references, evaluator)
+        for c in composed_prompts(("A", "B"))
+        for n in range(seeds)
+    ]
+    return {
+        kind: {
+            "two_drawn": statistics.fmean(r.two for r in scores if r.kind == kind),
+            "told_apart": statistics.fmean(r.told_apart for r in scores if r.kind == kind),
+        }
+        for kind in KINDS
+    }
 
 
 def composed_prompts(words: Sequence[str]) -> list[ComposedPrompt]:
@@ -182,46 +249,38 @@ def score_model(
         generate(engine, c.text + suffix, s.seeds, s.sample_steps, latent_couple=c.latent_couple)
         for c in composed
     ]
-    # per image: (kind, subject -> fidelity of the region it was asked in, two objects drawn there)
-    region_scores: list[tuple[str, dict[str, float], bool]] = []
+    region_scores: list[RegionScore] = []
     whole = {"A": [], "B": []}
     for c, row in zip(composed, rows):
         for image in row:
-            by_subject = {
-                key: evaluator.subject_fidelity([crop(image, c.region[key])], references[i])
-                for i, key in enumerate("AB")
-            }
-            region_scores.append((c.kind, by_subject, two_drawn(image, c)))
+            region_scores.append(region_score(image, c, references, evaluator))
             for i, key in enumerate("AB"):
                 whole[key].append(evaluator.subject_fidelity([image], references[i]))
     images["composed"] = (rows, [c.text for c in composed])
     images["region_scores"] = region_scores
-    by_kind = {
-        kind: {k: statistics.fmean(h[k] for q, h, _ in region_scores if q == kind) for k in "AB"}
-        for kind in KINDS
-    }
+    of_kind = {kind: [r for r in region_scores if r.kind == kind] for kind in KINDS}
+    by_kind = {kind: {k: statistics.fmean(r.own[k] for r in of_kind[kind]) for k in "AB"} for kind in KINDS}
     scores = ModelScores(
         label,
         fidelity,
         prompt_fidelity,
         by_kind,
         {k: statistics.fmean(v) for k, v in whole.items()},
-        {kind: statistics.fmean(two for q, _, two in region_scores if q == kind) for kind in KINDS},
+        {kind: statistics.fmean(r.two for r in of_kind[kind]) for kind in KINDS},
+        {kind: statistics.fmean(r.told_apart for r in of_kind[kind]) for kind in KINDS},
     )
     return scores, images
 
 
-def both_shown(
-    region_scores: Sequence[tuple[str, dict[str, float], bool]], base: ModelScores
-) -> dict[str, float]:
-    """Per kind: share of two-subject images that show two objects where asked and where each subject's region
-    beats the base model's mean for that subject and kind."""
+def both_shown(region_scores: Sequence[RegionScore], base: ModelScores) -> dict[str, float]:
+    """Per kind: share of two-subject images told apart (`RegionScore.told_apart`) where each subject's region
+    also beats the base model's mean for that subject and kind."""
     shares = {}
     for kind in KINDS:
         hits = [
-            two and all(h[k] > base.composed_fidelity[kind][k] for k in "AB")
-            for q, h, two in region_scores
-            if q == kind
+            r.told_apart and all(r.own[k] > base.composed_fidelity[kind][k] for k in "AB")
+            for r in region_scores
+            if r.kind == kind
         ]
         shares[kind] = sum(hits) / len(hits)
     return shares
@@ -277,8 +336,10 @@ def merge_benchmark(
         all_images.append(images)
     for scores, images in zip(results, all_images):
         scores.both_shown = both_shown(images["region_scores"], results[0])
+    size = all_images[0]["composed"][0][0][0].width
+    real = ceiling(references, evaluator, s.seeds, size)
     summary = {
-        "protocol": "booth mini merge benchmark v2",
+        "protocol": "booth mini merge benchmark v3",
         "method": method,
         "prior": prior,
         "subjects": {"A": dirs[0].name, "B": dirs[1].name},
@@ -290,11 +351,12 @@ def merge_benchmark(
         "merge_seconds": round(merge_seconds, 2),
         "merge": merge_info,
         "models": [asdict(r) for r in results],
+        "ceiling": real,
         "seconds": round(time.monotonic() - started, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    table = merge_table(results, dirs[0].name, dirs[1].name)
+    table = merge_table(results, dirs[0].name, dirs[1].name, real)
     (out / "table.md").write_text(table)
     write_merge_report(out / "report", results, all_images, summary)
     return out / "table.md"
@@ -326,20 +388,27 @@ def _merge(method: str, runs, folder: Path, model: str | None) -> tuple[dict[str
     return info, (Engine(loaded), "")
 
 
-def merge_table(results: Sequence[ModelScores], a: str, b: str) -> str:
-    """The markdown table: one row per model; two-subject images per kind (`KINDS`)."""
+def merge_table(results: Sequence[ModelScores], a: str, b: str, real: dict[str, dict[str, float]]) -> str:
+    """The markdown table: one row per model; two-subject images per kind (`KINDS`); under it, the `ceiling`."""
     head = f"| model | {a} fidelity (alone) | {b} fidelity (alone) | prompt fidelity (alone, mean) |"
     for kind in KINDS:
-        head += f" {kind}: {a} region | {kind}: {b} region | {kind}: two drawn | {kind}: both above base |"
-    lines = [head, "|---" * (4 + 4 * len(KINDS)) + "|"]
+        head += f" {kind}: {a} region | {kind}: {b} region |"
+        head += f" {kind}: two drawn | {kind}: told apart | {kind}: both shown |"
+    lines = [head, "|---" * (4 + 5 * len(KINDS)) + "|"]
     for r in results:
         pf = statistics.fmean(r.prompt_fidelity.values())
         line = f"| {r.model} | {r.subject_fidelity['A']:.3f} | {r.subject_fidelity['B']:.3f} | {pf:.3f} |"
         for kind in KINDS:
             c = r.composed_fidelity[kind]
-            line += f" {c['A']:.3f} | {c['B']:.3f} | {r.two_drawn[kind]:.3f} | {r.both_shown[kind]:.3f} |"
+            line += f" {c['A']:.3f} | {c['B']:.3f} | {r.two_drawn[kind]:.3f} | {r.told_apart[kind]:.3f} |"
+            line += f" {r.both_shown[kind]:.3f} |"
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + ceiling_line(real) + "\n"
+
+
+def ceiling_line(real: dict[str, dict[str, float]]) -> str:
+    shares = "; ".join(f"{kind} {v['two_drawn']:.3f} / {v['told_apart']:.3f}" for kind, v in real.items())
+    return f"Real images pasted into the asked regions (the ceiling), two drawn / told apart: {shares}."
 
 
 def write_merge_report(folder: Path, results, all_images, summary: dict) -> None:
@@ -360,8 +429,9 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
         f"{a} ({summary['words']['A']}) and {b} ({summary['words']['B']}) trained separately "
         f"{'with' if summary['prior'] else 'without'} prior preservation, with {how}. "
         f"Two-subject prompts ({', '.join(KINDS)}): each region scored against the subject asked there; "
-        "'two drawn': two objects where asked (read by program); 'both above base': two drawn and both "
-        "regions above the base model's mean."
+        "'two drawn': two objects where asked (read by program); 'told apart': two drawn and each region "
+        "closer to the subject asked there than to the other; 'both shown': told apart and both regions above "
+        "the base model's mean. " + ceiling_line(summary["ceiling"])
     )
     labels = [r.model for r in results]
     chart = bar_chart(
@@ -386,7 +456,7 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
         + [
             f"{kind}: {x}"
             for kind in KINDS
-            for x in (f"{a} region", f"{b} region", "two drawn", "both above base")
+            for x in (f"{a} region", f"{b} region", "two drawn", "told apart", "both shown")
         ],
         [
             [r.model, r.subject_fidelity["A"], r.subject_fidelity["B"]]
@@ -397,6 +467,7 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
                     r.composed_fidelity[kind]["A"],
                     r.composed_fidelity[kind]["B"],
                     r.two_drawn[kind],
+                    r.told_apart[kind],
                     r.both_shown[kind],
                 )
             ]
