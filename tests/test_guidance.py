@@ -12,6 +12,24 @@ def test_composable_cfg_reduces_to_cfg_and_sums_weighted_deltas():
     assert torch.allclose(guidance.composable_cfg(u, [c1, c2], [0.5, 1.0], 2.0), torch.full_like(u, 7.0))
 
 
+def test_composable_cfg_with_a_negative_per_term_guides_each_term_against_its_own():
+    u1, u2 = torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 2.0)
+    c1, c2 = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 4.0)
+    # one term: plain guidance against its own negative
+    assert torch.allclose(guidance.composable_cfg([u2], [c2], [1.0], 3.0), u2 + 3.0 * (c2 - u2))
+    # equal negatives: the one-negative formula
+    same = guidance.composable_cfg([u1, u1], [c1, c2], [0.5, 1.0], 2.0)
+    assert torch.allclose(same, guidance.composable_cfg(u1, [c1, c2], [0.5, 1.0], 2.0), atol=1e-5)
+    # two: base is the |w|-weighted mean of the negatives, each delta against its own (1/3*0 + 2/3*2 = 4/3)
+    out = guidance.composable_cfg([u1, u2], [c1, c2], [1.0, 2.0], 1.0)
+    assert torch.allclose(out, torch.full_like(u1, 4 / 3 + 1.0 * 1 + 2.0 * 2), atol=1e-4)
+    # per-pixel weights (Latent Couple): each half is its own term's guidance
+    left = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(1, 1, 2, 2)
+    halves = guidance.composable_cfg([u1, u2], [c1, c2], [left, 1 - left], 5.0)
+    assert torch.allclose(halves[..., 0], (u1 + 5 * (c1 - u1))[..., 0], atol=1e-4)
+    assert torch.allclose(halves[..., 1], (u2 + 5 * (c2 - u2))[..., 1], atol=1e-4)
+
+
 def test_rescale_noise_cfg_matches_lin_et_al_equations():
     x_pos = torch.tensor([[[[1.0, -1.0, 1.0, -1.0]]]])  # std (unbiased) = 1.1547
     x_cfg = 3 * x_pos

@@ -124,6 +124,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="apply this LoRA file or folder with a weight (default 1); same as <lora:stem:WEIGHT> in the prompt",
     )
     n.add_argument(
+        "--composable-lora",
+        action="store_true",
+        help="a <lora:...> tag acts only on the AND sub-prompt it is in, each sub-prompt guided against the "
+        "negative prompt under its own LoRAs (A1111's Composable LoRA); with --latent-couple, each subject's "
+        "LoRA in its own region",
+    )
+    n.add_argument(
         "--embeddings-dir",
         action="append",
         default=[],
@@ -238,6 +245,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         dynamic_threshold=args.dynamic_threshold,
         dynamic_threshold_max=args.dynamic_threshold_max,
         latent_couple=args.latent_couple,
+        composable_lora=args.composable_lora,
         init_images=init_images,
         denoising_strength=args.denoising_strength,
         resize_mode=args.resize_mode,

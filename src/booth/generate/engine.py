@@ -117,6 +117,13 @@ class _Guide:
     weights: list[float]
     uncond: list[tuple[int, torch.Tensor, torch.Tensor | None]]
     couple: LatentCouple | None = None  # a region per sub-prompt (`booth.generate.regions`)
+    # composable LoRA: each sub-prompt's extra networks, and the negative prompt encoded under each of them
+    part_calls: list[list] | None = None
+    part_unconds: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]] | None = None
+
+    def negatives(self) -> list:
+        """The negative schedules: one per sub-prompt with composable LoRA, else the one."""
+        return self.part_unconds if self.part_unconds is not None else [self.uncond]
 
     def weights_at(self, step: int, latents: torch.Tensor) -> list[float] | list[torch.Tensor]:
         """The AND weights of sampling step `step`: per-pixel with Latent Couple, else the plain ones."""
@@ -180,15 +187,16 @@ class Engine:
         subseeds = [subseed + i for i in range(total)] if subseed != -1 else [-1] * total
 
         prompt, calls = self._strip_extra_networks(params.prompt, params.disable_extra_networks)
+        part_calls = self._part_calls(params.prompt) if params.composable_lora and calls else None
         negative, _ = self._strip_extra_networks(params.negative_prompt, True)
         steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
 
         self.state = state = GenerationState(job_count=params.n_iter, sampling_steps=steps_run)
         images: list[Image.Image] = []
         kept: list[int] = []  # index into seeds of each returned image (skipped batches leave gaps)
-        self.extra_networks.activate_all(self.pipe, calls)
+        self.extra_networks.activate_all(self.pipe, [] if part_calls else calls)
         try:
-            guide, used = self._build_guide(prompt, negative, params)
+            guide, used = self._build_guide(prompt, negative, params, part_calls)
             init_latents = self._encode_init_images(params, width, height) if params.init_images else None
             for batch_no in range(params.n_iter):
                 state.job_no, state.skipped = batch_no, False
@@ -215,6 +223,8 @@ class Engine:
                 kept += range(batch_no * params.batch_size, batch_no * params.batch_size + len(batch_seeds))
                 if callback:
                     callback(state)
+            if part_calls:  # the infotext names every LoRA the prompt used
+                self.extra_networks.activate_all(self.pipe, calls)
         finally:
             self.extra_networks.deactivate_all(self.pipe)
 
@@ -298,7 +308,7 @@ class Engine:
                 return None if state.skipped else latents
             step = i // scheduler.order + 1
             # 3. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part.
-            rows = [cond_at_step(s, step) for s in ([guide.uncond] if do_cfg else []) + guide.conds]
+            rows = [cond_at_step(s, step) for s in (guide.negatives() if do_cfg else []) + guide.conds]
             if not _same_tensors(rows, rows_before):  # built again only when prompt editing switches
                 embeds, pooled = self._stack_conditioning(rows, n, device, dtype)
                 kwargs = (
@@ -307,14 +317,18 @@ class Engine:
                     else {}
                 )
                 rows_before = rows
-            # 4. One UNet call over [uncond | cond_1 .. cond_K] x batch.
+            # 4. One UNet call over [uncond | cond_1 .. cond_K] x batch (composable LoRA: one call per term,
+            #    over [uncond_k | cond_k] with that term's LoRAs).
             x_in = scheduler.scale_model_input(latents, t)
-            x_in = x_in.repeat(len(rows), 1, 1, 1)
-            pred = unet(x_in, t, encoder_hidden_states=embeds, **kwargs).sample
+            if guide.part_calls is None:
+                pred = unet(x_in.repeat(len(rows), 1, 1, 1), t, encoder_hidden_states=embeds, **kwargs).sample
+            else:
+                pred = self._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, do_cfg)
             # 5. Guidance: composable CFG, then guidance rescale and dynamic thresholding.
             parts = list(pred.chunk(len(rows)))
             if do_cfg:
-                uncond, conds = parts[0], parts[1:]
+                unconds, conds = parts[: len(rows) - len(guide.conds)], parts[len(rows) - len(guide.conds) :]
+                uncond = unconds[0] if len(unconds) == 1 else unconds
                 weights = guide.weights_at(step, latents)
                 out = guidance.composable_cfg(uncond, conds, weights, params.cfg_scale)
                 if params.guidance_rescale > 0:
@@ -373,19 +387,62 @@ class Engine:
             self.pipe, clip_skip=params.clip_skip, emphasis=params.emphasis, embeddings=self.embeddings
         )
 
-    def _build_guide(self, prompt: str, negative: str, params: GenerationParams) -> tuple[_Guide, set[str]]:
+    def _part_calls(self, prompt: str) -> list[list]:
+        """Each AND sub-prompt's extra-network calls (composable LoRA)."""
+        from booth.prompts import split_and
+
+        return [self._strip_extra_networks(text, False)[1] for text, _ in split_and(prompt)]
+
+    def _unet_per_term(self, x_in, t, embeds, kwargs, part_calls: list[list], do_cfg: bool) -> torch.Tensor:
+        """Composable LoRA: for each sub-prompt k, one UNet call over its rows (`embeds` is [uncond_1 ..
+        uncond_K |] cond_1 .. cond_K, len(x_in) images each) with its extra networks active; the predictions
+        come back in the rows' order."""
+        n, k = len(x_in), len(part_calls)
+        out: list[torch.Tensor | None] = [None] * (len(embeds) // n)
+        for term, calls in enumerate(part_calls):
+            self.extra_networks.activate_all(self.pipe, calls)
+            row_ids = [term, k + term] if do_cfg else [term]
+            index = torch.cat([torch.arange(r * n, (r + 1) * n) for r in row_ids])
+            added = {key: v[index] for key, v in kwargs["added_cond_kwargs"].items()} if kwargs else None
+            extra = {"added_cond_kwargs": added} if added else {}
+            x = x_in.repeat(len(row_ids), 1, 1, 1)
+            pred = self.pipe.unet(x, t, encoder_hidden_states=embeds[index], **extra).sample
+            for r, chunk in zip(row_ids, pred.chunk(len(row_ids))):
+                out[r] = chunk
+        return torch.cat(out)
+
+    def _build_guide(
+        self, prompt: str, negative: str, params: GenerationParams, part_calls: list[list] | None = None
+    ) -> tuple[_Guide, set[str]]:
         from booth.prompts import encode_prompt_schedule, split_and
 
         encoder = self._encoder(params)
         parts = split_and(prompt)
-        conds = [encode_prompt_schedule(encoder, text, params.steps) for text, _ in parts]
-        uncond = encode_prompt_schedule(encoder, negative, params.steps)
-        if self.family.uses_pooled_text and not negative.strip() and self._zero_empty_negative:
-            uncond = [(end, torch.zeros_like(e), torch.zeros_like(p)) for end, e, p in uncond]
+        if part_calls is not None and len(part_calls) != len(parts):
+            raise BoothError(
+                "composable LoRA: an extra-network tag spans an AND; keep each tag in one sub-prompt"
+            )
+        zero_negative = self.family.uses_pooled_text and not negative.strip() and self._zero_empty_negative
+
+        def encode_negative():
+            schedule = encode_prompt_schedule(encoder, negative, params.steps)
+            if zero_negative:
+                schedule = [(end, torch.zeros_like(e), torch.zeros_like(p)) for end, e, p in schedule]
+            return schedule
+
+        conds, part_unconds = [], None if part_calls is None else []
+        for i, (text, _) in enumerate(parts):
+            if part_calls is not None:  # this sub-prompt's LoRAs act on its text encodings too
+                self.extra_networks.activate_all(self.pipe, part_calls[i])
+                part_unconds.append(encode_negative())
+            conds.append(encode_prompt_schedule(encoder, text, params.steps))
+        if part_calls is not None:
+            self.extra_networks.activate_all(self.pipe, [])
+        uncond = encode_negative()
         used = set(getattr(encoder, "used_embeddings", set()))
         weights = [w for _, w in parts]
         couple = LatentCouple.parse(params.latent_couple).check(len(parts)) if params.latent_couple else None
-        return _Guide(conds=conds, weights=weights, uncond=uncond, couple=couple), used
+        return _Guide(conds, weights, uncond, couple, part_calls, part_unconds), used
 
     @property
     def _zero_empty_negative(self) -> bool:
@@ -479,6 +536,8 @@ class Engine:
             extra["Emphasis"] = params.emphasis
         if couple is not None:
             extra["Latent Couple"] = couple.infotext()
+        if params.composable_lora:
+            extra["Composable LoRA"] = True
         if used_embeddings:
             extra["TI hashes"] = ", ".join(sorted(used_embeddings))
         if schedule_differs_with_old_timelines(prompt, params.steps):

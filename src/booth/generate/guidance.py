@@ -10,15 +10,23 @@ import torch
 
 
 def composable_cfg(
-    uncond: torch.Tensor, conds: list[torch.Tensor], weights: list[float], s: float
+    uncond: torch.Tensor | list[torch.Tensor], conds: list[torch.Tensor], weights: list, s: float
 ) -> torch.Tensor:
     """Composable diffusion guidance, x~ = x_u + sum_k w_k * s * (x_c,k - x_u) (Liu et al. 2022; A1111 AND).
 
-    With one sub-prompt of weight 1 this is ordinary classifier-free guidance (Ho & Salimans 2022).
+    With one sub-prompt of weight 1 this is ordinary classifier-free guidance (Ho & Salimans 2022). With one
+    unconditional prediction per sub-prompt (each term from its own model, e.g. composable LoRA), each term
+    guides against its own, x~ = x_u,bar + sum_k w_k * s * (x_c,k - x_u,k), x_u,bar the |w|-weighted mean of
+    the x_u,k (Liu et al. 2022 compose different models' scores the same way).
     """
-    out = uncond.clone()
-    for cond, w in zip(conds, weights, strict=True):
-        out += (w * s) * (cond - uncond)
+    unconds = uncond if isinstance(uncond, list) else [uncond] * len(conds)
+    if isinstance(uncond, list):
+        shares = [abs(w) + 1e-6 for w in weights]  # all weights 0: the plain mean
+        out = sum(a * u for a, u in zip(shares, unconds, strict=True)) / sum(shares)
+    else:
+        out = uncond.clone()
+    for cond, u, w in zip(conds, unconds, weights, strict=True):
+        out += (w * s) * (cond - u)
     return out
 
 

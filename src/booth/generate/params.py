@@ -54,6 +54,11 @@ class GenerationParams:
     # a region per AND sub-prompt, in the PNG-info form of A1111's Latent Couple extension
     # ("divisions=1:1,1:2,1:2 positions=0:0,0:0,0:1 weights=0.2,0.8,0.8 end at step=20"); None: off
     latent_couple: str | None = None
+    # the LoRAs named in an AND sub-prompt act on that sub-prompt's guidance term only, text encoder and UNet,
+    # as with A1111's Composable LoRA extension; unlike its default (negative term without LoRAs, so the CFG
+    # scale multiplies each LoRA's whole change), each term is guided against the negative prompt under its own
+    # LoRAs, so one sub-prompt gives exactly the plain LoRA image
+    composable_lora: bool = False
     # img2img
     init_images: list[Any] = field(default_factory=list)  # PIL images
     denoising_strength: float = 0.75
