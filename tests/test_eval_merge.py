@@ -155,7 +155,13 @@ def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_di
         for subject in ("poodle", "teapot"):
             config = json.loads((out / "runs" / subject / "run" / "config.json").read_text())
             assert config["prior"]["enabled"] and config["prior"]["num_class_images"] == 2
-    assert [m["model"] for m in results["models"]] == ["base model", "poodle alone", "teapot alone", "merged"]
+    labels = ["base model", "poodle alone", "teapot alone", "merged"]
+    labels += ["both, composable"] if method == "lora" else []  # the two LoRAs unmerged, one per sub-prompt
+    assert [m["model"] for m in results["models"]] == labels
+    if method == "lora":  # alone, composable is each subject's own LoRA: the same images as that LoRA alone
+        fidelity = [m["subject_fidelity"] for m in results["models"]]
+        assert fidelity[4]["A"] == pytest.approx(fidelity[1]["A"], abs=1e-4)
+        assert fidelity[4]["B"] == pytest.approx(fidelity[2]["B"], abs=1e-4)
     if method == "lora":  # one identifier each, both LoRAs' deltas in one file (rank 8 + 8)
         assert results["words"] == {"A": "sks dog", "B": "zwx teapot"}
         assert results["merge"] == {"mode": "concat", "rank": 16}
@@ -176,7 +182,7 @@ def test_eval_merge_trains_merges_and_scores_four_models(tmp_path, mini_model_di
     assert sum(" AND " in c["text"] for c in results["composed_prompts"]) == 6
     table = (out / "table.md").read_text()
     assert "| merged |" in table and "AND: two drawn" in table and "AND: told apart" in table
-    assert table.count("\n| ") == 4 and "(the ceiling), two drawn / told apart: one prompt" in table
+    assert table.count("\n| ") == len(labels) and "(the ceiling), two drawn / told apart: one prompt" in table
     assert set(results["ceiling"]) == {"one prompt", "AND", "Latent Couple"}
     assert "(the ceiling)" in (out / "report" / "index.html").read_text()
     html = (out / "report" / "index.html").read_text()

@@ -9,7 +9,9 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
    each adapter changes its own subject and less of everything else the other is drawn with.
 2. Merge the two: Custom Diffusion in closed form (`booth.train.merge.merge_custom_diffusion`, Kumari et al.
    2023, sec. 3.3); LoRAs by concatenation (`booth.train.merge.merge_lora`, exactly the sum of both deltas).
-3. Render with four models: the base model (class nouns), A alone, B alone, and the merge:
+3. Render with four models: the base model (class nouns), A alone, B alone, and the merge (with LoRA also a
+   fifth, "both, composable": the two LoRAs unmerged, each only in the ``AND`` sub-prompt naming its subject,
+   `GenerationParams.composable_lora`; for the one-prompt kind that is both LoRAs at once, as merged):
    - each subject in the mini benchmark's `CONTEXTS` (alone in the image): subject fidelity (mini CLIP-I to
      that subject's real images) and prompt fidelity, so the cost of merging shows against each model alone;
    - `COMPOSED` prompts naming both subjects, each in its own region of the image, in three kinds: one prompt
@@ -228,6 +230,7 @@ def score_model(
     references: Sequence[Sequence[Any]],
     s: BenchSettings,
     evaluator,
+    **params,
 ) -> tuple[ModelScores, dict[str, Any]]:
     """Render both subjects alone (in `CONTEXTS`) and together (`COMPOSED`) with one model; score them.
 
@@ -238,7 +241,7 @@ def score_model(
     fidelity, prompt_fidelity, images = {}, {}, {}
     for i, key in enumerate("AB"):
         prompts = [context_prompt(words[i], *c) for c in CONTEXTS]
-        rows = [generate(engine, p.text + suffix, s.seeds, s.sample_steps) for p in prompts]
+        rows = [generate(engine, p.text + suffix, s.seeds, s.sample_steps, **params) for p in prompts]
         flat = [im for row in rows for im in row]
         fidelity[key] = evaluator.subject_fidelity(flat, references[i])
         repeated = [p for p in prompts for _ in range(s.seeds)]
@@ -246,7 +249,7 @@ def score_model(
         images[f"alone-{key}"] = (rows, [p.text for p in prompts])
     composed = composed_prompts(words)
     rows = [
-        generate(engine, c.text + suffix, s.seeds, s.sample_steps, latent_couple=c.latent_couple)
+        generate(engine, c.text + suffix, s.seeds, s.sample_steps, latent_couple=c.latent_couple, **params)
         for c in composed
     ]
     region_scores: list[RegionScore] = []
@@ -329,9 +332,13 @@ def merge_benchmark(
         named[i] = words[i]
         engines.append((f"{dirs[i].name} alone", engine, suffix, named))
     engines.append(("merged", *merged_engine, list(words)))
+    params: list[dict[str, Any]] = [{}] * len(engines)
+    if method == "lora":  # 4. both LoRAs unmerged, each in the sub-prompt that names its subject
+        engines.append(("both, composable", *_composable(runs, words, s.model)))
+        params.append({"composable_lora": True})
     results, all_images = [], []
-    for label, engine, suffix, named in engines:
-        scores, images = score_model(label, engine, suffix, named, references, s, evaluator)
+    for (label, engine, suffix, named), extra in zip(engines, params):
+        scores, images = score_model(label, engine, suffix, named, references, s, evaluator, **extra)
         results.append(scores)
         all_images.append(images)
     for scores, images in zip(results, all_images):
@@ -386,6 +393,20 @@ def _merge(method: str, runs, folder: Path, model: str | None) -> tuple[dict[str
         "average_reg_change": merged.average_reg_change,
     }
     return info, (Engine(loaded), "")
+
+
+def _composable(runs, words: Sequence[str], model: str | None) -> tuple[Any, str, list[str]]:
+    """(engine, "", words): an engine with both runs' LoRAs, each subject's word tagged with its own LoRA, for
+    composable LoRA (`GenerationParams.composable_lora`)."""
+    from booth.generate.engine import Engine
+    from booth.generate.networks import LoraNetwork
+    from booth.models.loading import load_pipeline
+    from booth.prompts import ExtraNetworkRegistry
+
+    files = {f"subject{i}": Path(r.train_result.files["kohya"]) for i, r in enumerate(runs)}
+    network = LoraNetwork([], files)
+    engine = Engine(load_pipeline(model), extra_networks=ExtraNetworkRegistry([network]))
+    return engine, "", [f"{word} <lora:subject{i}:1>" for i, word in enumerate(words)]
 
 
 def merge_table(results: Sequence[ModelScores], a: str, b: str, real: dict[str, dict[str, float]]) -> str:
