@@ -252,3 +252,15 @@ def test_generate_command_composable_lora(tmp_path, tiny_sd1_dir, lora_dir):
     assert "Composable LoRA: True" in text and "Lora hashes:" in text
     assert "Composable LoRA" not in Image.open(plain).info["parameters"]
     assert distance(np.asarray(Image.open(composed), np.int16), np.asarray(Image.open(plain), np.int16)) > 0.1
+
+
+def test_composable_lora_on_sdxl_splits_the_pooled_conditioning_per_term(tmp_path):
+    save_lora(tmp_path / "xl_run", trained_pipeline("sdxl", True, 3), name="xl", alpha=2, rank=4)
+    pipe = tiny_pipeline("sdxl")
+    model = LoadedModel(pipe=pipe, family=detect_family(pipe), name="tiny-xl", path=None, hash=None)
+    xl = Engine(model, extra_networks=ExtraNetworkRegistry([LoraNetwork([tmp_path])]))
+    as_array = lambda result: np.asarray(result.images[0], dtype=np.int16)  # noqa: E731
+    one = as_array(composable(xl, "a cat <lora:xl:1>"))
+    assert np.abs(one - as_array(composable(xl, "a cat <lora:xl:1>", on=False))).max() <= 1
+    two = "a cat <lora:xl:1> AND a dog"
+    assert distance(as_array(composable(xl, two)), as_array(composable(xl, two, on=False))) > 0.1

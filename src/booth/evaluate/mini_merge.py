@@ -128,9 +128,8 @@ class ModelScores:
     composed_fidelity: dict[str, dict[str, float]]  # kind -> subject -> mini CLIP-I of its region
     composed_whole: dict[str, float]  # per subject: mini CLIP-I of the whole two-subject images
     two_drawn: dict[str, float] = field(default_factory=dict)  # kind -> share showing two objects as asked
-    told_apart: dict[str, float] = field(
-        default_factory=dict
-    )  # kind -> share two drawn, each its own subject
+    # kind -> share two drawn with each region closer to its own subject than to the other
+    told_apart: dict[str, float] = field(default_factory=dict)
     both_shown: dict[str, float] = field(default_factory=dict)  # kind -> share told apart, both above base
 
 
@@ -332,7 +331,7 @@ def merge_benchmark(
         named[i] = words[i]
         engines.append((f"{dirs[i].name} alone", engine, suffix, named))
     engines.append(("merged", *merged_engine, list(words)))
-    params: list[dict[str, Any]] = [{}] * len(engines)
+    params: list[dict[str, Any]] = [{} for _ in engines]
     if method == "lora":  # 4. both LoRAs unmerged, each in the sub-prompt that names its subject
         engines.append(("both, composable", *_composable(runs, words, s.model)))
         params.append({"composable_lora": True})
