@@ -21,9 +21,9 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
      half of the image, `booth.generate.regions`). Each region of the image is scored against the real images
      of the subject asked there (mini CLIP-I of the crop, resized to the model's resolution); "two drawn" is
      the share of images that show two objects in those regions (`booth.mini.checks.check_pair`, no learned
-     model); "told apart" the share of those where each region is closer to the subject asked there than to
-     the other subject (a model that draws its one subject twice scores above base in both regions, but not
-     this); "both shown" the share told apart where both regions also score above the base model's mean for
+     model); "told apart" the share where both regions hold something and each is closer to the subject asked
+     there than to the other subject (two subjects touching across the middle count; a model that draws its
+     one subject twice scores above base in both regions, but not this); "both shown" the share told apart where both regions also score above the base model's mean for
      that subject and kind (a region of an empty image scores too, so the crop scores alone do not tell
      whether anything was drawn there).
 
@@ -136,17 +136,20 @@ class ModelScores:
 @dataclass(frozen=True)
 class RegionScore:
     """One two-subject image: per subject ("A", "B"), mini CLIP-I of the region it was asked in to its own
-    real images (`own`) and to the other subject's (`other`); whether two objects were drawn where asked."""
+    real images (`own`) and to the other subject's (`other`); whether two separate objects were drawn where
+    asked (`two`, `check_pair`) and whether both regions hold something (`filled`, touching objects count)."""
 
     kind: str
     own: dict[str, float]
     other: dict[str, float]
     two: bool
+    filled: bool = True
 
     @property
     def told_apart(self) -> bool:
-        """Two objects drawn, and each region closer to the subject asked there than to the other subject."""
-        return self.two and all(self.own[k] > self.other[k] for k in "AB")
+        """Something drawn in both regions, each closer to the subject asked there than to the other subject
+        (two subjects that touch across the middle count; one object drawn twice, or across both, does not)."""
+        return self.filled and all(self.own[k] > self.other[k] for k in "AB")
 
 
 def crop(image, region: tuple[float, ...]):
@@ -170,7 +173,10 @@ def region_score(
     regions = {key: crop(image, prompt.region[key]) for key in "AB"}
     own = {key: evaluator.subject_fidelity([regions[key]], references[i]) for i, key in enumerate("AB")}
     other = {key: evaluator.subject_fidelity([regions[key]], references[1 - i]) for i, key in enumerate("AB")}
-    return RegionScore(prompt.kind, own, other, two_drawn(image, prompt))
+    from booth.mini.checks import regions_filled
+
+    filled = regions_filled(image, tuple(REGION_NAMES[r] for r in prompt.region.values()))
+    return RegionScore(prompt.kind, own, other, two_drawn(image, prompt), filled)
 
 
 def pasted_pair(references: Sequence[Sequence[Any]], prompt: ComposedPrompt, index: int, size: int):
@@ -449,8 +455,8 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
         f"{a} ({summary['words']['A']}) and {b} ({summary['words']['B']}) trained separately "
         f"{'with' if summary['prior'] else 'without'} prior preservation, with {how}. "
         f"Two-subject prompts ({', '.join(KINDS)}): each region scored against the subject asked there; "
-        "'two drawn': two objects where asked (read by program); 'told apart': two drawn and each region "
-        "closer to the subject asked there than to the other; 'both shown': told apart and both regions above "
+        "'two drawn': two separate objects where asked (read by program); 'told apart': something in both "
+        "regions, each closer to the subject asked there than to the other; 'both shown': told apart and both regions above "
         "the base model's mean. " + ceiling_line(summary["ceiling"])
     )
     labels = [r.model for r in results]
