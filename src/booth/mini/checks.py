@@ -200,16 +200,19 @@ def _half(position: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 def regions_filled(image: Image.Image | np.ndarray, positions: tuple[str, ...]) -> bool:
     """Whether each named half or quadrant holds at least `MIN_PAIR_FOREGROUND` of the canvas in foreground
     (something drawn there; unlike `check_pair`, two objects touching across the middle count)."""
-    mask = foreground_mask(image)
+    return _filled(foreground_mask(image), positions)
+
+
+def _filled(mask: np.ndarray, positions: tuple[str, ...]) -> bool:
     ys, xs = (np.indices(mask.shape) + 0.5) / mask.shape[0]
     return all(mask[_half(p, xs, ys)].sum() >= MIN_PAIR_FOREGROUND * mask.size for p in positions)
 
 
 def check_pair(image: Image.Image | np.ndarray, positions: tuple[str, str]) -> bool:
     """Whether the image shows two objects at `positions` (one of `PAIR_POSITIONS`), see the module docstring."""
-    if not regions_filled(image, positions):
-        return False
     mask = foreground_mask(image)
+    if not _filled(mask, positions):
+        return False
     ys, xs = (np.indices(mask.shape) + 0.5) / mask.shape[0]
     words = set(" ".join(positions).split())
     band = np.zeros(mask.shape, dtype=bool)
