@@ -264,3 +264,18 @@ def test_composable_lora_on_sdxl_splits_the_pooled_conditioning_per_term(tmp_pat
     assert np.abs(one - as_array(composable(xl, "a cat <lora:xl:1>", on=False))).max() <= 1
     two = "a cat <lora:xl:1> AND a dog"
     assert distance(as_array(composable(xl, two)), as_array(composable(xl, two, on=False))) > 0.1
+
+
+def test_composable_lora_searches_the_lora_folders_once_per_name_and_generation(engine, monkeypatch):
+    """Each sub-prompt's LoRAs are switched on at every sampling step; the names resolve once a generation."""
+    searches = []
+    network = engine.extra_networks.handlers["lora"]
+    real = LoraNetwork.available
+    monkeypatch.setattr(network, "available", lambda: searches.append(1) or real(network))
+    params = GenerationParams(
+        prompt="a cat <lora:subj_run:1> AND a dog <lora:style_run:1>", steps=6, width=32, height=32, seed=7
+    )
+    engine.generate(params.replace(composable_lora=True))
+    assert len(searches) == 2  # subj_run and style_run, not once per step and term
+    engine.generate(params.replace(composable_lora=True))
+    assert len(searches) == 4  # a new generation looks again

@@ -83,6 +83,9 @@ class LoraNetwork:
         self.dirs = [Path(d) for d in dirs]
         self.files = {str(name): Path(path) for name, path in (files or {}).items()}
         self._applied: list[tuple[str, Path]] = []
+        # names resolved to files since the last `deactivate` (one generation): composable LoRA activates each
+        # sub-prompt's LoRAs at every sampling step, which must not search the folders every time
+        self._resolved: dict[str, Path] = {}
         self._is_lora_cache: dict[tuple[str, int, int], bool] = {}
 
     # ------------------------------------------------------------------------------------------------
@@ -162,7 +165,10 @@ class LoraNetwork:
             te_unet[1] += lora.unet
         if not multipliers:
             return
-        paths = {name: self.find(name) for name in multipliers}  # every name resolves before anything loads
+        for name in multipliers:  # every name resolves before anything loads
+            if name not in self._resolved:
+                self._resolved[name] = self.find(name)
+        paths = {name: self._resolved[name] for name in multipliers}
         per_adapter: dict[str, tuple[_Loaded, list[float]]] = {}  # two names for one file add up as well
         for name, (te, unet) in multipliers.items():
             entry = self._ensure_loaded(pipe, name, paths[name])
@@ -180,6 +186,7 @@ class LoraNetwork:
 
     def deactivate(self, pipe) -> None:
         """Switch the LoRA layers off, keeping them loaded for the next prompt."""
+        self._resolved.clear()  # the next prompt looks in the folders again (files may have come or gone)
         if getattr(pipe, _STATE_ATTR, None):
             _set_lora_enabled(pipe, False)
 
