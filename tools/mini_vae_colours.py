@@ -11,7 +11,7 @@ example's image hue-rotated by 60, 120, 180 and 240 degrees. With ``--clip DIR``
 ``clip/`` or a run's ``clip/final``) it also prints the concept and style zero-shot on the held-out renders and
 on each VAE's reconstructions of them: the autoencoder's cap on `booth mini check`'s concept and style gates.
 
-Measured 2026-12-01 on the shipped VAE: held-out 24.66 dB (objects 15.40 dB), examples 23.81 (15.83); the
+Measured 2026-12-01 on the v2 VAE: held-out 24.66 dB (objects 15.40 dB), examples 23.81 (15.83); the
 teapot's and backpack's pink come back orange.
 
 Measured 2026-12-06 (colour error: v1 51.4, v2 48.3, v3 36.5; 70.3 would be no colour at all): v3's VAE
