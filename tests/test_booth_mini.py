@@ -57,6 +57,10 @@ def test_plain_diffusers_loads_it_without_booth(tmp_path):
         f"pipe = StableDiffusionPipeline.from_pretrained({str(default_model_path())!r}, safety_checker=None)\n"
         "image = pipe('a dog', num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]\n"
         "assert 'booth' not in sys.modules, 'booth was imported'\n"
+        # swapping in DDIM the diffusers way must not clip the unit-variance latents (SD's config values)
+        "from diffusers import DDIMScheduler\n"
+        "ddim = DDIMScheduler.from_config(pipe.scheduler.config).config\n"
+        "assert not ddim.clip_sample and not ddim.set_alpha_to_one, dict(ddim)\n"
         "print(image.size)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

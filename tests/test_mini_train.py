@@ -636,6 +636,8 @@ def test_export_loads_with_plain_diffusers_and_generates(exported):
         "from diffusers import StableDiffusionPipeline\n"
         "pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])\n"
         "assert not any(m.startswith('booth') for m in sys.modules)\n"
+        "from diffusers import DDIMScheduler\n"
+        "assert not DDIMScheduler.from_config(pipe.scheduler.config).config.clip_sample\n"
         "image = pipe('a dog on a blue background', num_inference_steps=2,"
         " generator=torch.Generator().manual_seed(0)).images[0]\n"
         "print(image.size, pipe.text_encoder.dtype, pipe.unet.dtype, type(pipe.scheduler).__name__)\n"

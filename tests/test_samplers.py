@@ -223,6 +223,29 @@ def test_polyexponential_at_rho_1_equals_exponential():
     np.testing.assert_allclose(b.sigmas.numpy()[:-1], expected, rtol=2e-4)
 
 
+def test_timestep_samplers_follow_a1111_whatever_the_model_config_omits():
+    # booth-mini's config (DPM-Solver++) names neither clip_sample nor set_alpha_to_one; diffusers' defaults for
+    # both are True, which clipped booth-mini's unit-variance latents to [-1, 1] at every DDIM step.
+    config = {
+        k: v for k, v in SD15_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one", "skip_prk_steps")
+    }
+    config["_class_name"] = "DPMSolverMultistepScheduler"
+    scheduler = make_scheduler(*resolve_sampler("DDIM"), config)
+    scheduler.set_timesteps(5)
+    abar = scheduler.alphas_cumprod.double()
+    gen = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
+    timesteps = scheduler.timesteps.tolist()
+    for t, t_prev in zip(timesteps, [*timesteps[1:], 0]):  # A1111 pads alphas_prev with alphas_cumprod[0]
+        eps = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()  # eta 0: no clipping of x_0
+        expected = abar[t_prev].sqrt() * x0 + (1 - abar[t_prev]).sqrt() * eps
+        x = scheduler.step(eps, t, x).prev_sample
+        torch.testing.assert_close(x, expected)
+    plms = make_scheduler(*resolve_sampler("PLMS"), config)
+    assert plms.config.skip_prk_steps and plms.final_alpha_cumprod == plms.alphas_cumprod[0]
+
+
 def test_model_config_options_do_not_leak_into_other_choices():
     dpm_config = {**SD15_CONFIG, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True,
                   "algorithm_type": "sde-dpmsolver++", "timestep_spacing": "trailing", "solver_order": 3}  # fmt: skip

@@ -20,6 +20,8 @@ Discretisation choices (documented once here, applied by `make_scheduler`):
 * `Polyexponential` uses A1111's default rho = 1, where it equals `Exponential` exactly.
 * DPM-Solver samplers use `final_sigmas_type="zero"` (k-diffusion appends sigma = 0) with
   `lower_order_final=True`, which makes the last step first order like k-diffusion's DPM++ 2M.
+* DDIM and PLMS set `clip_sample=False`, `set_alpha_to_one=False` (A1111's timestep samplers: no x_0 clipping,
+  the last step lands on alphas_cumprod[0]) whatever the model's scheduler config says or omits.
 * Ancestral and SDE samplers run with eta = 1 in diffusers; DDIM's eta (A1111 default 0) is bound
   to the scheduler's `step`.
 """
@@ -108,6 +110,12 @@ _DPM_SINGLE = {
 }
 
 # A1111 order: k-diffusion samplers, then timestep samplers, then LCM; DEIS is a booth extra.
+# A1111's DDIM and PLMS (`sd_samplers_timesteps_impl.py`) never clip the predicted x_0 and step last to
+# alphas_cumprod[0]; diffusers' own defaults (clip_sample / set_alpha_to_one True) would apply whenever the model's
+# scheduler config does not name them (SD 1.5's does; booth-mini's DPM-Solver config did not), and clipping
+# unit-variance latents to [-1, 1] at every step wrecks the image.
+_TIMESTEP_SAMPLER: dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False}
+
 SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec(
         "DPM++ 2M",
@@ -196,8 +204,10 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         eta="fixed",
         note="the next-to-last sigma is not discarded",
     ),
-    SamplerSpec("DDIM", ("ddim",), "DDIMScheduler", "ddim", {}, eta="ddim"),
-    SamplerSpec("PLMS", ("plms",), "PNDMScheduler", "ddim", {}, {"skip_prk_steps": True}),
+    SamplerSpec("DDIM", ("ddim",), "DDIMScheduler", "ddim", {}, _TIMESTEP_SAMPLER, eta="ddim"),
+    SamplerSpec(
+        "PLMS", ("plms",), "PNDMScheduler", "ddim", {}, {**_TIMESTEP_SAMPLER, "skip_prk_steps": True}
+    ),
     SamplerSpec(
         "UniPC",
         ("unipc",),

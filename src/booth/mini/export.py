@@ -63,6 +63,7 @@ def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
     with atomic_folder(out) as tmp:
         pipe = load_trained_pipeline(work)
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        write_scheduler_defaults(tmp / "scheduler")
         _write_text_encoder(pipe.text_encoder, tmp / "text_encoder")
         _write_tokenizer(tmp / "tokenizer", num_merges)
         _write_clip(work, tmp / "clip", num_merges)
@@ -72,6 +73,21 @@ def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
         (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(work, tmp))
     return out.resolve()
+
+
+# Stable Diffusion's own scheduler config names these (SD 1.5: PNDM with clip_sample / set_alpha_to_one false,
+# skip_prk_steps true). DPM-Solver ignores them, but a user who swaps in `DDIMScheduler.from_config(...)` or
+# `PNDMScheduler.from_config(...)` otherwise gets diffusers' defaults, which clip x_0 to [-1, 1] (latents are
+# unit-variance) and run PRK warm-up steps.
+SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
+
+
+def write_scheduler_defaults(folder: Path) -> None:
+    """Add `SCHEDULER_DEFAULTS` to the scheduler config in `folder` (the values other schedulers read)."""
+    path = folder / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(SCHEDULER_DEFAULTS)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_trained_pipeline(work_dir: str | Path):
