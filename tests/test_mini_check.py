@@ -173,6 +173,13 @@ def test_vae_psnr_scores_the_object_pixels_apart():
     )
     assert scores["all"] == pytest.approx(scores["object"] + 10 * math.log10(16), abs=1e-3)
 
+    # perturbed latents (in units of 1 / scaling_factor): the identity decoder turns them into pixel noise
+    noisy = GreyObject()
+    noisy.config = SimpleNamespace(scaling_factor=0.5)
+    levels = [vae_psnr(noisy, [image], latent_noise=n)["all"] for n in (0.0, 0.05, 0.2)]
+    assert levels[0] == scores["all"] and levels[0] > levels[1] > levels[2]
+    assert vae_psnr(noisy, [image], latent_noise=0.2) == vae_psnr(noisy, [image], latent_noise=0.2)  # seeded
+
     from booth.mini.check import vae_reconstructions
 
     (recon,) = vae_reconstructions(GreyObject(), [image])

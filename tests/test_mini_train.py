@@ -529,6 +529,49 @@ def test_vae_warm_start_and_object_weight(data_dir, trained, tmp_path):
 
 
 @needs_data
+def test_a_decoder_only_vae_run_keeps_the_latent_space_and_decodes_noisy_latents(data_dir, trained, tmp_path):
+    """`train_encoder` false trains the decoder alone from `init` (its encoder and scaling factor kept, so a UNet
+    trained on those latents still fits); `latent_noise` feeds the decoder perturbed latents."""
+    from diffusers import AutoencoderKL
+
+    folder = final_dir(trained, "vae")
+    vae_cfg = replace(TINY.vae, init=str(folder), train_encoder=False, latent_noise=0.5)
+    config = replace(TINY, vae=vae_cfg)
+    work = _work_with_prerequisites(trained, tmp_path, "vae")
+    _pin(work, config)
+    assert train_stage("vae", data_dir, work, config, progress=False).ran_steps == 6
+    before, after = (
+        AutoencoderKL.from_pretrained(folder),
+        AutoencoderKL.from_pretrained(final_dir(work, "vae")),
+    )
+    b, a = before.state_dict(), after.state_dict()
+    kept = [k for k in b if k.startswith(("encoder.", "quant_conv."))]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
+    assert any(not torch.equal(a[k], b[k]) for k in b if k.startswith("decoder."))
+    assert after.config.scaling_factor == before.config.scaling_factor
+    from booth.mini.export import export_pipeline
+
+    shutil.copytree(trained / "unet", work / "unet")  # same latents, so the finished UNet still fits
+    card = (export_pipeline(work, tmp_path / "export") / "README.md").read_text()
+    assert f"- vae: started from `{folder}` (decoder only" in card
+    assert (
+        "--preset tiny" not in card and "Configuration 'tiny'" in card
+    )  # a modified preset is not the preset
+
+    data = load_split(data_dir)
+    psnrs = {}
+    for noise in (0.0, 0.5):
+        cfg = replace(TINY, vae=replace(vae_cfg, latent_noise=noise))
+        task = build_task("vae", cfg, data, torch.device("cpu"), seed=1, work=tmp_path)
+        psnrs[noise] = task.loss(torch.arange(4), torch.Generator().manual_seed(0), None)[1]["psnr"]
+    assert psnrs[0.5] < psnrs[0.0]  # same batch, same decoder: the perturbed latents decode worse
+
+    alone = replace(TINY, vae=replace(TINY.vae, train_encoder=False))
+    with pytest.raises(BoothError, match="needs an init VAE"):
+        build_task("vae", alone, data, torch.device("cpu"), seed=1, work=tmp_path)
+
+
+@needs_data
 def test_clip_warm_start_from_a_clip_folder(data_dir, trained, tmp_path):
     """`init` starts a fresh CLIP stage from a CLIPModel folder (a longer second run of a finished CLIP);
     a folder of another architecture or no folder: one-line errors."""

@@ -10,6 +10,8 @@ colour error of flat squares of 12 hues on grey, white and black (`booth.mini.ch
 example's image hue-rotated by 60, 120, 180 and 240 degrees. With ``--clip DIR`` (a mini-CLIP: a shipped
 ``clip/`` or a run's ``clip/final``) it also prints the concept and style zero-shot on the held-out renders and
 on each VAE's reconstructions of them: the autoencoder's cap on `booth mini check`'s concept and style gates.
+It also prints the held-out PSNR when the latents carry Gaussian noise of 0.1, 0.2 and 0.3 latent stds (errors
+of about the size a UNet's samples carry; a decoder that falls apart there draws speckles).
 
 Measured 2026-12-01 on the v2 VAE: held-out 24.66 dB (objects 15.40 dB), examples 23.81 (15.83); the
 teapot's and backpack's pink come back orange.
@@ -74,6 +76,9 @@ def zero_shot(clip: MiniClip, images: list[Image.Image], prompts) -> str:
     return f"concept {100 * concept:.1f}%, style {100 * style_accuracy(clip, images, prompts):.1f}%"
 
 
+NOISE_LEVELS = (0.1, 0.2, 0.3)  # latent noise, in unit-variance latent stds (`vae_psnr`'s latent_noise)
+
+
 def main() -> None:
     from diffusers import AutoencoderKL
 
@@ -103,6 +108,11 @@ def main() -> None:
                     f"{folder}: {name} ({len(images)}): {s['all']:.2f} dB, object pixels {s['object']:.2f} dB"
                 )
         print(f"{folder}: colour error of flat squares {colour_error(vae):.1f} (0-255; no colour: 70.3)")
+        if test:
+            noisy = [f"{vae_psnr(vae, test, latent_noise=n)['all']:.2f}" for n in NOISE_LEVELS]
+            print(
+                f"{folder}: held-out, latents + noise {'/'.join(map(str, NOISE_LEVELS))} std: {' / '.join(noisy)} dB"
+            )
         if clip and test:
             print(
                 f"{folder}: its reconstructions: {zero_shot(clip, vae_reconstructions(vae, test), prompts)}"

@@ -448,13 +448,19 @@ def split_prompts(pairs: Sequence[tuple[Image.Image, dict]]) -> list[Prompt]:
     ]
 
 
-def _reconstruct(vae: Any, images: Sequence[Image.Image], batch: int = 64):
-    """(x, reconstruction) batches in [-1, 1]: the VAE's posterior-mean decode of `images`."""
+def _reconstruct(vae: Any, images: Sequence[Image.Image], batch: int = 64, latent_noise: float = 0.0):
+    """(x, reconstruction) batches in [-1, 1]: the VAE's posterior-mean decode of `images`; with `latent_noise`,
+    of the mean plus Gaussian noise of that many unit-variance latent stds (1 / scaling factor), seeded."""
     dtype = next(vae.parameters()).dtype
+    gen = torch.Generator().manual_seed(0)
     for i in range(0, len(images), batch):
         arr = np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images[i : i + batch]])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-        yield x, vae.decode(vae.encode(x.to(dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+        z = vae.encode(x.to(dtype)).latent_dist.mean
+        if latent_noise:
+            scale = latent_noise / getattr(getattr(vae, "config", None), "scaling_factor", 1.0)
+            z = z + (scale * torch.randn(z.shape, generator=gen)).to(z.dtype)
+        yield x, vae.decode(z).sample.float().clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -468,15 +474,18 @@ def vae_reconstructions(vae: Any, images: Sequence[Image.Image]) -> list[Image.I
 
 
 @torch.no_grad()
-def vae_psnr(vae: Any, images: Sequence[Image.Image]) -> dict[str, float]:
+def vae_psnr(vae: Any, images: Sequence[Image.Image], latent_noise: float = 0.0) -> dict[str, float]:
     """Mean per-image PSNR (dB, images in [-1, 1]) of the VAE's posterior-mean reconstructions: "all" pixels and
-    the "object" pixels alone (those that differ from the flat background, `booth.mini.train.object_mask`)."""
+    the "object" pixels alone (those that differ from the flat background, `booth.mini.train.object_mask`).
+
+    `latent_noise` > 0 decodes perturbed latents instead (see `_reconstruct`): how gracefully the decoder takes
+    the errors a UNet's samples carry (a brittle one draws them as coloured speckles)."""
     from booth.mini.train import object_mask
 
     if not images:
         return {"all": float("nan"), "object": float("nan")}
     values: dict[str, list[torch.Tensor]] = {"all": [], "object": []}
-    for x, recon in _reconstruct(vae, images):
+    for x, recon in _reconstruct(vae, images, latent_noise=latent_noise):
         err, mask = (recon - x).pow(2), object_mask(x)
         mse = {
             "all": err.flatten(1).mean(dim=1),

@@ -281,8 +281,8 @@ def _training_section(work: Path, run: dict) -> list[str]:
         "",
         (
             f"`booth mini train --preset {config['name']}`"
-            if config["name"] in PRESETS
-            else f"Configuration {config['name']!r} (in `training.json`, run with `booth.mini.train.train_stage`)"
+            if config["name"] in PRESETS and PRESETS[config["name"]].to_json() == config
+            else f"Configuration {config['name']!r} (in `training.json`; `booth mini train --config FILE` runs it)"
         )
         + f" (seed {run['seed']}), stages in order, each resumable.",
         "",
@@ -301,6 +301,7 @@ def _training_section(work: Path, run: dict) -> list[str]:
         )
     vae = facts["vae"]
     psnr = vae.get("test_psnr_db")
+    lines += [""] + [_warm_start_line(stage, config[stage]) for stage in STAGES if config[stage].get("init")]
     lines += [
         "",
         f"Total wall time {_duration(total)} (setup, latent caching and checkpoints included). "
@@ -310,6 +311,15 @@ def _training_section(work: Path, run: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _warm_start_line(stage: str, config: dict) -> str:
+    """A card line for a stage that started from earlier weights (its row counts this run's steps only)."""
+    what = " (decoder only: encoder and scaling factor kept)" if config.get("train_encoder") is False else ""
+    return (
+        f"- {stage}: started from `{config['init']}`{what}; its row counts this run's steps and time only, "
+        "not those of the weights it started from."
+    )
 
 
 def _quality_section() -> list[str]:

@@ -169,6 +169,13 @@ class VaeTrainConfig:
     `hue_jitter`: share of each batch whose hue is rotated by a random angle (`rotate_hue`). The emoji sets
     draw most objects yellow, orange or brown, so without it the VAE never sees, say, a pink teapot, and
     a personal subject in such a colour cannot be drawn.
+    `latent_noise`: the decoder also learns to decode z + sigma * n, sigma ~ U(0, latent_noise) latent standard
+    deviations (the batch's). A UNet's sampled latents are off by about that much, and a decoder that only ever
+    saw the posterior (std about 0.01 of the latents' spread) turns such errors into coloured speckles
+    (measured 2026-12-06: v4's decoder on real latents + 0.2-0.3 std noise draws the speckles of its samples).
+    `train_encoder`: False trains the decoder only (encoder and quant_conv frozen, the `init`'s scaling factor
+    kept), so the latent space stays that of `init` and a UNet trained on it still fits, as Stability AI
+    fine-tuned SD's decoder alone (sd-vae-ft-mse).
     """
 
     optim: Optim
@@ -179,6 +186,8 @@ class VaeTrainConfig:
     object_weight: float = 0.0
     init: str | None = None
     hue_jitter: float = 0.0
+    latent_noise: float = 0.0
+    train_encoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -294,9 +303,10 @@ def _tiny() -> TrainConfig:
 
 
 def _full() -> TrainConfig:
-    """The shipped model's recipe, from scratch: about 2 h on a 2-core CPU, minutes on a GPU.
+    """The shipped model's recipe from scratch, up to its decoder fine-tune: about 2 h on a 2-core CPU.
 
-    v4 (docs/mini-model.md). Times measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16
+    v4 (docs/mini-model.md); the shipped v5 then fine-tuned v4's decoder alone for 1,200 steps
+    (`VaeTrainConfig.latent_noise` 0.3, `train_encoder` false; 9.7 min). Times measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16
     autocast, 2026-12-06: CLIP 1,500 x 128 with one hard negative per image and the zero-shot concept term,
     1.45 s a step, 36 min; VAE 3,200 x 16 with the object weight and hue jitter, 0.54 s a step, 30 min; UNet
     3,600 x 32 from scratch with the text encoder training (lr 1e-3), the x0-weight floor, the readout term over
@@ -833,6 +843,13 @@ class VaeTask:
     def __init__(self, config: TrainConfig, data: MiniData, device: torch.device, seed: int):
         self.cfg, self.data, self.device = config.vae, data, device
         self.model = arch_mod.build_vae(config.arch.vae, seed=seed).to(device).train()
+        self.kept_factor: float | None = None  # a decoder-only run keeps its init's latent scale
+        if not self.cfg.train_encoder:
+            if not self.cfg.init:
+                raise BoothError("a decoder-only VAE run (train_encoder false) needs an init VAE to keep")
+            self.kept_factor = float(_init_config("vae", Path(self.cfg.init))["scaling_factor"])
+            for part in (self.model.encoder, self.model.quant_conv):
+                part.requires_grad_(False)
 
     def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
         # 1. load batch (a `hue_jitter` share with its hue rotated)
@@ -842,13 +859,16 @@ class VaeTask:
             angle = torch.rand(len(x), generator=gen) * 2 * math.pi * jitter
             x = rotate_hue(x, angle.to(self.device))
         # 2. encode to the posterior N(mean, std^2)
-        with _autocast(self.device, dtype):
+        with _autocast(self.device, dtype), torch.set_grad_enabled(self.cfg.train_encoder):
             moments = self.model.encode(x).latent_dist.parameters
         mean, logvar = moments.float().chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
-        # 3. noise: reparameterised sample z = mean + std * eps
+        # 3. noise: reparameterised sample z = mean + std * eps; with `latent_noise`, + sigma n for the decoder
         eps = torch.randn(mean.shape, generator=gen).to(self.device)
         z = mean + (0.5 * logvar).exp() * eps
+        if self.cfg.latent_noise:
+            sigma = torch.rand(len(z), 1, 1, 1, generator=gen) * self.cfg.latent_noise
+            z = z + (sigma * z.detach().std().cpu() * torch.randn(z.shape, generator=gen)).to(self.device)
         # 4. predict: decode
         with _autocast(self.device, dtype):
             recon = self.model.decode(z).sample.float()
@@ -888,10 +908,18 @@ class VaeTask:
 
     def save_final(self, folder: Path, data_dir: Path) -> dict:
         self.model.eval()
-        factor = self.scaling_factor(seed=0)
+        factor = self.kept_factor or self.scaling_factor(seed=0)
         self.model.register_to_config(scaling_factor=factor)
         self.model.save_pretrained(folder)
         return {"scaling_factor": factor, "test_psnr_db": self.test_psnr(data_dir)}
+
+
+def _init_config(stage: str, folder: Path) -> dict[str, Any]:
+    """The config.json of the saved model folder a CLIP or VAE stage starts from (`init`)."""
+    kind = "transformers CLIPModel" if stage == "clip" else "diffusers AutoencoderKL"
+    if not (folder / "config.json").is_file():
+        raise BoothError(f"{stage} init {folder} is not a {kind} folder (no config.json)")
+    return json.loads((folder / "config.json").read_text())
 
 
 def _folder_init_weights(stage: str, folder: Path) -> dict[str, torch.Tensor]:
@@ -899,14 +927,9 @@ def _folder_init_weights(stage: str, folder: Path) -> dict[str, torch.Tensor]:
     VAE (a diffusers `AutoencoderKL`) stage."""
     if stage == "clip":
         from transformers import CLIPModel as loader
-
-        kind = "transformers CLIPModel"
     else:
         from diffusers import AutoencoderKL as loader
-
-        kind = "diffusers AutoencoderKL"
-    if not (folder / "config.json").is_file():
-        raise BoothError(f"{stage} init {folder} is not a {kind} folder (no config.json)")
+    _init_config(stage, folder)
     return loader.from_pretrained(folder).state_dict()
 
 
