@@ -306,12 +306,12 @@ def _full() -> TrainConfig:
     """The shipped model's recipe from scratch, up to its decoder fine-tune: about 2 h on a 2-core CPU.
 
     v4 (docs/mini-model.md); the shipped v5 then fine-tuned v4's decoder alone for 1,200 steps
-    (`VaeTrainConfig.latent_noise` 0.3, `train_encoder` false; 9.7 min). Times measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16
-    autocast, 2026-12-06: CLIP 1,500 x 128 with one hard negative per image and the zero-shot concept term,
-    1.45 s a step, 36 min; VAE 3,200 x 16 with the object weight and hue jitter, 0.54 s a step, 30 min; UNet
-    3,600 x 32 from scratch with the text encoder training (lr 1e-3), the x0-weight floor, the readout term over
-    the concept and the layout parts and the two-object images, 0.86-0.89 s a step, 54 min with caching the
-    latents; 119.9 min in all.
+    (`VaeTrainConfig.latent_noise` 0.3, `train_encoder` false; 9.7 min). Times measured on a 2-core AMD EPYC
+    (AVX512-BF16, no AMX), 2 threads, bf16 autocast, 2026-12-06: CLIP 1,500 x 128 with one hard negative per
+    image and the zero-shot concept term, 1.45 s a step, 36 min; VAE 3,200 x 16 with the object weight and hue
+    jitter, 0.54 s a step, 30 min; UNet 3,600 x 32 from scratch with the text encoder training (lr 1e-3), the
+    x0-weight floor, the readout term over the concept and the layout parts and the two-object images,
+    0.86-0.89 s a step, 54 min with caching the latents; 119.9 min in all.
 
     Why each part (measured on warm starts of the earlier weights, 2026-11-30 .. 12-06): the hard negative
     and the concept term (with the ViT's sin-cos position start, `ClipConfig`) took the mini-CLIP's zero-shot
