@@ -780,6 +780,28 @@ def test_cli_builds_data_trains_in_chunks_and_exports(tmp_path):
     assert (tmp_path / "out" / "model_index.json").is_file()
 
 
+@needs_data
+def test_a_single_stage_call_exports_only_when_asked(data_dir, trained, tmp_path, monkeypatch, capsys):
+    """`--stage vae` on a folder whose other stages are done must not replace the bundled weights (the new VAE
+    need not fit the old UNet); with --export it writes there."""
+    from booth.mini import train_cli
+
+    bundled = tmp_path / "bundled"
+    monkeypatch.setattr(train_cli, "_default_export", lambda: bundled)
+    work = tmp_path / "work"
+    shutil.copytree(trained, work)
+    parser = argparse.ArgumentParser()
+    train_cli.add_train_commands(parser.add_subparsers(dest="command"))
+    base = ["train", "--stage", "vae", "--no-progress", "--data", str(data_dir), "--work", str(work)]
+    args = parser.parse_args(base)
+    assert args.func(args) == 0 and not bundled.exists()
+    assert "booth mini export --work" in capsys.readouterr().out
+    args = parser.parse_args([*base, "--export", str(tmp_path / "out")])
+    assert args.func(args) == 0 and (tmp_path / "out" / "model_index.json").is_file()
+    args = parser.parse_args(base[:1] + base[3:])  # all stages (the default): the bundled folder, as before
+    assert args.func(args) == 0 and (bundled / "model_index.json").is_file()
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_round_trips_through_its_json(name):
     config = PRESETS[name]

@@ -61,7 +61,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--seed", type=int, help="training seed (default: the work folder's own, else 0)")
     parser.add_argument(
-        "--export", help="pipeline folder written when all stages are done (default: bundled model)"
+        "--export",
+        help="pipeline folder written when all stages are done (default: bundled model; a --stage call "
+        "exports only when this is given)",
     )
     parser.add_argument("--no-export", action="store_true", help="do not export when all stages are done")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -121,11 +123,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         reports = [train_stage(args.stage, data, work, config, **options)]
     for report in reports:
         print(_describe(report))
-    if not args.no_export and all(is_finished(work, stage) for stage in STAGES):
-        from booth.mini.export import export_pipeline
+    if args.no_export or not all(is_finished(work, stage) for stage in STAGES):
+        return 0
+    if args.stage != "all" and not args.export:
+        # one stage retrained beside finished others need not fit them (a new VAE under an old UNet): never
+        # replace the bundled weights by default from such a call
+        print(f"every stage of {work} is done; export with: booth mini export --work {work} [--out DIR]")
+        return 0
+    from booth.mini.export import export_pipeline
 
-        out = export_pipeline(work, args.export or _default_export())
-        print(f"exported booth-mini to {out}")
+    out = export_pipeline(work, args.export or _default_export())
+    print(f"exported booth-mini to {out}")
     return 0
 
 
