@@ -111,19 +111,14 @@ class GenerationResult:
 
 @dataclass
 class _Guide:
-    """Conditioning for one call: per sub-prompt schedules, their AND weights, and the negative schedule."""
+    """Conditioning for one call: per sub-prompt schedules, their AND weights, and the negative schedules."""
 
     conds: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]]
     weights: list[float]
-    uncond: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+    # the negative prompt's schedule; with composable LoRA one per sub-prompt, encoded under its LoRAs
+    negatives: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]]
     couple: LatentCouple | None = None  # a region per sub-prompt (`booth.generate.regions`)
-    # composable LoRA: each sub-prompt's extra networks, and the negative prompt encoded under each of them
-    part_calls: list[list] | None = None
-    part_unconds: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]] | None = None
-
-    def negatives(self) -> list:
-        """The negative schedules: one per sub-prompt with composable LoRA, else the one."""
-        return self.part_unconds if self.part_unconds is not None else [self.uncond]
+    part_calls: list[list] | None = None  # composable LoRA: each sub-prompt's extra networks
 
     def weights_at(self, step: int, latents: torch.Tensor) -> list[float] | list[torch.Tensor]:
         """The AND weights of sampling step `step`: per-pixel with Latent Couple, else the plain ones."""
@@ -308,7 +303,7 @@ class Engine:
                 return None if state.skipped else latents
             step = i // scheduler.order + 1
             # 3. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part.
-            rows = [cond_at_step(s, step) for s in (guide.negatives() if do_cfg else []) + guide.conds]
+            rows = [cond_at_step(s, step) for s in (guide.negatives if do_cfg else []) + guide.conds]
             if not _same_tensors(rows, rows_before):  # built again only when prompt editing switches
                 embeds, pooled = self._stack_conditioning(rows, n, device, dtype)
                 kwargs = (
@@ -430,19 +425,18 @@ class Engine:
                 schedule = [(end, torch.zeros_like(e), torch.zeros_like(p)) for end, e, p in schedule]
             return schedule
 
-        conds, part_unconds = [], None if part_calls is None else []
+        conds, negatives = [], []
         for i, (text, _) in enumerate(parts):
             if part_calls is not None:  # this sub-prompt's LoRAs act on its text encodings too
                 self.extra_networks.activate_all(self.pipe, part_calls[i])
-                part_unconds.append(encode_negative())
+                negatives.append(encode_negative())
             conds.append(encode_prompt_schedule(encoder, text, params.steps))
-        if part_calls is not None:
-            self.extra_networks.activate_all(self.pipe, [])
-        uncond = encode_negative()
+        if part_calls is None:
+            negatives.append(encode_negative())
         used = set(getattr(encoder, "used_embeddings", set()))
         weights = [w for _, w in parts]
         couple = LatentCouple.parse(params.latent_couple).check(len(parts)) if params.latent_couple else None
-        return _Guide(conds, weights, uncond, couple, part_calls, part_unconds), used
+        return _Guide(conds, weights, negatives, couple, part_calls), used
 
     @property
     def _zero_empty_negative(self) -> bool:
