@@ -48,7 +48,7 @@ def test_two_drawn_reads_one_object_in_each_asked_region():
 
 
 def test_two_objects_touching_across_the_middle_fill_both_halves_but_are_not_two_drawn():
-    from booth.mini.checks import check_pair, regions_filled
+    from booth.mini.checks import check_pair, pair_checks, regions_filled
 
     touching = Image.new("RGB", (64, 64), "white")
     touching.paste((30, 30, 160), (10, 20, 32, 44))
@@ -57,6 +57,8 @@ def test_two_objects_touching_across_the_middle_fill_both_halves_but_are_not_two
     left_only = Image.new("RGB", (64, 64), "white")
     left_only.paste((30, 30, 160), (10, 20, 28, 44))
     assert not regions_filled(left_only, ("left", "right"))
+    assert pair_checks(touching, ("left", "right")) == (True, False)  # both from one mask, as apart
+    assert pair_checks(left_only, ("left", "right")) == (False, False)
 
 
 def test_told_apart_needs_both_regions_drawn_and_each_closer_to_its_own_subject():

@@ -23,9 +23,9 @@ Steps (`merge_benchmark`; `booth eval merge` is its command line):
      the share of images that show two objects in those regions (`booth.mini.checks.check_pair`, no learned
      model); "told apart" the share where both regions hold something and each is closer to the subject asked
      there than to the other subject (two subjects touching across the middle count; a model that draws its
-     one subject twice scores above base in both regions, but not this); "both shown" the share told apart where both regions also score above the base model's mean for
-     that subject and kind (a region of an empty image scores too, so the crop scores alone do not tell
-     whether anything was drawn there).
+     one subject twice scores above base in both regions, but not this); "both shown" the share told apart
+     where both regions also score above the base model's mean for that subject and kind (a region of an
+     empty image scores too, so the crop scores alone do not tell whether anything was drawn there).
 
 A model that knows only one subject gets the other's class noun in every prompt. booth-mini (v3 on, trained
 with the dataset's two-object images, `UNetTrainConfig.pairs`) draws two objects for a one-prompt request, but
@@ -170,13 +170,13 @@ def region_score(
     image, prompt: ComposedPrompt, references: Sequence[Sequence[Any]], evaluator
 ) -> RegionScore:
     """Score one two-subject image: each region against both subjects' real images, and two objects drawn."""
+    from booth.mini.checks import pair_checks
+
     regions = {key: crop(image, prompt.region[key]) for key in "AB"}
     own = {key: evaluator.subject_fidelity([regions[key]], references[i]) for i, key in enumerate("AB")}
     other = {key: evaluator.subject_fidelity([regions[key]], references[1 - i]) for i, key in enumerate("AB")}
-    from booth.mini.checks import regions_filled
-
-    filled = regions_filled(image, tuple(REGION_NAMES[r] for r in prompt.region.values()))
-    return RegionScore(prompt.kind, own, other, two_drawn(image, prompt), filled)
+    filled, two = pair_checks(image, tuple(REGION_NAMES[r] for r in prompt.region.values()))
+    return RegionScore(prompt.kind, own, other, two, filled)
 
 
 def pasted_pair(references: Sequence[Sequence[Any]], prompt: ComposedPrompt, index: int, size: int):
@@ -456,8 +456,8 @@ def write_merge_report(folder: Path, results, all_images, summary: dict) -> None
         f"{'with' if summary['prior'] else 'without'} prior preservation, with {how}. "
         f"Two-subject prompts ({', '.join(KINDS)}): each region scored against the subject asked there; "
         "'two drawn': two separate objects where asked (read by program); 'told apart': something in both "
-        "regions, each closer to the subject asked there than to the other; 'both shown': told apart and both regions above "
-        "the base model's mean. " + ceiling_line(summary["ceiling"])
+        "regions, each closer to the subject asked there than to the other; 'both shown': told apart and both "
+        "regions above the base model's mean. " + ceiling_line(summary["ceiling"])
     )
     labels = [r.model for r in results]
     chart = bar_chart(

@@ -210,9 +210,18 @@ def _filled(mask: np.ndarray, positions: tuple[str, ...]) -> bool:
 
 def check_pair(image: Image.Image | np.ndarray, positions: tuple[str, str]) -> bool:
     """Whether the image shows two objects at `positions` (one of `PAIR_POSITIONS`), see the module docstring."""
+    return pair_checks(image, positions)[1]
+
+
+def pair_checks(image: Image.Image | np.ndarray, positions: tuple[str, str]) -> tuple[bool, bool]:
+    """(`regions_filled`, `check_pair`) of one image, from one foreground mask."""
     mask = foreground_mask(image)
-    if not _filled(mask, positions):
-        return False
+    filled = _filled(mask, positions)
+    return filled, filled and _gap_clear(mask, positions)
+
+
+def _gap_clear(mask: np.ndarray, positions: tuple[str, str]) -> bool:
+    """Whether the band between the two named regions is (nearly) empty: two objects, not one across both."""
     ys, xs = (np.indices(mask.shape) + 0.5) / mask.shape[0]
     words = set(" ".join(positions).split())
     band = np.zeros(mask.shape, dtype=bool)
