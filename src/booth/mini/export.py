@@ -84,9 +84,13 @@ SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk
 
 def write_scheduler_defaults(folder: Path) -> None:
     """Add `SCHEDULER_DEFAULTS` to the scheduler config in `folder` (the values other schedulers read)."""
-    path = folder / "scheduler_config.json"
+    _update_json(folder / "scheduler_config.json", SCHEDULER_DEFAULTS)
+
+
+def _update_json(path: Path, values: dict[str, Any]) -> None:
+    """Set `values` in the JSON object stored at `path` (keys sorted, as diffusers writes configs)."""
     config = json.loads(path.read_text())
-    config.update(SCHEDULER_DEFAULTS)
+    config.update(values)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -118,10 +122,7 @@ def load_trained_pipeline(work_dir: str | Path):
 
 
 def _config_dtype_float32(folder: Path) -> None:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config["dtype"] = "float32"
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _update_json(folder / "config.json", {"dtype": "float32"})
 
 
 def _write_text_encoder(encoder: Any, folder: Path) -> None:
