@@ -231,6 +231,37 @@ def test_composable_lora_guides_each_term_against_its_own_negative(engine, base)
     assert np.array_equal(pixels(engine, "a cat"), base)  # every LoRA switched off afterwards
 
 
+def test_composable_lora_infotext_names_every_terms_lora_in_prompt_order(engine, lora_dir):
+    """Each AND term activates only its own LoRAs; the infotext still lists all of them, in prompt order."""
+    from booth.models.hashing import lora_shorthash
+
+    result = composable(engine, "a cat <lora:subj_run:1> AND a dog <lora:style_run:0.5> AND a cow")
+    hashes = {
+        name: lora_shorthash(lora_dir / name / DIFFUSERS_LORA_FILE) for name in ("subj_run", "style_run")
+    }
+    value = f"subj_run: {hashes['subj_run']}, style_run: {hashes['style_run']}"
+    assert result.extra_generation_params["Lora hashes"] == value
+    assert "Lora hashes" not in composable(engine, "a cat AND a dog").extra_generation_params
+
+
+def test_lora_hashes_cover_one_generation_from_deactivate_to_deactivate(lora_dir):
+    from booth.prompts.extra_networks import parse_extra_networks
+
+    net, pipe = LoraNetwork([lora_dir]), tiny_pipeline("sd1")
+    calls = lambda prompt: parse_extra_networks(prompt)[1]  # noqa: E731
+    names = lambda: [item.split(":")[0] for item in net.infotext_params()["Lora hashes"].split(", ")]  # noqa: E731
+    net.activate(pipe, calls("<lora:subj:1>"))
+    net.activate(pipe, [])
+    net.activate(pipe, calls("<lora:style:1> <lora:subj:0.5>"))
+    net.deactivate(pipe)
+    assert names() == ["subj", "style"]
+    net.activate(pipe, calls("<lora:style:1>"))  # the next generation starts afresh
+    assert names() == ["style"]
+    net.deactivate(pipe)
+    net.activate(pipe, [])
+    assert net.infotext_params() == {}
+
+
 def test_composable_lora_refuses_a_tag_across_an_and(engine):
     with pytest.raises(BoothError, match="spans an AND"):
         composable(engine, "a cat <lora:subj AND run:1>")

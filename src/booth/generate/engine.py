@@ -218,8 +218,6 @@ class Engine:
                 kept += range(batch_no * params.batch_size, batch_no * params.batch_size + len(batch_seeds))
                 if callback:
                     callback(state)
-            if part_calls:  # the infotext names every LoRA the prompt used
-                self.extra_networks.activate_all(self.pipe, calls)
         finally:
             self.extra_networks.deactivate_all(self.pipe)
 

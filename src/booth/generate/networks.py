@@ -82,7 +82,10 @@ class LoraNetwork:
     ):
         self.dirs = [Path(d) for d in dirs]
         self.files = {str(name): Path(path) for name, path in (files or {}).items()}
-        self._applied: list[tuple[str, Path]] = []
+        # every LoRA applied since the last `deactivate` (one generation; composable LoRA activates each AND
+        # term's in turn), for the infotext; the first `activate` after a `deactivate` starts it afresh
+        self._applied: dict[str, Path] = {}
+        self._generation_done = True
         # names resolved to files since the last `deactivate` (one generation): composable LoRA activates each
         # sub-prompt's LoRAs at every sampling step, which must not search the folders every time
         self._resolved: dict[str, Path] = {}
@@ -154,7 +157,8 @@ class LoraNetwork:
     def activate(self, pipe, calls: list[ExtraNetworkCall]) -> None:
         """Apply the prompt's LoRAs with their multipliers; with no calls, return the pipeline to its base model."""
         loaded: dict[str, _Loaded] = getattr(pipe, _STATE_ATTR, None) or {}
-        self._applied = []
+        if self._generation_done:
+            self._applied, self._generation_done = {}, False
         if loaded:
             _set_lora_enabled(pipe, False)  # base model first, also if something below fails
         multipliers: dict[str, list[float]] = {}
@@ -182,16 +186,18 @@ class LoraNetwork:
         ]
         _set_lora_enabled(pipe, True)
         pipe.set_adapters(adapters, adapter_weights=weights)
-        self._applied = [(name, paths[name]) for name in multipliers]
+        self._applied.update(paths)
 
     def deactivate(self, pipe) -> None:
         """Switch the LoRA layers off, keeping them loaded for the next prompt."""
         self._resolved.clear()  # the next prompt looks in the folders again (files may have come or gone)
+        self._generation_done = True
         if getattr(pipe, _STATE_ATTR, None):
             _set_lora_enabled(pipe, False)
 
     def infotext_params(self) -> dict[str, str]:
-        """{"Lora hashes": "name: shorthash, ..."} for the LoRAs of the last `activate`, {} if none."""
+        """{"Lora hashes": "name: shorthash, ..."} for every LoRA applied in the last generation (the calls
+        since the last `deactivate`, in the order first applied), {} if none."""
         from booth.models.hashing import lora_shorthash
 
         if not self._applied:
@@ -199,7 +205,7 @@ class LoraNetwork:
         clean = str.maketrans("", "", ":,")
         return {
             "Lora hashes": ", ".join(
-                f"{name.translate(clean)}: {lora_shorthash(p)}" for name, p in self._applied
+                f"{name.translate(clean)}: {lora_shorthash(p)}" for name, p in self._applied.items()
             )
         }
 

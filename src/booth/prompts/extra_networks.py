@@ -102,7 +102,8 @@ class ExtraNetworkHandler(Protocol):
         """Called after generation; may keep weights loaded for the next prompt."""
 
     def infotext_params(self) -> dict[str, str]:
-        """Infotext keys for what the last `activate` applied, e.g. {"Lora hashes": "name: hash"}."""
+        """Infotext keys for what the activations since the last `deactivate` applied (one generation), e.g.
+        {"Lora hashes": "name: hash"}."""
 
 
 class ExtraNetworkRegistry:
