@@ -22,6 +22,22 @@ def test_the_bundled_weights_are_a_small_diffusers_folder():
     assert "## Quality" in card and "booth mini check" in card
 
 
+def test_the_bundled_weights_record_the_full_preset_as_their_recipe():
+    """`booth mini train --preset full` is how the shipped weights were trained (a preset drifting from them
+    fails here), and the card's training table lists every stage of it."""
+    import json
+
+    from booth.mini.train import PRESETS, TrainConfig
+
+    folder = default_model_path()
+    training = json.loads((folder / "training.json").read_text())
+    config = TrainConfig.from_json(training["config"])
+    assert config == PRESETS["full"] and training["seed"] == 0
+    card = (folder / "README.md").read_text()
+    assert "`booth mini train --preset full`" in card
+    assert all(f"\n| {stage} | " in card for stage in config.stages)
+
+
 def test_generate_uses_booth_mini_without_model(tmp_path, capsys):
     from booth.cli import main
     from booth.generate.metadata import read_image_metadata

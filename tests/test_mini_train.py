@@ -1,4 +1,4 @@
-"""booth-mini training: architecture budget, the three stages, resuming, export to a plain diffusers folder."""
+"""booth-mini training: architecture budget, the stages, resuming, export to a plain diffusers folder."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
-    """A work folder with all three tiny stages finished."""
+    """A work folder with every tiny stage finished."""
     work = tmp_path_factory.mktemp("work")
     reports = train_all(data_dir, work, TINY, progress=False)
     assert [r.stage for r in reports] == list(STAGES) and all(r.finished for r in reports)
@@ -536,7 +536,7 @@ def test_a_decoder_only_vae_run_keeps_the_latent_space_and_decodes_noisy_latents
 
     folder = final_dir(trained, "vae")
     vae_cfg = replace(TINY.vae, init=str(folder), train_encoder=False, latent_noise=0.5)
-    config = replace(TINY, vae=vae_cfg)
+    config = replace(TINY, vae=vae_cfg, decoder=None)  # how v5 was made, before the decoder stage
     work = _work_with_prerequisites(trained, tmp_path, "vae")
     _pin(work, config)
     assert train_stage("vae", data_dir, work, config, progress=False).ran_steps == 6
@@ -569,6 +569,62 @@ def test_a_decoder_only_vae_run_keeps_the_latent_space_and_decodes_noisy_latents
     alone = replace(TINY, vae=replace(TINY.vae, train_encoder=False))
     with pytest.raises(BoothError, match="needs an init VAE"):
         build_task("vae", alone, data, torch.device("cpu"), seed=1, work=tmp_path)
+
+
+@needs_data
+def test_the_decoder_stage_fine_tunes_the_vae_stages_decoder_and_ships(data_dir, trained, exported):
+    """The decoder stage starts from the vae stage's autoencoder: encoder, quant_conv and scaling factor stay
+    (the UNet's latents are the vae stage's), the decoder trains; the export ships this stage's VAE and the
+    card has its row and says what it is."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(final_dir(trained, "vae")).state_dict()
+    tuned = AutoencoderKL.from_pretrained(final_dir(trained, "decoder"))
+    t = tuned.state_dict()
+    kept = [k for k in vae if k.startswith(("encoder.", "quant_conv."))]
+    assert kept and all(torch.equal(t[k], vae[k]) for k in kept)
+    assert any(not torch.equal(t[k], vae[k]) for k in vae if k.startswith("decoder."))
+    done = json.loads((trained / "vae" / DONE).read_text())
+    assert tuned.config.scaling_factor == done["scaling_factor"]
+    shipped = load_file(exported / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], t[k].half()) for k in t)
+    card = (exported / "README.md").read_text()
+    assert "| decoder | 6 x 4 |" in card and "- decoder: the vae stage's autoencoder" in card
+
+
+@needs_data
+def test_the_decoder_stage_needs_the_vae_stage_and_a_frozen_encoder(data_dir, tmp_path):
+    with pytest.raises(BoothError, match="vae stage is not finished"):
+        train_stage("decoder", data_dir, tmp_path, TINY, progress=False)
+    with pytest.raises(ValueError, match="decoder alone"):
+        replace(TINY, decoder=replace(TINY.decoder, train_encoder=True))
+    without = replace(TINY, decoder=None)
+    assert without.stages == ("clip", "vae", "unet")
+    with pytest.raises(BoothError, match="no decoder stage"):
+        train_stage("decoder", data_dir, tmp_path, without, progress=False)
+
+
+@needs_data
+def test_a_run_pinned_before_the_decoder_stage_resumes_and_ships_its_vae(data_dir, trained, tmp_path):
+    """A work folder whose config.json predates `TrainConfig.decoder` (no such key) is still the same run: it
+    resumes without "another configuration" and exports the vae stage's autoencoder."""
+    from booth.mini.export import export_pipeline
+
+    work = tmp_path / "work"
+    shutil.copytree(trained, work)
+    shutil.rmtree(work / "decoder")
+    shutil.rmtree(work / "unet")  # a stage still to train: the call checks the pinned run
+    run = json.loads((work / "config.json").read_text())
+    del run["config"]["decoder"]
+    (work / "config.json").write_text(json.dumps(run))
+    old = replace(TINY, decoder=None)
+    reports = train_all(data_dir, work, old, progress=False)
+    assert [(r.stage, r.ran_steps) for r in reports] == [("clip", 0), ("vae", 0), ("unet", 6)]
+    out = export_pipeline(work, tmp_path / "export")
+    shipped = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    vae = load_file(final_dir(work, "vae") / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], v.half()) for k, v in vae.items())
+    assert "| decoder |" not in (out / "README.md").read_text()
 
 
 @needs_data

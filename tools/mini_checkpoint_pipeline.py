@@ -4,9 +4,9 @@
     booth mini check --model runs/mini11-at-1000 --samples 100 --psnr-images 50 --speed-runs 1
 
 The folder is the bundled booth-mini (tokenizer, scheduler, mini-CLIP evaluator) with the run's VAE
-(``<work>/vae/final``), the checkpoint's EMA UNet and its text encoder (an older, UNet-only checkpoint: the
-run's mini-CLIP text tower, as `booth mini export` does). `booth mini export` writes a finished run; this tool
-is for the checkpoints in between.
+(``<work>/decoder/final`` once the decoder stage is done, else ``<work>/vae/final``), the checkpoint's EMA
+UNet and its text encoder (an older, UNet-only checkpoint: the run's mini-CLIP text tower, as `booth mini
+export` does). `booth mini export` writes a finished run; this tool is for the checkpoints in between.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from booth.mini.architecture import text_encoder_from_clip
-from booth.mini.train import final_dir, unet_checkpoint_weights
+from booth.mini.train import final_dir, is_finished, unet_checkpoint_weights
 from booth.models.loading import default_model_path
 
 
@@ -49,11 +49,13 @@ def main() -> None:
     else:
         text = text_encoder_from_clip(CLIPModel.from_pretrained(final_dir(args.work, "clip")))
     text.to(torch.float16).save_pretrained(tmp / "text_encoder")
-    vae = AutoencoderKL.from_pretrained(final_dir(args.work, "vae"))
+    vae_stage = "decoder" if is_finished(args.work, "decoder") else "vae"
+    vae = AutoencoderKL.from_pretrained(final_dir(args.work, vae_stage))
     vae.to(torch.float16).save_pretrained(tmp / "vae")
     tmp.rename(args.out)
     print(
-        f"wrote {args.out} (step {state['step']}, text encoder: {'checkpoint' if encoder else 'the run CLIP'})"
+        f"wrote {args.out} (step {state['step']}, text encoder: {'checkpoint' if encoder else 'the run CLIP'}, "
+        f"VAE: the {vae_stage} stage's)"
     )
 
 

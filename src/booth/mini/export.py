@@ -6,7 +6,8 @@
       model_index.json                StableDiffusionPipeline, safety_checker None, requires_safety_checker False
       text_encoder/                   CLIPTextModel: a copy of mini-CLIP's text tower
       tokenizer/                      CLIPTokenizer files (vocab.json, merges.txt, ...): the truncated CLIP BPE
-      unet/ vae/                      UNet2DConditionModel (EMA weights), AutoencoderKL (measured scaling_factor)
+      unet/ vae/                      UNet2DConditionModel (EMA weights), AutoencoderKL (measured scaling_factor;
+                                      the decoder stage's when the run has one)
       scheduler/                      DPMSolverMultistepScheduler (DPM-Solver++ 2M) on SD's scaled-linear betas
       clip/                           the mini-CLIP evaluator: CLIPModel + tokenizer + CLIPImageProcessor config
       README.md                       model card: data, sizes, training time and hardware (from the logs)
@@ -38,8 +39,8 @@ from booth.mini.train import (
     DATASET_FILE,
     DONE,
     PRESETS,
-    STAGES,
     TEXT_ENCODER,
+    TrainConfig,
     final_dir,
     is_finished,
     read_log,
@@ -53,7 +54,7 @@ SPLIT_ORDER = ("train", "test", "novel", "pairs")
 def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the trained pipeline + CLIP evaluator + model card from `work_dir` into `out_dir` (replaced)."""
     work, out = Path(work_dir), Path(out_dir)
-    missing = [stage for stage in STAGES if not is_finished(work, stage)]
+    missing = [stage for stage in run_stages(work) if not is_finished(work, stage)]
     if missing:
         raise BoothError(
             f"cannot export {work}: stage(s) {', '.join(missing)} not finished (booth mini train)"
@@ -94,11 +95,21 @@ def _update_json(path: Path, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def run_stages(work: Path) -> tuple[str, ...]:
+    """The stages of the run a work folder pins (its config.json)."""
+    return TrainConfig.from_json(json.loads((work / CONFIG_FILE).read_text())["config"]).stages
+
+
+def vae_stage(work: Path) -> str:
+    """The stage whose autoencoder ships: the decoder stage's when the run has one, else the VAE stage's."""
+    return "decoder" if "decoder" in run_stages(work) else "vae"
+
+
 def load_trained_pipeline(work_dir: str | Path):
     """The fp32 `StableDiffusionPipeline` of a finished run.
 
     The text encoder is the one the UNet stage fine-tuned (``unet/final/text_encoder``) when it trained one,
-    else a copy of the mini-CLIP text tower.
+    else a copy of the mini-CLIP text tower; the autoencoder is `vae_stage`'s.
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -110,7 +121,7 @@ def load_trained_pipeline(work_dir: str | Path):
     else:
         text_encoder = arch_mod.text_encoder_from_clip(CLIPModel.from_pretrained(final_dir(work, "clip")))
     return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(final_dir(work, "vae")),
+        vae=AutoencoderKL.from_pretrained(final_dir(work, vae_stage(work))),
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(final_dir(work, "clip")),
         unet=UNet2DConditionModel.from_pretrained(final_dir(work, "unet")),
@@ -291,7 +302,8 @@ def _training_section(work: Path, run: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     total = 0.0
-    facts = {stage: stage_training(work, stage) for stage in STAGES}
+    stages = run_stages(work)
+    facts = {stage: stage_training(work, stage) for stage in stages}
     for stage, fact in facts.items():
         optim = config[stage]["optim"]
         total += fact["wall_seconds"]
@@ -300,9 +312,11 @@ def _training_section(work: Path, run: dict) -> list[str]:
             f"| {stage} | {fact['steps']} x {optim['batch_size']} | {optim['lr']:g} | "
             f"{_duration(fact['wall_seconds'])} | {fact['chunks']} | {loss} | {'; '.join(fact['hardware'])} |"
         )
-    vae = facts["vae"]
+    vae = facts[vae_stage(work)]
     psnr = vae.get("test_psnr_db")
-    lines += [""] + [_warm_start_line(stage, config[stage]) for stage in STAGES if config[stage].get("init")]
+    warm = [s for s in stages if s != "decoder" and config[s].get("init")]
+    lines += [""] + [_warm_start_line(stage, config[stage]) for stage in warm]
+    lines += [_decoder_line(config["decoder"])] if "decoder" in stages else []
     lines += [
         "",
         f"Total wall time {_duration(total)} (setup, latent caching and checkpoints included). "
@@ -320,6 +334,16 @@ def _warm_start_line(stage: str, config: dict) -> str:
     return (
         f"- {stage}: started from `{config['init']}`{what}; its row counts this run's steps and time only, "
         "not those of the weights it started from."
+    )
+
+
+def _decoder_line(config: dict) -> str:
+    """The card's line on the decoder stage."""
+    start = f"`{config['init']}`" if config.get("init") else "the vae stage's autoencoder"
+    return (
+        f"- decoder: {start} with its decoder alone trained on latents plus Gaussian noise of up to "
+        f"{config['latent_noise']:g} latent stds (encoder and scaling factor kept, so the UNet's latents are "
+        "the vae stage's); the exported VAE is this one."
     )
 
 

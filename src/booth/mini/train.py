@@ -1,4 +1,4 @@
-"""Train booth-mini in three resumable stages: mini-CLIP, then the autoencoder, then the UNet.
+"""Train booth-mini in resumable stages: mini-CLIP, the autoencoder, its decoder on noisy latents, the UNet.
 
 Stages (`STAGES`), each a plain loop of numbered steps (1 load batch, 2 encode, 3 noise, 4 predict, 5 loss,
 6 optimizer step), AdamW with linear warmup + cosine decay, gradient clipping at 1.0:
@@ -11,6 +11,11 @@ Stages (`STAGES`), each a plain loop of numbered steps (1 load batch, 2 encode, 
   stand-in for a perceptual loss) + a small KL to N(0, I) (weight 1e-6 relative to a per-pixel sum, SD's).
   At the end the latent scaling factor is measured: 1 / std of posterior samples of up to
   `VaeTrainConfig.scale_images` training images (Rombach et al. 2022, sec. 4.3.2), stored in the VAE config.
+- ``decoder`` (when the configuration has one, `TrainConfig.decoder`): the ``vae`` stage's autoencoder with
+  its decoder alone trained on (posterior + Gaussian noise) latents: a UNet's samples are off the posterior
+  by more than the posterior's own spread, and a decoder that never saw such latents draws speckles. Encoder
+  and scaling factor stay, so the latents (and the UNet trained on them) are the ``vae`` stage's; Stability AI
+  fine-tuned SD's decoder alone the same way. The exported VAE is this stage's.
 - ``unet``: `diffusers.UNet2DConditionModel`, epsilon prediction under SD's scaled-linear DDPM betas
   (Ho et al. 2020), with Min-SNR-5 loss weights (Hang et al. 2023), offset noise 0.05 (Guttenberg 2023:
   without it the scaled-linear schedule cannot move an image's mean colour far, and flat backgrounds are
@@ -84,7 +89,7 @@ from booth.mini.compose import (
     pair_caption,
 )
 
-STAGES: tuple[str, ...] = ("clip", "vae", "unet")
+STAGES: tuple[str, ...] = ("clip", "vae", "decoder", "unet")
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final"
 DONE = "done.json"
@@ -231,8 +236,9 @@ class UNetTrainConfig:
 class TrainConfig:
     """Everything a training run needs; `PRESETS` holds "tiny" (tests) and "full" (the shipped model).
 
-    `dataset_*` size the dataset that the CLI builds when ``--data`` is missing. `precision` is "auto",
-    "fp32" or "bf16" (autocast).
+    `decoder`: the optional decoder stage (None: none; a `VaeTrainConfig` with `train_encoder` false, started
+    from the ``vae`` stage's autoencoder unless its `init` names another). `dataset_*` size the dataset that
+    the CLI builds when ``--data`` is missing. `precision` is "auto", "fp32" or "bf16" (autocast).
     """
 
     name: str
@@ -240,6 +246,7 @@ class TrainConfig:
     clip: ClipTrainConfig
     vae: VaeTrainConfig
     unet: UNetTrainConfig
+    decoder: VaeTrainConfig | None = None
     checkpoint_every: int = 250
     precision: str = "auto"
     dataset_images: int = 20000
@@ -247,9 +254,20 @@ class TrainConfig:
     dataset_novel: int = 100
     dataset_pairs: int = 0
 
+    def __post_init__(self) -> None:
+        if self.decoder is not None and self.decoder.train_encoder:
+            raise ValueError("the decoder stage trains the decoder alone: set its train_encoder to false")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this configuration trains, in order (`STAGES` without "decoder" when it has none)."""
+        return tuple(s for s in STAGES if s != "decoder" or self.decoder is not None)
+
     def stage(self, stage: str) -> ClipTrainConfig | VaeTrainConfig | UNetTrainConfig:
-        """The training config of one stage."""
-        return {"clip": self.clip, "vae": self.vae, "unet": self.unet}[check_stage(stage)]
+        """The training config of one stage (BoothError for a stage this configuration does not have)."""
+        if check_stage(stage) not in self.stages:
+            raise BoothError(f"the {self.name!r} configuration has no {stage} stage")
+        return {"clip": self.clip, "vae": self.vae, "decoder": self.decoder, "unet": self.unet}[stage]
 
     def to_json(self) -> dict:
         """A JSON-able dict (tuples become lists)."""
@@ -267,7 +285,7 @@ class TrainConfig:
 
 
 def _tiny() -> TrainConfig:
-    """A smoke configuration for tests: all three stages in about 5 s on one CPU thread (64 images)."""
+    """A smoke configuration for tests: every stage in about 5 s on one CPU thread (64 images)."""
     arch = MiniArchitecture(
         clip=ClipConfig(
             num_merges=1000,
@@ -295,6 +313,9 @@ def _tiny() -> TrainConfig:
         ),
         vae=VaeTrainConfig(Optim(steps=6, batch_size=4, lr=1e-3, warmup_steps=2), scale_images=16),
         unet=UNetTrainConfig(Optim(steps=6, batch_size=8, lr=1e-3, warmup_steps=2), train_text_encoder=True),
+        decoder=VaeTrainConfig(
+            Optim(steps=6, batch_size=4, lr=1e-3, warmup_steps=2), latent_noise=0.3, train_encoder=False
+        ),
         checkpoint_every=4,
         dataset_images=64,
         dataset_test=16,
@@ -303,15 +324,16 @@ def _tiny() -> TrainConfig:
 
 
 def _full() -> TrainConfig:
-    """The shipped model's recipe from scratch, up to its decoder fine-tune: about 2 h on a 2-core CPU.
+    """The shipped model's recipe (v5, docs/mini-model.md) from scratch: about 2 h 10 min on a 2-core CPU.
 
-    v4 (docs/mini-model.md); the shipped v5 then fine-tuned v4's decoder alone for 1,200 steps
-    (`VaeTrainConfig.latent_noise` 0.3, `train_encoder` false; 9.7 min). Times measured on a 2-core AMD EPYC
-    (AVX512-BF16, no AMX), 2 threads, bf16 autocast, 2026-12-06: CLIP 1,500 x 128 with one hard negative per
-    image and the zero-shot concept term, 1.45 s a step, 36 min; VAE 3,200 x 16 with the object weight and hue
-    jitter, 0.54 s a step, 30 min; UNet 3,600 x 32 from scratch with the text encoder training (lr 1e-3), the
-    x0-weight floor, the readout term over the concept and the layout parts and the two-object images,
-    0.86-0.89 s a step, 54 min with caching the latents; 119.9 min in all.
+    Times measured on a 2-core AMD EPYC (AVX512-BF16, no AMX), 2 threads, bf16 autocast, 2026-12-06: CLIP
+    1,500 x 128 with one hard negative per image and the zero-shot concept term, 1.45 s a step, 36 min; VAE
+    3,200 x 16 with the object weight and hue jitter, 0.54 s a step, 30 min; decoder 1,200 x 16 on latents
+    with noise of U(0, 0.3) latent stds (encoder and scaling factor kept), 9.7 min; UNet 3,600 x 32 from
+    scratch with the text encoder training (lr 1e-3), the x0-weight floor, the readout term over the concept
+    and the layout parts and the two-object images, 0.86-0.89 s a step, 54 min with caching the latents;
+    129.6 min in all. (v5 ran as v4, this recipe without the decoder stage, plus that fine-tune as a VAE
+    stage started from v4's autoencoder: the same steps, other random draws.)
 
     Why each part (measured on warm starts of the earlier weights, 2026-11-30 .. 12-06): the hard negative
     and the concept term (with the ViT's sin-cos position start, `ClipConfig`) took the mini-CLIP's zero-shot
@@ -321,7 +343,8 @@ def _full() -> TrainConfig:
     objects apart (`VaeTrainConfig`); the VAE's 3,200 steps (v3 had 1,600) give object colours back (flat hues
     off by 5.5 of 255 instead of 36.5, `booth.mini.check.colour_error`), which coloured subjects need to be
     personalized; the two-object images drew two objects where asked in 100% of `booth mini check`'s pair
-    prompts (0% without).
+    prompts (0% without); the decoder stage takes the speckles off the samples (its decoder reconstructs
+    latents with 0.3 stds of noise at 24.88 dB, the VAE stage's at 21.41; `tools/mini_vae_colours.py`).
     """
     return TrainConfig(
         name="full",
@@ -342,6 +365,13 @@ def _full() -> TrainConfig:
             readout_weight=0.1,
             readout_parts=("concept", *CAPTION_PARTS),
             pairs=True,
+        ),
+        decoder=VaeTrainConfig(
+            Optim(steps=1200, batch_size=16, lr=2e-4, warmup_steps=50),
+            object_weight=4.0,
+            hue_jitter=0.5,
+            latent_noise=0.3,
+            train_encoder=False,
         ),
         dataset_pairs=4000,
     )
@@ -380,6 +410,7 @@ def _factor2() -> TrainConfig:
         arch=arch,
         vae=replace(full.vae, optim=replace(full.vae.optim, steps=1600)),
         unet=replace(full.unet, optim=replace(full.unet.optim, steps=3400)),
+        decoder=None,
     )
 
 
@@ -838,16 +869,25 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
 
 
 class VaeTask:
-    """AutoencoderKL: reconstruction + edge + small KL."""
+    """AutoencoderKL: reconstruction + edge + small KL (the ``vae`` stage, and the ``decoder`` stage with
+    `cfg.train_encoder` false, started from `init`)."""
 
-    def __init__(self, config: TrainConfig, data: MiniData, device: torch.device, seed: int):
-        self.cfg, self.data, self.device = config.vae, data, device
-        self.model = arch_mod.build_vae(config.arch.vae, seed=seed).to(device).train()
+    def __init__(
+        self,
+        cfg: VaeTrainConfig,
+        arch: VaeConfig,
+        data: MiniData,
+        device: torch.device,
+        seed: int,
+        init: Path | None = None,
+    ):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.model = arch_mod.build_vae(arch, seed=seed).to(device).train()
         self.kept_factor: float | None = None  # a decoder-only run keeps its init's latent scale
         if not self.cfg.train_encoder:
-            if not self.cfg.init:
+            if init is None:
                 raise BoothError("a decoder-only VAE run (train_encoder false) needs an init VAE to keep")
-            self.kept_factor = float(_init_config("vae", Path(self.cfg.init))["scaling_factor"])
+            self.kept_factor = float(_init_config("vae", init)["scaling_factor"])
             for part in (self.model.encoder, self.model.quant_conv):
                 part.requires_grad_(False)
 
@@ -1125,12 +1165,25 @@ def build_task(
     dtype: torch.dtype | None = None,
     progress: bool = False,
 ):
-    """The model and steps 1-5 of one stage (the UNet stage loads the finished CLIP and VAE from `work`)."""
-    if check_stage(stage) == "clip":
+    """The model and steps 1-5 of one stage (the decoder and UNet stages load finished stages from `work`)."""
+    cfg = config.stage(stage)
+    if stage == "clip":
         return ClipTask(config, data, device, seed)
-    if stage == "vae":
-        return VaeTask(config, data, device, seed)
+    if stage in ("vae", "decoder"):
+        return VaeTask(cfg, config.arch.vae, data, device, seed, stage_init(work, stage, cfg))
     return UNetTask(config, data, device, seed, work, dtype=dtype, progress=progress)
+
+
+def stage_init(work: Path, stage: str, cfg: Any) -> Path | None:
+    """The weights a fresh stage starts from: its `init`; for the decoder stage by default the ``vae``
+    stage's autoencoder (BoothError while that is not finished)."""
+    if cfg.init:
+        return Path(cfg.init)
+    if stage != "decoder":
+        return None
+    if not is_finished(work, "vae"):
+        raise BoothError(f"the vae stage is not finished in {work}; train it before the decoder")
+    return final_dir(work, "vae")
 
 
 # --- the loop --------------------------------------------------------------------------------------------
@@ -1201,7 +1254,7 @@ def _pin_run(work: Path, config: TrainConfig, data: MiniData, data_dir: Path, se
     run = {"config": config.to_json(), "seed": seed}
     path = work / CONFIG_FILE
     if path.is_file():
-        if json.loads(path.read_text()) != run:
+        if read_run_config(path) != (config, seed):  # parsed: a folder from before a new setting still fits
             raise BoothError(
                 f"{work} holds a run with another configuration or seed; use a new --work folder to change them"
             )
@@ -1312,8 +1365,9 @@ def _open_session(
         dtype=dtype,
         seed=seed,
     )
-    if not (folder / CHECKPOINT).is_file() and cfg.init:  # a fresh stage started from earlier weights
-        _warm_start(session, Path(cfg.init))
+    init = stage_init(work, stage, cfg)
+    if not (folder / CHECKPOINT).is_file() and init:  # a fresh stage started from earlier weights
+        _warm_start(session, init)
     _load_checkpoint(session)
     _trim_log(folder / LOG, session.step)
     return session
@@ -1343,14 +1397,16 @@ def _pipeline_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _warm_start(s: _Session, path: Path) -> None:
-    """Start a fresh stage from earlier weights: the CLIP or VAE from a saved model folder; the UNet (model and
-    EMA) from the UNet EMA weights of another run's UNet-stage checkpoint, or from a pipeline folder's UNet.
+    """Start a fresh stage from earlier weights: the CLIP, VAE or decoder from a saved model folder; the UNet
+    (model and EMA) from the UNet EMA weights of another run's UNet-stage checkpoint, or from a pipeline
+    folder's UNet.
 
     The text encoder starts as this run's mini-CLIP text tower (how a UNet trained on an earlier CLIP is
     carried over to a new one) unless `init_text_encoder` asks for the checkpoint's encoder too."""
-    if s.stage in ("clip", "vae"):
+    if s.stage != "unet":
+        kind = "clip" if s.stage == "clip" else "vae"
         try:
-            s.task.model.load_state_dict(_folder_init_weights(s.stage, path))
+            s.task.model.load_state_dict(_folder_init_weights(kind, path))
         except RuntimeError:  # missing, unexpected or differently shaped weights
             raise BoothError(f"{s.stage} init {path} has another architecture than this run's") from None
         return
@@ -1542,10 +1598,11 @@ def train_all(
     seed: int = 0,
     progress: bool = True,
 ) -> list[StageReport]:
-    """Run the stages in order, skipping finished ones; `minutes` and `steps` budget the whole call."""
+    """Run the configuration's stages in order, skipping finished ones; `minutes` and `steps` budget the
+    whole call."""
     started = time.monotonic()
     reports = []
-    for stage in STAGES:
+    for stage in config.stages:
         left_minutes = None if minutes is None else minutes - (time.monotonic() - started) / 60.0
         left_steps = None if steps is None else steps - sum(r.ran_steps for r in reports)
         if (left_minutes is not None and left_minutes <= 0) or (left_steps is not None and left_steps <= 0):

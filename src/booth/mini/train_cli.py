@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         reports = [train_stage(args.stage, data, work, config, **options)]
     for report in reports:
         print(_describe(report))
-    if args.no_export or not all(is_finished(work, stage) for stage in STAGES):
+    if args.no_export or not all(is_finished(work, stage) for stage in config.stages):
         return 0
     if args.stage != "all" and not args.export:
         # one stage retrained beside finished others need not fit them (a new VAE under an old UNet): never
@@ -149,7 +149,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``export`` on the subparsers of the ``booth mini`` group."""
     train = subparsers.add_parser(
         "train",
-        help="train booth-mini (CLIP, VAE, UNet), resumably, and export it",
+        help="train booth-mini (CLIP, VAE, its decoder, UNet), resumably, and export it",
         description="Train booth-mini's stages in order; rerun the same command to resume after --minutes.",
     )
     add_train_flags(train)
