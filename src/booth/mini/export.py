@@ -54,7 +54,7 @@ SPLIT_ORDER = ("train", "test", "novel", "pairs")
 def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the trained pipeline + CLIP evaluator + model card from `work_dir` into `out_dir` (replaced)."""
     work, out = Path(work_dir), Path(out_dir)
-    missing = [stage for stage in run_stages(work) if not is_finished(work, stage)]
+    missing = [stage for stage in run_config(work).stages if not is_finished(work, stage)]
     if missing:
         raise BoothError(
             f"cannot export {work}: stage(s) {', '.join(missing)} not finished (booth mini train)"
@@ -95,21 +95,16 @@ def _update_json(path: Path, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def run_stages(work: Path) -> tuple[str, ...]:
-    """The stages of the run a work folder pins (its config.json)."""
-    return TrainConfig.from_json(json.loads((work / CONFIG_FILE).read_text())["config"]).stages
-
-
-def vae_stage(work: Path) -> str:
-    """The stage whose autoencoder ships: the decoder stage's when the run has one, else the VAE stage's."""
-    return "decoder" if "decoder" in run_stages(work) else "vae"
+def run_config(work: Path) -> TrainConfig:
+    """The configuration of the run a work folder pins (its config.json)."""
+    return TrainConfig.from_json(json.loads((work / CONFIG_FILE).read_text())["config"])
 
 
 def load_trained_pipeline(work_dir: str | Path):
     """The fp32 `StableDiffusionPipeline` of a finished run.
 
     The text encoder is the one the UNet stage fine-tuned (``unet/final/text_encoder``) when it trained one,
-    else a copy of the mini-CLIP text tower; the autoencoder is `vae_stage`'s.
+    else a copy of the mini-CLIP text tower; the autoencoder is the run's `TrainConfig.vae_stage`'s.
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -121,7 +116,7 @@ def load_trained_pipeline(work_dir: str | Path):
     else:
         text_encoder = arch_mod.text_encoder_from_clip(CLIPModel.from_pretrained(final_dir(work, "clip")))
     return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(final_dir(work, vae_stage(work))),
+        vae=AutoencoderKL.from_pretrained(final_dir(work, run_config(work).vae_stage)),
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(final_dir(work, "clip")),
         unet=UNet2DConditionModel.from_pretrained(final_dir(work, "unet")),
@@ -302,7 +297,8 @@ def _training_section(work: Path, run: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     total = 0.0
-    stages = run_stages(work)
+    parsed = TrainConfig.from_json(config)
+    stages = parsed.stages
     facts = {stage: stage_training(work, stage) for stage in stages}
     for stage, fact in facts.items():
         optim = config[stage]["optim"]
@@ -312,7 +308,7 @@ def _training_section(work: Path, run: dict) -> list[str]:
             f"| {stage} | {fact['steps']} x {optim['batch_size']} | {optim['lr']:g} | "
             f"{_duration(fact['wall_seconds'])} | {fact['chunks']} | {loss} | {'; '.join(fact['hardware'])} |"
         )
-    vae = facts[vae_stage(work)]
+    vae = facts[parsed.vae_stage]
     psnr = vae.get("test_psnr_db")
     warm = [s for s in stages if s != "decoder" and config[s].get("init")]
     lines += [""] + [_warm_start_line(stage, config[stage]) for stage in warm]

@@ -263,6 +263,11 @@ class TrainConfig:
         """The stages this configuration trains, in order (`STAGES` without "decoder" when it has none)."""
         return tuple(s for s in STAGES if s != "decoder" or self.decoder is not None)
 
+    @property
+    def vae_stage(self) -> str:
+        """The stage whose autoencoder ships: "decoder" when the configuration has one, else "vae"."""
+        return "decoder" if self.decoder is not None else "vae"
+
     def stage(self, stage: str) -> ClipTrainConfig | VaeTrainConfig | UNetTrainConfig:
         """The training config of one stage (BoothError for a stage this configuration does not have)."""
         if check_stage(stage) not in self.stages:
