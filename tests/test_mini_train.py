@@ -22,6 +22,7 @@ from booth.mini.train import (
     STAGES,
     CaptionDropout,
     TrainConfig,
+    _pooled,
     batch_indices,
     build_task,
     final_dir,
@@ -220,6 +221,44 @@ def test_clip_stage_scores_every_concept_prompt(data_dir):
         stats_plain
     )
     assert loss.item() > loss_plain.item()  # the concept and phrase terms add positive cross-entropies
+
+
+@needs_data
+def test_clip_style_term_is_the_style_gates_zero_shot_cross_entropy(data_dir):
+    """style_weight adds the cross-entropy of each image over "a {concept}, {style} style" for every style."""
+    from booth.mini.compose import caption
+
+    data = load_split(data_dir)
+    plain_cfg = replace(TINY, clip=replace(TINY.clip, concept_weight=0.0, phrase_weight=0.0))
+    task = build_task(
+        "clip",
+        replace(plain_cfg, clip=replace(plain_cfg.clip, style_weight=0.5)),
+        data,
+        torch.device("cpu"),
+        0,
+        None,
+    )
+    plain = build_task("clip", plain_cfg, data, torch.device("cpu"), 0, None)
+    plain.model.load_state_dict(task.model.state_dict())
+    index = torch.arange(8)
+    loss, stats = task.loss(index, torch.Generator().manual_seed(0), None)
+    loss_plain, stats_plain = plain.loss(index, torch.Generator().manual_seed(0), None)
+    assert "style_acc" in stats and "style_acc" not in stats_plain
+    records = [data.records[i] for i in index.tolist()]
+    styles = task.vocab["style"]
+    with torch.no_grad():
+        pixels = (data.images[index].float() / 255.0 - task.mean) / task.std
+        image = torch.nn.functional.normalize(
+            _pooled(task.model.get_image_features(pixel_values=pixels)), dim=-1
+        )
+        texts = [caption(r["concept"], s, None) for r in records for s in styles]
+        text = task.model.get_text_features(input_ids=task._ids(texts))
+        text = torch.nn.functional.normalize(_pooled(text), dim=-1).view(len(records), len(styles), -1)
+        logits = task.model.logit_scale.exp() * torch.einsum("bd,bsd->bs", image, text)
+        labels = torch.tensor([styles.index(r["style"]) for r in records])
+        expected = torch.nn.functional.cross_entropy(logits, labels)
+    assert (loss - loss_plain).item() == pytest.approx(0.5 * expected.item(), rel=1e-4)
+    assert stats["style_acc"] == pytest.approx((logits.argmax(dim=1) == labels).float().mean().item())
 
 
 def test_part_phrases_are_the_caption_template_words():
