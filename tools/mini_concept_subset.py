@@ -14,10 +14,10 @@ on, DPM++ 2M, 20 steps, CFG 7) and prints the mini-CLIP's zero-shot top-1 over e
 chosen ones, on them and on real renders of the same prompts (large, centred, on white); --out saves a grid,
 each concept's generated row above its renders.
 
-Measured 2026-12-06 (v5 = the shipped weights; docs/mini-model.md, "After v5"): on 10 concepts (seed 10) v5
-scores 11% over all concepts and 58% among the 10 (renders 16% / 66%); its UNet continued 1,000 x 32 steps on
-those concepts alone (17 times the views per concept of its whole training) 17% / 73%, still blobs by eye; on
-one image (--one, tiger) 250 steps draw that image back exactly.
+Measured 2026-12-06 (v5 = the shipped weights; docs/mini-model.md, "After v5, part 2"): on 10 concepts (seed
+10) v5 scores 11% over all concepts and 58% among the 10 (renders 16% / 66%); its UNet continued 1,000 x 32
+steps on those concepts alone (3,200 more views of each, about 5 times its whole training's 600) 17% / 73%,
+still blobs by eye; on one image (--one, tiger) 250 steps draw that image back exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from booth.mini.check import DEFAULT_DATA, CheckConfig, MiniClip, Prompt, concept_accuracy, real_renders
+from booth.mini.check import (
+    DEFAULT_DATA,
+    CheckConfig,
+    MiniClip,
+    Prompt,
+    concept_accuracy,
+    generate_images,
+    real_renders,
+)
 from booth.mini.compose import caption
 from booth.mini.concepts import BASE_CONCEPTS
 
@@ -78,7 +86,6 @@ def make(args: argparse.Namespace) -> None:
 
 def score(args: argparse.Namespace) -> None:
     from booth.generate.engine import Engine
-    from booth.mini.check import generate_images
 
     chosen_file = Path(args.subset) / CHOSEN
     if not chosen_file.is_file():

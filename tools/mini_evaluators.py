@@ -27,8 +27,8 @@ from booth.mini.check import (
     concept_prompts,
     generate_images,
     layout_prompts,
-    split_prompts,
     split_records,
+    split_renders,
     style_accuracy,
 )
 
@@ -49,8 +49,7 @@ def main() -> None:
     engine = Engine.from_model(args.model)
     c_images = generate_images(engine, c_prompts, config)
     l_images = generate_images(engine, l_prompts, config)
-    pairs = split_records(Path(args.data), "test", 300)
-    t_prompts, t_images = split_prompts(pairs), [image for image, _ in pairs]
+    t_images, t_prompts = split_renders(split_records(Path(args.data), "test", 300))
     print("| evaluator | generated concept | generated style | renders concept | renders style |")
     print("|---|---|---|---|---|")
     for folder in args.clips:
@@ -58,8 +57,8 @@ def main() -> None:
         row = (
             concept_accuracy(clip, c_images, [p.concept for p in c_prompts]),
             style_accuracy(clip, l_images, l_prompts),
-            concept_accuracy(clip, t_images, [p.concept for p in t_prompts]) if pairs else float("nan"),
-            style_accuracy(clip, t_images, t_prompts) if pairs else float("nan"),
+            concept_accuracy(clip, t_images, [p.concept for p in t_prompts]),
+            style_accuracy(clip, t_images, t_prompts),
         )
         print(f"| {folder} | " + " | ".join(f"{100 * v:.1f}%" for v in row) + " |")
 

@@ -37,8 +37,8 @@ from booth.mini.check import (
     MiniClip,
     colour_error,
     concept_accuracy,
-    split_prompts,
     split_records,
+    split_renders,
     style_accuracy,
     vae_psnr,
     vae_reconstructions,
@@ -94,10 +94,10 @@ def main() -> None:
     examples, one_each = example_images()
     shown = one_each + hue_rotations(one_each[0])
     records = split_records(Path(args.data), "test", args.images)
-    test, prompts = [im for im, _ in records], split_prompts(records)
+    test, (named, prompts) = [im for im, _ in records], split_renders(records)
     clip = MiniClip(args.clip) if args.clip else None
-    if clip and test:
-        print(f"{args.clip}: held-out renders ({len(test)}): {zero_shot(clip, test, prompts)}")
+    if clip and named:
+        print(f"{args.clip}: held-out renders ({len(named)}): {zero_shot(clip, named, prompts)}")
     rows = [shown]
     for folder in args.vae:
         vae = AutoencoderKL.from_pretrained(folder).float().eval()
@@ -113,9 +113,9 @@ def main() -> None:
             print(
                 f"{folder}: held-out, latents + noise {'/'.join(map(str, NOISE_LEVELS))} std: {' / '.join(noisy)} dB"
             )
-        if clip and test:
+        if clip and named:
             print(
-                f"{folder}: its reconstructions: {zero_shot(clip, vae_reconstructions(vae, test), prompts)}"
+                f"{folder}: its reconstructions: {zero_shot(clip, vae_reconstructions(vae, named), prompts)}"
             )
         rows.append(vae_reconstructions(vae, shown))
     side = shown[0].width

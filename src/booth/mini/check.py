@@ -432,10 +432,12 @@ def split_records(data_dir: Path, split: str, limit: int) -> list[tuple[Image.Im
     return [(Image.open(data_dir / split / r["file_name"]).convert("RGB"), r) for r in records]
 
 
-def split_prompts(pairs: Sequence[tuple[Image.Image, dict]]) -> list[Prompt]:
-    """Prompts describing test-split renders (their true concept, style and layout)."""
+def split_renders(pairs: Sequence[tuple[Image.Image, dict]]) -> tuple[list[Image.Image], list[Prompt]]:
+    """The renders of `split_records` pairs whose concept is a base concept, with prompts describing them (their
+    true concept, style and layout), in step: other records are left out of both lists."""
     by_name = {c.name: c for c in BASE_CONCEPTS}
-    return [
+    kept = [(im, r) for im, r in pairs if r["concept"] in by_name]
+    prompts = [
         Prompt(
             r["caption"],
             0,
@@ -443,9 +445,9 @@ def split_prompts(pairs: Sequence[tuple[Image.Image, dict]]) -> list[Prompt]:
             r["style"],
             Layout(r["background"], r["position"], r["size"]),
         )
-        for _, r in pairs
-        if r["concept"] in by_name
+        for _, r in kept
     ]
+    return [im for im, _ in kept], prompts
 
 
 def _reconstruct(vae: Any, images: Sequence[Image.Image], batch: int = 64, latent_noise: float = 0.0):
@@ -714,8 +716,7 @@ def _real_renders(data_dir: Path, c_prompts: list[Prompt], l_prompts: list[Promp
     else None (no test split and no emoji sources)."""
     pairs = split_records(data_dir, "test", max(len(l_prompts), len(c_prompts)))
     if pairs:
-        prompts = split_prompts(pairs)
-        images = [im for im, r in pairs if r["concept"] in {p.concept.name for p in prompts}]
+        images, prompts = split_renders(pairs)
         return images, prompts, images, prompts, "test split"
     c_images, l_images = real_renders(c_prompts, config), real_renders(l_prompts, config)
     if c_images is None or l_images is None:

@@ -748,6 +748,9 @@ class ClipTask:
         self.concept_index = {c: i for i, c in enumerate(self.vocab["concept"])}
         self.concept_ids = self._ids([caption(c, None, None, ()) for c in self.vocab["concept"]])
         self.style_index = {s: i for i, s in enumerate(self.vocab["style"])}
+        styles = self.vocab["style"]  # the style prompts of every concept: concepts x styles x tokens
+        style_ids = self._ids([caption(c, s, None) for c in self.vocab["concept"] for s in styles])
+        self.style_ids = style_ids.view(len(self.vocab["concept"]), len(styles), -1)
         self.phrases = part_phrases(self.vocab["style"])
         self.phrase_ids = self._ids([text for values in self.phrases.values() for text in values.values()])
 
@@ -777,8 +780,10 @@ class ClipTask:
             if self.cfg.phrase_weight:
                 phrase_emb = self.model.get_text_features(input_ids=self.phrase_ids)
             if self.cfg.style_weight:  # "a {concept}, {style} style" for every style, per image
-                style_texts = [caption(r["concept"], s, None) for r in records for s in self.vocab["style"]]
-                style_emb = self.model.get_text_features(input_ids=self._ids(style_texts))
+                concepts = torch.tensor(
+                    [self.concept_index[r["concept"]] for r in records], device=self.device
+                )
+                style_emb = self.model.get_text_features(input_ids=self.style_ids[concepts].flatten(0, 1))
         image_emb = F.normalize(_pooled(image_emb).float(), dim=-1)
         text_emb = F.normalize(_pooled(text_emb).float(), dim=-1)
         scale = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
