@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from booth.devices import resolve_device
 from booth.errors import BoothError
 from booth.mini import architecture as A
+from booth.mini.architecture import pooled
 from booth.mini.render import BASE_STYLES, installed_styles
 from booth.mini.train import (
     DONE,
@@ -22,7 +24,6 @@ from booth.mini.train import (
     STAGES,
     CaptionDropout,
     TrainConfig,
-    _pooled,
     batch_indices,
     build_task,
     final_dir,
@@ -34,7 +35,6 @@ from booth.mini.train import (
     part_phrases,
     read_log,
     record_caption,
-    resolve_device,
     rotate_hue,
     sample_caption,
     train_all,
@@ -249,11 +249,11 @@ def test_clip_style_term_is_the_style_gates_zero_shot_cross_entropy(data_dir):
     with torch.no_grad():
         pixels = (data.images[index].float() / 255.0 - task.mean) / task.std
         image = torch.nn.functional.normalize(
-            _pooled(task.model.get_image_features(pixel_values=pixels)), dim=-1
+            pooled(task.model.get_image_features(pixel_values=pixels)), dim=-1
         )
         texts = [caption(r["concept"], s, None) for r in records for s in styles]
         text = task.model.get_text_features(input_ids=task._ids(texts))
-        text = torch.nn.functional.normalize(_pooled(text), dim=-1).view(len(records), len(styles), -1)
+        text = torch.nn.functional.normalize(pooled(text), dim=-1).view(len(records), len(styles), -1)
         logits = task.model.logit_scale.exp() * torch.einsum("bd,bsd->bs", image, text)
         labels = torch.tensor([styles.index(r["style"]) for r in records])
         expected = torch.nn.functional.cross_entropy(logits, labels)

@@ -30,7 +30,7 @@ import torch
 from booth.mini import architecture as A
 from booth.mini import train as T
 from booth.mini.checks import classify_background, classify_position
-from booth.mini.compose import BACKGROUNDS, POSITIONS, SIZES
+from booth.mini.compose import BACKGROUNDS, CAPTION_PARTS, POSITIONS, SIZES
 
 PARTS = ("concept", "size", "position", "background", "style")
 
@@ -112,7 +112,7 @@ def main() -> None:
             texts = []
             for row in ids.tolist():
                 record = {p: vocab[p][i - offsets[p]] for p, i in zip(PARTS, row) if i}
-                parts = tuple(p for p in T.CAPTION_PARTS if p in record)
+                parts = tuple(p for p in CAPTION_PARTS if p in record)
                 if "concept" not in record:
                     texts.append("")
                     continue

@@ -184,13 +184,13 @@ class ClipBackbone:
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image], batch: int = 32) -> torch.Tensor:
         """[N, projection_dim] image embeddings (not normalised)."""
-        from booth.mini.check import _pooled
+        from booth.mini.architecture import pooled
 
         images = list(images)
         if not images:
             return torch.zeros(0, self.model.config.projection_dim)
         out = [
-            _pooled(
+            pooled(
                 self.model.get_image_features(
                     pixel_values=_pixels(images[i : i + batch], self.pre).to(self.device)
                 )
@@ -202,7 +202,7 @@ class ClipBackbone:
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, projection_dim] text embeddings (not normalised); texts over the context length are truncated."""
-        from booth.mini.check import _pooled
+        from booth.mini.architecture import pooled
 
         max_length = self.model.config.text_config.max_position_embeddings
         ids = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length)
@@ -210,7 +210,7 @@ class ClipBackbone:
             input_ids=torch.tensor(ids["input_ids"], device=self.device),
             attention_mask=torch.tensor(ids["attention_mask"], device=self.device),
         )
-        return _pooled(features).float().cpu()
+        return pooled(features).float().cpu()
 
     def describe(self) -> dict[str, Any]:
         vision = self.model.config.vision_config

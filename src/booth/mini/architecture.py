@@ -211,6 +211,12 @@ def text_config(config: ClipConfig):
     )
 
 
+def pooled(features) -> torch.Tensor:
+    """The embedding of a CLIP `get_image_features` / `get_text_features` call: transformers 5 may return a
+    ModelOutput (its ``pooler_output``), older versions the tensor itself."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
 def build_clip(config: ClipConfig, seed: int = 0):
     """A freshly initialised mini-CLIP (`transformers.CLIPModel`)."""
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig

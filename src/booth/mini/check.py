@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from booth.errors import BoothError
 from booth.mini import checks
-from booth.mini.architecture import clip_processor_config
+from booth.mini.architecture import clip_processor_config, pooled
 from booth.mini.compose import (
     BACKGROUNDS,
     LAYOUTS,
@@ -297,7 +297,7 @@ class MiniClip:
             self.model.get_image_features(pixel_values=self.pixels(images[i : i + batch]))
             for i in range(0, len(images), batch)
         ]
-        return torch.nn.functional.normalize(torch.cat([_pooled(o) for o in out]).float(), dim=-1)
+        return torch.nn.functional.normalize(torch.cat([pooled(o) for o in out]).float(), dim=-1)
 
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -305,7 +305,7 @@ class MiniClip:
         max_length = self.model.config.text_config.max_position_embeddings
         ids = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length)
         features = self.model.get_text_features(input_ids=torch.tensor(ids["input_ids"]))
-        return torch.nn.functional.normalize(_pooled(features).float(), dim=-1)
+        return torch.nn.functional.normalize(pooled(features).float(), dim=-1)
 
     def classify(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[int]:
         """Index of the most similar text (cosine) for each image."""
@@ -313,11 +313,6 @@ class MiniClip:
             return []
         sims = self.image_embeddings(images) @ self.text_embeddings(texts).T
         return sims.argmax(dim=1).tolist()
-
-
-def _pooled(features: Any) -> torch.Tensor:
-    """transformers 5 may return a ModelOutput from get_*_features; older versions a tensor."""
-    return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 
 def preprocess(image: Image.Image, pre: dict) -> np.ndarray:

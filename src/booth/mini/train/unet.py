@@ -1,0 +1,204 @@
+"""The ``unet`` stage: epsilon prediction with Min-SNR weights and the text encoder beside it (steps 1-5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from booth.errors import BoothError
+from booth.mini import architecture as arch_mod
+from booth.mini.train.config import TrainConfig
+from booth.mini.train.data import (
+    MiniData,
+    is_pair,
+    part_cross_entropy,
+    part_phrases,
+    record_caption,
+    sample_parts,
+    to_unit,
+)
+from booth.mini.train.workdir import TEXT_ENCODER, atomic_save, autocast, final_dir, is_finished, sha256_file
+
+
+def x0_weight(snr: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
+    """Loss weight in x_0 space: min(SNR, gamma) (Min-SNR-gamma, Hang et al. 2023) + floor.
+
+    An epsilon loss weighs x_0 errors by SNR (Hang et al. 2023, eq. 5), so at high noise, where the layout
+    of an image is decided, it barely cares where the object goes: SD's scaled-linear schedule ends at
+    SNR 0.0047. ``floor = 1`` is the "SNR + 1" weighting of v-prediction (Salimans & Ho 2022), capped.
+    Divide by SNR for the weight of an epsilon loss. Measured (2026-11-30, `tools/mini_position_tokens.py`:
+    the shipped UNet conditioned on learned attribute tokens instead of text, 16 px latents): position
+    right 17% after 400 steps at floor 0 (lr 1e-4), 92% after 1,000 steps at floor 1 (lr 3e-4; background
+    94%); the shipped model, floor 0, is at chance (11%).
+    """
+    return snr.clamp(max=gamma) + floor
+
+
+class Denoiser(torch.nn.Module):
+    """What the UNet stage trains (and checkpoints, and averages): the UNet and the text encoder beside it.
+
+    The text encoder starts as the mini-CLIP text tower; it trains only with
+    `UNetTrainConfig.train_text_encoder` (else it is frozen and only rides along).
+
+    With `UNetTrainConfig.readout_weight` it also holds `readout`: one linear head per caption part over the
+    text encoder's token-averaged states (not exported). Why: at high noise the UNet's queries carry almost no
+    image, cross-attention averages the 77 token states nearly uniformly, and 50-60 of those are padding whose
+    (causal) states summarise the caption the way CLIP's pooled embedding does; the mini-CLIP never aligned
+    position (zero-shot position at chance), so that average says where the object goes too faintly to learn
+    from (2026-12-01: 1,000 steps with a fresh, position-aware text tower trainable at lr 1e-3: position 11%,
+    background 100%). The heads make the average carry every part.
+    """
+
+    def __init__(
+        self, unet: torch.nn.Module, text_encoder: torch.nn.Module, readout: dict[str, int] | None = None
+    ):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        if readout:
+            width = text_encoder.config.hidden_size
+            self.readout = torch.nn.ModuleDict(
+                {part: torch.nn.Linear(width, n) for part, n in readout.items()}
+            )
+
+
+def readout_classes(parts: tuple[str, ...], records: list[dict], styles: list[str]) -> dict[str, list[str]]:
+    """The classes of each readout part: the caption parts' values, and the training set's concepts."""
+    values = {part: list(v) for part, v in part_phrases(styles).items()}
+    values["concept"] = sorted({r["concept"] for r in records})
+    unknown = set(parts) - set(values)
+    if unknown:
+        raise BoothError(f"unknown readout parts {sorted(unknown)}: choose from {sorted(values)}")
+    return {part: values[part] for part in parts}
+
+
+class UNetTask:
+    """UNet2DConditionModel: epsilon prediction with Min-SNR weights, CFG and caption-part dropout.
+
+    With `train_text_encoder` the diffusion loss also fine-tunes the text encoder (initialised from the
+    mini-CLIP text tower; the exported pipeline then holds the fine-tuned encoder and the mini-CLIP
+    evaluator keeps its own towers). Contrastive training left the tower nearly blind to position words
+    (captions differing only in position: hidden states at mean cosine 0.98, against 0.42-0.53 for
+    background colour), so a frozen tower gives the UNet almost nothing to place objects by. Measured
+    (2026-11-30): 1,000 steps continuing the shipped UNet with the encoder trainable and `snr_floor` 1
+    moved that cosine only to 0.97 and position stayed at 16%; the same UNet conditioned instead on
+    learned attribute tokens reached 92% (see `x0_weight`). Off in the "full" preset.
+    """
+
+    def __init__(
+        self, config: TrainConfig, data: MiniData, device: torch.device, seed: int, work: Path, **cache: Any
+    ):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPModel, CLIPTokenizer
+
+        for stage in ("clip", "vae"):
+            if not is_finished(work, stage):
+                raise BoothError(f"the {stage} stage is not finished in {work}; train it before the unet")
+        self.cfg, self.data, self.device = config.unet, data, device
+        clip = CLIPModel.from_pretrained(final_dir(work, "clip"))
+        text_encoder = arch_mod.text_encoder_from_clip(clip).requires_grad_(self.cfg.train_text_encoder)
+        self.tokenizer = CLIPTokenizer.from_pretrained(final_dir(work, "clip"))
+        vae = AutoencoderKL.from_pretrained(final_dir(work, "vae"))
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_mean, self.latent_std = latent_cache(work, vae.to(device), data, **cache)
+        self.noise = arch_mod.build_noise_scheduler()
+        self.alphas_cumprod = self.noise.alphas_cumprod.to(device)
+        unet = arch_mod.build_unet(config.arch.unet, config.arch.clip.text_width, seed=seed)
+        styles = sorted({r["style"] for r in data.records})
+        self.readout_values = readout_classes(self.cfg.readout_parts, data.records, styles)
+        readout = {k: len(v) for k, v in self.readout_values.items()} if self.cfg.readout_weight else None
+        if readout and not self.cfg.train_text_encoder:
+            raise BoothError("readout_weight trains the text encoder: it needs train_text_encoder")
+        self.model = Denoiser(unet, text_encoder, readout).to(device).train()
+        self.model.text_encoder.train(self.cfg.train_text_encoder)
+        self.max_length = config.arch.clip.max_length
+
+    def encode_text(self, texts: list[str], dtype: torch.dtype | None) -> torch.Tensor:
+        """The text encoder's last hidden state, captions padded to 77 tokens as at inference."""
+        ids = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length)
+        with torch.set_grad_enabled(self.cfg.train_text_encoder), autocast(self.device, dtype):
+            return self.model.text_encoder(torch.tensor(ids["input_ids"], device=self.device))[0]
+
+    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
+        # 1. load batch: cached posterior of each image, and a shortened caption (or "" for CFG)
+        records = [self.data.records[i] for i in index.tolist()]
+        parts = [sample_parts(self.cfg.captions, gen) for _ in records]
+        texts = [record_caption(r, p) for r, p in zip(records, parts)]
+        index = index.to(self.device)
+        mean, std = self.latent_mean[index], self.latent_std[index]
+        # 2. encode: sample the VAE posterior, scale to unit variance; text through the text encoder
+        eps_z = torch.randn(mean.shape, generator=gen).to(self.device)
+        latents = (mean + std * eps_z) * self.scaling_factor
+        text = self.encode_text(texts, dtype)
+        # 3. noise: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps with a per-channel offset (Guttenberg 2023)
+        b, c = latents.shape[:2]
+        offset = self.cfg.offset_noise * torch.randn(b, c, 1, 1, generator=gen)
+        noise = (torch.randn(latents.shape, generator=gen) + offset).to(self.device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=gen).to(self.device)
+        noisy = self.noise.add_noise(latents, noise, t)
+        # 4. predict the noise
+        with autocast(self.device, dtype):
+            predicted = self.model.unet(noisy, t, encoder_hidden_states=text).sample.float()
+        # 5. loss: Min-SNR-gamma weighted MSE, w = (min(SNR, gamma) + floor) / SNR for epsilon
+        abar = self.alphas_cumprod[t]
+        snr = abar / (1.0 - abar)
+        weight = x0_weight(snr, self.cfg.min_snr_gamma, self.cfg.snr_floor) / snr
+        per_sample = (predicted - noise).pow(2).flatten(1).mean(dim=1)
+        loss, stats = (weight * per_sample).mean(), {"mse": per_sample.mean().item()}
+        if self.cfg.readout_weight:
+            single = [None if is_pair(r) else p for r, p in zip(records, parts)]  # the heads read one object
+            readout, accuracy = self._readout_loss(text.float().mean(dim=1), records, single)
+            loss = loss + self.cfg.readout_weight * readout
+            stats["readout_acc"] = accuracy
+        return loss, stats
+
+    def _readout_loss(self, average: torch.Tensor, records: list[dict], parts) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy of every named caption part read from the token-averaged text states."""
+        return part_cross_entropy(
+            self.readout_values,
+            records,
+            parts,
+            lambda part, rows: self.model.readout[part](average[rows]),
+            average,
+        )
+
+    def save_final(self, folder: Path, data_dir: Path) -> dict:
+        self.model.eval().unet.save_pretrained(folder)  # the loop has copied the EMA weights in
+        if self.cfg.train_text_encoder:
+            self.model.text_encoder.save_pretrained(folder / TEXT_ENCODER)
+        return {"text_encoder": "fine-tuned" if self.cfg.train_text_encoder else "mini-CLIP text tower"}
+
+
+def latent_cache(
+    work: Path, vae: Any, data: MiniData, dtype: torch.dtype | None = None, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image under the frozen VAE (cached in unet/latents.pt).
+
+    Encoded under the training precision (bf16 autocast: 4 ms an image here instead of 11 ms; its rounding,
+    about 0.4% of a latent, is far below the smallest diffusion noise, sqrt(1 - abar_0) = 3%).
+    """
+    path = work / "unet" / "latents.pt"
+    key = {
+        "data": data.checksum,
+        "vae": sha256_file(final_dir(work, "vae") / "diffusion_pytorch_model.safetensors"),
+        "precision": str(dtype),
+    }
+    device = next(vae.parameters()).device
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return cached["mean"].to(device), cached["std"].to(device)
+    vae.eval()
+    means, stds = [], []
+    bar = tqdm(range(0, len(data), 256), desc="booth-mini latents", unit="batch", disable=not progress)
+    with torch.no_grad(), autocast(device, dtype):
+        for start in bar:
+            dist = vae.encode(to_unit(data.images[start : start + 256]).to(device)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"key": key, "mean": mean, "std": std}, path)
+    return mean.to(device), std.to(device)
