@@ -289,6 +289,33 @@ def test_x0_weight_is_min_snr_plus_a_floor():
     assert torch.allclose(eps_weight, torch.tensor([1.0, 1.0, 0.5]))
 
 
+def test_the_x0_weight_floor_can_decay_over_the_unet_stage():
+    steady = replace(TINY.unet, snr_floor=1.0)
+    decaying = replace(steady, snr_floor_end=0.0)
+    last = TINY.unet.optim.steps - 1
+    assert [steady.floor_at(s) for s in (0, last)] == [1.0, 1.0]
+    assert [decaying.floor_at(s) for s in (0, last, last + 10)] == [1.0, 0.0, 0.0]
+    assert decaying.floor_at(last // 2) == pytest.approx(1.0 - (last // 2) / last)
+    with pytest.raises(ValueError, match="negative"):
+        replace(steady, snr_floor_end=-0.5)
+
+
+@needs_data
+def test_the_unet_loss_weighs_by_the_floor_of_its_step(data_dir, trained):
+    """The step decides the floor: at the first step the decaying loss is the floor-1 loss, at the last the floor-0."""
+    data, cpu, last = load_split(data_dir), torch.device("cpu"), TINY.unet.optim.steps - 1
+
+    def loss(floor, end, step):
+        config = replace(TINY, unet=replace(TINY.unet, snr_floor=floor, snr_floor_end=end))
+        task = build_task("unet", config, data, cpu, 0, trained)
+        with torch.no_grad():
+            return task.loss(torch.arange(8), torch.Generator().manual_seed(0), None, step)[0].item()
+
+    first, final = loss(1.0, 0.0, 0), loss(1.0, 0.0, last)
+    assert first == pytest.approx(loss(1.0, None, 0)) and final == pytest.approx(loss(0.0, None, 0))
+    assert first > final  # the floor adds weight to every sample
+
+
 def test_unknown_names_are_user_errors(tmp_path):
     with pytest.raises(BoothError):
         train_stage("lora", tmp_path, tmp_path, TINY)

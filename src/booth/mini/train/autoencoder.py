@@ -88,7 +88,7 @@ class VaeTask:
             for part in (self.model.encoder, self.model.quant_conv):
                 part.requires_grad_(False)
 
-    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
+    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None, step: int = 0):
         # 1. load batch (a `hue_jitter` share with its hue rotated)
         x = to_unit(self.data.images[index]).to(self.device)
         if self.cfg.hue_jitter:

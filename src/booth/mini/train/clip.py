@@ -49,7 +49,7 @@ class ClipTask:
         ids = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.arch.max_length)
         return torch.tensor(ids["input_ids"], device=self.device)
 
-    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
+    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None, step: int = 0):
         # 1. load batch: images, (shortened) captions, hard negatives, the concept prompts
         records = [self.data.records[i] for i in index.tolist()]
         parts = [sample_parts(self.cfg.captions, gen) for _ in records]

@@ -401,7 +401,7 @@ def _train_step(s: _Session) -> dict:
     """One optimizer step; returns its log record."""
     tick = time.perf_counter()
     index = batch_indices(s.n, s.optim.batch_size, s.seed, s.step)
-    loss, metrics = s.task.loss(index, step_generator(s.seed, s.stage, s.step), s.dtype)  # steps 1-5
+    loss, metrics = s.task.loss(index, step_generator(s.seed, s.stage, s.step), s.dtype, s.step)  # 1-5
     # 6. optimizer step (+ EMA)
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -121,7 +121,7 @@ class UNetTask:
         with torch.set_grad_enabled(self.cfg.train_text_encoder), autocast(self.device, dtype):
             return self.model.text_encoder(torch.tensor(ids["input_ids"], device=self.device))[0]
 
-    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None):
+    def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None, step: int = 0):
         # 1. load batch: cached posterior of each image, and a shortened caption (or "" for CFG)
         records = [self.data.records[i] for i in index.tolist()]
         parts = [sample_parts(self.cfg.captions, gen) for _ in records]
@@ -144,7 +144,7 @@ class UNetTask:
         # 5. loss: Min-SNR-gamma weighted MSE, w = (min(SNR, gamma) + floor) / SNR for epsilon
         abar = self.alphas_cumprod[t]
         snr = abar / (1.0 - abar)
-        weight = x0_weight(snr, self.cfg.min_snr_gamma, self.cfg.snr_floor) / snr
+        weight = x0_weight(snr, self.cfg.min_snr_gamma, self.cfg.floor_at(step)) / snr
         per_sample = (predicted - noise).pow(2).flatten(1).mean(dim=1)
         loss, stats = (weight * per_sample).mean(), {"mse": per_sample.mean().item()}
         if self.cfg.readout_weight:
