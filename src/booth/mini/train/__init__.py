@@ -21,10 +21,11 @@ Stages (`STAGES`), each a plain loop of numbered steps (1 load batch, 2 encode, 
   without it the scaled-linear schedule cannot move an image's mean colour far, and flat backgrounds are
   the mini world's first prompt check), classifier-free-guidance caption dropout (empty caption with
   p = 0.1, Ho & Salimans 2022) and caption-part dropout so short prompts ("a dog", "a dog on a blue
-  background") work. The text encoder is the frozen CLIP text tower (captions padded to 77, as at
-  inference); latents come from the frozen VAE, encoded once per training image (posterior mean and std
-  cached in ``work/unet/latents.pt``) and sampled every step. EMA of the weights (decay 0.999 with the
-  usual (1 + t) / (10 + t) warm-up) is what ships.
+  background") work. The text encoder starts as the mini-CLIP text tower (captions padded to 77, as at
+  inference) and, in the `full` preset, trains beside the UNet with a readout term; latents come from the
+  frozen VAE, encoded once per training image (posterior mean and std cached in ``work/unet/latents.pt``)
+  and sampled every step. EMA of the weights (decay 0.999 with the usual (1 + t) / (10 + t) warm-up) is what
+  ships.
 
 No horizontal flips, in any stage: captions name left and right, and a flip would need the caption swapped
 *and* would teach mirror images of art that the styles never draw (20,000 distinct compositions are data
