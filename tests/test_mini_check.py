@@ -15,6 +15,7 @@ from booth.errors import BoothError
 from booth.mini.check import (
     CARD_BEGIN,
     CARD_END,
+    INTERVAL_NOTE,
     CheckConfig,
     CheckReport,
     Gate,
@@ -24,6 +25,7 @@ from booth.mini.check import (
     pair_prompts,
     preprocess,
     update_card,
+    wilson_interval,
 )
 from booth.mini.concepts import BASE_CONCEPTS
 from booth.mini.render import BASE_STYLES, installed_styles
@@ -124,6 +126,26 @@ def test_gate_verdicts():
     assert Gate("r", "r", "dB", None, measured=20.0).passed is None
 
 
+def test_wilson_interval_matches_the_textbook_values():
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # not empty at 0%
+    assert wilson_interval(1.0, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
+
+
+def test_share_gates_carry_their_95_percent_interval():
+    style = Gate("style", "style", "%", 0.6, measured=0.57, n=100)
+    low, high = style.interval
+    assert low < 0.57 < high and high > 0.6  # 57 of 100 does not rule out the 60% goal
+    assert style.measured_text == f"57.0% ({100 * low:.1f}-{100 * high:.1f})"
+    assert style.to_dict()["interval"] == (low, high)
+    wide = Gate("pairs", "pairs", "%", None, measured=0.9, n=40).interval
+    assert wide[1] - wide[0] > high - low  # fewer prompts, wider interval
+    assert Gate("psnr", "psnr", "dB", 24.0, measured=26.5, n=300).interval is None
+    assert Gate("none", "none", "%", 0.4, measured=None, n=100).measured_text == "-"
+
+
 def test_missing_model_or_clip_is_a_user_error(tmp_path):
     with pytest.raises(BoothError, match="no booth-mini model"):
         _run(tmp_path / "nothing", tmp_path)
@@ -210,6 +232,11 @@ def test_every_gate_is_measured_in_range(checked):
         assert 0.0 <= gates[name]["measured"] <= 1.0 and gates[name]["target"] == "report", gates[name]
         assert gates[name]["n"] == 6  # test-split renders, as many as the larger prompt set (--samples 6)
     assert all(g["passed"] in (True, False, None) for g in gates.values())
+    for gate in gates.values():  # shares carry a 95% interval around the measured value, other units none
+        if gate["unit"] == "%":
+            assert gate["interval"][0] <= gate["measured"] <= gate["interval"][1], gate
+        else:
+            assert gate["interval"] is None, gate
 
 
 @needs_data
@@ -225,6 +252,7 @@ def test_card_gets_the_table_and_a_rerun_replaces_it(checked, model_dir, data_di
     assert "not measured yet" not in card
     assert card.count(CARD_BEGIN) == 1 and card.count(CARD_END) == 1 and card.count("## Quality") == 1
     assert "| background colour right | >= 80.0% |" in card
+    assert INTERVAL_NOTE in card and "measured (95% interval)" in card
     assert "`booth mini check --model" in card and "--samples 6" in card
     assert card.index("## Training") < card.index(CARD_BEGIN)
     assert _run(model_dir, data_dir, "--update-card", "--seed", "1") == 0
@@ -237,7 +265,10 @@ def test_card_gets_the_table_and_a_rerun_replaces_it(checked, model_dir, data_di
 def test_cli_prints_the_table(model_dir, data_dir, capsys):
     assert _run(model_dir, data_dir, "--samples", "2", "--concepts", "1") == 0
     out = capsys.readouterr().out
-    assert "| gate | target | measured | pass | ceiling (real renders) | floor (chance) | n |" in out
+    assert (
+        "| gate | target | measured (95% interval) | pass | ceiling (real renders) | floor (chance) | n |"
+        in out
+    )
     for label in ("concept:", "background colour right", "position right", "style right", "PSNR", "steps"):
         assert label in out
 

@@ -18,6 +18,9 @@ Gates, each over a fixed seeded prompt set (same seed -> same prompts, seeds and
 - speed: median wall time of one 64x64 image with `steps` steps (report; the benchmark is
   ``benchmarks/mini_speed.py``).
 
+Every share (the "%" rows) comes with its 95% Wilson interval over its n prompts or images
+(`wilson_interval`): about +-10 points at n = 100, so a few points between two runs are noise.
+
 Real renders come from the dataset's test split when `data_dir` holds one, else they are composed on the fly
 from the emoji sources (`booth.mini.compose`). `update_card` rewrites the model card's quality section
 inside a marker block, so a second run replaces the first.
@@ -80,6 +83,18 @@ class CheckConfig:
     pairs: int = 40  # two-object prompts (0: no such row)
 
 
+def wilson_interval(p_hat: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion p_hat seen in n trials (Wilson 1927); z = 1.96: 95%.
+
+    Unlike p_hat +- z sqrt(p_hat (1 - p_hat) / n) it stays inside [0, 1] and is not empty at 0% or 100%.
+    """
+    if n <= 0:
+        raise ValueError("an interval needs at least one trial")
+    centre = (p_hat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p_hat * (1 - p_hat) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @dataclass(frozen=True)
 class Gate:
     """One row of the table: a measured value against its target, with the real-render ceiling and floor."""
@@ -110,6 +125,21 @@ class Gate:
         assert self.goal is not None and self.measured is not None
         return abs(self.goal - self.measured)
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """95% Wilson interval of a measured share ("%" gates are shares of `n` prompts or images), else None."""
+        if self.unit != "%" or self.n <= 0 or self.measured is None or not math.isfinite(self.measured):
+            return None
+        return wilson_interval(self.measured, self.n)
+
+    @property
+    def measured_text(self) -> str:
+        """The measured value, with its 95% interval for a share: "57.0% (47.2-66.3)"."""
+        if self.interval is None:
+            return self.fmt(self.measured)
+        low, high = self.interval
+        return f"{self.fmt(self.measured)} ({100 * low:.1f}-{100 * high:.1f})"
+
     def fmt(self, value: float | None) -> str:
         """A value in the gate's unit, "-" when absent."""
         if value is None or not math.isfinite(value):
@@ -139,7 +169,13 @@ class Gate:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the fields plus target text and pass/fail."""
-        return {**asdict(self), "target": self.target, "passed": self.passed, "shortfall": self.shortfall}
+        return {
+            **asdict(self),
+            "target": self.target,
+            "passed": self.passed,
+            "shortfall": self.shortfall,
+            "interval": self.interval,
+        }
 
 
 @dataclass
@@ -160,12 +196,12 @@ class CheckReport:
     def table(self) -> str:
         """The gates as a Markdown table."""
         lines = [
-            "| gate | target | measured | pass | ceiling (real renders) | floor (chance) | n |",
+            "| gate | target | measured (95% interval) | pass | ceiling (real renders) | floor (chance) | n |",
             "|---|---|---|---|---|---|---|",
         ]
         for g in self.gates:
             lines.append(
-                f"| {g.label} | {g.target} | {g.fmt(g.measured)} | {g.verdict} | {g.fmt(g.ceiling)} | "
+                f"| {g.label} | {g.target} | {g.measured_text} | {g.verdict} | {g.fmt(g.ceiling)} | "
                 f"{g.fmt(g.floor)} | {g.n} |"
             )
         return "\n".join(lines)
@@ -771,6 +807,12 @@ def write_json(report: CheckReport, path: str | Path) -> Path:
     return path
 
 
+INTERVAL_NOTE = (
+    "In parentheses: the 95% Wilson interval of a share over its n prompts or images; two runs whose "
+    "intervals overlap widely are not told apart by these prompts."
+)
+
+
 def quality_block(report: CheckReport) -> str:
     """The model card's quality section, between the markers."""
     missed = [g for g in report.gates if g.passed is False]
@@ -783,6 +825,8 @@ def quality_block(report: CheckReport) -> str:
         f"CFG {report.config.cfg_scale:g}):",
         "",
         report.table(),
+        "",
+        INTERVAL_NOTE,
         "",
     ]
     if missed:
