@@ -29,8 +29,7 @@ import random
 import sys
 from pathlib import Path
 
-from PIL import Image
-
+from booth.generate.grid import image_grid
 from booth.mini.check import (
     DEFAULT_DATA,
     CheckConfig,
@@ -106,15 +105,11 @@ def score(args: argparse.Namespace) -> None:
             f"{label}: top-1 over all {len(BASE_CONCEPTS)} concepts {100 * every:.1f}%, "
             f"among the {len(concepts)} chosen {100 * among:.1f}%"
         )
-    if args.out:
-        rows = 2 if renders else 1
-        grid = Image.new("RGB", (64 * args.per, 64 * rows * len(concepts)))
-        for i, image in enumerate(images):
-            row, col = divmod(i, args.per)
-            grid.paste(image, (64 * col, 64 * rows * row))
-            if renders:
-                grid.paste(renders[i], (64 * col, 64 * rows * row + 64))
-        grid.save(args.out)
+    if args.out:  # a row of each concept's images, with its renders' row below
+        cells = []
+        for start in range(0, len(images), args.per):
+            cells += images[start : start + args.per] + (renders or [])[start : start + args.per]
+        image_grid(cells, cols=args.per).save(args.out)
         print(f"grid: {args.out}")
 
 

@@ -135,10 +135,10 @@ class Gate:
     @property
     def measured_text(self) -> str:
         """The measured value, with its 95% interval for a share: "57.0% (47.2-66.3)"."""
-        if self.interval is None:
+        interval = self.interval
+        if interval is None:
             return self.fmt(self.measured)
-        low, high = self.interval
-        return f"{self.fmt(self.measured)} ({100 * low:.1f}-{100 * high:.1f})"
+        return f"{self.fmt(self.measured)} ({100 * interval[0]:.1f}-{100 * interval[1]:.1f})"
 
     def fmt(self, value: float | None) -> str:
         """A value in the gate's unit, "-" when absent."""

@@ -61,6 +61,7 @@ class ClipTask:
         ]
         pixels = (self.data.images[index].to(self.device).float() / 255.0 - self.mean) / self.std
         input_ids = self._ids(texts + negatives)
+        concepts = torch.tensor([self.concept_index[r["concept"]] for r in records], device=self.device)
         # 2. encode both towers; 3-4. (no noise) predict: cosine similarities scaled by the temperature
         with autocast(self.device, dtype):
             image_emb = self.model.get_image_features(pixel_values=pixels)
@@ -70,9 +71,6 @@ class ClipTask:
             if self.cfg.phrase_weight:
                 phrase_emb = self.model.get_text_features(input_ids=self.phrase_ids)
             if self.cfg.style_weight:  # "a {concept}, {style} style" for every style, per image
-                concepts = torch.tensor(
-                    [self.concept_index[r["concept"]] for r in records], device=self.device
-                )
                 style_emb = self.model.get_text_features(input_ids=self.style_ids[concepts].flatten(0, 1))
         image_emb = F.normalize(arch_mod.pooled(image_emb).float(), dim=-1)
         text_emb = F.normalize(arch_mod.pooled(text_emb).float(), dim=-1)
@@ -92,9 +90,8 @@ class ClipTask:
         stats = {"acc": accuracy.item(), "scale": scale.item()}
         if self.cfg.concept_weight:
             concept_logits = scale * image_emb @ F.normalize(arch_mod.pooled(concept_emb).float(), dim=-1).T
-            labels = torch.tensor([self.concept_index[r["concept"]] for r in records], device=self.device)
-            loss = loss + self.cfg.concept_weight * F.cross_entropy(concept_logits, labels)
-            stats["concept_acc"] = (concept_logits.argmax(dim=1) == labels).float().mean().item()
+            loss = loss + self.cfg.concept_weight * F.cross_entropy(concept_logits, concepts)
+            stats["concept_acc"] = (concept_logits.argmax(dim=1) == concepts).float().mean().item()
         if self.cfg.phrase_weight:
             phrase_loss, phrase_acc = self._phrase_loss(records, parts, text_emb[:b], phrase_emb, scale)
             loss = loss + self.cfg.phrase_weight * phrase_loss
