@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,6 +317,38 @@ def test_the_unet_loss_weighs_by_the_floor_of_its_step(data_dir, trained):
     assert first > final  # the floor adds weight to every sample
 
 
+def test_the_unet_timestep_range_is_checked_and_read_back():
+    low = replace(TINY.unet, timesteps=[0, 400])  # JSON gives a list
+    assert low.timesteps == (0, 400)
+    config = replace(TINY, unet=low)
+    assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    for bad in ((400, 400), (-1, 10), (500, 100)):
+        with pytest.raises(ValueError, match="timesteps"):
+            replace(TINY.unet, timesteps=bad)
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="timesteps_share"):
+            replace(TINY.unet, timesteps_share=share)
+
+
+def test_the_unet_stage_draws_timesteps_from_its_range(data_dir, trained):
+    data, cpu = load_split(data_dir), torch.device("cpu")
+
+    def draws(timesteps, share=1.0):
+        config = replace(TINY, unet=replace(TINY.unet, timesteps=timesteps, timesteps_share=share))
+        return build_task("unet", config, data, cpu, 0, trained).draw_timesteps(
+            4096, torch.Generator().manual_seed(0)
+        )
+
+    every, low = draws(None), draws((100, 300))
+    assert every.min() < 10 and every.max() > 990  # the whole schedule by default
+    assert low.min() >= 100 and low.max() < 300 and len(low.unique()) == 200
+    mixed = draws((100, 300), share=0.25)  # a quarter of the batch from the range, the rest from everywhere
+    assert mixed[:1024].min() >= 100 and mixed[:1024].max() < 300
+    assert mixed[1024:].min() < 10 and mixed[1024:].max() > 990
+    with pytest.raises(BoothError, match="timesteps"):
+        draws((0, 1001))  # the schedule has 1,000
+
+
 def test_unknown_names_are_user_errors(tmp_path):
     with pytest.raises(BoothError):
         train_stage("lora", tmp_path, tmp_path, TINY)
@@ -470,6 +503,39 @@ def test_unet_warm_start_can_carry_the_fine_tuned_text_encoder(data_dir, trained
     (work / "unet" / "checkpoint.pt").unlink()
     with pytest.raises(BoothError, match="holds no text encoder"):
         train_stage("unet", data_dir, work, no_encoder, steps=1, progress=False)
+
+
+@needs_data
+def test_unet_warm_start_carries_the_readout_heads_it_can(data_dir, trained, tmp_path):
+    """A continuation of a run that trained the readout heads starts from its heads (fresh ones would pull the
+    carried encoder at their first steps); heads reading other parts start fresh."""
+    reading = replace(TINY, unet=replace(TINY.unet, readout_weight=1.0))
+    first = _work_with_prerequisites(trained, tmp_path / "first", "unet")
+    _pin(first, reading)
+    train_stage("unet", data_dir, first, reading, steps=2, progress=False)
+    source = first / "unet" / "checkpoint.pt"
+    heads = {
+        k: v for k, v in torch.load(source, weights_only=True)["ema"].items() if k.startswith("readout.")
+    }
+    assert heads
+
+    def started(parts):
+        config = replace(
+            reading, unet=replace(reading.unet, init=str(source), init_text_encoder=True, readout_parts=parts)
+        )
+        work = _work_with_prerequisites(trained, tmp_path / "-".join(parts), "unet")
+        _pin(work, config)
+        train_stage("unet", data_dir, work, config, steps=0, progress=False)
+        return torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
+
+    carried = started(reading.unet.readout_parts)
+    assert all(torch.equal(carried[key][k], v) for key in ("model", "ema") for k, v in heads.items())
+    other = started(("size",))  # another head set: its own fresh heads, no error
+    assert set(k for k in other["model"] if k.startswith("readout.")) == {
+        "readout.size.weight",
+        "readout.size.bias",
+    }
+    assert not torch.equal(other["model"]["readout.size.weight"], heads["readout.size.weight"])
 
 
 def test_two_object_records_caption_both_objects():
@@ -659,6 +725,22 @@ def test_the_decoder_stage_fine_tunes_the_vae_stages_decoder_and_ships(data_dir,
 
 
 @needs_data
+def test_export_refuses_a_stage_whose_done_json_is_not_one_it_wrote(trained, tmp_path):
+    """A finished stage copied by hand (a done.json without the run's facts) is a one-line error, no card."""
+    from booth.mini.export import export_pipeline
+
+    work = tmp_path / "work"
+    shutil.copytree(trained, work)
+    (work / "clip" / DONE).write_text(json.dumps({"note": "copied from another run"}))
+    with pytest.raises(BoothError, match="no steps, batch_size"):
+        export_pipeline(work, tmp_path / "export")
+    (work / "clip" / DONE).write_text("{not json")
+    with pytest.raises(BoothError, match="cannot read"):
+        export_pipeline(work, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+@needs_data
 def test_the_decoder_stage_needs_the_vae_stage_and_a_frozen_encoder(data_dir, tmp_path):
     with pytest.raises(BoothError, match="vae stage is not finished"):
         train_stage("decoder", data_dir, tmp_path, TINY, progress=False)
@@ -813,6 +895,28 @@ def test_export_loads_with_plain_diffusers_and_generates(exported):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(64, 64) torch.float32 torch.float32 DPMSolverMultistepScheduler" in done.stdout
+
+
+@needs_data
+def test_the_denoise_depth_tool_reads_a_pipeline_at_each_strength(exported, data_dir, tmp_path):
+    """tools/mini_denoise_depth.py: the round trip (strength 0) and image-to-image, read by the model's CLIP."""
+    tool = Path(__file__).parents[1] / "tools" / "mini_denoise_depth.py"
+    out = tmp_path / "depth.json"
+    args = [sys.executable, str(tool), str(exported), "--data", str(data_dir), "--n", "6"]
+    done = subprocess.run(
+        [*args, "--strengths", "0,0.5", "--json", str(out), "--out", str(tmp_path / "depth.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads(out.read_text())
+    scores = table["models"][str(exported)]
+    assert table["renders"] == 6 and set(scores) == {"0.0", "0.5"}
+    assert all(0.0 <= v <= 1.0 for pair in scores.values() for v in pair)
+    assert (tmp_path / "depth.png").is_file() and "| 0.5 |" in done.stdout
+    bad = subprocess.run([*args, "--strengths", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "strengths lie in [0, 1]" in bad.stderr
 
 
 @needs_data

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from booth.mini.architecture import text_encoder_from_clip
+from booth.mini.export import write_text_encoder
 from booth.mini.train import final_dir, is_finished, unet_checkpoint_weights
 from booth.models.loading import default_model_path
 
@@ -48,7 +49,7 @@ def main() -> None:
         text.load_state_dict(encoder)
     else:
         text = text_encoder_from_clip(CLIPModel.from_pretrained(final_dir(args.work, "clip")))
-    text.to(torch.float16).save_pretrained(tmp / "text_encoder")
+    write_text_encoder(text, tmp / "text_encoder")  # fp16 weights, a float32 config as the export writes
     vae_stage = "decoder" if is_finished(args.work, "decoder") else "vae"
     vae = AutoencoderKL.from_pretrained(final_dir(args.work, vae_stage))
     vae.to(torch.float16).save_pretrained(tmp / "vae")

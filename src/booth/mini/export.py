@@ -65,7 +65,7 @@ def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
         pipe = load_trained_pipeline(work)
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         write_scheduler_defaults(tmp / "scheduler")
-        _write_text_encoder(pipe.text_encoder, tmp / "text_encoder")
+        write_text_encoder(pipe.text_encoder, tmp / "text_encoder")
         _write_tokenizer(tmp / "tokenizer", num_merges)
         _write_clip(work, tmp / "clip", num_merges)
         dataset = json.loads((work / DATASET_FILE).read_text())
@@ -131,7 +131,7 @@ def _config_dtype_float32(folder: Path) -> None:
     _update_json(folder / "config.json", {"dtype": "float32"})
 
 
-def _write_text_encoder(encoder: Any, folder: Path) -> None:
+def write_text_encoder(encoder: Any, folder: Path) -> None:
     """fp16 weights named ``text_model.*`` (SD 1.x layout) + config with dtype float32."""
     from safetensors.torch import save_file
 
@@ -177,7 +177,18 @@ def stage_training(work: Path, stage: str) -> dict:
     records = read_log(work, stage)
     chunks = [r for r in records if r.get("event") == "chunk"]
     losses = [r["loss"] for r in records if "loss" in r]
-    done = json.loads((work / stage / DONE).read_text())
+    path = work / stage / DONE
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise BoothError(f"cannot read {path}: {error}") from None
+    missing = [key for key in ("steps", "batch_size") if key not in (done if isinstance(done, dict) else {})]
+    if missing:
+        raise BoothError(
+            f"{path} has no {', '.join(missing)}: not a finished stage `booth mini train` wrote (a stage copied "
+            "from another run needs that run's done.json and log.jsonl); tools/mini_checkpoint_pipeline.py "
+            "exports a UNet checkpoint without a model card"
+        )
     return {
         **done,
         "chunks": len(chunks),

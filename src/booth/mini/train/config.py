@@ -126,7 +126,11 @@ class UNetTrainConfig:
     `init` may also be a diffusers pipeline folder (e.g. the shipped booth-mini): its ``unet/`` (and, with
     `init_text_encoder`, its ``text_encoder/``).
     `init_text_encoder`: also start the text encoder from that checkpoint's (EMA) encoder, which it must hold
-    (a run with `train_text_encoder`); otherwise the encoder is this run's mini-CLIP text tower.
+    (a run with `train_text_encoder`); otherwise the encoder is this run's mini-CLIP text tower. The readout
+    heads go on from the checkpoint's when they read the same parts; a pipeline folder has none, and fresh
+    heads at the encoder's learning rate rewrite the carried encoder in the first steps (2026-12-07: v5
+    continued 600 steps so, background right 99 -> 51%): continue a pipeline folder with the encoder frozen
+    or `readout_weight` 0.
     `pairs`: also train on the dataset's ``pairs`` split (two small objects an image, "a small X on the left
     and a small Y on the right ..."; `booth.mini.dataset`), so the model can draw two things at once, as
     multi-concept prompts ask; the readout term skips those images.
@@ -135,6 +139,11 @@ class UNetTrainConfig:
     low noise, where outlines and shading are drawn (2026-12-06, 400 prompts: 1,000 steps at floor 0 after a
     floor-1 stage, style 47.3 -> 54.3%, position kept; a 3,000-step stage from floor 1 to 0, style 52.3% and
     size 77.3 -> 72.5%; docs/mini-model.md, "After v5" and "part 3"). Off in the presets.
+    `timesteps`, `timesteps_share`: a [first, last) range of training timesteps and the share of each batch
+    drawn from it (uniformly); the rest of the batch is drawn from the whole schedule. None: the whole
+    schedule. A range of low noise trains the part of the denoiser that draws the details (the denoiser
+    experts of eDiff-I, Balaji et al. 2022, here one UNet); drawn alone (share 1) it makes the UNet forget the
+    layout it decides at high noise (2026-12-07: v5 continued 600 steps on t < 400, background 99 -> 34%).
     """
 
     optim: Optim
@@ -151,10 +160,23 @@ class UNetTrainConfig:
     readout_parts: tuple[str, ...] = CAPTION_PARTS
     pairs: bool = False
     snr_floor_end: float | None = None
+    timesteps: tuple[int, int] | None = None
+    timesteps_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.snr_floor < 0 or (self.snr_floor_end or 0.0) < 0:
             raise ValueError("the x0-weight floor (snr_floor, snr_floor_end) cannot be negative")
+        if not 0.0 <= self.timesteps_share <= 1.0:
+            raise ValueError(
+                f"timesteps_share is a fraction of the batch in [0, 1], not {self.timesteps_share}"
+            )
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))  # a JSON list reads back as a tuple
+            first, last = self.timesteps
+            if not 0 <= first < last:
+                raise ValueError(
+                    f"timesteps must be a range [first, last) with 0 <= first < last, not {self.timesteps}"
+                )
 
     def floor_at(self, step: int) -> float:
         """The x0-weight floor at `step` (0-based) of the stage."""

@@ -106,6 +106,12 @@ class UNetTask:
         self.latent_mean, self.latent_std = latent_cache(work, vae.to(device), data, **cache)
         self.noise = arch_mod.build_noise_scheduler()
         self.alphas_cumprod = self.noise.alphas_cumprod.to(device)
+        self.timesteps = self.cfg.timesteps or (0, self.noise.config.num_train_timesteps)
+        if self.timesteps[1] > self.noise.config.num_train_timesteps:
+            raise BoothError(
+                f"unet.timesteps {list(self.timesteps)} ends past the schedule's "
+                f"{self.noise.config.num_train_timesteps} timesteps"
+            )
         unet = arch_mod.build_unet(config.arch.unet, config.arch.clip.text_width, seed=seed)
         styles = sorted({r["style"] for r in data.records})
         self.readout_values = readout_classes(self.cfg.readout_parts, data.records, styles)
@@ -137,7 +143,7 @@ class UNetTask:
         b, c = latents.shape[:2]
         offset = self.cfg.offset_noise * torch.randn(b, c, 1, 1, generator=gen)
         noise = (torch.randn(latents.shape, generator=gen) + offset).to(self.device)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=gen).to(self.device)
+        t = self.draw_timesteps(b, gen)
         noisy = self.noise.add_noise(latents, noise, t)
         # 4. predict the noise
         with autocast(self.device, dtype):
@@ -154,6 +160,18 @@ class UNetTask:
             loss = loss + self.cfg.readout_weight * readout
             stats["readout_acc"] = accuracy
         return loss, stats
+
+    def draw_timesteps(self, b: int, gen: torch.Generator) -> torch.Tensor:
+        """`b` training timesteps: the first `timesteps_share` of them uniform over `UNetTrainConfig.timesteps`,
+        the rest over the whole schedule (all of them by default)."""
+        first, last = self.timesteps
+        ranged = round(b * self.cfg.timesteps_share) if self.cfg.timesteps else b
+        t = torch.randint(first, last, (ranged,), generator=gen)
+        if ranged < b:
+            t = torch.cat(
+                [t, torch.randint(0, self.noise.config.num_train_timesteps, (b - ranged,), generator=gen)]
+            )
+        return t.to(self.device)
 
     def _readout_loss(self, average: torch.Tensor, records: list[dict], parts) -> tuple[torch.Tensor, float]:
         """Mean cross-entropy of every named caption part read from the token-averaged text states."""

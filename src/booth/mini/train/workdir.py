@@ -24,6 +24,7 @@ CONFIG_FILE = "config.json"
 DATASET_FILE = "dataset.json"
 # unet/final/text_encoder: the fine-tuned encoder, when the UNet stage trains it
 TEXT_ENCODER = "text_encoder"
+READOUT = "readout"  # the Denoiser's readout heads (checkpoints only, not exported)
 
 
 def _cpu_has_fast_bf16() -> bool:
