@@ -107,6 +107,19 @@ def test_unwritable_output_folder_is_refused(tiny_sd1_dir, tmp_path, capsys):
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_file_system_error_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    """Any command: an OSError the command did not expect (permissions, a full disk) is one line, no traceback."""
+    import booth.generate.samplers as samplers
+
+    def full_disk():
+        raise OSError(28, "No space left on device", str(tmp_path / "out.png"))
+
+    monkeypatch.setattr(samplers, "sampler_list", full_disk)
+    assert main(["samplers"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"booth: error: No space left on device: {tmp_path / 'out.png'}\n"
+
+
 def test_malformed_prompt_falls_back_to_literal_with_a_warning(tiny_sd1_dir, tmp_path, capsys):
     argv = [
         "generate",
