@@ -740,6 +740,32 @@ def test_export_refuses_a_stage_whose_done_json_is_not_one_it_wrote(trained, tmp
     assert not (tmp_path / "export").exists()
 
 
+def test_a_stage_that_cannot_start_is_refused_before_the_dataset_is_built(tmp_path, capsys):
+    """`booth mini train --stage unet` on a work folder without the clip and vae stages: one line at once, no
+    dataset built into --data, nothing pinned in --work."""
+    from booth.cli import main
+
+    data, work = tmp_path / "data", tmp_path / "work"
+    for stage, missing in (("unet", "clip"), ("decoder", "vae")):
+        args = [
+            "mini",
+            "train",
+            "--preset",
+            "tiny",
+            "--stage",
+            stage,
+            "--data",
+            str(data),
+            "--work",
+            str(work),
+        ]
+        assert main([*args, "--no-progress"]) == 2
+        assert capsys.readouterr().err == (
+            f"booth: error: the {missing} stage is not finished in {work}; train it before the {stage}\n"
+        )
+    assert not data.exists() and not work.exists()
+
+
 @needs_data
 def test_the_decoder_stage_needs_the_vae_stage_and_a_frozen_encoder(data_dir, tmp_path):
     with pytest.raises(BoothError, match="vae stage is not finished"):

@@ -23,6 +23,7 @@ from booth.mini.train import (
     STAGES,
     StageReport,
     TrainConfig,
+    check_prerequisites,
     is_finished,
     pinned_run,
     preset,
@@ -109,6 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (a chunk of) booth-mini from parsed flags; export when every stage is done."""
     config, seed = recipe(args)
     data, work = Path(args.data), Path(args.work)
+    if args.stage != "all":  # before building a missing dataset (40 s) for a stage that cannot start
+        check_prerequisites(work, args.stage, config)
     _ensure_dataset(data, config, not args.no_progress)
     options = dict(
         minutes=args.minutes,

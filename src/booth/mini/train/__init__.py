@@ -81,6 +81,7 @@ from booth.mini.train.data import (
 from booth.mini.train.loop import (
     StageReport,
     build_task,
+    check_prerequisites,
     export_pipeline,
     pinned_run,
     read_run_config,
@@ -123,6 +124,7 @@ __all__ = [
     "VaeTrainConfig",
     "batch_indices",
     "build_task",
+    "check_prerequisites",
     "check_stage",
     "export_pipeline",
     "final_dir",

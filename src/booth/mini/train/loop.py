@@ -75,6 +75,7 @@ def build_task(
     progress: bool = False,
 ):
     """The model and steps 1-5 of one stage (the decoder and UNet stages load finished stages from `work`)."""
+    check_prerequisites(work, stage, config)
     cfg = config.stage(stage)
     if stage == "clip":
         return ClipTask(config, data, device, seed)
@@ -83,16 +84,22 @@ def build_task(
     return UNetTask(config, data, device, seed, work, dtype=dtype, progress=progress)
 
 
+def check_prerequisites(work: Path, stage: str, config: TrainConfig) -> None:
+    """BoothError unless the stages `stage` builds on are finished in `work`: the UNet trains on the mini-CLIP's
+    text tower and the VAE's latents; the decoder stage starts from the vae stage's autoencoder (unless it has
+    its own `init`)."""
+    needs = {"unet": ("clip", "vae"), "decoder": () if config.stage(stage).init else ("vae",)}.get(stage, ())
+    for before in needs:
+        if not is_finished(work, before):
+            raise BoothError(f"the {before} stage is not finished in {work}; train it before the {stage}")
+
+
 def stage_init(work: Path, stage: str, cfg: Any) -> Path | None:
     """The weights a fresh stage starts from: its `init`; for the decoder stage by default the ``vae``
-    stage's autoencoder (BoothError while that is not finished)."""
+    stage's autoencoder (which `check_prerequisites` has found finished)."""
     if cfg.init:
         return Path(cfg.init)
-    if stage != "decoder":
-        return None
-    if not is_finished(work, "vae"):
-        raise BoothError(f"the vae stage is not finished in {work}; train it before the decoder")
-    return final_dir(work, "vae")
+    return final_dir(work, "vae") if stage == "decoder" else None
 
 
 # --- the loop --------------------------------------------------------------------------------------------
@@ -485,6 +492,7 @@ def train_stage(
     total = config.stage(stage).optim.steps
     if is_finished(work, stage):
         return StageReport(stage, total, total, 0, 0.0, True)
+    check_prerequisites(work, stage, config)
     s = _open_session(stage, Path(data_dir), work, config, device, seed, progress)
     first, last = s.step, None
     end = total if steps is None else min(total, s.step + max(0, steps))

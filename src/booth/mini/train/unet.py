@@ -20,7 +20,7 @@ from booth.mini.train.data import (
     sample_parts,
     to_unit,
 )
-from booth.mini.train.workdir import TEXT_ENCODER, atomic_save, autocast, final_dir, is_finished, sha256_file
+from booth.mini.train.workdir import TEXT_ENCODER, atomic_save, autocast, final_dir, sha256_file
 
 
 def x0_weight(snr: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
@@ -94,9 +94,6 @@ class UNetTask:
         from diffusers import AutoencoderKL
         from transformers import CLIPModel, CLIPTokenizer
 
-        for stage in ("clip", "vae"):
-            if not is_finished(work, stage):
-                raise BoothError(f"the {stage} stage is not finished in {work}; train it before the unet")
         self.cfg, self.data, self.device = config.unet, data, device
         clip = CLIPModel.from_pretrained(final_dir(work, "clip"))
         text_encoder = arch_mod.text_encoder_from_clip(clip).requires_grad_(self.cfg.train_text_encoder)
