@@ -442,9 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     except BoothError as exc:
         print(f"booth: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (
-        OSError
-    ) as exc:  # a file or folder the command could not read or write (permissions, full disk, ...)
+    except OSError as exc:
+        # a file or folder the command could not read or write (permissions, a full disk, ...)
         print(f"booth: error: {_os_error_text(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -453,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _os_error_text(exc: OSError) -> str:
-    """ "No space left on device: runs/x/checkpoint.pt" rather than a traceback."""
+    """The error as one line, e.g. "No space left on device: runs/x/checkpoint.pt"."""
     if exc.strerror and exc.filename:
         return f"{exc.strerror}: {exc.filename}"
     return str(exc) or type(exc).__name__
