@@ -25,26 +25,12 @@ from pathlib import Path
 DEFAULT_STRENGTHS = "0,0.05,0.3,0.5,0.7,1.0"
 
 
-def round_trip(pipe, images):
-    """The autoencoder alone: encode (posterior mean) and decode."""
-    import numpy as np
-    import torch
-
-    from booth.mini.train.data import to_unit
-
-    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        latents = pipe.vae.encode(to_unit(pixels)).latent_dist.mean
-        decoded = pipe.vae.decode(latents).sample
-    return pipe.image_processor.postprocess(decoded, output_type="pil")
-
-
 def depth(model: str, images, prompts, strengths, clip, batch: int = 25) -> tuple[dict, dict]:
     """{strength: (concept, style)} of `model` on the renders, and {strength: outputs}."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from booth.mini.check import concept_accuracy, style_accuracy
+    from booth.mini.check import concept_accuracy, style_accuracy, vae_reconstructions
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, safety_checker=None, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -54,7 +40,7 @@ def depth(model: str, images, prompts, strengths, clip, batch: int = 25) -> tupl
         for i in range(0, len(images), batch):
             chunk = slice(i, i + batch)
             if strength == 0:
-                out += round_trip(pipe, images[chunk])
+                out += vae_reconstructions(pipe.vae, images[chunk])
                 continue
             seeds = [torch.Generator().manual_seed(1000 + j) for j in range(i, min(i + batch, len(images)))]
             out += pipe(
