@@ -992,6 +992,64 @@ def test_exported_text_encoder_is_the_one_the_unet_stage_fine_tuned(exported, tr
 
 
 @needs_data
+def test_export_checkpoint_writes_the_run_s_own_architecture_mid_run(trained, tmp_path, capsys):
+    """`booth mini export --checkpoint`: a pipeline of the UNet stage's checkpoint in the run's own shapes (TINY's
+    UNet and text encoder are not the bundled model's; the tool it replaces copied the bundled folder and
+    failed on them), loadable with plain diffusers; --out is required."""
+    from diffusers import StableDiffusionPipeline
+
+    from booth.cli import main
+    from booth.mini.train import unet_checkpoint_weights
+
+    out = tmp_path / "at-checkpoint"
+    assert main(["mini", "export", "--checkpoint", "--work", str(trained)]) == 2
+    assert "--checkpoint needs --out" in capsys.readouterr().err
+    assert main(["mini", "export", "--checkpoint", "--work", str(trained), "--out", str(out)]) == 0
+    state = torch.load(trained / "unet" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert f"at step {state['step']} to" in capsys.readouterr().out
+    parts = unet_checkpoint_weights(state)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert tuple(pipe.unet.config.block_out_channels) == TINY.arch.unet.block_out_channels
+    unet = pipe.unet.state_dict()
+    assert all(torch.equal(unet[k], v.half().float()) for k, v in parts["unet"].items())
+    encoder = pipe.text_encoder.state_dict()
+    assert all(torch.equal(encoder[k], v.half().float()) for k, v in parts["text_encoder"].items())
+    assert json.loads((out / "training.json").read_text())["checkpoint_step"] == state["step"]
+    assert f"step {state['step']} of {TINY.unet.optim.steps}" in (out / "README.md").read_text()
+    assert (out / "clip" / "config.json").is_file()
+    image = pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+
+@needs_data
+def test_exports_refuse_a_folder_that_is_not_a_pipeline_and_a_bad_checkpoint(trained, tmp_path):
+    """An export replaces its --out whole, so a folder of the user's other files is refused and kept; a
+    truncated checkpoint is a one-line error."""
+    from booth.mini.export import export_checkpoint, export_pipeline
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for export in (export_pipeline, export_checkpoint):
+        with pytest.raises(BoothError, match="refusing to replace .*not a diffusers pipeline folder"):
+            export(trained, mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("config.json", "dataset.json"):
+        shutil.copy(trained / name, work / name)
+    for stage in ("clip", "vae"):
+        shutil.copytree(trained / stage, work / stage)
+    with pytest.raises(BoothError, match="has no UNet checkpoint"):
+        export_checkpoint(work, tmp_path / "out")
+    (work / "unet").mkdir()
+    (work / "unet" / "checkpoint.pt").write_bytes((trained / "unet" / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(BoothError, match="cannot read .* as a UNet-stage checkpoint"):
+        export_checkpoint(work, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_data
 def test_frozen_text_encoder_rides_along_unchanged(data_dir, trained):
     """Without train_text_encoder the encoder gets no gradient and the export would copy CLIP's tower."""
     frozen = replace(TINY, unet=replace(TINY.unet, train_text_encoder=False))

@@ -20,6 +20,10 @@ model in its config's dtype by default, and a plain ``StableDiffusionPipeline.fr
 get the fp32 text encoder that its fp32 UNet expects on a CPU (pass ``torch_dtype=torch.float16`` for
 fp16). The text encoder's tensors are named ``text_model.*`` as in SD 1.x, which transformers 4 and 5 load.
 `clip/` is not in model_index.json, so diffusers ignores it; load it with ``CLIPModel.from_pretrained``.
+
+`export_checkpoint(work_dir, out_dir)` writes the same folder from the UNet stage's latest checkpoint of a run
+still training (its EMA weights), to look at or check a run mid-way; its README says which step it holds.
+An existing `out_dir` is replaced only when it is a pipeline folder (it has a model_index.json).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from booth.errors import BoothError
 from booth.fsutil import atomic_folder
 from booth.mini import architecture as arch_mod
 from booth.mini.train import (
+    CHECKPOINT,
     CONFIG_FILE,
     DATASET_FILE,
     DONE,
@@ -44,6 +49,7 @@ from booth.mini.train import (
     final_dir,
     is_finished,
     read_log,
+    unet_checkpoint_weights,
 )
 from booth.models.tokenizer import write_clip_tokenizer_files
 
@@ -59,21 +65,78 @@ def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
         raise BoothError(
             f"cannot export {work}: stage(s) {', '.join(missing)} not finished (booth mini train)"
         )
-    run = json.loads((work / CONFIG_FILE).read_text())
-    num_merges = run["config"]["arch"]["clip"]["num_merges"]
+    _check_replaceable(out)
     with atomic_folder(out) as tmp:
-        pipe = load_trained_pipeline(work)
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        write_scheduler_defaults(tmp / "scheduler")
-        write_text_encoder(pipe.text_encoder, tmp / "text_encoder")
-        _write_tokenizer(tmp / "tokenizer", num_merges)
-        _write_clip(work, tmp / "clip", num_merges)
-        dataset = json.loads((work / DATASET_FILE).read_text())
-        (tmp / "ATTRIBUTION.md").write_text(dataset.get("attribution", ""))
-        training = {**run, "dataset": {k: v for k, v in dataset.items() if k != "attribution"}}
-        (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+        _write_pipeline(work, tmp, load_trained_pipeline(work))
         (tmp / "README.md").write_text(model_card(work, tmp))
     return out.resolve()
+
+
+def export_checkpoint(work_dir: str | Path, out_dir: str | Path) -> tuple[Path, int]:
+    """Write a pipeline folder from the UNet stage's latest checkpoint of `work_dir` (a run still training):
+    its EMA UNet and text encoder (a UNet-only checkpoint: the run's mini-CLIP text tower), the run's
+    autoencoder (the decoder stage's once that is done), the CLIP evaluator and training.json. Returns the
+    folder and the checkpoint's step."""
+    work, out = Path(work_dir), Path(out_dir)
+    path = work / "unet" / CHECKPOINT
+    if not path.is_file():
+        raise BoothError(f"{work} has no UNet checkpoint ({path}); train the unet stage first")
+    missing = [stage for stage in ("clip", "vae") if not is_finished(work, stage)]
+    if missing:
+        raise BoothError(
+            f"cannot export {work}: stage(s) {', '.join(missing)} not finished (booth mini train)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        parts = unet_checkpoint_weights(state)
+    except Exception as error:  # a truncated or foreign file: pickle, zip and key errors alike
+        raise BoothError(f"cannot read {path} as a UNet-stage checkpoint: {error}") from None
+    _check_replaceable(out)
+    vae_stage = run_config(work).vae_stage
+    vae_stage = vae_stage if is_finished(work, vae_stage) else "vae"
+    pipe = _assemble_pipeline(work, vae_stage)
+    pipe.unet.load_state_dict(parts["unet"])
+    if TEXT_ENCODER in parts:
+        pipe.text_encoder.load_state_dict(parts[TEXT_ENCODER])
+    step, total = state["step"], run_config(work).unet.optim.steps
+    encoder = "the checkpoint's" if TEXT_ENCODER in parts else "the run's mini-CLIP text tower"
+    with atomic_folder(out) as tmp:
+        _write_pipeline(work, tmp, pipe, checkpoint_step=step)
+        (tmp / "README.md").write_text(
+            f"# booth-mini checkpoint: step {step} of {total}\n\n"
+            f"The UNet stage's checkpoint of the run in `{work}` at step {step} of {total} (EMA weights; text "
+            f"encoder: {encoder}; autoencoder: the {vae_stage} stage's), written by `booth mini export "
+            "--checkpoint` to look at a run mid-way. Not a finished run: `booth mini export` writes that, with "
+            "its model card.\n"
+        )
+    return out.resolve(), step
+
+
+def _check_replaceable(out: Path) -> None:
+    """An export replaces `out` whole: refuse a folder that holds anything but a pipeline."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file()):
+        raise BoothError(
+            f"refusing to replace {out}: it is not a diffusers pipeline folder (no model_index.json); "
+            "give a new or empty folder"
+        )
+
+
+def _write_pipeline(work: Path, tmp: Path, pipe: Any, checkpoint_step: int | None = None) -> None:
+    """The pipeline's components (fp16), tokenizer, scheduler defaults, CLIP evaluator, training.json and
+    ATTRIBUTION.md into `tmp`: everything an export writes but its README."""
+    run = json.loads((work / CONFIG_FILE).read_text())
+    num_merges = run["config"]["arch"]["clip"]["num_merges"]
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    write_scheduler_defaults(tmp / "scheduler")
+    write_text_encoder(pipe.text_encoder, tmp / "text_encoder")
+    _write_tokenizer(tmp / "tokenizer", num_merges)
+    _write_clip(work, tmp / "clip", num_merges)
+    dataset = json.loads((work / DATASET_FILE).read_text())
+    (tmp / "ATTRIBUTION.md").write_text(dataset.get("attribution", ""))
+    training = {**run, "dataset": {k: v for k, v in dataset.items() if k != "attribution"}}
+    if checkpoint_step is not None:
+        training["checkpoint_step"] = checkpoint_step
+    (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
 
 
 # Stable Diffusion's own scheduler config names these (SD 1.5: PNDM with clip_sample / set_alpha_to_one false,
@@ -106,20 +169,33 @@ def load_trained_pipeline(work_dir: str | Path):
     The text encoder is the one the UNet stage fine-tuned (``unet/final/text_encoder``) when it trained one,
     else a copy of the mini-CLIP text tower; the autoencoder is the run's `TrainConfig.vae_stage`'s.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     work = Path(work_dir)
     tuned = final_dir(work, "unet") / TEXT_ENCODER
-    if tuned.is_dir():
-        text_encoder = CLIPTextModel.from_pretrained(tuned).eval()
-    else:
+    return _assemble_pipeline(
+        work,
+        run_config(work).vae_stage,
+        unet=UNet2DConditionModel.from_pretrained(final_dir(work, "unet")),
+        text_encoder=CLIPTextModel.from_pretrained(tuned).eval() if tuned.is_dir() else None,
+    )
+
+
+def _assemble_pipeline(work: Path, vae_stage: str, unet: Any = None, text_encoder: Any = None):
+    """A fp32 pipeline of the run's tokenizer, `vae_stage`'s autoencoder and DPM-Solver++; the UNet and text
+    encoder given, or (None) a fresh UNet of the run's architecture and the mini-CLIP's text tower."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPTokenizer
+
+    arch = run_config(work).arch
+    if text_encoder is None:
         text_encoder = arch_mod.text_encoder_from_clip(CLIPModel.from_pretrained(final_dir(work, "clip")))
     return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(final_dir(work, run_config(work).vae_stage)),
+        vae=AutoencoderKL.from_pretrained(final_dir(work, vae_stage)),
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(final_dir(work, "clip")),
-        unet=UNet2DConditionModel.from_pretrained(final_dir(work, "unet")),
+        unet=unet if unet is not None else arch_mod.build_unet(arch.unet, arch.clip.text_width),
         scheduler=arch_mod.build_inference_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -186,7 +262,7 @@ def stage_training(work: Path, stage: str) -> dict:
     if missing:
         raise BoothError(
             f"{path} has no {', '.join(missing)}: not a finished stage `booth mini train` wrote (a stage copied "
-            "from another run needs that run's done.json and log.jsonl); tools/mini_checkpoint_pipeline.py "
+            "from another run needs that run's done.json and log.jsonl); `booth mini export --checkpoint` "
             "exports a UNet checkpoint without a model card"
         )
     return {

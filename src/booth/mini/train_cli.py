@@ -9,7 +9,8 @@ folder, `booth.models.loading.default_model_path()`)::
 
 A work folder remembers its recipe (config.json, written by its first call): later calls without ``--preset``
 or ``--config`` go on with it. ``--config FILE`` trains a recipe from JSON (another run's config.json, or a
-preset's `TrainConfig.to_json` with some values changed) without editing the presets.
+preset's `TrainConfig.to_json` with some values changed) without editing the presets. To look at a run
+mid-way, ``booth mini export --checkpoint --work DIR --out DIR`` writes a pipeline of its latest UNet checkpoint.
 """
 
 from __future__ import annotations
@@ -141,9 +142,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a finished run from parsed flags."""
-    from booth.mini.export import export_pipeline
+    """Export a finished run (or, with --checkpoint, the UNet stage's latest checkpoint) from parsed flags."""
+    from booth.mini.export import export_checkpoint, export_pipeline
 
+    if args.checkpoint:
+        if not args.out:
+            raise BoothError(
+                "--checkpoint needs --out: a mid-run checkpoint never replaces the bundled weights"
+            )
+        out, step = export_checkpoint(args.work, args.out)
+        print(f"exported the UNet checkpoint of {args.work} at step {step} to {out}")
+        return 0
     print(f"exported booth-mini to {export_pipeline(args.work, args.out or _default_export())}")
     return 0
 
@@ -160,4 +169,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser("export", help="export a finished booth-mini run as a diffusers folder")
     export.add_argument("--work", default="runs/mini", help="the training folder (default runs/mini)")
     export.add_argument("--out", "-o", help="output folder (default: the bundled model folder)")
+    export.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="export the UNet stage's latest checkpoint of a run still training (needs --out), to look at it",
+    )
     export.set_defaults(func=cmd_export)
