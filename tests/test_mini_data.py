@@ -253,6 +253,12 @@ def test_dataset_is_reproducible_and_described(tmp_path):
     assert all(s["licence"] and s["version"] for s in manifest["sources"].values())
     with pytest.raises(BoothError, match="exists"):
         build_dataset(tmp_path / "a", 5, **kwargs)
+    mine = tmp_path / "mine"  # --overwrite replaces a dataset, never a folder of the user's other files
+    mine.mkdir()
+    (mine / "photo.png").write_bytes(b"keep")
+    with pytest.raises(BoothError, match="not a booth-mini dataset"):
+        build_dataset(mine, 5, overwrite=True, **kwargs)
+    assert [p.name for p in mine.iterdir()] == ["photo.png"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 

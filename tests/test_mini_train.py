@@ -766,6 +766,31 @@ def test_a_stage_that_cannot_start_is_refused_before_the_dataset_is_built(tmp_pa
     assert not data.exists() and not work.exists()
 
 
+def test_train_refuses_an_export_folder_it_would_wipe_before_training(tmp_path, capsys):
+    """`booth mini train --export DIR` replaces DIR whole when the run ends: a folder of other files is refused
+    at once (not after hours of training), with the files and no dataset or run left behind."""
+    from booth.cli import main
+
+    data, work, mine = tmp_path / "data", tmp_path / "work", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.png").write_bytes(b"not a pipeline")
+    args = [
+        "mini",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--work",
+        str(work),
+        "--export",
+        str(mine),
+    ]
+    assert main([*args, "--no-progress"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["photo.png"] and not data.exists() and not work.exists()
+
+
 @needs_data
 def test_the_decoder_stage_needs_the_vae_stage_and_a_frozen_encoder(data_dir, tmp_path):
     with pytest.raises(BoothError, match="vae stage is not finished"):

@@ -232,6 +232,10 @@ def build_from_config(
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
         raise BoothError(f"{out_dir} already exists; --overwrite replaces it")
+    if out_dir.is_file() or (
+        out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file()
+    ):  # --overwrite replaces a dataset, never a folder of other files
+        raise BoothError(f"refusing to replace {out_dir}: it is not a booth-mini dataset (no manifest.json)")
     with atomic_folder(out_dir) as built:
         splits = {"train": config.n_images, "test": config.n_test, "novel": config.n_novel}
         walks = {

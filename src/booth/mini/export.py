@@ -65,7 +65,7 @@ def export_pipeline(work_dir: str | Path, out_dir: str | Path) -> Path:
         raise BoothError(
             f"cannot export {work}: stage(s) {', '.join(missing)} not finished (booth mini train)"
         )
-    _check_replaceable(out)
+    check_replaceable(out)
     with atomic_folder(out) as tmp:
         _write_pipeline(work, tmp, load_trained_pipeline(work))
         (tmp / "README.md").write_text(model_card(work, tmp))
@@ -91,7 +91,7 @@ def export_checkpoint(work_dir: str | Path, out_dir: str | Path) -> tuple[Path, 
         parts = unet_checkpoint_weights(state)
     except Exception as error:  # a truncated or foreign file: pickle, zip and key errors alike
         raise BoothError(f"cannot read {path} as a UNet-stage checkpoint: {error}") from None
-    _check_replaceable(out)
+    check_replaceable(out)
     vae_stage = run_config(work).vae_stage
     vae_stage = vae_stage if is_finished(work, vae_stage) else "vae"
     pipe = _assemble_pipeline(work, vae_stage)
@@ -112,7 +112,7 @@ def export_checkpoint(work_dir: str | Path, out_dir: str | Path) -> tuple[Path, 
     return out.resolve(), step
 
 
-def _check_replaceable(out: Path) -> None:
+def check_replaceable(out: Path) -> None:
     """An export replaces `out` whole: refuse a folder that holds anything but a pipeline."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file()):
         raise BoothError(

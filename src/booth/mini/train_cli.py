@@ -113,6 +113,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     data, work = Path(args.data), Path(args.work)
     if args.stage != "all":  # before building a missing dataset (40 s) for a stage that cannot start
         check_prerequisites(work, args.stage, config)
+    if args.export and not args.no_export:  # before hours of training, not after
+        from booth.mini.export import check_replaceable
+
+        check_replaceable(Path(args.export))
     _ensure_dataset(data, config, not args.no_progress)
     options = dict(
         minutes=args.minutes,
