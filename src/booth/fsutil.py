@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from booth.errors import BoothError
+
 
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
@@ -27,3 +29,12 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(target: Path, marker: str, what: str) -> None:
+    """BoothError unless `atomic_folder(target)` may replace `target` whole: it is missing, an empty folder, or
+    holds `marker`, the file that makes it `what` (never a folder of the user's other files)."""
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not (target / marker).is_file()):
+        raise BoothError(
+            f"refusing to replace {target}: it is not {what} (no {marker}); give a new or empty folder"
+        )

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from booth.errors import BoothError
-from booth.fsutil import atomic_folder
+from booth.fsutil import atomic_folder, check_replaceable
 from booth.mini.compose import (
     BACKGROUNDS,
     CAPTION_TEMPLATE,
@@ -232,10 +232,7 @@ def build_from_config(
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
         raise BoothError(f"{out_dir} already exists; --overwrite replaces it")
-    if out_dir.is_file() or (
-        out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file()
-    ):  # --overwrite replaces a dataset, never a folder of other files
-        raise BoothError(f"refusing to replace {out_dir}: it is not a booth-mini dataset (no manifest.json)")
+    check_replaceable(out_dir, "manifest.json", "a booth-mini dataset")  # --overwrite replaces a dataset only
     with atomic_folder(out_dir) as built:
         splits = {"train": config.n_images, "test": config.n_test, "novel": config.n_novel}
         walks = {

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from booth import fsutil
 from booth.errors import BoothError
 from booth.fsutil import atomic_folder
 from booth.mini import architecture as arch_mod
@@ -92,13 +93,13 @@ def export_checkpoint(work_dir: str | Path, out_dir: str | Path) -> tuple[Path, 
     except Exception as error:  # a truncated or foreign file: pickle, zip and key errors alike
         raise BoothError(f"cannot read {path} as a UNet-stage checkpoint: {error}") from None
     check_replaceable(out)
-    vae_stage = run_config(work).vae_stage
-    vae_stage = vae_stage if is_finished(work, vae_stage) else "vae"
+    config = run_config(work)
+    vae_stage = config.vae_stage if is_finished(work, config.vae_stage) else "vae"
     pipe = _assemble_pipeline(work, vae_stage)
     pipe.unet.load_state_dict(parts["unet"])
     if TEXT_ENCODER in parts:
         pipe.text_encoder.load_state_dict(parts[TEXT_ENCODER])
-    step, total = state["step"], run_config(work).unet.optim.steps
+    step, total = state["step"], config.unet.optim.steps
     encoder = "the checkpoint's" if TEXT_ENCODER in parts else "the run's mini-CLIP text tower"
     with atomic_folder(out) as tmp:
         _write_pipeline(work, tmp, pipe, checkpoint_step=step)
@@ -114,11 +115,7 @@ def export_checkpoint(work_dir: str | Path, out_dir: str | Path) -> tuple[Path, 
 
 def check_replaceable(out: Path) -> None:
     """An export replaces `out` whole: refuse a folder that holds anything but a pipeline."""
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file()):
-        raise BoothError(
-            f"refusing to replace {out}: it is not a diffusers pipeline folder (no model_index.json); "
-            "give a new or empty folder"
-        )
+    fsutil.check_replaceable(out, "model_index.json", "a diffusers pipeline folder")
 
 
 def _write_pipeline(work: Path, tmp: Path, pipe: Any, checkpoint_step: int | None = None) -> None:
