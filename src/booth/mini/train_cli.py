@@ -6,6 +6,8 @@ last call stopped, until every stage is done; then it exports the pipeline (defa
 folder, `booth.models.loading.default_model_path()`)::
 
     booth mini train --minutes 30      # repeat until it prints "exported"; about 2 h in all on 2 CPU cores
+    booth mini train --reuse booth-mini --stage unet --work runs/u --export runs/u-export
+                                       # the bundled mini-CLIP and autoencoder, a new UNet
 
 A work folder remembers its recipe (config.json, written by its first call): later calls without ``--preset``
 or ``--config`` go on with it. ``--config FILE`` trains a recipe from JSON (another run's config.json, or a
@@ -24,6 +26,7 @@ from booth.mini.train import (
     STAGES,
     StageReport,
     TrainConfig,
+    adopt_stages,
     check_prerequisites,
     is_finished,
     pinned_run,
@@ -66,6 +69,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         "--export",
         help="pipeline folder written when all stages are done (default: bundled model; a --stage call "
         "exports only when this is given)",
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="PIPELINE",
+        help="take the clip, vae and decoder stages from a booth-mini pipeline folder (booth-mini: the bundled "
+        "one) and train the UNet alone",
     )
     parser.add_argument("--no-export", action="store_true", help="do not export when all stages are done")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -111,6 +120,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (a chunk of) booth-mini from parsed flags; export when every stage is done."""
     config, seed = recipe(args)
     data, work = Path(args.data), Path(args.work)
+    if args.reuse:
+        pipeline = _default_export() if args.reuse == "booth-mini" else Path(args.reuse)
+        adopted = adopt_stages(work, pipeline, config)
+        if adopted:
+            print(f"{', '.join(adopted)}: taken from {pipeline}")
     if args.stage != "all":  # before building a missing dataset (40 s) for a stage that cannot start
         check_prerequisites(work, args.stage, config)
     if args.export and not args.no_export:  # before hours of training, not after

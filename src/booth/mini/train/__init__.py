@@ -52,9 +52,11 @@ slows every step several times (a CLIP step 0.92 s -> 5.96 s with a busy second 
 
 Modules: `config` (the typed recipe and the presets), `data` (splits, batch order, captions), `workdir`
 (devices, precision, a work folder's files), one module per model trained (`clip`, `autoencoder` for the vae
-and decoder stages, `unet`: steps 1-5 of a stage) and `loop` (step 6, checkpoints, chunks, `train_all`).
+and decoder stages, `unet`: steps 1-5 of a stage), `loop` (step 6, checkpoints, chunks, `train_all`) and
+`adopt` (a run's first stages taken from a booth-mini pipeline, to train its UNet alone: ``--reuse``).
 """
 
+from booth.mini.train.adopt import adopt_stages
 from booth.mini.train.autoencoder import object_mask, rotate_hue
 from booth.mini.train.config import (
     PRESETS,
@@ -122,6 +124,7 @@ __all__ = [
     "TrainConfig",
     "UNetTrainConfig",
     "VaeTrainConfig",
+    "adopt_stages",
     "batch_indices",
     "build_task",
     "check_prerequisites",

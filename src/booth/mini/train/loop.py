@@ -91,7 +91,10 @@ def check_prerequisites(work: Path, stage: str, config: TrainConfig) -> None:
     needs = {"unet": ("clip", "vae"), "decoder": () if config.stage(stage).init else ("vae",)}.get(stage, ())
     for before in needs:
         if not is_finished(work, before):
-            raise BoothError(f"the {before} stage is not finished in {work}; train it before the {stage}")
+            raise BoothError(
+                f"the {before} stage is not finished in {work}; train it before the {stage}, or take it from a "
+                "pipeline with --reuse booth-mini"
+            )
 
 
 def stage_init(work: Path, stage: str, cfg: Any) -> Path | None:
