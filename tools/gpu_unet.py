@@ -1,0 +1,190 @@
+"""Retrain booth-mini's UNet on a lent GPU machine and bring it back: the run prepared as one command.
+
+The GPU machine (the `device` tool) has torch and transformers but not diffusers, nor the emoji art sources
+(over 130 MB: more than its 64 MiB carry), and it is lent for 15 minutes in all. So:
+
+    python tools/gpu_unet.py prepare                 # here: .carry/ = the diffusers wheel + the render cache
+    # device run, carry [".carry"], timeout 600 (one command, about 7 minutes):
+    #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl &&
+    #   PYTHONPATH=src:/tmp/site python3 tools/gpu_unet.py run --minutes 5 --out $OUT
+    python tools/gpu_unet.py assemble FILES_AT --out runs/gpu-export    # here: a pipeline folder
+    booth mini check --model runs/gpu-export --data data/mini
+
+``run`` builds the dataset from the carried render cache (`booth.mini.render.source_version`: the cache
+stands in for missing sources; same bytes), takes the bundled mini-CLIP and autoencoder (`--reuse`), times
+--probe steps of the recipe, then trains the UNet stage for as many steps as fit in --minutes (so the cosine
+schedule ends where the time does) and exports. The recipe is the `full` preset's UNet stage with its batch
+raised to --batch, its learning rate scaled by the square root of the batch ratio (text encoder's kept), its
+warm-up and EMA horizon kept in images. Into --out go three files: the UNet and text encoder weights and
+meta.tar (the export's configs, tokenizer, scheduler, training.json, README, the stage's log).
+``assemble`` lays them over a copy of the bundled pipeline (its VAE and CLIP are the ones the run took).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CARRY = REPO / ".carry"
+STYLES = ("noto", "openmoji", "twemoji", "fluent")  # the base styles and the novel split's
+WEIGHTS = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+}
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """The diffusers wheel this machine runs and the masters of the styles a dataset needs, into .carry/."""
+    from importlib.metadata import version
+
+    import diffusers
+
+    from booth.mini.render import RENDER_VERSION, data_home
+
+    wheels = CARRY / "wheels"
+    shutil.rmtree(CARRY, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(wheels)]
+        + [f"diffusers=={diffusers.__version__}", f"importlib_metadata=={version('importlib_metadata')}"],
+        check=True,
+    )
+    cache = data_home() / "renders" / f"v{RENDER_VERSION}"
+    for style in STYLES:
+        if not (cache / style).is_dir():
+            sys.exit(f"no {style} masters in {cache}: build the dataset here first (booth mini dataset)")
+        shutil.copytree(cache / style, CARRY / "booth-data" / "renders" / f"v{RENDER_VERSION}" / style)
+    size = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
+    print(f"{CARRY}: {size / 1e6:.1f} MB to carry")
+
+
+def gpu_recipe(preset_name: str, batch: int, steps: int):
+    """The preset's UNet stage at `batch` (lr x sqrt of the batch ratio; warm-up and EMA horizon in images)."""
+    from booth.mini.train import preset
+
+    config = preset(preset_name)
+    unet = config.unet
+    ratio = batch / unet.optim.batch_size
+    optim = replace(
+        unet.optim,
+        batch_size=batch,
+        steps=steps,
+        lr=unet.optim.lr * math.sqrt(ratio),
+        warmup_steps=max(1, round(unet.optim.warmup_steps / ratio)),
+    )
+    ema = 1.0 - (1.0 - unet.ema_decay) * ratio
+    return replace(config, name=f"{preset_name}-gpu", unet=replace(unet, optim=optim, ema_decay=ema))
+
+
+def _train(data: Path, work: Path, config, reuse: Path, minutes: float | None):
+    from booth.mini.train import adopt_stages, train_stage
+
+    adopt_stages(work, reuse, config)
+    return train_stage("unet", data, work, config, minutes=minutes, progress=False)
+
+
+def run(args: argparse.Namespace) -> None:
+    """On the GPU machine: dataset, probe, the timed UNet stage, export, three files into --out."""
+    import os
+
+    os.environ.setdefault("BOOTH_DATA_HOME", str(CARRY / "booth-data"))
+    from booth.mini.export import export_checkpoint, export_pipeline
+    from booth.mini.train import read_log
+    from booth.mini.train_cli import _ensure_dataset
+    from booth.models.loading import default_model_path
+
+    started = time.monotonic()
+    reuse = Path(args.reuse) if args.reuse else default_model_path()
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="gpu-unet-"))
+    data = Path(args.data) if args.data else scratch / "data"
+    _ensure_dataset(data, gpu_recipe(args.preset, args.batch, 1), progress=False)
+    print(f"dataset ready at {time.monotonic() - started:.0f} s", flush=True)
+
+    steps = args.steps
+    if steps is None:  # time the recipe here, then fill the minutes
+        probe = gpu_recipe(args.preset, args.batch, args.probe)
+        _train(data, scratch / "probe", probe, reuse, None)
+        timed = [r["seconds"] for r in read_log(scratch / "probe", "unet") if "loss" in r]
+        seconds = statistics.median(timed[len(timed) // 2 :])  # past the first steps' warm-up
+        steps = max(1, int(60 * args.minutes / seconds))
+        print(f"probe: {seconds * 1000:.1f} ms a step at batch {args.batch}: {steps} steps", flush=True)
+    config = gpu_recipe(args.preset, args.batch, steps)
+    work = scratch / "run"
+    if (scratch / "probe" / "unet" / "latents.pt").is_file():  # keyed by data and VAE: the same latents
+        (work / "unet").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(scratch / "probe" / "unet" / "latents.pt", work / "unet" / "latents.pt")
+    report = _train(data, work, config, reuse, args.minutes * 1.15 if args.steps is None else None)
+    print(f"unet: step {report.step}/{report.total_steps} in {report.seconds / 60:.1f} min", flush=True)
+    export = scratch / "export"
+    if report.finished:
+        export_pipeline(work, export)
+    else:
+        export_checkpoint(work, export)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rel in WEIGHTS.items():
+        shutil.copy2(export / rel, out / f"{name}.safetensors")
+    with tarfile.open(out / "meta.tar", "w") as tar:
+        for path in sorted(export.rglob("*")):
+            rel = path.relative_to(export)
+            if path.is_file() and str(rel) not in WEIGHTS.values() and rel.parts[0] not in ("vae", "clip"):
+                tar.add(path, arcname=str(rel))
+        tar.add(work / "unet" / "log.jsonl", arcname="unet-log.jsonl")
+    print(f"done in {(time.monotonic() - started) / 60:.1f} min: {sorted(p.name for p in out.iterdir())}")
+
+
+def assemble(args: argparse.Namespace) -> None:
+    """Lay the files `run` wrote over a copy of the pipeline the run reused: a complete pipeline folder."""
+    from booth.fsutil import atomic_folder
+    from booth.mini.export import check_replaceable
+    from booth.models.loading import default_model_path
+
+    files, out = Path(args.files), Path(args.out)
+    base = Path(args.base) if args.base else default_model_path()
+    missing = [n for n in (*(f"{k}.safetensors" for k in WEIGHTS), "meta.tar") if not (files / n).is_file()]
+    if missing:
+        sys.exit(f"{files} lacks {', '.join(missing)}: not the output of `gpu_unet.py run`")
+    check_replaceable(out)
+    with atomic_folder(out) as tmp:
+        shutil.copytree(base, tmp, dirs_exist_ok=True)
+        with tarfile.open(files / "meta.tar") as tar:
+            tar.extractall(tmp, filter="data")
+        for name, rel in WEIGHTS.items():
+            shutil.copy2(files / f"{name}.safetensors", tmp / rel)
+    print(f"assembled {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="here: the diffusers wheel and the render cache into .carry/")
+    r = sub.add_parser("run", help="on the GPU machine: train the UNet stage for --minutes and export")
+    r.add_argument("--out", required=True, help="where the three result files go ($OUT)")
+    r.add_argument("--minutes", type=float, default=5.0, help="training time after the probe (default 5)")
+    r.add_argument("--batch", type=int, default=256, help="UNet batch (default 256)")
+    r.add_argument("--probe", type=int, default=40, help="steps timed before the run (default 40)")
+    r.add_argument("--steps", type=int, help="train exactly this many steps, no probe (a dry run)")
+    r.add_argument("--preset", default="full", help="the recipe whose UNet stage runs (default full)")
+    r.add_argument("--reuse", help="pipeline whose mini-CLIP and autoencoder the run takes (default bundled)")
+    r.add_argument("--data", help="an existing dataset folder (default: built in --scratch)")
+    r.add_argument("--scratch", help="work folders (default: a new temporary folder)")
+    a = sub.add_parser("assemble", help="here: lay the run's files over the bundled pipeline")
+    a.add_argument("files", help="the folder holding run's three files")
+    a.add_argument("--out", required=True, help="the pipeline folder to write")
+    a.add_argument("--base", help="the pipeline the run reused (default bundled)")
+    args = parser.parse_args(argv)
+    {"prepare": prepare, "run": run, "assemble": assemble}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
