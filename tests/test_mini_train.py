@@ -631,7 +631,9 @@ def test_reuse_takes_a_pipelines_clip_and_autoencoder_and_trains_the_unet_alone(
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), folder
     card = (out / "README.md").read_text()
     assert f"| clip | taken from `{exported.resolve()}` (`--reuse`), not trained in this run |" in card
-    assert "| unet | 6 x 8 |" in card and "- decoder: the vae stage's autoencoder" not in card  # not trained here
+    assert (
+        "| unet | 6 x 8 |" in card and "- decoder: the vae stage's autoencoder" not in card
+    )  # not trained here
 
 
 def test_reuse_refuses_what_it_cannot_take_and_leaves_the_work_folder_alone(trained, exported, tmp_path):
@@ -1049,13 +1051,19 @@ def _gpu_tool():
 
 
 def test_the_gpu_recipe_scales_the_unet_stage_to_its_batch():
-    recipe = _gpu_tool().gpu_recipe("full", 256, 5000)
+    tool = _gpu_tool()
+    recipe = tool.gpu_recipe("full", 128, 5000)
     unet = recipe.unet
-    assert (unet.optim.batch_size, unet.optim.steps, unet.optim.warmup_steps) == (256, 5000, 15)
-    assert unet.optim.lr == pytest.approx(FULL.unet.optim.lr * 8**0.5)
-    assert unet.ema_decay == pytest.approx(1 - (1 - FULL.unet.ema_decay) * 8)  # the same horizon in images
+    assert (unet.optim.batch_size, unet.optim.steps, unet.optim.warmup_steps) == (128, 5000, 30)
+    assert unet.optim.lr == pytest.approx(FULL.unet.optim.lr * 4)  # linear in the batch
+    assert unet.ema_decay == pytest.approx(1 - (1 - FULL.unet.ema_decay) * 4)  # the same horizon in images
     assert unet.text_encoder_lr == FULL.unet.text_encoder_lr and recipe.arch == FULL.arch
     assert replace(recipe, name="full", unet=FULL.unet) == FULL  # nothing else changed
+    big = tool.gpu_recipe("full", 512, 100).unet
+    assert (
+        big.optim.lr == pytest.approx(FULL.unet.optim.lr * tool.LR_SCALE_LIMIT)
+        and big.optim.warmup_steps == 8
+    )
 
 
 @needs_data
