@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> None:
     if (scratch / "probe" / "unet" / "latents.pt").is_file():  # keyed by data and VAE: the same latents
         (work / "unet").mkdir(parents=True, exist_ok=True)
         shutil.copy2(scratch / "probe" / "unet" / "latents.pt", work / "unet" / "latents.pt")
-    report = _train(data, work, config, reuse, args.minutes * 1.15 if args.steps is None else None)
+    cap = args.minutes * 1.1 + 1.0 if args.steps is None else None  # the stage's setup counts in its minutes
+    report = _train(data, work, config, reuse, cap)
     print(f"unet: step {report.step}/{report.total_steps} in {report.seconds / 60:.1f} min", flush=True)
     export = scratch / "export"
     if report.finished:
