@@ -106,14 +106,14 @@ def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("BOOTH_DATA_HOME", str(CARRY / "booth-data"))
     from booth.mini.export import export_checkpoint, export_pipeline
     from booth.mini.train import read_log
-    from booth.mini.train_cli import _ensure_dataset
+    from booth.mini.train_cli import ensure_dataset
     from booth.models.loading import default_model_path
 
     started = time.monotonic()
     reuse = Path(args.reuse) if args.reuse else default_model_path()
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="gpu-unet-"))
     data = Path(args.data) if args.data else scratch / "data"
-    _ensure_dataset(data, gpu_recipe(args.preset, args.batch, 1), progress=False)
+    ensure_dataset(data, gpu_recipe(args.preset, args.batch, 1), progress=False)
     print(f"dataset ready at {time.monotonic() - started:.0f} s", flush=True)
 
     steps = args.steps

@@ -80,7 +80,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def _ensure_dataset(data: Path, config: TrainConfig, progress: bool) -> None:
+def ensure_dataset(data: Path, config: TrainConfig, progress: bool) -> None:
+    """Build the dataset `config` trains on into `data` unless a booth-mini dataset is there already."""
     if (data / "train" / "metadata.jsonl").is_file():
         return
     if data.exists() and any(data.iterdir()):
@@ -131,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from booth.mini.export import check_replaceable
 
         check_replaceable(Path(args.export))
-    _ensure_dataset(data, config, not args.no_progress)
+    ensure_dataset(data, config, not args.no_progress)
     options = dict(
         minutes=args.minutes,
         steps=args.steps,
