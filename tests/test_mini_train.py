@@ -54,6 +54,11 @@ RECORD = {"concept": "dog", "style": "noto", "background": "blue", "position": "
 PAIR = {**RECORD, "concept2": "cat", "position2": "bottom right", "size2": "small"}
 
 
+def _tiny_train(data: Path, work: Path, *more: str) -> list[str]:
+    """The arguments of ``booth mini train --preset tiny --data D --work W ...``."""
+    return ["mini", "train", "--preset", "tiny", "--data", str(data), "--work", str(work), *more]
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from booth.mini.dataset import build_dataset
@@ -602,17 +607,7 @@ def test_reuse_takes_a_pipelines_clip_and_autoencoder_and_trains_the_unet_alone(
     from booth.cli import main
 
     work, out = tmp_path / "work", tmp_path / "out"
-    args = [
-        "mini",
-        "train",
-        "--preset",
-        "tiny",
-        "--data",
-        str(data_dir),
-        "--work",
-        str(work),
-        "--no-progress",
-    ]
+    args = _tiny_train(data_dir, work, "--no-progress")
     reuse = [*args, "--reuse", str(exported), "--stage", "unet", "--export", str(out)]
     assert main([*reuse, "--steps", "2"]) == 0
     assert f"clip, vae, decoder: taken from {exported}" in capsys.readouterr().out
@@ -815,18 +810,7 @@ def test_a_stage_that_cannot_start_is_refused_before_the_dataset_is_built(tmp_pa
 
     data, work = tmp_path / "data", tmp_path / "work"
     for stage, missing in (("unet", "clip"), ("decoder", "vae")):
-        args = [
-            "mini",
-            "train",
-            "--preset",
-            "tiny",
-            "--stage",
-            stage,
-            "--data",
-            str(data),
-            "--work",
-            str(work),
-        ]
+        args = _tiny_train(data, work, "--stage", stage)
         assert main([*args, "--no-progress"]) == 2
         assert capsys.readouterr().err == (
             f"booth: error: the {missing} stage is not finished in {work}; train it before the {stage}, or "
@@ -843,18 +827,7 @@ def test_train_refuses_an_export_folder_it_would_wipe_before_training(tmp_path, 
     data, work, mine = tmp_path / "data", tmp_path / "work", tmp_path / "mine"
     mine.mkdir()
     (mine / "photo.png").write_bytes(b"not a pipeline")
-    args = [
-        "mini",
-        "train",
-        "--preset",
-        "tiny",
-        "--data",
-        str(data),
-        "--work",
-        str(work),
-        "--export",
-        str(mine),
-    ]
+    args = _tiny_train(data, work, "--export", str(mine))
     assert main([*args, "--no-progress"]) == 2
     assert "refusing to replace" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["photo.png"] and not data.exists() and not work.exists()

@@ -54,7 +54,7 @@ def prepare(args: argparse.Namespace) -> None:
 
     import diffusers
 
-    from booth.mini.render import RENDER_VERSION, data_home
+    from booth.mini.render import renders_dir
 
     wheels = CARRY / "wheels"
     shutil.rmtree(CARRY, ignore_errors=True)
@@ -64,11 +64,11 @@ def prepare(args: argparse.Namespace) -> None:
         + [f"diffusers=={diffusers.__version__}", f"importlib_metadata=={version('importlib_metadata')}"],
         check=True,
     )
-    cache = data_home() / "renders" / f"v{RENDER_VERSION}"
+    cache = renders_dir()
     for style in STYLES:
         if not (cache / style).is_dir():
             sys.exit(f"no {style} masters in {cache}: build the dataset here first (booth mini dataset)")
-        shutil.copytree(cache / style, CARRY / "booth-data" / "renders" / f"v{RENDER_VERSION}" / style)
+        shutil.copytree(cache / style, renders_dir(CARRY / "booth-data") / style)
     size = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
     print(f"{CARRY}: {size / 1e6:.1f} MB to carry")
 

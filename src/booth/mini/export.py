@@ -49,6 +49,7 @@ from booth.mini.train import (
     TrainConfig,
     final_dir,
     is_finished,
+    read_done,
     read_log,
     unet_checkpoint_weights,
 )
@@ -251,10 +252,7 @@ def stage_training(work: Path, stage: str) -> dict:
     chunks = [r for r in records if r.get("event") == "chunk"]
     losses = [r["loss"] for r in records if "loss" in r]
     path = work / stage / DONE
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise BoothError(f"cannot read {path}: {error}") from None
+    done = read_done(work, stage)
     if isinstance(done, dict) and "adopted_from" in done:  # `booth mini train --reuse`: not trained here
         return {**done, "chunks": 0, "wall_seconds": 0.0, "hardware": [], "final_loss": None}
     missing = [key for key in ("steps", "batch_size") if key not in (done if isinstance(done, dict) else {})]

@@ -124,6 +124,11 @@ def data_home() -> Path:
     return Path(os.environ.get("BOOTH_DATA_HOME") or Path.home() / ".cache" / "booth")
 
 
+def renders_dir(home: Path | None = None) -> Path:
+    """The render cache of this `RENDER_VERSION` under `home` (default `data_home()`): one folder a style."""
+    return (home or data_home()) / "renders" / f"v{RENDER_VERSION}"
+
+
 def npm_package_dir(package: str) -> Path:
     """The folder of an npm package installed by tools/install-data.sh."""
     return data_home() / "npm" / "node_modules" / package
@@ -180,7 +185,7 @@ def _installed_version(style: str) -> str:
 
 def _cached_version(style: str) -> str | None:
     """The one source version the render cache holds masters of, or None (no masters, or several versions)."""
-    folder = data_home() / "renders" / f"v{RENDER_VERSION}" / style
+    folder = renders_dir() / style
     versions = (
         [d.name for d in folder.iterdir() if d.is_dir() and any(d.glob("*.png"))] if folder.is_dir() else []
     )
@@ -295,7 +300,7 @@ def _crop_to_alpha(image: Image.Image, concept: Concept, style: str) -> Image.Im
 
 def _cache_path(concept: Concept, style: str) -> Path:
     version = source_version(style)
-    return data_home() / "renders" / f"v{RENDER_VERSION}" / style / version / f"{concept.key}.png"
+    return renders_dir() / style / version / f"{concept.key}.png"
 
 
 def _write_atomic(image: Image.Image, path: Path) -> None:

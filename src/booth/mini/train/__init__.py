@@ -102,6 +102,7 @@ from booth.mini.train.workdir import (
     TEXT_ENCODER,
     final_dir,
     is_finished,
+    read_done,
     read_log,
     resolve_precision,
 )
@@ -139,6 +140,7 @@ __all__ = [
     "part_phrases",
     "pinned_run",
     "preset",
+    "read_done",
     "read_log",
     "read_run_config",
     "record_caption",

@@ -26,10 +26,17 @@ from booth.errors import BoothError
 from booth.fsutil import atomic_folder
 from booth.mini import architecture as arch_mod
 from booth.mini.train.config import TrainConfig
-from booth.mini.train.workdir import CHECKPOINT, DONE, FINAL, atomic_write_text, is_finished, sha256_file
+from booth.mini.train.workdir import (
+    CHECKPOINT,
+    DONE,
+    FINAL,
+    atomic_write_text,
+    is_finished,
+    read_done,
+    sha256_file,
+)
 
-ADOPTABLE = ("clip", "vae", "decoder")
-SOURCE_FOLDER = {"clip": "clip", "vae": "vae", "decoder": "vae"}
+SOURCE_FOLDER = {"clip": "clip", "vae": "vae", "decoder": "vae"}  # stage -> the pipeline's folder
 
 
 def _weights(folder: Path) -> Path:
@@ -68,14 +75,15 @@ def adopt_stages(work: str | Path, pipeline: str | Path, config: TrainConfig) ->
         raise BoothError(f"{pipeline} is not a diffusers pipeline folder (no model_index.json)")
     if not (pipeline / "clip" / "config.json").is_file():
         raise BoothError(f"{pipeline} has no clip/ folder: only a booth-mini pipeline carries its mini-CLIP")
+    stages = [stage for stage in SOURCE_FOLDER if stage in config.stages]
+    digests = {
+        folder: sha256_file(_weights(pipeline / folder)) for folder in {SOURCE_FOLDER[s] for s in stages}
+    }
     todo = []
-    for stage in (s for s in ADOPTABLE if s in config.stages):
-        digest = sha256_file(_weights(pipeline / SOURCE_FOLDER[stage]))
+    for stage in stages:
+        digest = digests[SOURCE_FOLDER[stage]]
         if is_finished(work, stage):
-            try:
-                done = json.loads((work / stage / DONE).read_text())
-            except (OSError, ValueError) as error:
-                raise BoothError(f"cannot read {work / stage / DONE}: {error}") from None
+            done = read_done(work, stage)
             if not isinstance(done, dict) or done.get("weights_sha256") != digest:
                 how = (
                     "taken from other weights"

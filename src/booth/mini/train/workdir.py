@@ -116,6 +116,15 @@ def is_finished(work_dir: str | Path, stage: str) -> bool:
     return (Path(work_dir) / check_stage(stage) / DONE).is_file()
 
 
+def read_done(work_dir: str | Path, stage: str) -> Any:
+    """A finished stage's done.json (`BoothError` if it cannot be read as JSON)."""
+    path = Path(work_dir) / check_stage(stage) / DONE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise BoothError(f"cannot read {path}: {error}") from None
+
+
 def read_log(work_dir: str | Path, stage: str) -> list[dict]:
     """A stage's log records (per-step records and ``"event": "chunk"`` records)."""
     path = Path(work_dir) / check_stage(stage) / LOG
