@@ -425,6 +425,53 @@ def test_resumed_chunks_match_one_run(stage, data_dir, trained, tmp_path):
     assert [(c["start_step"], c["end_step"]) for c in chunks] == [(0, 3), (3, 6)]
 
 
+@pytest.mark.slow  # torch.compile builds its C++ kernels: about 2 minutes on 2 cores with an empty cache
+@needs_data
+def test_a_compiled_chunk_goes_on_from_an_eager_one_with_the_same_weights_and_names(
+    data_dir, trained, tmp_path
+):
+    from torch._dynamo.utils import counters
+
+    one = _work_with_prerequisites(trained, tmp_path / "one", "unet")
+    two = _work_with_prerequisites(trained, tmp_path / "two", "unet")
+    train_stage("unet", data_dir, one, TINY, progress=False)
+    train_stage("unet", data_dir, two, TINY, steps=3, progress=False)
+    counters.clear()
+    report = train_stage("unet", data_dir, two, TINY, progress=False, compile_models=True)
+    assert (report.ran_steps, report.finished) == (3, True)
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo traced the models
+    chunks = [r for r in read_log(two, "unet") if r.get("event") == "chunk"]
+    assert [c["compiled"] for c in chunks] == [[], ["unet", "text_encoder"]]
+
+    def losses(work):
+        return torch.tensor([r["loss"] for r in read_log(work, "unet") if "loss" in r])
+
+    # the compiled kernels round differently under bf16 autocast, not more than that
+    assert torch.allclose(losses(one), losses(two), rtol=0.05), (losses(one), losses(two))
+    name = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(final_dir(one, "unet") / name), load_file(final_dir(two, "unet") / name)
+    assert a.keys() == b.keys()  # compiled in place: no "_orig_mod." in the saved names
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 0.05
+
+
+@needs_data
+@pytest.mark.parametrize("stage", ["clip", "unet"])
+def test_a_compile_that_fails_is_one_line_and_names_the_way_out(
+    stage, data_dir, trained, tmp_path, monkeypatch
+):
+    compiled = []
+    _failing_compile(monkeypatch, compiled)
+    work = _work_with_prerequisites(trained, tmp_path, stage)
+    with pytest.raises(BoothError, match=r"torch.compile failed on this machine .*train without --compile"):
+        train_stage(stage, data_dir, work, TINY, progress=False, compile_models=True)
+    expected = {
+        "clip": ["CLIPVisionModel", "CLIPTextModel"],
+        "unet": ["UNet2DConditionModel", "CLIPTextModel"],
+    }
+    assert compiled == expected[stage]
+    assert not (work / stage / "checkpoint.pt").exists()  # nothing half-written
+
+
 @needs_data
 def test_unet_only_checkpoints_from_before_the_text_encoder_joined_still_resume(data_dir, trained, tmp_path):
     """A UNet checkpoint without ``unet.`` keys (older runs, frozen encoder) resumes; with training, a clear error."""
@@ -1039,19 +1086,44 @@ def test_the_gpu_recipe_scales_the_unet_stage_to_its_batch():
     )
 
 
+def _failing_compile(monkeypatch, seen: list[str] | None = None) -> None:
+    """torch.compile as on a machine where it cannot build kernels: the first compiled call fails. The names
+    of the modules compiled go into `seen`."""
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    original = torch.nn.Module.compile
+
+    def compile_failing(module, *args, **kwargs):
+        (seen if seen is not None else []).append(type(module).__name__)
+        original(module, backend=failing_backend)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_failing)
+
+
 @needs_data
-def test_the_gpu_tool_times_trains_and_brings_back_a_pipeline(data_dir, exported, tmp_path, monkeypatch):
-    """tools/gpu_unet.py run (probe, then the steps that fit the minutes; three files) and assemble."""
+def test_the_gpu_tool_times_trains_and_brings_back_a_pipeline(
+    data_dir, exported, tmp_path, monkeypatch, capsys
+):
+    """tools/gpu_unet.py run (probe, then the steps that fit the minutes; three files) and assemble. With
+    --compile it probes compiled too; where torch.compile fails it trains eagerly."""
     from diffusers import StableDiffusionPipeline
 
     from booth.mini.render import data_home
 
     monkeypatch.setenv("BOOTH_DATA_HOME", str(data_home()))
+    _failing_compile(monkeypatch)
     tool, files, pipe_dir = _gpu_tool(), tmp_path / "files", tmp_path / "pipe"
     common = ["--preset", "tiny", "--reuse", str(exported), "--data", str(data_dir), "--out", str(files)]
     tool.main(
         ["run", *common, "--batch", "16", "--probe", "4", "--minutes", "0.02", "--scratch", str(tmp_path)]
+        + ["--compile"]
     )
+    printed = capsys.readouterr().out
+    assert "probe, compiled: torch.compile failed on this machine" in printed and "steps, eager" in printed
+    assert not (tmp_path / "probe-compiled" / "unet" / "checkpoint.pt").exists()
+    assert [r["compiled"] for r in read_log(tmp_path / "run", "unet") if r.get("event") == "chunk"] == [[]]
     assert sorted(p.name for p in files.iterdir()) == [
         "meta.tar",
         "text_encoder.safetensors",

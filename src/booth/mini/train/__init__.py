@@ -42,7 +42,10 @@ different configuration needs a new work folder. Logs: ``work/<stage>/log.jsonl`
 loss, lr, seconds; and one ``"event": "chunk"`` record per call with the hardware and wall time).
 
 Precision: bf16 autocast where it pays (CUDA with bf16; a CPU with AMX tiles or AVX512-BF16), else fp32;
-losses in fp32.
+losses in fp32. ``--compile`` (`train_stage(..., compile_models=True)`) compiles each stage's
+`compile_targets` in place with torch.compile (names and weights unchanged; a runtime choice, recorded in
+each chunk's log record): 1.04x a step on the 2-core CPU for about a minute of compiling at a stage's start
+(`benchmarks/mini_train_compile.py`, 2026-12-07), so it is off by default; it is there for GPUs.
 
 Step times (the training loop with data, frozen encoders and EMA, bf16 autocast, 2 threads, full preset;
 2-core AMD EPYC with AVX512-BF16 and no AMX, 2026-12-06): CLIP 1.45 s a step (batch 128), VAE 0.58 s

@@ -88,6 +88,11 @@ class VaeTask:
             for part in (self.model.encoder, self.model.quant_conv):
                 part.requires_grad_(False)
 
+    def compile_targets(self) -> dict[str, torch.nn.Module]:
+        """Nothing: compiling the encoder and decoder gave nothing on a 2-core CPU (1.03x a step,
+        `benchmarks/mini_train_compile.py --candidates`), for a minute of compiling at a chunk's start."""
+        return {}
+
     def loss(self, index: torch.Tensor, gen: torch.Generator, dtype: torch.dtype | None, step: int = 0):
         # 1. load batch (a `hue_jitter` share with its hue rotated)
         x = to_unit(self.data.images[index]).to(self.device)

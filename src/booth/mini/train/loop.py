@@ -236,6 +236,7 @@ class _Session:
     seed: int
     step: int = 0
     train_seconds: float = 0.0
+    compiled: tuple[str, ...] = ()
 
     @property
     def n(self) -> int:
@@ -243,9 +244,17 @@ class _Session:
 
 
 def _open_session(
-    stage: str, data_dir: Path, work: Path, config: TrainConfig, device, seed: int, progress: bool
+    stage: str,
+    data_dir: Path,
+    work: Path,
+    config: TrainConfig,
+    device,
+    seed: int,
+    progress: bool,
+    compile_models: bool = False,
 ) -> _Session:
-    """Load the data, build the task, optimizer (AdamW), LR schedule and EMA, and resume the checkpoint."""
+    """Load the data, build the task, optimizer (AdamW), LR schedule and EMA, resume the checkpoint, and
+    (`compile_models`) compile the task's `compile_targets` in place (their weights and names unchanged)."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     dev = resolve_device(device)
@@ -289,6 +298,11 @@ def _open_session(
         _warm_start(session, init)
     _load_checkpoint(session)
     _trim_log(folder / LOG, session.step)
+    if compile_models:
+        targets = task.compile_targets()
+        for module in targets.values():
+            module.compile()
+        session.compiled = tuple(targets)
     return session
 
 
@@ -444,6 +458,20 @@ def _train_step(s: _Session) -> dict:
     return {"step": s.step, "loss": value, "lr": s.scheduler.get_last_lr()[0], "seconds": seconds, **metrics}
 
 
+def _compiled_step(s: _Session) -> dict:
+    """The first step of a compiled chunk, where torch.compile builds its kernels: its failure (no C++
+    compiler, an unsupported device) as a one-line BoothError."""
+    import torch._dynamo
+
+    try:
+        return _train_step(s)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BoothError(
+            f"torch.compile failed on this machine ({first_line}); train without --compile"
+        ) from None
+
+
 def _chunk_record(s: _Session, first: int, started: float) -> dict:
     return {
         "event": "chunk",
@@ -453,6 +481,7 @@ def _chunk_record(s: _Session, first: int, started: float) -> dict:
         "device": str(s.device),
         "hardware": describe_hardware(s.device),
         "precision": "bf16 autocast" if s.dtype == torch.bfloat16 else "fp32",
+        "compiled": list(s.compiled),
         "torch": torch.__version__,
     }
 
@@ -483,12 +512,14 @@ def train_stage(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    compile_models: bool = False,
 ) -> StageReport:
     """Train one stage for at most `minutes` (wall clock, setup included) and `steps` steps in this call.
 
     Continues from ``work_dir/<stage>/checkpoint.pt`` if present; when the stage reaches its configured
     total steps it saves ``final/`` and ``done.json``. A finished stage returns at once. `device` None
-    picks CUDA when present.
+    picks CUDA when present. `compile_models`: torch.compile the stage's `compile_targets` (a runtime choice,
+    not part of the recipe: a chunk may compile and the next not; each chunk's log record names them).
     """
     started = time.monotonic()
     work = Path(work_dir)
@@ -496,14 +527,14 @@ def train_stage(
     if is_finished(work, stage):
         return StageReport(stage, total, total, 0, 0.0, True)
     check_prerequisites(work, stage, config)
-    s = _open_session(stage, Path(data_dir), work, config, device, seed, progress)
+    s = _open_session(stage, Path(data_dir), work, config, device, seed, progress, compile_models)
     first, last = s.step, None
     end = total if steps is None else min(total, s.step + max(0, steps))
     deadline = started + 60.0 * minutes if minutes is not None else math.inf
     bar = tqdm(total=total, initial=s.step, desc=f"booth-mini {stage}", unit="step", disable=not progress)
     with open(s.folder / LOG, "a") as log:
         while s.step < end and time.monotonic() < deadline:
-            last = _train_step(s)
+            last = _compiled_step(s) if s.compiled and s.step == first else _train_step(s)
             log.write(json.dumps(last) + "\n")
             log.flush()
             bar.update(1)
@@ -531,6 +562,7 @@ def train_all(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    compile_models: bool = False,
 ) -> list[StageReport]:
     """Run the configuration's stages in order, skipping finished ones; `minutes` and `steps` budget the
     whole call."""
@@ -551,6 +583,7 @@ def train_all(
             device=device,
             seed=seed,
             progress=progress,
+            compile_models=compile_models,
         )
         reports.append(report)
         if not report.finished:
