@@ -6,14 +6,18 @@ The GPU machine (the `device` tool) has torch and transformers but not diffusers
     python tools/gpu_unet.py prepare                 # here: .carry/ = the diffusers wheel + the render cache
     # device run, carry [".carry"], timeout 600 (one command, about 7 minutes):
     #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl &&
-    #   PYTHONPATH=src:/tmp/site python3 tools/gpu_unet.py run --minutes 5 --out $OUT
+    #   PYTHONPATH=src:/tmp/site python3 tools/gpu_unet.py run --minutes 4 --compile --out $OUT
     python tools/gpu_unet.py assemble FILES_AT --out runs/gpu-export    # here: a pipeline folder
     booth mini check --model runs/gpu-export --data data/mini
 
 ``run`` builds the dataset from the carried render cache (`booth.mini.render.source_version`: the cache
 stands in for missing sources; same bytes), takes the bundled mini-CLIP and autoencoder (`--reuse`), times
---probe steps of the recipe, then trains the UNet stage for as many steps as fit in --minutes (so the cosine
-schedule ends where the time does) and exports. The recipe is the `full` preset's UNet stage with its batch
+--probe steps of the recipe (with --compile also under torch.compile, kept only when faster and when it
+compiles at all), then trains the UNet stage for as many steps as fit in --minutes (so the cosine schedule
+ends where the time does) and exports. Why --compile: a 6 M-parameter UNet on 16 x 16 latents is far too
+small to keep a GPU's arithmetic busy, so its eager steps wait on Python and kernel launches, which compiled
+graphs cut; on a 2-core CPU, where the arithmetic is the cost, it gained 4% (`benchmarks/
+mini_train_compile.py`). Its gain on a GPU is not measured: the probe measures it. The recipe is the `full` preset's UNet stage with its batch
 raised to --batch (default 128), its learning rate scaled with it up to 4x (the text encoder's kept), its
 warm-up and EMA horizon kept in images. A larger batch does not make up for fewer steps in full: on 10
 concepts 750 x 128 drew less than 3,000 x 32 of the same images (70 vs 77% among them), so a GPU run wants
@@ -92,11 +96,31 @@ def gpu_recipe(preset_name: str, batch: int, steps: int):
     return replace(config, name=f"{preset_name}-gpu", unet=replace(unet, optim=optim, ema_decay=ema))
 
 
-def _train(data: Path, work: Path, config, reuse: Path, minutes: float | None):
+def _train(data: Path, work: Path, config, reuse: Path, minutes: float | None, compiled: bool = False):
     from booth.mini.train import adopt_stages, train_stage
 
     adopt_stages(work, reuse, config)
-    return train_stage("unet", data, work, config, minutes=minutes, progress=False)
+    return train_stage("unet", data, work, config, minutes=minutes, progress=False, compile_models=compiled)
+
+
+def _probe(data: Path, work: Path, config, reuse: Path, compiled: bool, latents: Path | None) -> float | None:
+    """Median seconds a step over the second half of a probe run (past warm-up and compiling); None when
+    torch.compile fails on this machine."""
+    from booth.errors import BoothError
+    from booth.mini.train import read_log
+
+    if latents is not None and latents.is_file():  # keyed by data and VAE: the same latents
+        (work / "unet").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(latents, work / "unet" / "latents.pt")
+    try:
+        _train(data, work, config, reuse, None, compiled)
+    except BoothError as error:
+        if not compiled:
+            raise
+        print(f"probe, compiled: {error}; training eagerly", flush=True)
+        return None
+    timed = [r["seconds"] for r in read_log(work, "unet") if "loss" in r]
+    return statistics.median(timed[len(timed) // 2 :])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -105,7 +129,6 @@ def run(args: argparse.Namespace) -> None:
 
     os.environ.setdefault("BOOTH_DATA_HOME", str(CARRY / "booth-data"))
     from booth.mini.export import export_checkpoint, export_pipeline
-    from booth.mini.train import read_log
     from booth.mini.train_cli import ensure_dataset
     from booth.models.loading import default_model_path
 
@@ -116,21 +139,26 @@ def run(args: argparse.Namespace) -> None:
     ensure_dataset(data, gpu_recipe(args.preset, args.batch, 1), progress=False)
     print(f"dataset ready at {time.monotonic() - started:.0f} s", flush=True)
 
-    steps = args.steps
-    if steps is None:  # time the recipe here, then fill the minutes
+    steps, compiled = args.steps, args.compile
+    latents = scratch / "probe" / "unet" / "latents.pt"
+    if steps is None:  # time the recipe here (eagerly, and compiled with --compile), then fill the minutes
         probe = gpu_recipe(args.preset, args.batch, args.probe)
-        _train(data, scratch / "probe", probe, reuse, None)
-        timed = [r["seconds"] for r in read_log(scratch / "probe", "unet") if "loss" in r]
-        seconds = statistics.median(timed[len(timed) // 2 :])  # past the first steps' warm-up
+        timings = {False: _probe(data, scratch / "probe", probe, reuse, False, None)}
+        if args.compile:
+            timings[True] = _probe(data, scratch / "probe-compiled", probe, reuse, True, latents)
+        compiled = timings.get(True) is not None and timings[True] < timings[False]
+        seconds = timings[compiled]
         steps = max(1, int(60 * args.minutes / seconds))
-        print(f"probe: {seconds * 1000:.1f} ms a step at batch {args.batch}: {steps} steps", flush=True)
+        ways = ", ".join(f"{'compiled' if c else 'eager'} {t * 1000:.1f} ms" for c, t in timings.items() if t)
+        way = "compiled" if compiled else "eager"
+        print(f"probe at batch {args.batch}: {ways} a step; {steps} steps, {way}", flush=True)
     config = gpu_recipe(args.preset, args.batch, steps)
     work = scratch / "run"
-    if (scratch / "probe" / "unet" / "latents.pt").is_file():  # keyed by data and VAE: the same latents
+    if latents.is_file():
         (work / "unet").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(scratch / "probe" / "unet" / "latents.pt", work / "unet" / "latents.pt")
+        shutil.copy2(latents, work / "unet" / "latents.pt")
     cap = args.minutes * 1.1 + 1.0 if args.steps is None else None  # the stage's setup counts in its minutes
-    report = _train(data, work, config, reuse, cap)
+    report = _train(data, work, config, reuse, cap, compiled)
     print(f"unet: step {report.step}/{report.total_steps} in {report.seconds / 60:.1f} min", flush=True)
     export = scratch / "export"
     if report.finished:
@@ -181,6 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--batch", type=int, default=128, help="UNet batch (default 128)")
     r.add_argument("--probe", type=int, default=40, help="steps timed before the run (default 40)")
     r.add_argument("--steps", type=int, help="train exactly this many steps, no probe (a dry run)")
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="also probe the UNet stage under torch.compile and train the faster way (eager if it fails)",
+    )
     r.add_argument("--preset", default="full", help="the recipe whose UNet stage runs (default full)")
     r.add_argument("--reuse", help="pipeline whose mini-CLIP and autoencoder the run takes (default bundled)")
     r.add_argument("--data", help="an existing dataset folder (default: built in --scratch)")
