@@ -16,13 +16,15 @@ stands in for missing sources; same bytes), takes the bundled mini-CLIP and auto
 compiles at all), then trains the UNet stage for as many steps as fit in --minutes (so the cosine schedule
 ends where the time does) and exports. Why --compile: a 6 M-parameter UNet on 16 x 16 latents is far too
 small to keep a GPU's arithmetic busy, so its eager steps wait on Python and kernel launches, which compiled
-graphs cut; on a 2-core CPU, where the arithmetic is the cost, it gained 4% (`benchmarks/
-mini_train_compile.py`). Its gain on a GPU is not measured: the probe measures it. The recipe is the `full` preset's UNet stage with its batch
-raised to --batch (default 128), its learning rate scaled with it up to 4x (the text encoder's kept), its
-warm-up and EMA horizon kept in images. A larger batch does not make up for fewer steps in full: on 10
-concepts 750 x 128 drew less than 3,000 x 32 of the same images (70 vs 77% among them), so a GPU run wants
-as many steps as its minutes give. Into --out go three files: the UNet and text encoder weights and
-meta.tar (the export's configs, tokenizer, scheduler, training.json, README, the stage's log).
+graphs cut; on a 2-core CPU, where the arithmetic is the cost, it gained 4%
+(`benchmarks/mini_train_compile.py`). Its gain on a GPU is not measured: the probe measures it.
+
+The recipe is the `full` preset's UNet stage with its batch raised to --batch (default 128), its learning
+rate scaled with it up to 4x (the text encoder's kept), its warm-up and EMA horizon kept in images. A larger
+batch does not make up for fewer steps in full: on 10 concepts 750 x 128 drew less than 3,000 x 32 of the
+same images (70 vs 77% among them), so a GPU run wants as many steps as its minutes give. Into --out go
+three files: the UNet and text encoder weights and meta.tar (the export's configs, tokenizer, scheduler,
+training.json, README, the stage's log).
 ``assemble`` lays them over a copy of the bundled pipeline (its VAE and CLIP are the ones the run took).
 """
 
