@@ -105,15 +105,21 @@ def _train(data: Path, work: Path, config, reuse: Path, minutes: float | None, c
     return train_stage("unet", data, work, config, minutes=minutes, progress=False, compile_models=compiled)
 
 
+def _copy_latents(latents: Path | None, work: Path) -> None:
+    """Start `work`'s UNet stage with another of this run's latent caches (keyed by data and VAE: the same
+    latents), instead of encoding the dataset again; nothing when there is none (yet)."""
+    if latents is not None and latents.is_file():
+        (work / "unet").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(latents, work / "unet" / "latents.pt")
+
+
 def _probe(data: Path, work: Path, config, reuse: Path, compiled: bool, latents: Path | None) -> float | None:
     """Median seconds a step over the second half of a probe run (past warm-up and compiling); None when
     torch.compile fails on this machine."""
     from booth.errors import BoothError
     from booth.mini.train import read_log
 
-    if latents is not None and latents.is_file():  # keyed by data and VAE: the same latents
-        (work / "unet").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(latents, work / "unet" / "latents.pt")
+    _copy_latents(latents, work)
     try:
         _train(data, work, config, reuse, None, compiled)
     except BoothError as error:
@@ -156,9 +162,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"probe at batch {args.batch}: {ways} a step; {steps} steps, {way}", flush=True)
     config = gpu_recipe(args.preset, args.batch, steps)
     work = scratch / "run"
-    if latents.is_file():
-        (work / "unet").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(latents, work / "unet" / "latents.pt")
+    _copy_latents(latents, work)
     cap = args.minutes * 1.1 + 1.0 if args.steps is None else None  # the stage's setup counts in its minutes
     report = _train(data, work, config, reuse, cap, compiled)
     print(f"unet: step {report.step}/{report.total_steps} in {report.seconds / 60:.1f} min", flush=True)

@@ -466,7 +466,8 @@ def _compiled_step(s: _Session) -> dict:
     try:
         return _train_step(s)
     except torch._dynamo.exc.TorchDynamoException as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = str(error).strip()
+        first_line = message.splitlines()[0] if message else type(error).__name__
         raise BoothError(
             f"torch.compile failed on this machine ({first_line}); train without --compile"
         ) from None
