@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -1115,6 +1116,7 @@ def test_the_gpu_tool_times_trains_and_brings_back_a_pipeline(
     monkeypatch.setenv("BOOTH_DATA_HOME", str(data_home()))
     _failing_compile(monkeypatch)
     tool, files, pipe_dir = _gpu_tool(), tmp_path / "files", tmp_path / "pipe"
+    monkeypatch.setattr(tool, "CARRY", tmp_path / "carry")  # no carried CLIP: the reused pipeline's
     common = ["--preset", "tiny", "--reuse", str(exported), "--data", str(data_dir), "--out", str(files)]
     tool.main(
         ["run", *common, "--batch", "16", "--probe", "4", "--minutes", "0.02", "--scratch", str(tmp_path)]
@@ -1129,6 +1131,8 @@ def test_the_gpu_tool_times_trains_and_brings_back_a_pipeline(
         "text_encoder.safetensors",
         "unet.safetensors",
     ]
+    with tarfile.open(files / "meta.tar") as tar:
+        assert not {Path(n).parts[0] for n in tar.getnames()} & {"clip", "vae"}
     log = read_log(tmp_path / "run", "unet")
     steps = [r for r in log if "loss" in r]
     assert (
@@ -1156,6 +1160,81 @@ def test_the_gpu_tool_times_trains_and_brings_back_a_pipeline(
     assert image.shape == (64, 64, 3)
     with pytest.raises(SystemExit, match="not the output of"):
         tool.main(["assemble", str(tmp_path), "--out", str(tmp_path / "other")])
+
+
+def _other_clip(folder: Path) -> Path:
+    """A tiny mini-CLIP unlike the trained one (another seed's initialisation), saved in fp32 as a clip
+    stage's final/ folder."""
+    A.build_clip(TINY.arch.clip, seed=1).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_the_gpu_tool_carries_a_clip_in_fp16(tmp_path, monkeypatch):
+    """prepare --clip: the CLIP written as an export writes clip/ (fp16, tokenizer, image processor) into
+    the carry; a carry past the device's limit stops, saying what is too big."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    tool, source = _gpu_tool(), _other_clip(tmp_path / "final")
+    folder = tool.carry_clip(source, tmp_path / "carry" / "clip")
+    stored = load_file(folder / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    fp32 = load_file(source / "model.safetensors")
+    assert stored.keys() == fp32.keys() and all(torch.equal(stored[k], fp32[k].half()) for k in fp32)
+    loaded = CLIPModel.from_pretrained(folder)
+    assert loaded.config.text_config.vocab_size == A.vocab_size(TINY.arch.clip)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    assert tokenizer.vocab_size == A.vocab_size(TINY.arch.clip)
+    assert json.loads((folder / "preprocessor_config.json").read_text())["crop_size"]["height"] == (
+        TINY.arch.clip.image_size
+    )
+    tool.check_carry(tmp_path / "carry")  # fits
+    monkeypatch.setattr(tool, "CARRY_LIMIT", 1)
+    with pytest.raises(SystemExit, match=r"too big to carry: .*clip/ 0\.\d MiB.*repository's files"):
+        tool.check_carry(tmp_path / "carry")
+
+
+@needs_data
+def test_the_gpu_tool_trains_on_a_carried_clip_and_brings_it_back(data_dir, exported, tmp_path, monkeypatch):
+    """A CLIP in .carry/clip: run adopts it (the UNet stage's text encoder starts from its text tower),
+    meta.tar brings its clip/ back and assemble puts it in the pipeline."""
+    import hashlib
+
+    from transformers import CLIPModel
+
+    from booth.mini.render import data_home
+
+    monkeypatch.setenv("BOOTH_DATA_HOME", str(data_home()))
+    tool, files, pipe_dir = _gpu_tool(), tmp_path / "files", tmp_path / "pipe"
+    monkeypatch.setattr(tool, "CARRY", tmp_path / "carry")
+    carried = tool.carry_clip(_other_clip(tmp_path / "final"), tmp_path / "carry" / "clip")
+    common = ["--preset", "tiny", "--reuse", str(exported), "--data", str(data_dir), "--out", str(files)]
+    tool.main(["run", *common, "--batch", "8", "--steps", "2", "--scratch", str(tmp_path / "scratch")])
+    work = tmp_path / "scratch" / "run"
+    done = json.loads((work / "clip" / DONE).read_text())
+    new = carried / "model.safetensors"
+    assert done["weights_sha256"] == hashlib.sha256(new.read_bytes()).hexdigest()
+    tower = {k: v for k, v in load_file(new).items() if k.startswith("text_model.")}
+    old = load_file(exported / "clip" / "model.safetensors")
+    encoder = load_file(files / "text_encoder.safetensors")
+
+    def distance(weights: dict) -> float:
+        return sum((encoder[k].float() - weights[k].float()).norm() ** 2 for k in tower) ** 0.5
+
+    assert distance(tower) < distance(old) / 5  # trained 2 steps from the carried tower, not the bundled one
+    with tarfile.open(files / "meta.tar") as tar:
+        names = set(tar.getnames())
+    assert "clip/model.safetensors" in names and not any(n.startswith("vae/") for n in names)
+    base = Path(shutil.copytree(exported, tmp_path / "base"))
+    (base / "clip" / "stale.bin").write_bytes(b"the base's")  # a file the run's clip/ does not have
+    tool.main(["assemble", str(files), "--base", str(base), "--out", str(pipe_dir)])
+    assert sorted(f"clip/{p.name}" for p in (pipe_dir / "clip").iterdir()) == sorted(
+        n for n in names if n.startswith("clip/")
+    )
+    assembled, carried_weights = load_file(pipe_dir / "clip" / "model.safetensors"), load_file(new)
+    assert assembled.keys() == carried_weights.keys() == old.keys()
+    assert all(torch.equal(assembled[k], v) for k, v in carried_weights.items())
+    assert not all(torch.equal(assembled[k], old[k]) for k in old)  # not the base's
+    assert CLIPModel.from_pretrained(pipe_dir / "clip").config.projection_dim == TINY.arch.clip.projection_dim
 
 
 @needs_data

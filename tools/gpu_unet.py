@@ -3,12 +3,17 @@
 The GPU machine (the `device` tool) has torch and transformers but not diffusers, nor the emoji art sources
 (over 130 MB: more than its 64 MiB carry), and it is lent for 15 minutes in all. So:
 
-    python tools/gpu_unet.py prepare                 # here: .carry/ = the diffusers wheel + the render cache
+    python tools/gpu_unet.py prepare --clip runs/clipB/clip/final   # here: .carry/ = the diffusers wheel,
+                                                                    # the render cache and that mini-CLIP
     # device run, carry [".carry"], timeout 600 (one command, about 7 minutes):
     #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl &&
     #   PYTHONPATH=src:/tmp/site python3 tools/gpu_unet.py run --minutes 4 --compile --out $OUT
     python tools/gpu_unet.py assemble FILES_AT --out runs/gpu-export    # here: a pipeline folder
     booth mini check --model runs/gpu-export --data data/mini
+
+``prepare --clip PATH`` (optional) carries a newly trained mini-CLIP as well (a clip stage's final/ folder
+or a pipeline's clip/), written in fp16 as an export writes clip/, into .carry/clip; it stops when .carry and
+the repository's files together pass the device's 64 MiB carry.
 
 ``run`` builds the dataset from the carried render cache (`booth.mini.render.source_version`: the cache
 stands in for missing sources; same bytes), takes the bundled mini-CLIP and autoencoder (`--reuse`), times
@@ -24,8 +29,11 @@ rate scaled with it up to 4x (the text encoder's kept), its warm-up and EMA hori
 batch does not make up for fewer steps in full: on 10 concepts 750 x 128 drew less than 3,000 x 32 of the
 same images (70 vs 77% among them), so a GPU run wants as many steps as its minutes give. Into --out go
 three files: the UNet and text encoder weights and meta.tar (the export's configs, tokenizer, scheduler,
-training.json, README, the stage's log).
-``assemble`` lays them over a copy of the bundled pipeline (its VAE and CLIP are the ones the run took).
+training.json, README, the stage's log). With a carried CLIP (.carry/clip, or `run --clip PATH`) the run
+reuses a copy of the --reuse pipeline whose clip/ is that CLIP: the run adopts it, the UNet stage's text
+encoder starts from its text tower, and meta.tar brings its clip/ back.
+``assemble`` lays them over a copy of the bundled pipeline (its VAE is the one the run took; its CLIP too,
+unless meta.tar brings the run's clip/).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ STYLES = ("noto", "openmoji", "twemoji", "fluent")  # the base styles and the no
 # 77% among the 10; 750 x 128 at lr x 4 (1.2e-3) 70%, at lr x 2 (its square root) 57%. Linear scaling,
 # then, up to the 4x measured; past it the lr stays (untested).
 LR_SCALE_LIMIT = 4.0
+CARRY_LIMIT = 64 * 2**20  # the device tool's carry: the working tree's files and the carried paths
 WEIGHTS = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
     "text_encoder": "text_encoder/model.safetensors",
@@ -55,13 +64,16 @@ WEIGHTS = {
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """The diffusers wheel this machine runs and the masters of the styles a dataset needs, into .carry/."""
+    """The diffusers wheel this machine runs, the masters of the styles a dataset needs and (--clip) a
+    mini-CLIP, into .carry/."""
     from importlib.metadata import version
 
     import diffusers
 
     from booth.mini.render import renders_dir
 
+    if args.clip and not (Path(args.clip) / "config.json").is_file():
+        sys.exit(f"{args.clip} is not a CLIP folder (no config.json)")
     wheels = CARRY / "wheels"
     shutil.rmtree(CARRY, ignore_errors=True)
     wheels.mkdir(parents=True)
@@ -75,8 +87,55 @@ def prepare(args: argparse.Namespace) -> None:
         if not (cache / style).is_dir():
             sys.exit(f"no {style} masters in {cache}: build the dataset here first (booth mini dataset)")
         shutil.copytree(cache / style, renders_dir(CARRY / "booth-data") / style)
-    size = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
+    if args.clip:
+        carry_clip(Path(args.clip), CARRY / "clip")
+    size = _bytes(CARRY)
     print(f"{CARRY}: {size / 1e6:.1f} MB to carry")
+    check_carry(CARRY)
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def carry_clip(source: Path, folder: Path) -> Path:
+    """The CLIP folder `source` (a clip stage's final/, or a pipeline's clip/) as an export writes a
+    pipeline's clip/ (fp16 safetensors, config, tokenizer, image processor) into `folder` (replaced)."""
+    from booth.mini.export import write_clip
+
+    if not (source / "config.json").is_file():
+        sys.exit(f"{source} is not a CLIP folder (no config.json)")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_clip(source, folder)
+    return folder
+
+
+def check_carry(carry: Path) -> None:
+    """Exit unless `carry` and the repository's files that travel with it (tracked, and untracked but not
+    ignored) fit the device tool's carry."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
+    tree = sum((REPO / n).stat().st_size for n in listed.decode().split("\0") if n and (REPO / n).is_file())
+    parts = {p.name: _bytes(p) for p in sorted(carry.iterdir()) if p.is_dir()}
+    if tree + sum(parts.values()) > CARRY_LIMIT:
+        sizes = ", ".join(f"{name}/ {n / 2**20:.1f}" for name, n in parts.items())
+        sys.exit(
+            f"too big to carry: {carry} ({sizes} MiB) plus the repository's files ({tree / 2**20:.1f} MiB) "
+            f"pass the device's {CARRY_LIMIT / 2**20:.0f} MiB"
+        )
+
+
+def _reuse_with_clip(reuse: Path, clip: Path, folder: Path) -> Path:
+    """A copy of the pipeline `reuse` whose clip/ is the CLIP folder `clip` (written as an export writes it)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(reuse, folder)
+    carry_clip(clip, folder / "clip")
+    return folder
 
 
 def gpu_recipe(preset_name: str, batch: int, steps: int):
@@ -143,6 +202,10 @@ def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     reuse = Path(args.reuse) if args.reuse else default_model_path()
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="gpu-unet-"))
+    clip = Path(args.clip) if args.clip else CARRY / "clip" if (CARRY / "clip").is_dir() else None
+    if clip is not None:  # the run adopts this CLIP, and its UNet stage's text encoder starts from it
+        reuse = _reuse_with_clip(reuse, clip, scratch / "reuse")
+        print(f"mini-CLIP: {clip}", flush=True)
     data = Path(args.data) if args.data else scratch / "data"
     ensure_dataset(data, gpu_recipe(args.preset, args.batch, 1), progress=False)
     print(f"dataset ready at {time.monotonic() - started:.0f} s", flush=True)
@@ -175,17 +238,19 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, rel in WEIGHTS.items():
         shutil.copy2(export / rel, out / f"{name}.safetensors")
+    left_out = ("vae",) if clip is not None else ("vae", "clip")  # the CLIP the run brought comes back
     with tarfile.open(out / "meta.tar", "w") as tar:
         for path in sorted(export.rglob("*")):
             rel = path.relative_to(export)
-            if path.is_file() and str(rel) not in WEIGHTS.values() and rel.parts[0] not in ("vae", "clip"):
+            if path.is_file() and str(rel) not in WEIGHTS.values() and rel.parts[0] not in left_out:
                 tar.add(path, arcname=str(rel))
         tar.add(work / "unet" / "log.jsonl", arcname="unet-log.jsonl")
     print(f"done in {(time.monotonic() - started) / 60:.1f} min: {sorted(p.name for p in out.iterdir())}")
 
 
 def assemble(args: argparse.Namespace) -> None:
-    """Lay the files `run` wrote over a copy of the pipeline the run reused: a complete pipeline folder."""
+    """Lay the files `run` wrote over a copy of the pipeline the run reused: a complete pipeline folder (its
+    clip/ the one meta.tar brings, when it brings one)."""
     from booth.fsutil import atomic_folder
     from booth.mini.export import check_replaceable
     from booth.models.loading import default_model_path
@@ -199,6 +264,9 @@ def assemble(args: argparse.Namespace) -> None:
     with atomic_folder(out) as tmp:
         shutil.copytree(base, tmp, dirs_exist_ok=True)
         with tarfile.open(files / "meta.tar") as tar:
+            brings_clip = any(Path(name).parts[0] == "clip" for name in tar.getnames())
+            if brings_clip:  # the run's CLIP, not the base's
+                shutil.rmtree(tmp / "clip", ignore_errors=True)
             tar.extractall(tmp, filter="data")
         for name, rel in WEIGHTS.items():
             shutil.copy2(files / f"{name}.safetensors", tmp / rel)
@@ -208,7 +276,8 @@ def assemble(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare", help="here: the diffusers wheel and the render cache into .carry/")
+    p = sub.add_parser("prepare", help="here: the diffusers wheel and the render cache into .carry/")
+    p.add_argument("--clip", help="also carry this mini-CLIP (a clip stage's final/ or a pipeline's clip/)")
     r = sub.add_parser("run", help="on the GPU machine: train the UNet stage for --minutes and export")
     r.add_argument("--out", required=True, help="where the three result files go ($OUT)")
     r.add_argument("--minutes", type=float, default=5.0, help="training time after the probe (default 5)")
@@ -222,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     r.add_argument("--preset", default="full", help="the recipe whose UNet stage runs (default full)")
     r.add_argument("--reuse", help="pipeline whose mini-CLIP and autoencoder the run takes (default bundled)")
+    r.add_argument(
+        "--clip",
+        help="the mini-CLIP the run takes instead of --reuse's (default: .carry/clip when there is one)",
+    )
     r.add_argument("--data", help="an existing dataset folder (default: built in --scratch)")
     r.add_argument("--scratch", help="work folders (default: a new temporary folder)")
     a = sub.add_parser("assemble", help="here: lay the run's files over the bundled pipeline")

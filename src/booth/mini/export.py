@@ -128,7 +128,7 @@ def _write_pipeline(work: Path, tmp: Path, pipe: Any, checkpoint_step: int | Non
     write_scheduler_defaults(tmp / "scheduler")
     write_text_encoder(pipe.text_encoder, tmp / "text_encoder")
     _write_tokenizer(tmp / "tokenizer", num_merges)
-    _write_clip(work, tmp / "clip", num_merges)
+    write_clip(final_dir(work, "clip"), tmp / "clip", num_merges)
     dataset = json.loads((work / DATASET_FILE).read_text())
     (tmp / "ATTRIBUTION.md").write_text(dataset.get("attribution", ""))
     training = {**run, "dataset": {k: v for k, v in dataset.items() if k != "attribution"}}
@@ -226,11 +226,15 @@ def _write_tokenizer(folder: Path, num_merges: int) -> None:
     write_clip_tokenizer_files(folder, num_merges)
 
 
-def _write_clip(work: Path, folder: Path, num_merges: int) -> None:
-    """The mini-CLIP evaluator: CLIPModel (fp16) + tokenizer + image processor config."""
+def write_clip(source: Path, folder: Path, num_merges: int | None = None) -> None:
+    """The mini-CLIP evaluator from the CLIP folder `source` (a clip stage's final/, or a pipeline's clip/):
+    CLIPModel (fp16) + tokenizer + image processor config, into `folder`. `num_merges` (the tokenizer's BPE
+    merges) defaults to the one the CLIP's vocabulary size implies."""
     from transformers import CLIPModel
 
-    clip = CLIPModel.from_pretrained(final_dir(work, "clip"))
+    clip = CLIPModel.from_pretrained(source)
+    if num_merges is None:  # vocab_size: 256 bytes x 2 + merges + BOS/EOS
+        num_merges = clip.config.text_config.vocab_size - 514
     clip.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     _config_dtype_float32(folder)
     write_clip_tokenizer_files(folder, num_merges)
