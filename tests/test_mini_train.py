@@ -43,6 +43,7 @@ from booth.mini.train import (
     train_stage,
     x0_weight,
 )
+from booth.mini.train.unet import patch_grid, repa_loss
 
 torch.set_num_threads(1)
 TINY = PRESETS["tiny"]
@@ -620,6 +621,78 @@ def test_unet_stage_can_also_train_on_the_pairs_split(data_dir, trained, tmp_pat
     (work / "dataset.json").write_text(json.dumps({**pinned, "pairs_checksum": "0" * 64}))
     with pytest.raises(BoothError, match="other two-object images"):
         train_stage("unet", data_dir, work, paired, steps=1, progress=False)
+
+
+def test_repa_loss_is_the_mean_negative_cosine_and_patches_pool_to_the_grid():
+    y = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    assert repa_loss(3.0 * y, y).item() == pytest.approx(-1.0)  # aligned, whatever the scale
+    assert repa_loss(-y, y).item() == pytest.approx(1.0)
+    half = torch.cat([y[:, :2], -y[:, 2:]], dim=1)  # half the patches aligned, half opposed
+    assert repa_loss(half, y).item() == pytest.approx(0.0, abs=1e-6)
+    maps = torch.arange(32.0).view(1, 2, 4, 4)  # two channels of a 4 x 4 map
+    patches = patch_grid(maps, 2)
+    assert patches.shape == (1, 4, 2)  # (B, N, C), row-major over the 2 x 2 grid
+    assert patches[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert torch.equal(patch_grid(maps, 4), maps.flatten(2).transpose(1, 2))
+
+
+@needs_data
+def test_repa_trains_a_projector_beside_the_unet_and_exports_none(data_dir, trained, tmp_path):
+    """`repa_weight`: the UNet layer's states, projected, are pulled towards the frozen mini-CLIP's patch
+    states; the projector is checkpointed (resumable) but the exported UNet is plain diffusers."""
+    from diffusers import UNet2DConditionModel
+
+    aligned = replace(TINY, unet=replace(TINY.unet, repa_weight=1.0))
+    one = _work_with_prerequisites(trained, tmp_path / "one", "unet")
+    two = _work_with_prerequisites(trained, tmp_path / "two", "unet")
+    for work in (one, two):
+        _pin(work, aligned)
+    train_stage("unet", data_dir, one, aligned, progress=False)
+    train_stage("unet", data_dir, two, aligned, steps=4, progress=False)
+    checkpoint = torch.load(two / "unet" / "checkpoint.pt", weights_only=True)
+    assert any(k.startswith("repa.") for k in checkpoint["model"]) and any(
+        k.startswith("repa.") for k in checkpoint["ema"]
+    )
+    train_stage("unet", data_dir, two, aligned, progress=False)
+    records = [[r for r in read_log(work, "unet") if "loss" in r] for work in (one, two)]
+    assert [r["repa_cos"] for r in records[0]] == [r["repa_cos"] for r in records[1]]  # resumes exactly
+    cosines = [r["repa_cos"] for r in records[0]]
+    assert len(cosines) == aligned.unet.optim.steps and all(-1.0 <= c <= 1.0 for c in cosines)
+    assert cosines[-1] > cosines[0] + 0.2  # the projector learns to align (-0.06 -> 0.38 here)
+    unet = UNet2DConditionModel.from_pretrained(final_dir(one, "unet"))
+    plain = _work_with_prerequisites(trained, tmp_path / "plain", "unet")
+    train_stage("unet", data_dir, plain, TINY, progress=False)
+    weights = load_file(final_dir(plain, "unet") / "diffusion_pytorch_model.safetensors")
+    assert unet.state_dict().keys() == weights.keys()  # no projector in the export
+    ahead = "down_blocks.0.resnets.0.conv1.weight"  # before the aligned layer: the term trains it too
+    assert not torch.equal(unet.state_dict()[ahead], weights[ahead])
+
+    # a continuation of the run starts from its projector (model and EMA), as from its UNet
+    carried = replace(aligned, unet=replace(aligned.unet, init=str(one / "unet" / "checkpoint.pt")))
+    went_on = _work_with_prerequisites(trained, tmp_path / "went-on", "unet")
+    _pin(went_on, carried)
+    train_stage("unet", data_dir, went_on, carried, steps=0, progress=False)
+    source = torch.load(one / "unet" / "checkpoint.pt", weights_only=True)["ema"]
+    started = torch.load(went_on / "unet" / "checkpoint.pt", weights_only=True)
+    projector = {k: v for k, v in source.items() if k.startswith("repa.")}
+    assert projector and all(
+        torch.equal(started[key][k], v) for key in ("model", "ema") for k, v in projector.items()
+    )
+
+    def first_cosine(name, **settings):
+        config = replace(TINY, unet=replace(TINY.unet, repa_weight=1.0, **settings))
+        work = _work_with_prerequisites(trained, tmp_path / name, "unet")
+        _pin(work, config)
+        train_stage("unet", data_dir, work, config, steps=1, progress=False)
+        return next(r["repa_cos"] for r in read_log(work, "unet") if "loss" in r)
+
+    # `repa_encoder`: another CLIP's vision tower gives the targets (the same first step, other patch states)
+    assert first_cosine("own", repa_encoder=str(final_dir(trained, "clip"))) == cosines[0]
+    assert first_cosine("other", repa_encoder=str(_other_clip(tmp_path / "other-clip"))) != cosines[0]
+    with pytest.raises(BoothError, match="repa_encoder .* is not a CLIP folder"):
+        first_cosine("missing", repa_encoder=str(tmp_path / "nowhere"))
+    with pytest.raises(BoothError, match="repa_layer 'down_blocks.7' is not a module of the UNet"):
+        first_cosine("bad", repa_layer="down_blocks.7")
 
 
 @needs_data

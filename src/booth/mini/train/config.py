@@ -130,7 +130,7 @@ class UNetTrainConfig:
     heads go on from the checkpoint's when they read the same parts; a pipeline folder has none, and fresh
     heads at the encoder's learning rate rewrite the carried encoder in the first steps (2026-12-07: v5
     continued 600 steps so, background right 99 -> 51%): continue a pipeline folder with the encoder frozen
-    or `readout_weight` 0.
+    or `readout_weight` 0. A REPA projector (`repa_weight`) goes on from the checkpoint's likewise.
     `pairs`: also train on the dataset's ``pairs`` split (two small objects an image, "a small X on the left
     and a small Y on the right ..."; `booth.mini.dataset`), so the model can draw two things at once, as
     multi-concept prompts ask; the readout term skips those images.
@@ -145,6 +145,14 @@ class UNetTrainConfig:
     experts of eDiff-I, Balaji et al. 2022, here one UNet). Measured (2026-12-07, docs/mini-model.md, "After
     v5, part 4"): v5's UNet continued 600 steps with half of each batch at t < 400, encoder frozen: style 49
     -> 52%, concept and layout as before. Off in the presets.
+    `repa_weight`, `repa_layer`: representation alignment (REPA, Yu et al. 2024): an MLP head reads the output
+    of the UNet module `repa_layer` (a dotted submodule name) on the noisy latents and is pulled, by negative
+    cosine similarity per patch, towards the frozen mini-CLIP vision tower's patch states of the clean image.
+    Why: the concept's shapes need far more views than a CPU gives (docs/mini-model.md, "After v5, part 5");
+    REPA reports diffusion transformers reaching the same FID in 17.5x fewer steps when an early layer is
+    taught a pretrained encoder's features, so the UNet need not find the shapes' representation alone.
+    `repa_encoder`: a CLIP folder whose vision tower gives the targets instead of this run's mini-CLIP (REPA
+    finds better encoders give better alignment; the text encoder is unchanged). Off (0) in the presets.
     """
 
     optim: Optim
@@ -163,8 +171,13 @@ class UNetTrainConfig:
     snr_floor_end: float | None = None
     timesteps: tuple[int, int] | None = None
     timesteps_share: float = 1.0
+    repa_weight: float = 0.0
+    repa_layer: str = "down_blocks.1.attentions.0"
+    repa_encoder: str | None = None
 
     def __post_init__(self) -> None:
+        if self.repa_weight < 0:
+            raise ValueError(f"repa_weight cannot be negative, not {self.repa_weight}")
         if self.snr_floor < 0 or (self.snr_floor_end or 0.0) < 0:
             raise ValueError("the x0-weight floor (snr_floor, snr_floor_end) cannot be negative")
         if not 0.0 <= self.timesteps_share <= 1.0:

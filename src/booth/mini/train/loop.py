@@ -30,6 +30,7 @@ from booth.mini.train.workdir import (
     FINAL,
     LOG,
     READOUT,
+    REPA,
     TEXT_ENCODER,
     atomic_save,
     atomic_write_text,
@@ -308,16 +309,16 @@ def _open_session(
 
 def unet_checkpoint_weights(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     """The EMA (else the raw) weights of a UNet-stage checkpoint, per component: "unet", and "text_encoder"
-    (and "readout" when it has the heads) when the checkpoint is of the `Denoiser` (older checkpoints hold the
-    UNet alone)."""
+    (and "readout", "repa" when it has those heads) when the checkpoint is of the `Denoiser` (older
+    checkpoints hold the UNet alone)."""
     weights = state.get("ema") or state["model"]
     if not any(k.startswith("unet.") for k in weights):
         return {"unet": weights}
     parts = {
         name: {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(f"{name}.")}
-        for name in ("unet", TEXT_ENCODER, READOUT)
+        for name in ("unet", TEXT_ENCODER, READOUT, REPA)
     }
-    return {name: part for name, part in parts.items() if part or name != READOUT}
+    return {name: part for name, part in parts.items() if part or name not in (READOUT, REPA)}
 
 
 def _pipeline_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -363,6 +364,8 @@ def _warm_start(s: _Session, path: Path) -> None:
         # encoder at lr 1e-3, background right 99 -> 51% in 600 steps)
         if hasattr(s.task.model, READOUT) and _same_shapes(s.task.model.readout, parts.get(READOUT)):
             names.append(READOUT)
+    if hasattr(s.task.model, REPA) and _same_shapes(s.task.model.repa, parts.get(REPA)):
+        names.append(REPA)  # the REPA projector goes on too: a fresh one would pull the carried UNet's layer
     try:
         for name in names:
             getattr(s.task.model, name).load_state_dict(parts[name])

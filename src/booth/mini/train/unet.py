@@ -37,6 +37,17 @@ def x0_weight(snr: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tens
     return snr.clamp(max=gamma) + floor
 
 
+def repa_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L_REPA = -E[1/N sum_n sim(y^[n], h_phi(h_t^[n]))] (Yu et al. 2024, "Representation Alignment for
+    Generation", eq. 8): `h` the projected denoiser states, `y` the encoder's patch states, both (B, N, D)."""
+    return -torch.nn.functional.cosine_similarity(h, y, dim=-1).mean()
+
+
+def patch_grid(states: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) feature maps as (B, size * size, C) patches, average-pooled to a size x size grid."""
+    return torch.nn.functional.adaptive_avg_pool2d(states, size).flatten(2).transpose(1, 2)
+
+
 class Denoiser(torch.nn.Module):
     """What the UNet stage trains (and checkpoints, and averages): the UNet and the text encoder beside it.
 
@@ -50,17 +61,39 @@ class Denoiser(torch.nn.Module):
     position (zero-shot position at chance), so that average says where the object goes too faintly to learn
     from (2026-12-01: 1,000 steps with a fresh, position-aware text tower trainable at lr 1e-3: position 11%,
     background 100%). The heads make the average carry every part.
+
+    With `UNetTrainConfig.repa_weight` it also holds `repa`: REPA's projector h_phi, a 3-layer MLP from the
+    aligned UNet layer's channels to the mini-CLIP vision width (not exported).
     """
 
     def __init__(
-        self, unet: torch.nn.Module, text_encoder: torch.nn.Module, readout: dict[str, int] | None = None
+        self,
+        unet: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        readout: dict[str, int] | None = None,
+        repa: tuple[int, int] | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
+        with arch_mod.seeded(seed):  # the heads start the same in every run of a recipe
+            self._build_heads(readout, repa)
+
+    def _build_heads(self, readout: dict[str, int] | None, repa: tuple[int, int] | None) -> None:
         if readout:
-            width = text_encoder.config.hidden_size
+            width = self.text_encoder.config.hidden_size
             self.readout = torch.nn.ModuleDict(
                 {part: torch.nn.Linear(width, n) for part, n in readout.items()}
+            )
+        if repa:
+            channels, width = repa
+            hidden = 4 * max(channels, width)
+            self.repa = torch.nn.Sequential(
+                torch.nn.Linear(channels, hidden),
+                torch.nn.SiLU(),
+                torch.nn.Linear(hidden, hidden),
+                torch.nn.SiLU(),
+                torch.nn.Linear(hidden, width),
             )
 
 
@@ -115,9 +148,45 @@ class UNetTask:
         readout = {k: len(v) for k, v in self.readout_values.items()} if self.cfg.readout_weight else None
         if readout and not self.cfg.train_text_encoder:
             raise BoothError("readout_weight trains the text encoder: it needs train_text_encoder")
-        self.model = Denoiser(unet, text_encoder, readout).to(device).train()
+        repa = self._repa_setup(unet, clip, device) if self.cfg.repa_weight else None
+        self.model = Denoiser(unet, text_encoder, readout, repa, seed=seed).to(device).train()
         self.model.text_encoder.train(self.cfg.train_text_encoder)
         self.max_length = config.arch.clip.max_length
+
+    def _repa_setup(self, unet: torch.nn.Module, clip: Any, device: torch.device) -> tuple[int, int]:
+        """Hook `repa_layer` of `unet` (its output kept in `self.repa_states`) and keep the frozen mini-CLIP
+        vision tower; the projector's (input, output) widths."""
+        try:
+            layer = unet.get_submodule(self.cfg.repa_layer)
+        except AttributeError:
+            raise BoothError(
+                f"unet.repa_layer {self.cfg.repa_layer!r} is not a module of the UNet "
+                "(e.g. down_blocks.1.attentions.0)"
+            ) from None
+        self.repa_states: dict[str, torch.Tensor] = {}
+        layer.register_forward_hook(lambda module, args, output: self.repa_states.update(h=_states(output)))
+        if self.cfg.repa_encoder:
+            from transformers import CLIPModel
+
+            if not (Path(self.cfg.repa_encoder) / "config.json").is_file():
+                raise BoothError(
+                    f"unet.repa_encoder {self.cfg.repa_encoder} is not a CLIP folder (no config.json)"
+                )
+            clip = CLIPModel.from_pretrained(self.cfg.repa_encoder)
+        self.vision = clip.vision_model.requires_grad_(False).eval().to(device)
+        self.pixel_mean = torch.tensor(arch_mod.CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(arch_mod.CLIP_STD, device=device).view(1, 3, 1, 1)
+        size, width = unet.config.sample_size, unet.config.cross_attention_dim
+        with torch.no_grad():  # one dry pass tells the layer's width
+            unet(torch.zeros(1, unet.config.in_channels, size, size), 0, torch.zeros(1, 1, width))
+        return self.repa_states["h"].shape[1], clip.config.vision_config.hidden_size
+
+    def clip_patches(self, index: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """The frozen mini-CLIP vision tower's last patch states of the clean images (B, N, D), class token
+        dropped: REPA's target y."""
+        pixels = (self.data.images[index].to(self.device).float() / 255.0 - self.pixel_mean) / self.pixel_std
+        with torch.no_grad(), autocast(self.device, dtype):
+            return self.vision(pixel_values=pixels).last_hidden_state[:, 1:].float()
 
     def compile_targets(self) -> dict[str, torch.nn.Module]:
         """What `--compile` compiles: the UNet and the text encoder (on a 2-core CPU 1.04x a step, the UNet
@@ -162,6 +231,16 @@ class UNetTask:
             readout, accuracy = self._readout_loss(text.float().mean(dim=1), records, single)
             loss = loss + self.cfg.readout_weight * readout
             stats["readout_acc"] = accuracy
+        if self.cfg.repa_weight:
+            # 6. REPA: the aligned layer's states, projected by h_phi, towards the clean image's patch states
+            states, y = self.repa_states.pop("h").float(), self.clip_patches(index, dtype)
+            side = round(y.shape[1] ** 0.5)  # both on the coarser of the two grids
+            grid = min(side, states.shape[-1])
+            y = patch_grid(y.transpose(1, 2).reshape(b, -1, side, side), grid)
+            h = self.model.repa(patch_grid(states, grid))
+            align = repa_loss(h, y)
+            loss = loss + self.cfg.repa_weight * align
+            stats["repa_cos"] = -align.item()
         return loss, stats
 
     def draw_timesteps(self, b: int, gen: torch.Generator) -> torch.Tensor:
@@ -191,6 +270,13 @@ class UNetTask:
         if self.cfg.train_text_encoder:
             self.model.text_encoder.save_pretrained(folder / TEXT_ENCODER)
         return {"text_encoder": "fine-tuned" if self.cfg.train_text_encoder else "mini-CLIP text tower"}
+
+
+def _states(output: Any) -> torch.Tensor:
+    """A UNet module's output as one (B, C, H, W) tensor: a block's (states, skips) tuple, a transformer's
+    ``sample``, or the tensor itself."""
+    output = getattr(output, "sample", output)
+    return output[0] if isinstance(output, tuple) else output
 
 
 def latent_cache(

@@ -25,6 +25,7 @@ DATASET_FILE = "dataset.json"
 # unet/final/text_encoder: the fine-tuned encoder, when the UNet stage trains it
 TEXT_ENCODER = "text_encoder"
 READOUT = "readout"  # the Denoiser's readout heads (checkpoints only, not exported)
+REPA = "repa"  # the Denoiser's REPA projector (checkpoints only, not exported)
 
 
 def _cpu_has_fast_bf16() -> bool:
