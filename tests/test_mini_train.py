@@ -255,7 +255,7 @@ def test_clip_style_term_is_the_style_gates_zero_shot_cross_entropy(data_dir):
     records = [data.records[i] for i in index.tolist()]
     styles = task.vocab["style"]
     with torch.no_grad():
-        pixels = (data.images[index].float() / 255.0 - task.mean) / task.std
+        pixels = A.clip_pixels(data.images[index])
         image = torch.nn.functional.normalize(
             pooled(task.model.get_image_features(pixel_values=pixels)), dim=-1
         )

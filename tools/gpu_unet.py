@@ -72,8 +72,7 @@ def prepare(args: argparse.Namespace) -> None:
 
     from booth.mini.render import renders_dir
 
-    if args.clip and not (Path(args.clip) / "config.json").is_file():
-        sys.exit(f"{args.clip} is not a CLIP folder (no config.json)")
+    clip = clip_folder(args.clip) if args.clip else None  # checked before .carry is wiped
     wheels = CARRY / "wheels"
     shutil.rmtree(CARRY, ignore_errors=True)
     wheels.mkdir(parents=True)
@@ -87,8 +86,8 @@ def prepare(args: argparse.Namespace) -> None:
         if not (cache / style).is_dir():
             sys.exit(f"no {style} masters in {cache}: build the dataset here first (booth mini dataset)")
         shutil.copytree(cache / style, renders_dir(CARRY / "booth-data") / style)
-    if args.clip:
-        carry_clip(Path(args.clip), CARRY / "clip")
+    if clip:
+        carry_clip(clip, CARRY / "clip")
     size = _bytes(CARRY)
     print(f"{CARRY}: {size / 1e6:.1f} MB to carry")
     check_carry(CARRY)
@@ -98,13 +97,19 @@ def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def clip_folder(path: str) -> Path:
+    """`path` as the CLIP folder to carry (a clip stage's final/, or a pipeline's clip/); exit when it is
+    not one."""
+    if not (Path(path) / "config.json").is_file():
+        sys.exit(f"{path} is not a CLIP folder (no config.json)")
+    return Path(path)
+
+
 def carry_clip(source: Path, folder: Path) -> Path:
-    """The CLIP folder `source` (a clip stage's final/, or a pipeline's clip/) as an export writes a
-    pipeline's clip/ (fp16 safetensors, config, tokenizer, image processor) into `folder` (replaced)."""
+    """The CLIP folder `source` as an export writes a pipeline's clip/ (fp16 safetensors, config, tokenizer,
+    image processor) into `folder` (replaced)."""
     from booth.mini.export import write_clip
 
-    if not (source / "config.json").is_file():
-        sys.exit(f"{source} is not a CLIP folder (no config.json)")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     write_clip(source, folder)
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     reuse = Path(args.reuse) if args.reuse else default_model_path()
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="gpu-unet-"))
-    clip = Path(args.clip) if args.clip else CARRY / "clip" if (CARRY / "clip").is_dir() else None
+    clip = clip_folder(args.clip) if args.clip else CARRY / "clip" if (CARRY / "clip").is_dir() else None
     if clip is not None:  # the run adopts this CLIP, and its UNet stage's text encoder starts from it
         reuse = _reuse_with_clip(reuse, clip, scratch / "reuse")
         print(f"mini-CLIP: {clip}", flush=True)

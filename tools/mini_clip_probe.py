@@ -40,10 +40,7 @@ def load(path: Path, work: Path | None):
 
 def images(folder: Path, records: list[dict]) -> torch.Tensor:
     arrays = np.stack([np.asarray(Image.open(folder / r["file_name"]).convert("RGB")) for r in records])
-    x = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(A.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(A.CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return A.clip_pixels(torch.from_numpy(arrays).permute(0, 3, 1, 2))
 
 
 def _features(out) -> torch.Tensor:

@@ -48,6 +48,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> the mini-CLIP's input: [0, 1] normalised by CLIP's mean and std."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
 def clip_processor_config(image_size: int) -> dict:
     """The `CLIPImageProcessor` config of the mini-CLIP (preprocessor_config.json): resize, crop, CLIP's
     mean and std."""

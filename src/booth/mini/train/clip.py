@@ -31,8 +31,6 @@ class ClipTask:
         self.cfg, self.data, self.device = config.clip, data, device
         self.model = arch_mod.build_clip(config.arch.clip, seed=seed).to(device).train()
         self.tokenizer = arch_mod.build_tokenizer(config.arch.clip)
-        self.mean = torch.tensor(arch_mod.CLIP_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(arch_mod.CLIP_STD, device=device).view(1, 3, 1, 1)
         self.arch = config.arch.clip
         self.vocab = {key: sorted({r[key] for r in data.records}) for key in ("concept", "style")}
         self.concept_index = {c: i for i, c in enumerate(self.vocab["concept"])}
@@ -64,7 +62,7 @@ class ClipTask:
             for _ in range(self.cfg.hard_negatives)
             for r, p in zip(records, parts)
         ]
-        pixels = (self.data.images[index].to(self.device).float() / 255.0 - self.mean) / self.std
+        pixels = arch_mod.clip_pixels(self.data.images[index].to(self.device))
         input_ids = self._ids(texts + negatives)
         concepts = torch.tensor([self.concept_index[r["concept"]] for r in records], device=self.device)
         # 2. encode both towers; 3-4. (no noise) predict: cosine similarities scaled by the temperature

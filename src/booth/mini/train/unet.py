@@ -174,8 +174,6 @@ class UNetTask:
                 )
             clip = CLIPModel.from_pretrained(self.cfg.repa_encoder)
         self.vision = clip.vision_model.requires_grad_(False).eval().to(device)
-        self.pixel_mean = torch.tensor(arch_mod.CLIP_MEAN, device=device).view(1, 3, 1, 1)
-        self.pixel_std = torch.tensor(arch_mod.CLIP_STD, device=device).view(1, 3, 1, 1)
         size, width = unet.config.sample_size, unet.config.cross_attention_dim
         with torch.no_grad():  # one dry pass tells the layer's width
             unet(torch.zeros(1, unet.config.in_channels, size, size), 0, torch.zeros(1, 1, width))
@@ -184,7 +182,7 @@ class UNetTask:
     def clip_patches(self, index: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         """The frozen mini-CLIP vision tower's last patch states of the clean images (B, N, D), class token
         dropped: REPA's target y."""
-        pixels = (self.data.images[index].to(self.device).float() / 255.0 - self.pixel_mean) / self.pixel_std
+        pixels = arch_mod.clip_pixels(self.data.images[index].to(self.device))
         with torch.no_grad(), autocast(self.device, dtype):
             return self.vision(pixel_values=pixels).last_hidden_state[:, 1:].float()
 
