@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ from booth.mini.train import (
     train_stage,
     x0_weight,
 )
-from booth.mini.train.unet import patch_grid, repa_loss
+from booth.mini.train.unet import object_weighted_mse, patch_grid, repa_loss
 
 torch.set_num_threads(1)
 TINY = PRESETS["tiny"]
@@ -354,6 +355,87 @@ def test_the_unet_stage_draws_timesteps_from_its_range(data_dir, trained):
     assert mixed[1024:].min() < 10 and mixed[1024:].max() > 990
     with pytest.raises(BoothError, match="timesteps"):
         draws((0, 1001))  # the schedule has 1,000
+
+
+def test_the_unet_resolution_is_checked_and_read_back():
+    low = replace(TINY.unet, resolution=32)
+    config = replace(TINY, unet=low)
+    assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    for bad in (8, 24, 0):
+        with pytest.raises(ValueError, match="resolution"):
+            replace(TINY.unet, resolution=bad)
+
+
+@needs_data
+def test_a_unet_stage_at_a_lower_resolution_trains_on_its_latents_and_starts_the_full_size(
+    data_dir, trained, tmp_path
+):
+    """`resolution` 32: the VAE encodes the box-filtered 32 px images (8 x 8 latents, cached under their own
+    key); the stage's checkpoint then starts a full-size stage through `init`."""
+    from diffusers import AutoencoderKL
+
+    from booth.mini.train.data import to_unit
+
+    low = replace(TINY, unet=replace(TINY.unet, resolution=32))
+    work = _work_with_prerequisites(trained, tmp_path / "low", "unet")
+    _pin(work, low)
+    report = train_stage("unet", data_dir, work, low, progress=False)
+    assert report.finished and report.ran_steps == TINY.unet.optim.steps
+    cache = torch.load(work / "unet" / "latents.pt", weights_only=True)
+    assert cache["key"]["size"] == 32 and cache["mean"].shape[-2:] == (8, 8)
+    vae = AutoencoderKL.from_pretrained(final_dir(work, "vae")).eval()
+    images = torch.nn.functional.interpolate(
+        to_unit(load_split(data_dir).images[:4]), size=(32, 32), mode="area"
+    )
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mean
+    assert torch.allclose(cache["mean"][:4], expected, atol=0.05)  # bf16 autocast may encode them
+    assert all(math.isfinite(r["loss"]) for r in read_log(work, "unet") if "loss" in r)
+
+    source = torch.load(work / "unet" / "checkpoint.pt", weights_only=True)
+    full = replace(TINY, unet=replace(TINY.unet, init=str(work / "unet" / "checkpoint.pt")))
+    work2 = _work_with_prerequisites(trained, tmp_path / "full", "unet")
+    _pin(work2, full)
+    assert train_stage("unet", data_dir, work2, full, steps=0, progress=False).step == 0
+    state = torch.load(work2 / "unet" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(state["model"][k], v) for k, v in source["ema"].items() if k.startswith("unet."))
+    assert torch.load(work2 / "unet" / "latents.pt", weights_only=True)["mean"].shape[-2:] == (16, 16)
+
+
+def test_object_weighted_mse_redistributes_the_error_towards_the_object():
+    share = torch.zeros(2, 1, 4, 4)
+    share[:, :, 1:3, 1:3] = 1.0  # 4 of 16 latent pixels show the object
+    share[1, :, 0, 0] = 0.5
+    flat = torch.full((2, 4, 4, 4), 0.3)
+    assert torch.allclose(object_weighted_mse(flat, share, 4.0), torch.full((2,), 0.3))  # weights mean 1
+    on_object = share.expand(2, 4, 4, 4) == 1.0
+    error = on_object.float()  # error only on the object: 4 of 16 plainly, (5 x 4) / (12 + 5 x 4) weighed
+    assert torch.allclose(object_weighted_mse(error, share, 0.0), torch.full((2,), 0.25))
+    weighed = object_weighted_mse(error, share, 4.0)
+    assert weighed[0].item() == pytest.approx(20 / 32)
+    assert weighed[1].item() == pytest.approx(20 / 34)  # a half-covered pixel weighs 1 + 4 x 0.5
+
+
+@needs_data
+def test_the_unet_stage_weighs_its_loss_by_the_object_share_of_each_latent_pixel(data_dir, trained):
+    data, cpu = load_split(data_dir), torch.device("cpu")
+    config = replace(TINY, unet=replace(TINY.unet, object_weight=4.0))
+    task = build_task("unet", config, data, cpu, 0, trained)
+    share = task.object_share
+    assert share.shape == (len(data), 1, 16, 16) and share.min() >= 0.0 and share.max() <= 1.0
+    first = data.images[:1]
+    background = (first == first[..., :1, :1]).all(dim=1)  # 64 x 64: pixels of the corner's colour
+    corners = background[0].reshape(16, 4, 16, 4).all(dim=(1, 3))  # latent pixels of background alone
+    assert corners.any() and (~corners).any()
+    assert (share[0, 0][corners] == 0).all() and (share[0, 0][~corners] > 0).any()
+    plain = build_task("unet", TINY, data, cpu, 0, trained)
+    assert plain.object_share is None
+    index = torch.arange(4)
+    weighed, _ = task.loss(index, torch.Generator().manual_seed(3), None)
+    unweighed, _ = plain.loss(index, torch.Generator().manual_seed(3), None)
+    assert torch.isfinite(weighed) and not torch.isclose(weighed, unweighed)
+    with pytest.raises(ValueError, match="object_weight"):
+        replace(TINY.unet, object_weight=-1.0)
 
 
 def test_unknown_names_are_user_errors(tmp_path):

@@ -156,6 +156,14 @@ class UNetTrainConfig:
     docs/mini-model.md, "After v5, part 8"): 10 concepts from scratch, 3,000 steps, top-1 over 200 / among the
     10 at 29.3 / 66.0% with REPA (the 2,000-step mini-CLIP, weight 1) against 24.7 / 71.0% without: the
     mini-CLIP's patch states do not stand in for views. Off (0) in the presets.
+    `resolution`: train on the images resized (box filter) to this many pixels a side before the VAE encodes
+    them (None: the dataset's own size); a multiple of 16, so the UNet's levels halve evenly. A UNet is
+    convolutional, so a stage at 32 px (8 x 8 latents, 2.6x cheaper a step here) can start a stage at the
+    full size through `init`, as Stable Diffusion was pretrained at 256 px before 512 px. Off in the presets.
+    `object_weight`: weigh the squared error of each latent pixel by 1 + `object_weight` x the share of its
+    pixels that show the object (`object_mask`, box-filtered to the latent grid), normalised per image so
+    each image keeps its timestep weight: the flat backgrounds, most of each latent, then weigh less against
+    the object's outline, as the autoencoder stages weigh objects. 0: plain MSE. Off in the presets.
     """
 
     optim: Optim
@@ -177,8 +185,14 @@ class UNetTrainConfig:
     repa_weight: float = 0.0
     repa_layer: str = "down_blocks.1.attentions.0"
     repa_encoder: str | None = None
+    resolution: int | None = None
+    object_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.object_weight < 0:
+            raise ValueError(f"object_weight cannot be negative, not {self.object_weight}")
+        if self.resolution is not None and (self.resolution < 16 or self.resolution % 16):
+            raise ValueError(f"resolution is a multiple of 16 pixels, not {self.resolution}")
         if self.repa_weight < 0:
             raise ValueError(f"repa_weight cannot be negative, not {self.repa_weight}")
         if self.snr_floor < 0 or (self.snr_floor_end or 0.0) < 0:
