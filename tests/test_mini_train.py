@@ -44,7 +44,7 @@ from booth.mini.train import (
     train_stage,
     x0_weight,
 )
-from booth.mini.train.unet import object_weighted_mse, patch_grid, repa_loss
+from booth.mini.train.unet import latent_cache, object_weighted_mse, patch_grid, repa_loss
 
 torch.set_num_threads(1)
 TINY = PRESETS["tiny"]
@@ -400,6 +400,11 @@ def test_a_unet_stage_at_a_lower_resolution_trains_on_its_latents_and_starts_the
     state = torch.load(work2 / "unet" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(state["model"][k], v) for k, v in source["ema"].items() if k.startswith("unet."))
     assert torch.load(work2 / "unet" / "latents.pt", weights_only=True)["mean"].shape[-2:] == (16, 16)
+    cached = work2 / "unet" / "latents.pt"
+    latent_cache(work2, vae, load_split(data_dir))
+    before = cached.stat().st_mtime_ns
+    latent_cache(work2, vae, load_split(data_dir), size=64)  # the dataset's own size: the plain cache
+    assert cached.stat().st_mtime_ns == before
 
 
 def test_object_weighted_mse_redistributes_the_error_towards_the_object():

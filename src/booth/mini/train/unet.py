@@ -320,6 +320,8 @@ def latent_cache(
     about 0.4% of a latent, is far below the smallest diffusion noise, sqrt(1 - abar_0) = 3%).
     """
     path = work / "unet" / "latents.pt"
+    if size == data.images.shape[-1]:  # the dataset's own size: the plain cache, no resize
+        size = None
     key = {
         "data": data.checksum,
         "vae": sha256_file(final_dir(work, "vae") / "diffusion_pytorch_model.safetensors"),
@@ -338,7 +340,7 @@ def latent_cache(
     with torch.no_grad(), autocast(device, dtype):
         for start in bar:
             images = to_unit(data.images[start : start + 256])
-            if size is not None and size != images.shape[-1]:
+            if size is not None:
                 images = torch.nn.functional.interpolate(images, size=(size, size), mode="area")
             dist = vae.encode(images.to(device)).latent_dist
             means.append(dist.mean.float().cpu())
