@@ -99,6 +99,16 @@ def test_bad_input_gives_one_line_error_and_exit_2(tiny_sd1_dir, tmp_path, capsy
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_a_hub_model_offline_is_the_one_error_line(tmp_path, capsys, monkeypatch):
+    """No note from huggingface_hub about arguments diffusers passes it: the user cannot act on those."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "x", "--model", "booth-test/no-such-model", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "booth: error: model 'booth-test/no-such-model' is not a local path and the Hugging Face hub cannot be "
+        "reached (offline); pass a local diffusers folder or .safetensors/.ckpt file"
+    ]
+
+
 def test_unwritable_output_folder_is_refused(tiny_sd1_dir, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -347,6 +347,15 @@ def test_cli_errors_are_one_line(tiny_sd1_dir, tmp_path, capsys):
     assert "unknown prompt list 'animals'" in capsys.readouterr().err
     assert main([*base, "--subject-images", str(EXAMPLES / "poodle"), "--live", "--prompts", "object"]) == 2
     assert "--live" in capsys.readouterr().err
+    # an evaluator that is not downloaded (the hub away): one error line that says how to get it
+    assert (
+        main([*base, "--subject-images", str(EXAMPLES / "poodle"), "--clip", "booth-test/no-such-clip"]) == 2
+    )
+    assert capsys.readouterr().err.splitlines() == [
+        "booth: error: the CLIP evaluator 'booth-test/no-such-clip' must be downloaded first: it is not in the "
+        "local Hugging Face cache and the hub cannot be reached (offline). On a machine with network run "
+        "`hf download booth-test/no-such-clip` (or save it with from_pretrained/save_pretrained) and pass the folder"
+    ]
 
 
 def test_bar_charts_keep_negative_scores_in_view(tmp_path):

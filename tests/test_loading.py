@@ -82,6 +82,68 @@ def test_hub_id_offline_fails_fast(monkeypatch):
         load_pipeline("booth-test/no-such-model", local_files_only=True)
 
 
+def _online_env(monkeypatch):
+    """No offline switch and no proxy: only the probe can tell the loader the hub is away."""
+    from huggingface_hub import constants
+
+    for name in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return constants
+
+
+@pytest.mark.filterwarnings(
+    "ignore::UserWarning"
+)  # diffusers passes a deprecated argument to huggingface_hub
+def test_an_unreachable_hub_is_probed_once_and_the_cache_used_without_retries(monkeypatch):
+    """Without HF_HUB_OFFLINE an unanswered hub cost huggingface_hub's ~30 s of retries; the probe makes the
+    loader ask the cache only (local_files_only) and fail at once."""
+    import socket
+
+    constants = _online_env(monkeypatch)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example:8443")
+    probed, asked = [], []
+
+    def refuse(address, timeout=None):
+        probed.append((address, timeout))
+        raise ConnectionRefusedError("refused")
+
+    real = loading._from_pretrained
+
+    def spy(source, local_files_only, dtype):
+        asked.append(local_files_only)
+        return real(source, local_files_only, dtype)
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(loading, "_from_pretrained", spy)
+    start = time.monotonic()
+    with pytest.raises(NetworkRequiredError, match="hub cannot be reached"):
+        load_pipeline("booth-test/no-such-model")
+    assert time.monotonic() - start < 5
+    assert probed == [(("hub.example", 8443), 3.0)] and asked == [True]
+
+
+def test_the_hub_probe_connects_to_the_endpoint_and_trusts_a_proxy(monkeypatch):
+    import socket
+
+    constants = _online_env(monkeypatch)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert loading.hub_reachable() and not loading.hub_offline()
+    assert not loading.hub_reachable(timeout=1) and loading.hub_offline()  # the port is closed now
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # a proxy's way out is not probed
+    assert loading.hub_reachable() and not loading.hub_offline()
+
+
 def test_connection_errors_are_recognised_through_the_chain():
     from huggingface_hub.errors import OfflineModeIsEnabled
 

@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet_libraries()
     warnings.simplefilter("always", UserWarning)  # e.g. malformed prompt syntax; deduplicated when shown
+    # huggingface_hub's notes on arguments diffusers still passes it are not the user's to act on
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
     _SHOWN_WARNINGS.clear()
     warnings.showwarning = _show_warning
     try:

@@ -75,7 +75,7 @@ def load_pretrained(cls, source: str | Path, what: str, **kwargs):
 
     Raises BoothError for a missing path, NetworkRequiredError for a hub id that is not downloaded while the hub
     cannot be reached."""
-    from booth.models.loading import _first_line, _hub_offline, is_connection_error
+    from booth.models.loading import _first_line, hub_offline, is_connection_error
 
     text = str(source)
     path = Path(text).expanduser()
@@ -90,7 +90,7 @@ def load_pretrained(cls, source: str | Path, what: str, **kwargs):
             raise BoothError(f"cannot load the {what} from {path} ({_first_line(error)})") from None
     if isinstance(source, Path) or not _is_hub_id(text) or path.exists():
         raise BoothError(f"{what} not found: {text} (pass a local model folder or a hub id)")
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         return cls.from_pretrained(text, local_files_only=offline, **kwargs)
     except OSError as error:
@@ -172,9 +172,9 @@ class ClipBackbone:
         try:  # the hub model's preprocessor_config.json from the cache (or the hub when online)
             from huggingface_hub import hf_hub_download
 
-            from booth.models.loading import _hub_offline
+            from booth.models.loading import hub_offline
 
-            file = hf_hub_download(str(source), "preprocessor_config.json", local_files_only=_hub_offline())
+            file = hf_hub_download(str(source), "preprocessor_config.json", local_files_only=hub_offline())
             self.pre_source = "preprocessor_config.json"
             return {**default, **json.loads(Path(file).read_text())}
         except (OSError, ValueError):  # not there: CLIP's standard preprocessing at the model's size
