@@ -108,18 +108,23 @@ def test_img2img_runs_a1111_step_count(sd1_engine, strength, steps, expected):
     assert len(calls.batches) == expected
 
 
-def test_img2img_fix_steps_scales_the_schedule(sd1_engine):
+@pytest.mark.parametrize("strength,steps", [(0.5, 10), (0.7, 7), (0.3, 10), (1.0, 5)])
+def test_img2img_fix_steps_runs_exactly_the_asked_steps(sd1_engine, strength, steps):
+    """A1111 `setup_img2img_steps` with the option: a schedule of int(steps / strength) steps, t_enc = steps - 1,
+    so exactly `steps` are run (0.5 x 10 ran 11 before: t_enc was int(strength x 20) = 10)."""
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     with UNetCalls(sd1_engine.pipe.unet) as calls:
         run(
             sd1_engine,
             init_images=[init],
-            denoising_strength=0.5,
-            steps=10,
+            denoising_strength=strength,
+            steps=steps,
             cfg_scale=1.0,
             img2img_fix_steps=True,
         )
-    assert len(calls.batches) == int(0.5 * int(10 / 0.5)) + 1
+    assert len(calls.batches) == steps
+    params = GenerationParams(denoising_strength=strength, steps=steps, img2img_fix_steps=True)
+    assert Engine._img2img_steps(params) == (int(steps / min(strength, 0.999)), steps - 1)
 
 
 def test_img2img_low_strength_stays_close_to_the_init_image(sd1_engine):

@@ -310,3 +310,32 @@ def test_composable_lora_searches_the_lora_folders_once_per_name_and_generation(
     assert len(searches) == 2  # subj_run and style_run, not once per step and term
     engine.generate(params.replace(composable_lora=True))
     assert len(searches) == 4  # a new generation looks again
+
+
+def test_a_hires_prompt_brings_its_own_loras_to_the_hires_pass_only(engine, base):
+    """A1111 activates the hires prompt's extra networks for the second pass: the first pass's UNet outputs are
+    those of the first prompt's LoRAs, the hires pass's those of the hires prompt's; the base model comes back."""
+
+    def passes(prompt: str, hr_prompt: str = ""):
+        outputs: list[tuple[int, torch.Tensor]] = []
+        hook = engine.pipe.unet.register_forward_hook(
+            lambda m, args, out: outputs.append((args[0].shape[-1], out.sample.clone()))
+        )
+        params = GenerationParams(prompt=prompt, steps=2, width=32, height=32, seed=7, sampler_name="Euler")
+        try:
+            engine.generate(params.replace(enable_hr=True, hr_second_pass_steps=2, hr_prompt=hr_prompt))
+        finally:
+            hook.remove()
+        small = min(side for side, _ in outputs)
+        return [o for side, o in outputs if side == small], [o for side, o in outputs if side > small]
+
+    def same(a: list, b: list) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    lora_both = passes("a cat <lora:subj_run:1>")
+    lora_first = passes("a cat <lora:subj_run:1>", hr_prompt="a cat")
+    lora_hires = passes("a cat", hr_prompt="a cat <lora:subj_run:1>")
+    plain = passes("a cat")
+    assert same(lora_first[0], lora_both[0]) and not same(lora_first[1], lora_both[1])
+    assert same(lora_hires[0], plain[0]) and not same(lora_hires[1], plain[1])
+    assert np.array_equal(pixels(engine, "a cat"), base)

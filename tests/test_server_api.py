@@ -171,6 +171,29 @@ def test_latent_couple_as_an_alwayson_script(client):
     assert pixels[1] != pixels[0] and pixels[2] == pixels[0]
 
 
+def test_txt2img_hires_fix(client):
+    """enable_hr: the first pass at the asked size, the image at hr_scale times it, A1111's infotext keys; an
+    `infotext` with hires keys turns it on the way A1111's paste does."""
+    body = {"prompt": "a cat", "seed": 4, **FAST, "enable_hr": True, "hr_second_pass_steps": 1}
+    r = client.post(
+        "/sdapi/v1/txt2img", json={**body, "denoising_strength": 0.4, "hr_upscaler": "Latent (bicubic)"}
+    )
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert (info["width"], info["height"], info["denoising_strength"]) == (32, 32, 0.4)
+    image = decode_png(r.json()["images"][0])
+    assert image.size == (64, 64)
+    text = info["infotexts"][0]
+    assert "Size: 32x32" in text and "Denoising strength: 0.4" in text
+    assert "Hires upscale: 2, Hires steps: 1, Hires upscaler: Latent (bicubic)" in text
+    again = client.post("/sdapi/v1/txt2img", json={"infotext": text, **FAST, "seed": 4})
+    assert again.status_code == 200, again.text
+    assert decode_png(again.json()["images"][0]).size == (64, 64)
+    assert json.loads(again.json()["info"])["infotexts"][0] == text
+    plain = client.post("/sdapi/v1/txt2img", json={**body, "enable_hr": False})
+    assert decode_png(plain.json()["images"][0]).size == (32, 32)
+
+
 def test_img2img(client):
     init = Image.new("RGB", (40, 40), (200, 30, 30))
     buffer = io.BytesIO()
@@ -471,7 +494,10 @@ BAD_REQUESTS = [
     ("too-many-steps", "post", "/sdapi/v1/txt2img", {"steps": 10**9}, 400, "steps"),
     ("odd-width", "post", "/sdapi/v1/txt2img", {"width": 33, "height": 32}, 400, "multiple of 8"),
     ("int-overflow", "post", "/sdapi/v1/txt2img", {"width": 10**30}, 400, "width"),
-    ("hires", "post", "/sdapi/v1/txt2img", {"enable_hr": True}, 400, "hires"),
+    ("hires-checkpoint", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, 400, "hr_checkpoint_name"),
+    ("hires-huge", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "width": 512, "height": 512, "hr_scale": 8}, 400, "hires size 4096x4096"),
+    ("hires-upscaler", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_upscaler": "4x-UltraSharp", **FAST}, 400, "unknown hires upscaler"),
+    ("hires-resize", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_resize_x": 50, **FAST}, 400, "multiple of 8"),
     ("script", "post", "/sdapi/v1/txt2img", {"script_name": "x/y/z plot"}, 422, "script not found"),
     ("alwayson-unknown", "post", "/sdapi/v1/txt2img", {"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "not found"),
     ("couple-args", "post", "/sdapi/v1/txt2img", {"alwayson_scripts": {"Latent Couple extension": {"args": [True]}}}, 422, "latent couple"),

@@ -39,12 +39,18 @@ def server(tiny_sd1_dir, tmp_path_factory):
     thread.join(30)
 
 
-def test_page_generates_trains_and_uses_the_lora(server, subject, chromium_browser):
-    page = chromium_browser.new_page()
+def open_page(server: str, browser):
+    """A new page on the web UI, loaded (samplers listed), and the list its script errors go to."""
+    page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(server + "/")
     page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
+    return page, errors
+
+
+def test_page_generates_trains_and_uses_the_lora(server, subject, chromium_browser):
+    page, errors = open_page(server, chromium_browser)
     page.wait_for_selector("#conn.on")  # the event stream is connected
     assert page.locator("#scheduler option").count() > 1
     assert page.locator("#model option").count() >= 1
@@ -120,11 +126,7 @@ def test_page_generates_trains_and_uses_the_lora(server, subject, chromium_brows
 def test_page_draws_each_sub_prompt_in_its_region(server, chromium_browser):
     """The "Regions (Latent Couple)" panel sends the extension's alwayson_scripts arguments: the image's
     infotext carries the settings, and a setting that does not fit the prompt comes back as an error line."""
-    page = chromium_browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server + "/")
-    page.wait_for_function("document.querySelectorAll('#sampler option').length > 3")
+    page, errors = open_page(server, chromium_browser)
     page.fill("#prompt", "a dog AND a red dog AND a blue dog")
     page.fill("#steps", "2")
     page.click("#regions summary")
@@ -146,4 +148,27 @@ def test_page_draws_each_sub_prompt_in_its_region(server, chromium_browser):
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery img').length == 2", timeout=60_000)
     assert "Latent Couple" not in page.inner_text("#infotext")
+    assert not errors, errors
+
+
+def test_page_runs_the_hires_fix(server, chromium_browser):
+    """The "Hires. fix" panel sends enable_hr with its upscaler, scale, steps and strength: the image comes back
+    at the upscaled size with A1111's hires keys in its infotext."""
+    page, errors = open_page(server, chromium_browser)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    page.click("#hires summary")
+    page.check("#hr-enabled")
+    page.select_option("#hr-upscaler", "Latent (nearest-exact)")
+    page.fill("#hr-scale", "1.5")
+    page.fill("#hr-steps", "1")
+    page.fill("#hr-denoise", "0.5")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") == 48
+    info = page.inner_text("#infotext")
+    assert "Denoising strength: 0.5" in info
+    assert "Hires upscale: 1.5, Hires steps: 1, Hires upscaler: Latent (nearest-exact)" in info
     assert not errors, errors

@@ -25,6 +25,8 @@ examples:
   booth generate "a photo of a corgi, (sunset:1.2)" --steps 20 --seed 42
   booth generate "a cat" --model ./my-diffusers-folder --sampler "Euler a" --batch-size 4
   booth generate "a house" --model sd15.safetensors --init-image sketch.png --denoising-strength 0.6
+  booth generate "a red apple" --init-image photo.png --mask mask.png --only-masked   # inpaint the white
+  booth generate "a castle" --enable-hr --hr-scale 2 --hr-upscaler Latent --denoising-strength 0.6
   booth generate "a red|blue|big apple" --prompt-matrix
   booth generate "a dog" --xy "Steps" "10,20,30" --xy-y "CFG Scale" "3-9 (+3)"
 
@@ -99,7 +101,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     )
     i = p.add_argument_group("img2img")
     i.add_argument("--init-image", action="append", default=[], metavar="FILE", help="init image (img2img)")
-    i.add_argument("--denoising-strength", type=float, default=0.75, help="0..1 (default 0.75)")
+    i.add_argument(
+        "--denoising-strength", type=float, default=0.75, help="img2img and hires fix: 0..1 (default 0.75)"
+    )
     i.add_argument(
         "--resize-mode",
         type=int,
@@ -108,6 +112,62 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="0 just resize, 1 crop and resize, 2 resize and fill",
     )
     i.add_argument("--img2img-fix-steps", action="store_true", help="run exactly --steps steps")
+    i.add_argument(
+        "--initial-noise-multiplier", type=float, default=1.0, help="scale the start noise (default 1)"
+    )
+    m = p.add_argument_group("inpainting (img2img with a mask: white is redrawn, black kept)")
+    m.add_argument("--mask", metavar="FILE", help="the mask (L, RGB, or RGBA whose alpha is the mask)")
+    m.add_argument(
+        "--mask-blur", type=int, default=None, help="Gaussian blur of the mask's edge in px (default 4)"
+    )
+    m.add_argument(
+        "--inpainting-fill",
+        default=None,
+        metavar="MODE",
+        help="what the masked area starts from: original (default), fill, 'latent noise', 'latent nothing' "
+        "(or A1111's 0-3)",
+    )
+    m.add_argument(
+        "--inpaint-full-res",
+        "--only-masked",
+        action="store_true",
+        default=None,
+        help="redraw only the mask's box, at the full size, and paste it back",
+    )
+    m.add_argument(
+        "--inpaint-full-res-padding", type=int, default=None, help="px around the mask's box (default 32)"
+    )
+    m.add_argument(
+        "--inpainting-mask-invert", action="store_true", default=None, help="redraw what is not masked"
+    )
+    h = p.add_argument_group("hires fix (txt2img: generate, upscale, then img2img at the larger size)")
+    h.add_argument("--enable-hr", "--hires-fix", action="store_true", help="run the hires pass")
+    h.add_argument("--hr-scale", type=float, default=None, help="upscale factor (default 2)")
+    h.add_argument(
+        "--hr-upscaler",
+        default=None,
+        help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
+        "'Latent (nearest)', 'Latent (nearest-exact)', or a pixel resize: None, Lanczos, Nearest",
+    )
+    h.add_argument(
+        "--hr-second-pass-steps",
+        "--hires-steps",
+        type=int,
+        default=None,
+        help="steps of the pass (0: --steps)",
+    )
+    h.add_argument("--hr-resize-x", type=int, default=None, help="resize to this width instead of --hr-scale")
+    h.add_argument(
+        "--hr-resize-y", type=int, default=None, help="resize to this height instead of --hr-scale"
+    )
+    h.add_argument("--hr-sampler", default=None, help="sampler of the pass (default: --sampler)")
+    h.add_argument(
+        "--hr-schedule-type", default=None, help="schedule type of the pass (default: --schedule-type)"
+    )
+    h.add_argument("--hr-prompt", default=None, help="prompt of the pass (default: the prompt)")
+    h.add_argument(
+        "--hr-negative-prompt", default=None, help="negative prompt of the pass (default: the same)"
+    )
     n = p.add_argument_group("LoRA (extra networks)")
     n.add_argument(
         "--lora-dir",
@@ -223,6 +283,22 @@ def _version() -> str:
 def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     from booth.generate.params import GenerationParams
 
+    flags = {  # GenerationParams field: the flag that sets it
+        "hr_scale": "hr_scale",
+        "hr_upscaler": "hr_upscaler",
+        "hr_second_pass_steps": "hr_second_pass_steps",
+        "hr_resize_x": "hr_resize_x",
+        "hr_resize_y": "hr_resize_y",
+        "hr_sampler_name": "hr_sampler",
+        "hr_scheduler": "hr_schedule_type",
+        "hr_prompt": "hr_prompt",
+        "hr_negative_prompt": "hr_negative_prompt",
+    }
+    hires = {name: getattr(args, flag) for name, flag in flags.items() if getattr(args, flag) is not None}
+    if hires and not args.enable_hr:
+        flag = "--" + flags[next(iter(hires))].replace("_", "-")
+        raise BoothError(f"{flag} sets up the hires pass: add --enable-hr")
+    inpainting = _inpainting_from_args(args)
     init_images = [_open_image(path) for path in args.init_image]
     return GenerationParams(
         prompt=args.prompt,
@@ -250,20 +326,54 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         denoising_strength=args.denoising_strength,
         resize_mode=args.resize_mode,
         img2img_fix_steps=args.img2img_fix_steps,
+        initial_noise_multiplier=args.initial_noise_multiplier,
+        enable_hr=args.enable_hr,
+        **hires,
+        **inpainting,
     ).validate()
 
 
-def _open_image(path: str):
+def _inpainting_from_args(args) -> dict:
+    """The inpainting fields the flags set; a flag of them without --mask is refused."""
+    from booth.generate.inpaint import FILL_MODES
+
+    flags = {
+        "mask_blur": args.mask_blur,
+        "inpainting_fill": args.inpainting_fill,
+        "inpaint_full_res": args.inpaint_full_res,
+        "inpaint_full_res_padding": args.inpaint_full_res_padding,
+        "inpainting_mask_invert": args.inpainting_mask_invert,
+    }
+    given = {name: value for name, value in flags.items() if value is not None}
+    if args.mask is None:
+        if given:
+            raise BoothError(
+                f"--{next(iter(given)).replace('_', '-')} is an inpainting setting: add --mask FILE"
+            )
+        return {}
+    fields = {"mask": _open_image(args.mask, "mask", mode="RGBA")}
+    if "mask_blur" in given:
+        fields["mask_blur_x"] = fields["mask_blur_y"] = given.pop("mask_blur")
+    if "inpainting_fill" in given:
+        text = given.pop("inpainting_fill").strip().lower()
+        by_name = {name: number for number, name in FILL_MODES.items()}
+        if text not in by_name and text not in {str(k) for k in FILL_MODES}:
+            raise BoothError(f"unknown inpainting fill {text!r}; valid: {', '.join(by_name)} (or 0-3)")
+        fields["inpainting_fill"] = by_name[text] if text in by_name else int(text)
+    return {**fields, **given}
+
+
+def _open_image(path: str, what: str = "init image", mode: str = "RGB"):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return image.convert(mode)
     except FileNotFoundError:
-        raise BoothError(f"init image not found: {path}") from None
+        raise BoothError(f"{what} not found: {path}") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise BoothError(f"cannot read init image {path}: {exc}") from None
+        raise BoothError(f"cannot read {what} {path}: {exc}") from None
 
 
 def cmd_generate(args) -> int:

@@ -7,6 +7,7 @@ encoders and a fresh diffusers scheduler per call. The loop in `_denoise` reads 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -20,7 +21,7 @@ from PIL import Image
 
 import booth
 from booth.errors import BoothError
-from booth.generate import guidance
+from booth.generate import guidance, hires, inpaint
 from booth.generate.noise import batch_noise, resolve_seed, step_generators
 from booth.generate.params import GenerationParams
 from booth.generate.regions import LatentCouple
@@ -97,7 +98,7 @@ class GenerationResult:
             "sd_vae_hash": None,
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
-            "denoising_strength": p.denoising_strength if p.init_images else None,
+            "denoising_strength": p.denoising_strength if p.init_images or p.enable_hr else None,
             "extra_generation_params": self.extra_generation_params,
             "index_of_first_image": 0,
             "infotexts": self.infotexts,
@@ -126,6 +127,21 @@ class _Guide:
             return self.weights
         h, w = latents.shape[-2:]
         return self.couple.weights(self.weights, step, h, w, latents.device, latents.dtype)
+
+
+@dataclass
+class _HiresRun:
+    """The hires pass of one call: its plan, sampler, prompts (extra networks stripped) and conditioning."""
+
+    plan: hires.HiresPlan
+    sampler: Any
+    schedule: Any
+    prompt: str = ""
+    negative: str = ""
+    calls: list = field(default_factory=list)
+    part_calls: list[list] | None = None
+    steps_run: int = 0
+    guide: _Guide | None = None
 
 
 StepCallback = Callable[[GenerationState], None]
@@ -185,14 +201,31 @@ class Engine:
         part_calls = self._part_calls(params.prompt) if params.composable_lora and calls else None
         negative, _ = self._strip_extra_networks(params.negative_prompt, True)
         steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
+        plan = hr = None
+        if params.enable_hr:
+            plan = hires.plan_hires(params, width, height, self.vae_scale)
+            hr = _HiresRun(plan, *resolve_sampler(plan.sampler_name, plan.scheduler))
+            hr.prompt, hr.calls = self._strip_extra_networks(plan.prompt, params.disable_extra_networks)
+            hr.part_calls = self._part_calls(plan.prompt) if params.composable_lora and hr.calls else None
+            hr.negative, _ = self._strip_extra_networks(plan.negative_prompt, True)
+            hr.steps_run = plan.steps if params.denoising_strength > 0 else 0
 
+        steps_run += hr.steps_run if hr else 0
         self.state = state = GenerationState(job_count=params.n_iter, sampling_steps=steps_run)
         images: list[Image.Image] = []
         kept: list[int] = []  # index into seeds of each returned image (skipped batches leave gaps)
-        self.extra_networks.activate_all(self.pipe, [] if part_calls else calls)
+        first_networks = [] if part_calls else calls
+        self.extra_networks.activate_all(self.pipe, first_networks)
         try:
             guide, used = self._build_guide(prompt, negative, params, part_calls)
-            init_latents = self._encode_init_images(params, width, height) if params.init_images else None
+            if hr is not None:  # the hires prompt's text is encoded under its own extra networks
+                with self._networks_for(hr, first_networks):
+                    hr.guide, hr_used = self._build_guide(hr.prompt, hr.negative, params, hr.part_calls, plan)
+                used |= hr_used
+            job = inpaint.prepare(params, width, height) if params.mask is not None else None
+            init_latents = (
+                self._encode_init_images(params, width, height, job) if params.init_images else None
+            )
             for batch_no in range(params.n_iter):
                 state.job_no, state.skipped = batch_no, False
                 if state.interrupted:
@@ -211,10 +244,25 @@ class Engine:
                     init_latents,
                     state,
                     callback,
+                    progress=(0, hr.steps_run if hr else 0),
+                    inpainting=job,
                 )
                 if latents is None:  # skipped
                     continue
-                images += self._decode(latents)
+                if hr is not None and not state.interrupted:
+                    with self._networks_for(hr, first_networks):
+                        latents = self._hires_pass(
+                            latents, params, hr, batch_seeds, batch_subseeds, state, callback
+                        )
+                    if latents is None:
+                        continue
+                decoded = self._decode(latents)
+                if (
+                    job is not None
+                ):  # the original's pixels outside the mask, and an "Only masked" crop pasted
+                    overlays = [job.overlays[i % len(job.overlays)] for i in range(len(decoded))]
+                    decoded = [inpaint.apply_overlay(im, job.paste_to, o) for im, o in zip(decoded, overlays)]
+                images += decoded
                 kept += range(batch_no * params.batch_size, batch_no * params.batch_size + len(batch_seeds))
                 if callback:
                     callback(state)
@@ -222,7 +270,7 @@ class Engine:
             self.extra_networks.deactivate_all(self.pipe)
 
         state.job_no = params.n_iter
-        extra = self._extra_params(params, prompt, used, guide.couple)
+        extra = self._extra_params(params, prompt, used, guide.couple, hr, job.extra if job else None)
         kept = kept[: len(images)]
         infotexts = [
             self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
@@ -257,9 +305,27 @@ class Engine:
 
     @torch.no_grad()
     def _denoise(
-        self, params, sampler, schedule, guide, width, height, seeds, subseeds, init_latents, state, callback
+        self,
+        params,
+        sampler,
+        schedule,
+        guide,
+        width,
+        height,
+        seeds,
+        subseeds,
+        init_latents,
+        state,
+        callback,
+        steps_rule: tuple[int, int] | None = None,
+        progress: tuple[int, int] = (0, 0),
+        inpainting: inpaint.InpaintJob | None = None,
     ):
-        """Sample one batch; returns final latents, or None when the batch was skipped."""
+        """Sample one batch; returns final latents, or None when the batch was skipped.
+
+        `steps_rule`: img2img's (steps of the full schedule, t_enc), default A1111's rule for `params`;
+        `progress`: (steps before, steps after) this pass in the job, for `state` (hires fix); `inpainting`:
+        the kept area of each x_0 prediction is the init image's (A1111's CFG denoiser), and of the result."""
         from booth.generate.samplers import make_scheduler, step_kwargs
         from booth.prompts import cond_at_step
 
@@ -272,7 +338,7 @@ class Engine:
             scheduler.set_timesteps(params.steps, device=device)
             timesteps = scheduler.timesteps
         else:
-            total_steps, t_enc = self._img2img_steps(params)
+            total_steps, t_enc = steps_rule or self._img2img_steps(params)
             scheduler.set_timesteps(total_steps, device=device)
             start = (total_steps - t_enc - 1) * scheduler.order
             timesteps = scheduler.timesteps[start:]
@@ -283,17 +349,27 @@ class Engine:
         shape = (unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         sub = [s if s != -1 else None for s in subseeds]
         noise = batch_noise(shape, seeds, sub, params.subseed_strength).to(device, dtype)
+        keep = redraw = None
         if init_latents is None:
             latents = noise * scheduler.init_noise_sigma
         else:
             init = init_latents[[i % len(init_latents) for i in range(n)]]
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
+            if inpainting is not None:  # the masked area starts from latent noise or zeros with fill 2 / 3
+                keep, redraw = inpainting.latent_masks(init.shape[1:], device, dtype)
+                if inpainting.fill == 2:
+                    init = init * keep + batch_noise(init.shape[1:], seeds).to(device, dtype) * redraw
+                elif inpainting.fill == 3:
+                    init = init * keep
+            start_noise = (
+                noise * params.initial_noise_multiplier if params.initial_noise_multiplier != 1 else noise
+            )
+            latents = scheduler.add_noise(init, start_noise, timesteps[:1].repeat(n))
         step_extra = step_kwargs(sampler, params.eta)
         if "generator" in inspect.signature(scheduler.step).parameters:
             step_extra["generator"] = step_generators(seeds)  # ancestral / SDE noise, per image
         prediction = scheduler.config.prediction_type
         do_cfg = params.cfg_scale != 1.0
-        state.sampling_steps = math.ceil(len(timesteps) / scheduler.order)
+        state.sampling_steps = progress[0] + math.ceil(len(timesteps) / scheduler.order) + progress[1]
 
         rows_before: list = []  # the conditioning rows of the last step, and what was built from them
         for i, t in enumerate(timesteps):
@@ -331,13 +407,59 @@ class Engine:
                 out = guidance.composable_cfg(parts[0] * 0, parts, guide.weights, 1.0)
             if params.dynamic_threshold is not None:
                 out = self._threshold(scheduler, latents, t, out, prediction, params)
+            if keep is not None:  # inpainting: x_0 = init where kept
+                out = self._in_x0(
+                    scheduler, latents, t, out, prediction, lambda x0: init * keep + x0 * redraw
+                )
             # 6. Scheduler step (with per-image generators for the sampler's own noise).
             latents = scheduler.step(out, t, latents, **step_extra).prev_sample
-            state.sampling_step = step
+            state.sampling_step = progress[0] + step
             state.latents = latents
             if callback:
                 callback(state)
-        return latents
+        return latents if keep is None else latents * redraw + init * keep
+
+    def _hires_pass(self, latents, params, hr: _HiresRun, seeds, subseeds, state, callback):
+        """Hires fix on one batch's first-pass latents (A1111 `sample_hr_pass`); None when skipped."""
+        plan = hr.plan
+        # 1. Upscale: interpolate the latents, or decode, resize the pixels and encode again.
+        if plan.latent:
+            latents = hires.upscale_latents(latents, plan, self.vae_scale)
+        else:
+            latents = self._encode_pixels([hires.upscale_image(im, plan) for im in self._decode(latents)])
+        # 2. Crop to hr_resize_x x hr_resize_y (when both are given).
+        latents = hires.crop_latents(latents, plan)
+        if not hr.steps_run:  # denoising strength 0: the upscale alone
+            return latents
+        # 3. img2img at the new size: fresh noise from the same seeds, exactly `plan.steps` steps.
+        return self._denoise(
+            params,
+            hr.sampler,
+            hr.schedule,
+            hr.guide,
+            plan.width,
+            plan.height,
+            seeds,
+            subseeds,
+            latents,
+            state,
+            callback,
+            steps_rule=plan.schedule(params.denoising_strength),
+            progress=(params.steps, 0),
+        )
+
+    @contextlib.contextmanager
+    def _networks_for(self, hr: _HiresRun, first: list):
+        """The hires prompt's extra networks while in the block, when they differ from the first pass's."""
+        mine = [] if hr.part_calls else hr.calls
+        if mine == first:
+            yield
+            return
+        self.extra_networks.activate_all(self.pipe, mine)
+        try:
+            yield
+        finally:
+            self.extra_networks.activate_all(self.pipe, first)
 
     # ------------------------------------------------------------------------------------------------
     # helpers
@@ -362,10 +484,12 @@ class Engine:
 
     @staticmethod
     def _img2img_steps(params: GenerationParams) -> tuple[int, int]:
-        """A1111 `setup_img2img_steps`: (steps of the full schedule, t_enc); t_enc + 1 steps are run."""
+        """A1111 `setup_img2img_steps`: (steps of the full schedule, t_enc); t_enc + 1 steps are run. With
+        `img2img_fix_steps` the schedule is `steps / strength` long and exactly `steps` of it are run."""
         strength = min(params.denoising_strength, 0.999)
-        steps = int(params.steps / strength) if params.img2img_fix_steps and strength > 0 else params.steps
-        return steps, int(strength * steps)
+        if params.img2img_fix_steps and strength > 0:
+            return int(params.steps / strength), params.steps - 1
+        return params.steps, int(strength * params.steps)
 
     def _strip_extra_networks(self, text: str, disable: bool):
         from booth.prompts import parse_extra_networks
@@ -405,9 +529,18 @@ class Engine:
         return torch.cat(out)
 
     def _build_guide(
-        self, prompt: str, negative: str, params: GenerationParams, part_calls: list[list] | None = None
+        self,
+        prompt: str,
+        negative: str,
+        params: GenerationParams,
+        part_calls: list[list] | None = None,
+        plan: hires.HiresPlan | None = None,
     ) -> tuple[_Guide, set[str]]:
+        """The conditioning of one pass; with `plan`, the hires pass's (prompt editing counts on from the first
+        pass: `[a:b:1.5]` switches half-way through the hires steps)."""
         from booth.prompts import encode_prompt_schedule, split_and
+
+        hires_steps = plan.steps if plan is not None else None
 
         encoder = self._encoder(params)
         parts = split_and(prompt)
@@ -418,7 +551,7 @@ class Engine:
         zero_negative = self.family.uses_pooled_text and not negative.strip() and self._zero_empty_negative
 
         def encode_negative():
-            schedule = encode_prompt_schedule(encoder, negative, params.steps)
+            schedule = encode_prompt_schedule(encoder, negative, params.steps, hires_steps=hires_steps)
             if zero_negative:
                 schedule = [(end, torch.zeros_like(e), torch.zeros_like(p)) for end, e, p in schedule]
             return schedule
@@ -428,7 +561,7 @@ class Engine:
             if part_calls is not None:  # this sub-prompt's LoRAs act on its text encodings too
                 self.extra_networks.activate_all(self.pipe, part_calls[i])
                 negatives.append(encode_negative())
-            conds.append(encode_prompt_schedule(encoder, text, params.steps))
+            conds.append(encode_prompt_schedule(encoder, text, params.steps, hires_steps=hires_steps))
         if part_calls is None:
             negatives.append(encode_negative())
         used = set(getattr(encoder, "used_embeddings", set()))
@@ -476,10 +609,17 @@ class Engine:
 
     def _threshold(self, scheduler, latents, t, out, prediction, params):
         """Dynamic thresholding on x0 at variance-preserving x_t, then back to the model's parameterisation."""
+        clamp = params.dynamic_threshold, params.dynamic_threshold_max
+        return self._in_x0(
+            scheduler, latents, t, out, prediction, lambda x0: guidance.dynamic_threshold(x0, *clamp)
+        )
+
+    def _in_x0(self, scheduler, latents, t, out, prediction, change: Callable[[torch.Tensor], torch.Tensor]):
+        """`change` applied to the x_0 the model output implies at variance-preserving x_t, then back to the
+        model's parameterisation."""
         x_t = scheduler.scale_model_input(latents, t)
         alpha_bar = self._alpha_bar(scheduler, t).to(out)
-        x0 = guidance.prediction_to_x0(out, x_t, alpha_bar, prediction)
-        x0 = guidance.dynamic_threshold(x0, params.dynamic_threshold, params.dynamic_threshold_max)
+        x0 = change(guidance.prediction_to_x0(out, x_t, alpha_bar, prediction))
         return guidance.x0_to_prediction(x0, x_t, alpha_bar, prediction)
 
     @staticmethod
@@ -490,16 +630,27 @@ class Engine:
         return scheduler.alphas_cumprod[int(round(float(t)))].float()
 
     @torch.no_grad()
-    def _encode_init_images(self, params: GenerationParams, width: int, height: int) -> torch.Tensor:
-        """Resize init images per `resize_mode` and encode them with the VAE (distribution mean)."""
+    def _encode_init_images(
+        self, params: GenerationParams, width: int, height: int, job: inpaint.InpaintJob | None = None
+    ) -> torch.Tensor:
+        """Resize init images per `resize_mode` (or take an inpainting job's prepared ones) and encode them with
+        the VAE (distribution mean)."""
         from booth.generate.imageops import resize_image
 
+        if job is not None:
+            return self._encode_pixels(job.images)
+        images = [
+            resize_image(im.convert("RGB"), width, height, params.resize_mode) for im in params.init_images
+        ]
+        return self._encode_pixels(images)
+
+    @torch.no_grad()
+    def _encode_pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images of one size as scaled latents (the VAE posterior's mean)."""
         vae = self.pipe.vae
-        pixels = []
-        for image in params.init_images:
-            image = resize_image(image.convert("RGB"), width, height, params.resize_mode)
-            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-            pixels.append(torch.from_numpy(array).permute(2, 0, 1))
+        pixels = [
+            torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for im in images
+        ]
         batch = torch.stack(pixels).to(self.device, vae.dtype)
         latents = vae.encode(batch).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -514,11 +665,20 @@ class Engine:
         return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
     def _extra_params(
-        self, params: GenerationParams, prompt: str, used_embeddings: set[str], couple: LatentCouple | None
+        self,
+        params: GenerationParams,
+        prompt: str,
+        used_embeddings: set[str],
+        couple: LatentCouple | None,
+        hr: _HiresRun | None = None,
+        inpainting: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         from booth.prompts import schedule_differs_with_old_timelines
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = hires.infotext_fields(params, hr.plan) if hr is not None else {}
+        extra.update(inpainting or {})
+        if params.init_images and params.initial_noise_multiplier != 1:
+            extra["Noise multiplier"] = params.initial_noise_multiplier
         if params.guidance_rescale > 0:
             extra["Guidance rescale"] = params.guidance_rescale
         if params.dynamic_threshold is not None:
@@ -546,7 +706,7 @@ class Engine:
         fields.update({"Model hash": self.model.hash, "Model": self.model.name})
         if params.subseed_strength > 0:
             fields.update({"Variation seed": subseed, "Variation seed strength": params.subseed_strength})
-        if params.init_images:
+        if params.init_images or params.enable_hr:
             fields["Denoising strength"] = params.denoising_strength
         if params.clip_skip > 1:
             fields["Clip skip"] = params.clip_skip

@@ -64,6 +64,28 @@ class GenerationParams:
     denoising_strength: float = 0.75
     resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
     img2img_fix_steps: bool = False  # A1111 option: run exactly `steps` steps
+    initial_noise_multiplier: float = 1.0  # img2img: the start noise scaled by this
+    # inpainting (img2img with a mask: white is redrawn; `booth.generate.inpaint`); defaults of A1111's UI
+    mask: Any | None = None  # PIL image (L, RGB, or RGBA whose alpha is the mask)
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_round: bool = True
+    inpainting_fill: int = 1  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "Only masked": redraw the mask's box at the full processing size
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False  # redraw what is not masked
+    latent_mask: Any | None = None  # PIL image: a separate mask for the latent blending
+    # hires fix (txt2img): upscale the first pass, then an img2img pass at `denoising_strength` (`a1111.md` §9)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"  # a latent mode or a plain pixel resize (`booth.generate.hires.HR_UPSCALERS`)
+    hr_second_pass_steps: int = 0  # 0: `steps`
+    hr_resize_x: int = 0  # a size instead of `hr_scale` (0: from the other side's aspect)
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None  # None: `sampler_name`
+    hr_scheduler: str | None = None  # None: `scheduler`
+    hr_prompt: str = ""  # "": `prompt`
+    hr_negative_prompt: str = ""  # "": `negative_prompt`
     # extra networks
     disable_extra_networks: bool = False
 
@@ -96,6 +118,14 @@ class GenerationParams:
             raise BoothError(f"unknown emphasis mode {self.emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
         if self.clip_skip < 1:
             raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if self.mask is not None:
+            from booth.generate.inpaint import check_inpaint
+
+            check_inpaint(self)
+        if self.enable_hr:
+            from booth.generate.hires import check_hires
+
+            check_hires(self)
         if self.latent_couple:
             from booth.generate.regions import LatentCouple
 
@@ -109,4 +139,5 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (images are left out)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "init_images"}
+        images = ("init_images", "mask", "latent_mask")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in images}

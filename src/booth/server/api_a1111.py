@@ -28,6 +28,7 @@ from booth.server.generation import (
     apply_infotext,
     b64,
     build_params,
+    decode_inputs,
     job_options,
     latent_preview,
     png_bytes,
@@ -144,30 +145,23 @@ def _job_failed(exc: JobFailed) -> ApiError:
 
 def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check a generation request completely; return the job's params snapshot and its inputs (in a thread)."""
-    from booth.server.security import decode_image
 
     request = apply_infotext(req.model_dump(), set(req.model_fields_set))
     options = services.current_options()
     overrides = dict(request.get("override_settings") or {})
-    images = []
+    uploads: dict[str, Any] = {}
     try:
         snapshot_options = job_options(options, overrides)
         title = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
         model = services.registry.find(title).title
-        if kind == "img2img":
-            limits = services.config.limits
-            raw = request.get("init_images") or []
-            if len(raw) > limits.max_init_images:
-                raise ApiError(
-                    400, f"at most {limits.max_init_images} init images per request, got {len(raw)}"
-                )
-            images = [decode_image(data, limits, f"init_images[{i}]") for i, data in enumerate(raw)]
-        build_params(kind, request, snapshot_options, services.config.limits, images)
+        uploads = decode_inputs(kind, request, services.config.limits)
+        build_params(kind, request, snapshot_options, services.config.limits, uploads)
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:
-        for image in images:
-            image.close()
+        for image in [*uploads.get("init_images", []), uploads.get("mask"), uploads.get("latent_mask")]:
+            if image is not None:
+                image.close()
     # Uploaded images are stored apart from the params (listing the queue never reads them).
     inputs = {key: request[key] for key in TRANSIENT_FIELDS if request.get(key)}
     request.update(dict.fromkeys(inputs))

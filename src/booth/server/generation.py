@@ -7,12 +7,17 @@ job is queued) and `GenerationRunner.run` on the worker, from the job's stored s
 Mapping (`a1111.md` §12.3-12.5): `sampler_name or sampler_index` + `scheduler` (None: Automatic), `seed` /
 `subseed` / `subseed_strength`, `steps`, `cfg_scale`, `width` / `height` (None: the model's native size, where
 A1111 defaults to 512), `batch_size`, `n_iter`, `eta` (None: option `eta_ddim` / `eta_ancestral`),
-`denoising_strength`, `resize_mode` 0-2 and `init_images` (img2img), `disable_extra_networks`; options
+`denoising_strength`, `resize_mode` 0-2, `init_images` and `initial_noise_multiplier` (img2img), inpainting
+(`mask`, `mask_blur` or `mask_blur_x` / `_y`, `mask_round`, `inpainting_fill`, `inpaint_full_res`,
+`inpaint_full_res_padding`, `inpainting_mask_invert`, `latent_mask`), `disable_extra_networks`; options
 `CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, per request via `override_settings`.
+Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr_second_pass_steps`,
+`hr_resize_x` / `_y`, `hr_sampler_name`, `hr_scheduler`, `hr_prompt`, `hr_negative_prompt`, with
+`denoising_strength`; `hr_checkpoint_name` only as the same checkpoint.
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
-Not supported, refused with a clear error rather than ignored: hires fix (`enable_hr`), `script_name`,
-other `alwayson_scripts`, `tiling`, inpainting (`mask`), `resize_mode` 3, a refiner.
+Not supported, refused with a clear error rather than ignored: `script_name`, other `alwayson_scripts`,
+`tiling`, `resize_mode` 3, a refiner, a hires checkpoint of its own, model upscalers, inpainting UNets.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
 GENERATION_KINDS = ("txt2img", "img2img")
 LATENT_COUPLE_SCRIPT = "latent couple extension"
 ALWAYSON_SCRIPTS = (LATENT_COUPLE_SCRIPT,)  # lower-case titles, as A1111 matches them
-TRANSIENT_FIELDS = ("init_images", "mask")
+TRANSIENT_FIELDS = ("init_images", "mask", "latent_mask")
 
 # Options (`GET/POST /sdapi/v1/options`) booth understands, with A1111's names and defaults.
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -132,6 +137,18 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str]) -> dict[str, A
         "Variation seed": ("subseed", int),
         "Variation seed strength": ("subseed_strength", float),
         "Denoising strength": ("denoising_strength", float),
+        "Hires upscale": ("hr_scale", float),
+        "Hires steps": ("hr_second_pass_steps", int),
+        "Hires upscaler": ("hr_upscaler", str),
+        "Hires resize-1": ("hr_resize_x", int),
+        "Hires resize-2": ("hr_resize_y", int),
+        "Hires sampler": ("hr_sampler_name", str),
+        "Hires schedule type": ("hr_scheduler", str),
+        "Hires prompt": ("hr_prompt", str),
+        "Hires negative prompt": ("hr_negative_prompt", str),
+        "Mask blur": ("mask_blur", int),
+        "Masked area padding": ("inpaint_full_res_padding", int),
+        "Noise multiplier": ("initial_noise_multiplier", float),
     }
     out = dict(request)
     for key, (name, kind) in mapping.items():
@@ -140,6 +157,13 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str]) -> dict[str, A
                 out[name] = kind(parsed[key])
             except ValueError:
                 raise BoothError(f"infotext: {key} {parsed[key]!r} is not a valid {kind.__name__}") from None
+    hires_keys = ("Hires upscale", "Hires upscaler", "Hires resize-1")  # as A1111's paste enables hires fix
+    if (
+        "enable_hr" not in fields_set
+        and "Denoising strength" in parsed
+        and any(k in parsed for k in hires_keys)
+    ):
+        out["enable_hr"] = True
     if "Clip skip" in parsed:
         overrides = dict(out.get("override_settings") or {})
         overrides.setdefault("CLIP_stop_at_last_layers", int(parsed["Clip skip"]))
@@ -148,8 +172,11 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str]) -> dict[str, A
 
 
 def _unsupported(request: dict[str, Any], kind: str) -> None:
-    if request.get("enable_hr"):
-        raise JobFailed(400, "hires fix (enable_hr) is not supported by booth yet")
+    hr_checkpoint = (
+        request.get("hr_checkpoint_name") if kind == "txt2img" and request.get("enable_hr") else None
+    )
+    if hr_checkpoint not in (None, "", "Use same checkpoint"):
+        raise JobFailed(400, "a hires checkpoint of its own (hr_checkpoint_name) is not supported by booth")
     if request.get("script_name"):
         raise JobFailed(422, "Script not found")
     for name in request.get("alwayson_scripts") or {}:
@@ -159,13 +186,10 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
         raise JobFailed(400, "tiling is not supported by booth")
     if request.get("refiner_checkpoint") not in (None, "", "None"):
         raise JobFailed(400, "a refiner checkpoint is not supported by booth")
-    if kind == "img2img":
-        if request.get("mask"):
-            raise JobFailed(400, "inpainting (mask) is not supported by booth yet")
-        if request.get("resize_mode", 0) not in (0, 1, 2):
-            raise JobFailed(
-                400, "resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"
-            )
+    if kind == "img2img" and request.get("resize_mode", 0) not in (0, 1, 2):
+        raise JobFailed(
+            400, "resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"
+        )
 
 
 def _check_limits(request: dict[str, Any], limits: Limits, kind: str) -> None:
@@ -188,6 +212,23 @@ def _check_limits(request: dict[str, Any], limits: Limits, kind: str) -> None:
             bad(f"{name} must be in 8..{limits.max_side}, got {value}")
     if width and height and width * height * batch > limits.max_batch_pixels:
         bad(f"width x height x batch_size must be at most {limits.max_batch_pixels} pixels")
+    if kind == "txt2img" and request.get("enable_hr"):
+        from booth.generate.hires import hires_target
+
+        scale, resize = (
+            request.get("hr_scale", 2.0),
+            (request.get("hr_resize_x", 0), request.get("hr_resize_y", 0)),
+        )
+        if not 0 < scale <= 8 and not any(resize):
+            bad(f"hr_scale must be in (0, 8], got {scale}")
+        if any(not 0 <= side <= limits.max_side for side in resize):
+            bad(f"hr_resize_x and hr_resize_y must be in 0..{limits.max_side}, got {resize[0]}x{resize[1]}")
+        if width and height:
+            (to_x, to_y), _ = hires_target(width, height, scale, *resize, vae_scale=8)
+            if max(to_x, to_y) > limits.max_side:
+                bad(f"the hires size {to_x}x{to_y} is over {limits.max_side} pixels a side")
+            if to_x * to_y * batch > limits.max_batch_pixels:
+                bad(f"hires width x height x batch_size must be at most {limits.max_batch_pixels} pixels")
     if kind == "img2img":
         images = request.get("init_images")
         if not images:
@@ -233,8 +274,27 @@ def resolve_sampler_checked(request: dict[str, Any]):
     return resolve_sampler(name, scheduler)  # BoothError (400) for an unknown / impossible schedule type
 
 
+def decode_inputs(kind: str, request: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """The uploaded images of a request, decoded safely: `init_images` (RGB), `mask` (RGBA: its alpha can be
+    the mask) and `latent_mask` (L). Raises ApiError for anything unreadable."""
+    from booth.server.security import decode_image
+
+    if kind != "img2img":
+        return {}
+    raw = request.get("init_images") or []
+    if len(raw) > limits.max_init_images:
+        raise JobFailed(400, f"at most {limits.max_init_images} init images per request, got {len(raw)}")
+    decoded: dict[str, Any] = {
+        "init_images": [decode_image(data, limits, f"init_images[{i}]") for i, data in enumerate(raw)]
+    }
+    for key, mode in (("mask", "RGBA"), ("latent_mask", "L")):
+        if request.get(key):
+            decoded[key] = decode_image(request[key], limits, key, convert=mode)
+    return decoded
+
+
 def build_params(
-    kind: str, request: dict[str, Any], options: dict[str, Any], limits: Limits, init_images=()
+    kind: str, request: dict[str, Any], options: dict[str, Any], limits: Limits, uploads: dict | None = None
 ) -> GenerationParams:
     """The `GenerationParams` of a stored request; raises JobFailed / BoothError for anything refused."""
     _unsupported(request, kind)
@@ -266,12 +326,42 @@ def build_params(
         latent_couple=latent_couple_setting(request),
     )
     if kind == "img2img":
-        strength = request.get("denoising_strength")
+        uploads = uploads or {}
+        strength, noise = request.get("denoising_strength"), request.get("initial_noise_multiplier")
         params = params.replace(
-            init_images=list(init_images),
+            init_images=list(uploads.get("init_images") or []),
             denoising_strength=0.75 if strength is None else strength,
             resize_mode=request.get("resize_mode", 0),
             img2img_fix_steps=bool(options.get("img2img_fix_steps", False)),
+            initial_noise_multiplier=1.0 if noise is None else noise,
+        )
+        if uploads.get("mask") is not None:  # A1111's API defaults: fill 0, "Only masked", no padding
+            blur = request.get("mask_blur")
+            params = params.replace(
+                mask=uploads["mask"],
+                latent_mask=uploads.get("latent_mask"),
+                mask_blur_x=request.get("mask_blur_x", 4) if blur is None else blur,
+                mask_blur_y=request.get("mask_blur_y", 4) if blur is None else blur,
+                mask_round=bool(request.get("mask_round", True)),
+                inpainting_fill=request.get("inpainting_fill", 0),
+                inpaint_full_res=bool(request.get("inpaint_full_res", True)),
+                inpaint_full_res_padding=request.get("inpaint_full_res_padding", 0),
+                inpainting_mask_invert=bool(request.get("inpainting_mask_invert", 0)),
+            )
+    elif request.get("enable_hr"):
+        strength = request.get("denoising_strength")
+        params = params.replace(
+            enable_hr=True,
+            denoising_strength=0.75 if strength is None else strength,
+            hr_scale=request.get("hr_scale", 2.0),
+            hr_upscaler=request.get("hr_upscaler") or "Latent",
+            hr_second_pass_steps=request.get("hr_second_pass_steps", 0),
+            hr_resize_x=request.get("hr_resize_x", 0),
+            hr_resize_y=request.get("hr_resize_y", 0),
+            hr_sampler_name=request.get("hr_sampler_name"),
+            hr_scheduler=request.get("hr_scheduler"),
+            hr_prompt=request.get("hr_prompt") or "",
+            hr_negative_prompt=request.get("hr_negative_prompt") or "",
         )
     return params.validate()
 
@@ -354,7 +444,6 @@ class GenerationRunner:
         from starlette.exceptions import HTTPException
 
         from booth.generate.engine import GenerationState
-        from booth.server.security import decode_image
 
         services = self.services
         request = {**job.params["request"], **services.queue.inputs(job.id)}  # uploads are stored apart
@@ -363,13 +452,9 @@ class GenerationRunner:
         ctx.report(message="loading model", force=True)
         engine = services.models.get(job.params["model"])
         try:
-            images = []
-            if self.kind == "img2img":
-                images = [
-                    decode_image(data, limits, f"init_images[{i}]")
-                    for i, data in enumerate(request.get("init_images") or [])
-                ]
-            params = build_params(self.kind, request, options, limits, images)
+            params = build_params(
+                self.kind, request, options, limits, decode_inputs(self.kind, request, limits)
+            )
         except HTTPException as exc:
             raise JobFailed(exc.status_code, str(exc.detail)) from None
         engine.state = GenerationState()

@@ -90,6 +90,12 @@ $("gen-form").onsubmit = async (ev) => {
     seed: intOrNull("seed") ?? -1, width: intOrNull("width"), height: intOrNull("height"),
     batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1,
   };
+  if ($("hr-enabled").checked) {
+    Object.assign(req, {
+      enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: parseFloat($("hr-scale").value),
+      hr_second_pass_steps: intOrNull("hr-steps") || 0, denoising_strength: parseFloat($("hr-denoise").value),
+    });
+  }
   if ($("lc-enabled").checked) {  // the Latent Couple extension's arguments, in its order
     req.alwayson_scripts = { "Latent Couple extension": { args: [
       true, $("lc-divisions").value, $("lc-positions").value, $("lc-weights").value, intOrNull("lc-end") ?? 20,
