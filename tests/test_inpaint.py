@@ -285,3 +285,125 @@ def test_the_api_inpaints_with_a1111s_defaults(tiny_sd1_dir, picture, tmp_path):
         assert info["Mask blur"] == "4" and "Inpaint area" not in info and "Masked content" not in info
         r = client.post("/sdapi/v1/img2img", json={**body, "mask": "bm90IGFuIGltYWdl"})
         assert r.status_code == 400 and "mask" in r.json()["detail"]
+
+
+# --- inpainting models (9-channel UNets) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inpainting_engine(tmp_path_factory):
+    """A tiny SD1 inpainting model, written by diffusers as a StableDiffusionInpaintPipeline folder."""
+    from booth.generate.engine import Engine
+    from booth.models.tiny import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-inpainting")
+    tiny_pipeline("sd1", inpainting=True).save_pretrained(folder)
+    return Engine.from_model(str(folder))
+
+
+def unet_inputs(engine, params: GenerationParams) -> tuple[list[torch.Tensor], object]:
+    seen = []
+    hook = engine.pipe.unet.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    try:
+        return seen, engine.generate(params)
+    finally:
+        hook.remove()
+
+
+def test_an_inpainting_model_reads_a_grey_wholly_masked_picture_in_txt2img(inpainting_engine):
+    """A1111 `txt2img_image_conditioning`: the mask channel all ones, then the latents of a grey picture."""
+    params = GenerationParams(prompt="a cat", steps=2, seed=1, sampler_name="Euler", width=32, height=32)
+    seen, result = unet_inputs(inpainting_engine, params)
+    assert {x.shape[1] for x in seen} == {9}
+    extra = seen[0][:1, 4:]
+    grey = inpainting_engine._encode_tensor(torch.zeros(1, 3, 32, 32))
+    assert torch.equal(extra[:, :1], torch.ones_like(extra[:, :1])) and torch.allclose(extra[:, 1:], grey)
+    info = parse_infotext(result.infotexts[0])
+    assert info["Conditional mask weight"] == "1" and result.info()["is_using_inpainting_conditioning"]
+
+
+def test_an_inpainting_model_reads_the_mask_and_the_picture_with_the_masked_area_hidden(inpainting_engine):
+    """A1111 `inpainting_image_conditioning`: mask (nearest to the latent grid), then the latents of
+    lerp(picture, picture x (1 - mask), inpainting_mask_weight)."""
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = left_half((32, 32))
+    base = GenerationParams(prompt="a cat", steps=2, seed=1, sampler_name="Euler", init_images=[picture])
+    base = base.replace(mask=mask, mask_blur_x=0, mask_blur_y=0)
+    pixels = inpainting_engine._pixels([picture])
+    hidden = pixels.clone()
+    hidden[..., :16] = 0
+    for weight, expected in ((1.0, hidden), (0.0, pixels)):
+        seen, result = unet_inputs(inpainting_engine, base.replace(inpainting_mask_weight=weight))
+        extra = seen[0][:1, 4:]
+        side = extra.shape[-1]
+        assert (extra[0, 0, :, : side // 2] == 1).all() and (extra[0, 0, :, side // 2 :] == 0).all()
+        assert torch.allclose(extra[:, 1:], inpainting_engine._encode_tensor(expected), atol=1e-5)
+    assert parse_infotext(result.infotexts[0])["Conditional mask weight"] == "0"
+    assert np.array_equal(array(result.images[0])[:, 16:], array(picture)[:, 16:])
+
+
+def test_an_inpainting_checkpoint_round_trips_as_one_file(inpainting_engine, tmp_path):
+    from booth.generate.engine import Engine
+    from booth.models.single_file import save_single_file
+
+    path = save_single_file(inpainting_engine.pipe, tmp_path / "inpainting.safetensors")
+    engine = Engine.from_model(str(path))
+    assert engine.pipe.unet.config.in_channels == 9 and engine.inpainting_model
+    params = GenerationParams(prompt="a cat", steps=2, seed=4, sampler_name="Euler", width=32, height=32)
+    assert np.array_equal(
+        array(engine.generate(params).images[0]), array(inpainting_engine.generate(params).images[0])
+    )
+
+
+def test_other_unets_and_training_an_inpainting_model_are_refused(inpainting_engine, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from booth.models.loading import load_pipeline
+    from booth.models.tiny import _unet, tiny_pipeline
+    from booth.train import DataConfig, TrainConfig, train
+
+    parts = {**tiny_pipeline("sd1").components, "unet": _unet(32, in_channels=8)}  # instruct-pix2pix's 4 + 4
+    StableDiffusionPipeline(**parts).save_pretrained(tmp_path / "pix2pix")
+    with pytest.raises(BoothError, match="UNets with 8 input channels .* are not supported; text-to-image"):
+        load_pipeline(str(tmp_path / "pix2pix"))
+    images = tmp_path / "subject"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(images / f"{i}.png")
+    config = TrainConfig(
+        method="lora",
+        model=str(inpainting_engine.model.path),
+        out=str(tmp_path / "run"),
+        steps=1,
+        data=DataConfig(images=str(images), instance_prompt="a sks cat"),
+    )
+    with pytest.raises(
+        BoothError, match="is an inpainting model .* personalize its text-to-image base model"
+    ):
+        train(config)
+
+
+def test_the_api_serves_an_inpainting_model_with_its_mask_weight_option(inpainting_engine, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from booth.server.app import create_app
+    from booth.server.config import ServerConfig
+
+    picture = Image.new("RGB", (32, 32), (200, 40, 40))
+    app = create_app(ServerConfig(model=str(inpainting_engine.model.path), data_dir=tmp_path / "data"))
+    body = {"prompt": "x", "steps": 2, "seed": 1, "sampler_name": "Euler", "init_images": [b64(picture)]}
+    body["mask"] = b64(left_half((32, 32)))
+    with TestClient(app, base_url="http://127.0.0.1:7860") as client:
+        r = client.post(
+            "/sdapi/v1/img2img", json={**body, "override_settings": {"inpainting_mask_weight": 0.5}}
+        )
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert info["is_using_inpainting_conditioning"] is True
+        assert "Conditional mask weight: 0.5" in info["infotexts"][0]
+        r = client.post(
+            "/sdapi/v1/img2img", json={**body, "override_settings": {"inpainting_mask_weight": 2}}
+        )
+        assert r.status_code == 400 and "inpainting_mask_weight" in r.json()["detail"]

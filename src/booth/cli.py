@@ -140,6 +140,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--inpainting-mask-invert", action="store_true", default=None, help="redraw what is not masked"
     )
+    m.add_argument(
+        "--inpainting-mask-weight",
+        type=float,
+        default=1.0,
+        help="inpainting models (9-channel UNets): how much of the masked area their picture input hides, 0..1 "
+        "(default 1)",
+    )
     h = p.add_argument_group("hires fix (txt2img: generate, upscale, then img2img at the larger size)")
     h.add_argument("--enable-hr", "--hires-fix", action="store_true", help="run the hires pass")
     h.add_argument("--hr-scale", type=float, default=None, help="upscale factor (default 2)")
@@ -327,6 +334,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         resize_mode=args.resize_mode,
         img2img_fix_steps=args.img2img_fix_steps,
         initial_noise_multiplier=args.initial_noise_multiplier,
+        inpainting_mask_weight=args.inpainting_mask_weight,
         enable_hr=args.enable_hr,
         **hires,
         **inpainting,

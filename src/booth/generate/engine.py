@@ -22,6 +22,7 @@ from PIL import Image
 import booth
 from booth.errors import BoothError
 from booth.generate import guidance, hires, inpaint
+from booth.generate.imageops import resize_image
 from booth.generate.noise import batch_noise, resolve_seed, step_generators
 from booth.generate.params import GenerationParams
 from booth.generate.regions import LatentCouple
@@ -70,6 +71,7 @@ class GenerationResult:
     model_hash: str | None
     extra_generation_params: dict[str, Any]
     interrupted: bool = False
+    inpainting_conditioning: bool = False  # the model is an inpainting model (9-channel UNet)
 
     def info(self) -> dict[str, Any]:
         """The A1111 `Processed.js()` dictionary (the API's `info` field, before JSON encoding)."""
@@ -105,7 +107,7 @@ class GenerationResult:
             "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": p.clip_skip,
-            "is_using_inpainting_conditioning": False,
+            "is_using_inpainting_conditioning": self.inpainting_conditioning,
             "version": f"booth {booth.__version__}",
         }
 
@@ -142,6 +144,7 @@ class _HiresRun:
     part_calls: list[list] | None = None
     steps_run: int = 0
     guide: _Guide | None = None
+    image_cond: torch.Tensor | None = None  # an inpainting UNet's extra input at the hires size
 
 
 StepCallback = Callable[[GenerationState], None]
@@ -226,6 +229,11 @@ class Engine:
             init_latents = (
                 self._encode_init_images(params, width, height, job) if params.init_images else None
             )
+            image_cond = (
+                self._image_conditioning(params, width, height, job) if self.inpainting_model else None
+            )
+            if hr is not None and self.inpainting_model:
+                hr.image_cond = self._image_conditioning(params, hr.plan.width, hr.plan.height)
             for batch_no in range(params.n_iter):
                 state.job_no, state.skipped = batch_no, False
                 if state.interrupted:
@@ -246,6 +254,7 @@ class Engine:
                     callback,
                     progress=(0, hr.steps_run if hr else 0),
                     inpainting=job,
+                    image_cond=image_cond,
                 )
                 if latents is None:  # skipped
                     continue
@@ -291,6 +300,7 @@ class Engine:
             model_hash=self.model.hash,
             extra_generation_params=extra,
             interrupted=state.interrupted,
+            inpainting_conditioning=self.inpainting_model,
         )
 
     txt2img = generate
@@ -320,12 +330,14 @@ class Engine:
         steps_rule: tuple[int, int] | None = None,
         progress: tuple[int, int] = (0, 0),
         inpainting: inpaint.InpaintJob | None = None,
+        image_cond: torch.Tensor | None = None,
     ):
         """Sample one batch; returns final latents, or None when the batch was skipped.
 
         `steps_rule`: img2img's (steps of the full schedule, t_enc), default A1111's rule for `params`;
         `progress`: (steps before, steps after) this pass in the job, for `state` (hires fix); `inpainting`:
-        the kept area of each x_0 prediction is the init image's (A1111's CFG denoiser), and of the result."""
+        the kept area of each x_0 prediction is the init image's (A1111's CFG denoiser), and of the result;
+        `image_cond`: an inpainting UNet's mask and masked-image latents, one per init image (or one)."""
         from booth.generate.samplers import make_scheduler, step_kwargs
         from booth.prompts import cond_at_step
 
@@ -346,7 +358,7 @@ class Engine:
                 scheduler.set_begin_index(start)
 
         # 2. Initial latents: per-image CPU noise (seed + i), scaled, or the noised init image.
-        shape = (unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         sub = [s if s != -1 else None for s in subseeds]
         noise = batch_noise(shape, seeds, sub, params.subseed_strength).to(device, dtype)
         keep = redraw = None
@@ -389,6 +401,8 @@ class Engine:
             # 4. One UNet call over [uncond | cond_1 .. cond_K] x batch (composable LoRA: one call per term,
             #    over [uncond_k | cond_k] with that term's LoRAs).
             x_in = scheduler.scale_model_input(latents, t)
+            if image_cond is not None:  # an inpainting UNet also reads the mask and the masked image
+                x_in = torch.cat([x_in, image_cond[[i % len(image_cond) for i in range(n)]]], dim=1)
             if guide.part_calls is None:
                 pred = unet(x_in.repeat(len(rows), 1, 1, 1), t, encoder_hidden_states=embeds, **kwargs).sample
             else:
@@ -446,6 +460,7 @@ class Engine:
             callback,
             steps_rule=plan.schedule(params.denoising_strength),
             progress=(params.steps, 0),
+            image_cond=hr.image_cond,
         )
 
     @contextlib.contextmanager
@@ -463,6 +478,31 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
     # helpers
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.vae.config.latent_channels)
+
+    @property
+    def inpainting_model(self) -> bool:
+        """Whether the UNet is an inpainting model's: latents + mask + masked-image latents (9 channels)."""
+        return self.pipe.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @torch.no_grad()
+    def _image_conditioning(self, params, width: int, height: int, job: inpaint.InpaintJob | None = None):
+        """An inpainting UNet's extra input (A1111 `inpainting_image_conditioning`): the mask (1: redraw) on the
+        latent grid and the latents of the image with the masked area hidden (`inpainting_mask_weight` of it).
+        txt2img and the hires pass: a grey picture, all of it masked; img2img without a mask: all masked too."""
+        images = self._init_images(params, width, height, job) if params.init_images else None
+        pixels = self._pixels(images) if images else torch.zeros(1, 3, height, width)
+        mask = torch.ones(1, 1, height, width)
+        if job is not None:
+            mask = torch.from_numpy(np.asarray(job.mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+            mask = mask.round() if job.round else mask
+        hidden = torch.lerp(pixels, pixels * (1.0 - mask), params.inpainting_mask_weight)
+        latents = self._encode_tensor(hidden).float()
+        mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).expand(len(latents), -1, -1, -1)
+        return torch.cat([mask.to(latents), latents], dim=1).to(self.device, self.dtype)
 
     @property
     def vae_scale(self) -> int:
@@ -633,25 +673,36 @@ class Engine:
     def _encode_init_images(
         self, params: GenerationParams, width: int, height: int, job: inpaint.InpaintJob | None = None
     ) -> torch.Tensor:
-        """Resize init images per `resize_mode` (or take an inpainting job's prepared ones) and encode them with
-        the VAE (distribution mean)."""
-        from booth.generate.imageops import resize_image
+        """The init images as the sampler starts from them, encoded with the VAE (distribution mean)."""
+        return self._encode_pixels(self._init_images(params, width, height, job))
 
+    @staticmethod
+    def _init_images(
+        params, width: int, height: int, job: inpaint.InpaintJob | None = None
+    ) -> list[Image.Image]:
+        """An inpainting job's prepared init images, else the init images resized per `resize_mode`."""
         if job is not None:
-            return self._encode_pixels(job.images)
-        images = [
+            return job.images
+        return [
             resize_image(im.convert("RGB"), width, height, params.resize_mode) for im in params.init_images
         ]
-        return self._encode_pixels(images)
 
     @torch.no_grad()
     def _encode_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB images of one size as scaled latents (the VAE posterior's mean)."""
+        return self._encode_tensor(self._pixels(images))
+
+    @staticmethod
+    def _pixels(images: list[Image.Image]) -> torch.Tensor:
+        """RGB images of one size as a (B, 3, H, W) tensor in [-1, 1]."""
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def _encode_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] as scaled latents (the VAE posterior's mean)."""
         vae = self.pipe.vae
-        pixels = [
-            torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for im in images
-        ]
-        batch = torch.stack(pixels).to(self.device, vae.dtype)
+        batch = pixels.to(self.device, vae.dtype)
         latents = vae.encode(batch).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).to(self.dtype)
@@ -708,6 +759,8 @@ class Engine:
             fields.update({"Variation seed": subseed, "Variation seed strength": params.subseed_strength})
         if params.init_images or params.enable_hr:
             fields["Denoising strength"] = params.denoising_strength
+        if self.inpainting_model:
+            fields["Conditional mask weight"] = params.inpainting_mask_weight
         if params.clip_skip > 1:
             fields["Clip skip"] = params.clip_skip
         fields["RNG"] = "CPU"

@@ -12,7 +12,8 @@ White in the mask (or, for an RGBA mask with transparency, opaque alpha) is redr
    after sampling (`blend`);
 5. the original pixels outside the (blurred) mask are laid over the decoded image (`apply_overlay`).
 
-Inpainting UNets (9 input channels) are not supported; any 4-channel model inpaints this way.
+Any model inpaints this way; an inpainting model (a 9-channel UNet, e.g. sd-v1-5-inpainting) also reads the mask
+and the picture with the masked area hidden at every step (`Engine._image_conditioning`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class InpaintJob:
     """The prepared inputs of an inpainting call (`prepare`)."""
 
     images: list[Image.Image]  # the init images as the sampler starts from them: processing size, filled
+    mask: Image.Image  # L, processing size: the prepared mask (an inpainting UNet's mask input)
     latent_mask: Image.Image  # L, processing size: what to redraw, before rounding to the latent grid
     overlays: list[Image.Image]  # RGBA, the original's pixels with the redrawn area transparent
     paste_to: tuple[int, int, int, int] | None  # where an "Only masked" crop goes back (x, y, w, h)
@@ -182,6 +184,7 @@ def prepare(params: Any, width: int, height: int) -> InpaintJob:
         latent_mask = resize_image(mask, width, height, params.resize_mode)
         doubled = np.clip(np.asarray(latent_mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8)
         overlay_mask = Image.fromarray(doubled)
+    image_mask = latent_mask
     if params.latent_mask is not None:
         latent_mask = params.latent_mask.convert("L")
     images, overlays = [], []
@@ -201,6 +204,7 @@ def prepare(params: Any, width: int, height: int) -> InpaintJob:
         images.append(image)
     if params.inpainting_fill != 1:
         extra["Masked content"] = FILL_MODES[params.inpainting_fill]
+    fill_mode = params.inpainting_fill
     return InpaintJob(
-        images, latent_mask, overlays, paste_to, params.mask_round, params.inpainting_fill, extra
+        images, image_mask, latent_mask, overlays, paste_to, params.mask_round, fill_mode, extra
     )

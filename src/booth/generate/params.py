@@ -75,6 +75,9 @@ class GenerationParams:
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False  # redraw what is not masked
     latent_mask: Any | None = None  # PIL image: a separate mask for the latent blending
+    # inpainting models (9-channel UNets): how much of the init image their masked-image input hides (A1111
+    # option `inpainting_mask_weight`; 1: all of the masked area, 0: none of it)
+    inpainting_mask_weight: float = 1.0
     # hires fix (txt2img): upscale the first pass, then an img2img pass at `denoising_strength` (`a1111.md` §9)
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -118,6 +121,8 @@ class GenerationParams:
             raise BoothError(f"unknown emphasis mode {self.emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
         if self.clip_skip < 1:
             raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if not 0.0 <= self.inpainting_mask_weight <= 1.0:
+            raise BoothError(f"inpainting mask weight must be in [0, 1], got {self.inpainting_mask_weight}")
         if self.mask is not None:
             from booth.generate.inpaint import check_inpaint
 

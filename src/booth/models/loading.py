@@ -167,12 +167,18 @@ def _from_pretrained(source: str, local_files_only: bool, dtype: torch.dtype | N
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_files_only, **kwargs)
-    channels = pipe.unet.config.in_channels
-    if channels != 4:
-        raise BoothError(
-            f"{source}: UNets with {channels} input channels (inpainting, ...) are not supported"
-        )
+    check_unet_channels(pipe.unet.config.in_channels, pipe.vae.config.latent_channels, str(source))
     return pipe
+
+
+def check_unet_channels(channels: int, latent_channels: int, source: str) -> None:
+    """A UNet takes the latents (a text-to-image model) or the latents, a mask and the masked image's latents
+    (an inpainting model, 2 x 4 + 1 = 9 channels); anything else (depth, instruct-pix2pix, ...) is refused."""
+    if channels not in (latent_channels, 2 * latent_channels + 1):
+        raise BoothError(
+            f"{source}: UNets with {channels} input channels (depth, instruct-pix2pix, ...) are not supported; "
+            f"text-to-image ({latent_channels}) and inpainting ({2 * latent_channels + 1}) models are"
+        )
 
 
 def hub_offline() -> bool:

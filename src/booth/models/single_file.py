@@ -393,11 +393,9 @@ def load_single_file(
     else:
         with _layout_errors(path, family.label):
             configs = derive_configs(sd, family)
-    channels = configs["unet"]["in_channels"]
-    if channels != 4:
-        raise BoothError(
-            f"{path.name}: UNets with {channels} input channels (inpainting, ...) are not supported"
-        )
+    from booth.models.loading import check_unet_channels
+
+    check_unet_channels(configs["unet"]["in_channels"], configs["vae"].get("latent_channels", 4), path.name)
 
     unet = _empty(partial(UNet2DConditionModel.from_config, configs["unet"]))
     with _layout_errors(path, "UNet"):

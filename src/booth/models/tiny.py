@@ -51,13 +51,13 @@ def _vae(seed: int = 0):
     ).eval()
 
 
-def _unet(cross_attention_dim: int, seed: int = 0, **extra):
+def _unet(cross_attention_dim: int, seed: int = 0, in_channels: int = 4, **extra):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -86,18 +86,26 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def tiny_pipeline(family: str = "sd1", seed: int = 0):
-    """A tiny random diffusers pipeline of the given family ("sd1", "sd2" or "sdxl")."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False):
+    """A tiny random diffusers pipeline of the given family ("sd1", "sd2" or "sdxl"); with `inpainting`, an
+    inpainting model's (a 9-channel UNet: latents, mask, masked-image latents) in its inpainting pipeline class."""
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
 
+    channels = 9 if inpainting else 4
     if family in ("sd1", "sd2"):
         tokenizer = build_clip_tokenizer(TINY_MERGES, pad_token="<|endoftext|>" if family == "sd1" else "!")
         prediction = "epsilon" if family == "sd1" else "v_prediction"
-        return StableDiffusionPipeline(
+        cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+        return cls(
             vae=_vae(seed),
             text_encoder=_text_encoder(tokenizer, 32, seed=seed),
             tokenizer=tokenizer,
-            unet=_unet(32, seed=seed),
+            unet=_unet(32, seed=seed, in_channels=channels),
             scheduler=_scheduler(prediction),
             safety_checker=None,
             feature_extractor=None,
@@ -111,6 +119,7 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
         unet = _unet(
             64,
             seed=seed,
+            in_channels=channels,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8,
@@ -125,7 +134,8 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
             timestep_spacing="leading",
             steps_offset=1,
         )
-        return StableDiffusionXLPipeline(
+        cls = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
+        return cls(
             vae=_vae(seed),
             text_encoder=te1,
             text_encoder_2=te2,

@@ -10,14 +10,15 @@ A1111 defaults to 512), `batch_size`, `n_iter`, `eta` (None: option `eta_ddim` /
 `denoising_strength`, `resize_mode` 0-2, `init_images` and `initial_noise_multiplier` (img2img), inpainting
 (`mask`, `mask_blur` or `mask_blur_x` / `_y`, `mask_round`, `inpainting_fill`, `inpaint_full_res`,
 `inpaint_full_res_padding`, `inpainting_mask_invert`, `latent_mask`), `disable_extra_networks`; options
-`CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, per request via `override_settings`.
+`CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, `inpainting_mask_weight` (inpainting
+models), per request via `override_settings`.
 Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr_second_pass_steps`,
 `hr_resize_x` / `_y`, `hr_sampler_name`, `hr_scheduler`, `hr_prompt`, `hr_negative_prompt`, with
 `denoising_strength`; `hr_checkpoint_name` only as the same checkpoint.
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Not supported, refused with a clear error rather than ignored: `script_name`, other `alwayson_scripts`,
-`tiling`, `resize_mode` 3, a refiner, a hires checkpoint of its own, model upscalers, inpainting UNets.
+`tiling`, `resize_mode` 3, a refiner, a hires checkpoint of its own, model upscalers, other UNet inputs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1,
     "emphasis": "Original",
     "img2img_fix_steps": False,
+    "inpainting_mask_weight": 1.0,
     "eta_ddim": 0.0,
     "eta_ancestral": 1.0,
     "samples_format": "png",
@@ -62,7 +64,14 @@ READ_ONLY_OPTIONS = {
     "samples_format": "png",
 }
 # Options copied into each job (a snapshot: later option changes do not alter queued jobs).
-JOB_OPTIONS = ("CLIP_stop_at_last_layers", "emphasis", "img2img_fix_steps", "eta_ddim", "eta_ancestral")
+JOB_OPTIONS = (
+    "CLIP_stop_at_last_layers",
+    "emphasis",
+    "img2img_fix_steps",
+    "inpainting_mask_weight",
+    "eta_ddim",
+    "eta_ancestral",
+)
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -89,6 +98,7 @@ OPTION_VALIDATORS = {
     "CLIP_stop_at_last_layers": lambda v: _number("CLIP_stop_at_last_layers", v, 1, 12, integer=True),
     "emphasis": lambda v: _choice("emphasis", v, EMPHASIS_MODES),
     "img2img_fix_steps": lambda v: _bool("img2img_fix_steps", v),
+    "inpainting_mask_weight": lambda v: _number("inpainting_mask_weight", v, 0.0, 1.0),
     "eta_ddim": lambda v: _number("eta_ddim", v, 0.0, 1.0),
     "eta_ancestral": lambda v: _number("eta_ancestral", v, 0.0, 1.0),
     "enable_pnginfo": lambda v: _bool("enable_pnginfo", v),
@@ -322,6 +332,7 @@ def build_params(
         eta=eta,
         clip_skip=options.get("CLIP_stop_at_last_layers", 1),
         emphasis=options.get("emphasis", "Original"),
+        inpainting_mask_weight=options.get("inpainting_mask_weight", 1.0),
         disable_extra_networks=bool(request.get("disable_extra_networks")),
         latent_couple=latent_couple_setting(request),
     )

@@ -218,6 +218,11 @@ class Trainer:
         if self.loaded is None:
             self.loaded = load_pipeline(cfg.model, device="cpu")
         pipe = self.pipe = self.loaded.pipe
+        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+            raise BoothError(
+                f"{self.loaded.name} is an inpainting model ({pipe.unet.config.in_channels}-channel UNet): "
+                "personalize its text-to-image base model, then inpaint with that"
+            )
         self.method = get_method(cfg)
         torch.manual_seed(stream_seed(cfg.seed, "init", 0))  # adapter initialisation
         self.method.prepare(pipe)
