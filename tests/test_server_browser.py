@@ -172,3 +172,49 @@ def test_page_runs_the_hires_fix(server, chromium_browser):
     assert "Denoising strength: 0.5" in info
     assert "Hires upscale: 1.5, Hires steps: 1, Hires upscaler: Latent (nearest-exact)" in info
     assert not errors, errors
+
+
+def test_page_paints_a_mask_and_inpaints_only_there(server, chromium_browser, tmp_path):
+    """The image-to-image panel: a picture uploaded, its left half painted with the brush, "Generate from
+    picture" sends img2img with the strokes as an RGBA mask; the right half comes back pixel for pixel. Cleared,
+    the same button runs plain img2img, which changes the whole picture."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    picture.save(tmp_path / "picture.png")
+    page, errors = open_page(server, chromium_browser)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.set_input_files("#i2i-file", str(tmp_path / "picture.png"))
+    page.wait_for_selector("#i2i-paint:not([hidden])")
+    page.fill("#i2i-brush", "16")
+    page.fill("#i2i-blur", "0")
+    box = page.locator("#i2i-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] - 2, steps=8)
+    page.mouse.up()
+
+    def generated(count: int) -> tuple[np.ndarray, str]:
+        page.click("#i2i-generate")
+        page.wait_for_function(f"document.querySelectorAll('#gallery img').length >= {count}", timeout=60_000)
+        page.wait_for_function("!document.getElementById('i2i-generate').disabled")
+        src = page.eval_on_selector("#gallery img", "i => i.src")
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+        return np.asarray(image, dtype=np.int16), page.inner_text("#infotext")
+
+    out, info = generated(1)
+    original = np.asarray(picture, dtype=np.int16)
+    assert out.shape == original.shape and np.array_equal(out[:, 16:], original[:, 16:])
+    assert np.abs(out[:, :12] - original[:, :12]).mean() > 5
+    assert "Denoising strength: 0.75" in info and "Inpaint area" not in info  # whole picture, blur 0
+    page.click("#i2i-clear")
+    out, info = generated(2)
+    assert not np.array_equal(out[:, 16:], original[:, 16:])
+    assert "Mask blur" not in info and "Denoising strength" in info
+    assert not errors, errors

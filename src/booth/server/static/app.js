@@ -82,14 +82,35 @@ $("model").onchange = () => api("POST", "/sdapi/v1/options", { sd_model_checkpoi
 // ---- txt2img -------------------------------------------------------------------------------------------
 function intOrNull(id) { const v = $(id).value; return v === "" ? null : parseInt(v, 10); }
 
-$("gen-form").onsubmit = async (ev) => {
-  ev.preventDefault();
-  const req = {
+// the fields txt2img and img2img share, from the generation form
+function generationRequest() {
+  return {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     scheduler: $("scheduler").value || null, steps: intOrNull("steps"), cfg_scale: parseFloat($("cfg").value),
     seed: intOrNull("seed") ?? -1, width: intOrNull("width"), height: intOrNull("height"),
     batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1,
   };
+}
+
+async function runGeneration(path, req, button, status) {
+  button.disabled = true;
+  status.textContent = "generating…";
+  const t0 = performance.now();
+  try {
+    const r = await api("POST", path, req);
+    const info = JSON.parse(r.info);
+    r.images.forEach((b64, i) => addImage(b64, (info.infotexts || [])[i] || ""));
+    status.textContent = `${r.images.length} image(s) in ${((performance.now() - t0) / 1000).toFixed(1)} s`;
+  } catch (e) {
+    status.textContent = "error: " + e.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+$("gen-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const req = generationRequest();
   if ($("hr-enabled").checked) {
     Object.assign(req, {
       enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: parseFloat($("hr-scale").value),
@@ -101,19 +122,7 @@ $("gen-form").onsubmit = async (ev) => {
       true, $("lc-divisions").value, $("lc-positions").value, $("lc-weights").value, intOrNull("lc-end") ?? 20,
     ] } };
   }
-  $("generate").disabled = true;
-  $("gen-status").textContent = "generating…";
-  const t0 = performance.now();
-  try {
-    const r = await api("POST", "/sdapi/v1/txt2img", req);
-    const info = JSON.parse(r.info);
-    r.images.forEach((b64, i) => addImage(b64, (info.infotexts || [])[i] || ""));
-    $("gen-status").textContent = `${r.images.length} image(s) in ${((performance.now() - t0) / 1000).toFixed(1)} s`;
-  } catch (e) {
-    $("gen-status").textContent = "error: " + e.message;
-  } finally {
-    $("generate").disabled = false;
-  }
+  await runGeneration("/sdapi/v1/txt2img", req, $("generate"), $("gen-status"));
 };
 $("interrupt").onclick = () => api("POST", "/sdapi/v1/interrupt").catch(() => {});
 
@@ -142,6 +151,87 @@ function readBase64(file) {
     r.readAsDataURL(file);
   });
 }
+// ---- img2img and inpainting ------------------------------------------------------------------------------
+// The picture is shown on a canvas; strokes go to a transparent canvas of the picture's size whose alpha is
+// the mask sent to /sdapi/v1/img2img (an RGBA mask with transparency: its alpha channel, as in A1111).
+const i2i = { image: null, dataUrl: null, strokes: null, painted: false, last: null };
+
+$("i2i-file").onchange = async () => {
+  const file = $("i2i-file").files[0];
+  if (!file) return;
+  i2i.dataUrl = await readBase64(file);
+  const img = new Image();
+  img.onload = () => {
+    const c = $("i2i-canvas");
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    i2i.image = img;
+    i2i.strokes = document.createElement("canvas");
+    i2i.strokes.width = c.width; i2i.strokes.height = c.height;
+    i2i.painted = false;
+    $("i2i-paint").hidden = false;
+    drawPicture();
+  };
+  img.src = i2i.dataUrl;
+};
+
+function drawPicture() {
+  const ctx = $("i2i-canvas").getContext("2d");
+  ctx.globalAlpha = 1;
+  ctx.drawImage(i2i.image, 0, 0);
+  ctx.globalAlpha = 0.5;  // the mask in translucent red over the picture
+  ctx.drawImage(i2i.strokes, 0, 0);
+  ctx.globalAlpha = 1;
+}
+
+function canvasPoint(ev) {
+  const c = $("i2i-canvas"), box = c.getBoundingClientRect();
+  return [(ev.clientX - box.left) * c.width / box.width, (ev.clientY - box.top) * c.height / box.height];
+}
+
+function paintTo(point) {
+  const ctx = i2i.strokes.getContext("2d");
+  ctx.strokeStyle = ctx.fillStyle = "rgb(255, 0, 0)";
+  ctx.lineWidth = Math.max(1, parseFloat($("i2i-brush").value) || 12);
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.moveTo(...(i2i.last || point));
+  ctx.lineTo(...point);
+  ctx.stroke();
+  i2i.last = point;
+  i2i.painted = true;
+  drawPicture();
+}
+
+$("i2i-canvas").onpointerdown = (ev) => {
+  ev.preventDefault();
+  $("i2i-canvas").setPointerCapture(ev.pointerId);
+  i2i.last = null;
+  paintTo(canvasPoint(ev));
+};
+$("i2i-canvas").onpointermove = (ev) => { if (i2i.last) paintTo(canvasPoint(ev)); };
+$("i2i-canvas").onpointerup = $("i2i-canvas").onpointercancel = () => { i2i.last = null; };
+$("i2i-clear").onclick = () => {
+  if (!i2i.strokes) return;
+  i2i.strokes.getContext("2d").clearRect(0, 0, i2i.strokes.width, i2i.strokes.height);
+  i2i.painted = false;
+  drawPicture();
+};
+
+$("i2i-generate").onclick = async () => {
+  if (!i2i.dataUrl) { $("i2i-status").textContent = "choose a picture first"; return; }
+  const req = {
+    ...generationRequest(), init_images: [i2i.dataUrl], denoising_strength: parseFloat($("i2i-denoise").value),
+  };
+  if (i2i.painted) {
+    Object.assign(req, {
+      mask: i2i.strokes.toDataURL("image/png"), mask_blur: intOrNull("i2i-blur") ?? 4,
+      inpainting_fill: parseInt($("i2i-fill").value, 10), inpaint_full_res: $("i2i-area").value === "masked",
+      inpaint_full_res_padding: intOrNull("i2i-padding") ?? 32,
+    });
+  }
+  await runGeneration("/sdapi/v1/img2img", req, $("i2i-generate"), $("i2i-status"));
+};
+
 async function pngInfo(file) {
   try {
     const r = await api("POST", "/sdapi/v1/png-info", { image: await readBase64(file) });
