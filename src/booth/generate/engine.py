@@ -132,19 +132,33 @@ class _Guide:
 
 
 @dataclass
-class _HiresRun:
-    """The hires pass of one call: its plan, sampler, prompts (extra networks stripped) and conditioning."""
+class _Pass:
+    """What one sampling pass of a call runs with: the first pass, or hires fix's second."""
 
-    plan: hires.HiresPlan
     sampler: Any
     schedule: Any
+    width: int
+    height: int
+    guide: _Guide | None = None
+    steps_rule: tuple[int, int] | None = None  # img2img: (steps of the full schedule, t_enc); None: txt2img
+    progress: tuple[int, int] = (0, 0)  # (steps before, steps after) this pass in the job, for `state`
+    inpainting: inpaint.InpaintJob | None = None  # kept area: x_0 = the init image's (A1111's CFG denoiser)
+    image_cond: torch.Tensor | None = (
+        None  # an inpainting UNet's mask + masked-image latents (one or one a picture)
+    )
+
+
+@dataclass
+class _HiresRun:
+    """The hires pass of one call: its plan, prompts (extra networks stripped) and how it samples."""
+
+    plan: hires.HiresPlan
+    run: _Pass
     prompt: str = ""
     negative: str = ""
     calls: list = field(default_factory=list)
     part_calls: list[list] | None = None
     steps_run: int = 0
-    guide: _Guide | None = None
-    image_cond: torch.Tensor | None = None  # an inpainting UNet's extra input at the hires size
 
 
 StepCallback = Callable[[GenerationState], None]
@@ -207,11 +221,15 @@ class Engine:
         plan = hr = None
         if params.enable_hr:
             plan = hires.plan_hires(params, width, height, self.vae_scale)
-            hr = _HiresRun(plan, *resolve_sampler(plan.sampler_name, plan.scheduler))
+            hr_sampler, hr_schedule = resolve_sampler(plan.sampler_name, plan.scheduler)
+            hr = _HiresRun(plan, _Pass(hr_sampler, hr_schedule, plan.width, plan.height))
             hr.prompt, hr.calls = self._strip_extra_networks(plan.prompt, params.disable_extra_networks)
             hr.part_calls = self._part_calls(plan.prompt) if params.composable_lora and hr.calls else None
             hr.negative, _ = self._strip_extra_networks(plan.negative_prompt, True)
             hr.steps_run = plan.steps if params.denoising_strength > 0 else 0
+            hr.run.progress = (params.steps, 0)
+            if hr.steps_run:  # denoising strength 0: the upscale alone, no second pass to schedule
+                hr.run.steps_rule = plan.schedule(params.denoising_strength)
 
         steps_run += hr.steps_run if hr else 0
         self.state = state = GenerationState(job_count=params.n_iter, sampling_steps=steps_run)
@@ -220,20 +238,25 @@ class Engine:
         first_networks = [] if part_calls else calls
         self.extra_networks.activate_all(self.pipe, first_networks)
         try:
-            guide, used = self._build_guide(prompt, negative, params, part_calls)
+            first = _Pass(sampler, schedule, width, height, progress=(0, hr.steps_run if hr else 0))
+            first.guide, used = self._build_guide(prompt, negative, params, part_calls)
             if hr is not None:  # the hires prompt's text is encoded under its own extra networks
                 with self._networks_for(hr, first_networks):
-                    hr.guide, hr_used = self._build_guide(hr.prompt, hr.negative, params, hr.part_calls, plan)
+                    hr.run.guide, hr_used = self._build_guide(
+                        hr.prompt, hr.negative, params, hr.part_calls, plan
+                    )
                 used |= hr_used
-            job = inpaint.prepare(params, width, height) if params.mask is not None else None
-            init_latents = (
-                self._encode_init_images(params, width, height, job) if params.init_images else None
+            job = first.inpainting = (
+                inpaint.prepare(params, width, height) if params.mask is not None else None
             )
-            image_cond = (
-                self._image_conditioning(params, width, height, job) if self.inpainting_model else None
-            )
-            if hr is not None and self.inpainting_model:
-                hr.image_cond = self._image_conditioning(params, hr.plan.width, hr.plan.height)
+            init_latents = None
+            if params.init_images:
+                init_latents = self._encode_init_images(params, width, height, job)
+                first.steps_rule = self._img2img_steps(params)
+            if self.inpainting_model:
+                first.image_cond = self._image_conditioning(params, width, height, job)
+                if hr is not None:
+                    hr.run.image_cond = self._image_conditioning(params, plan.width, plan.height)
             for batch_no in range(params.n_iter):
                 state.job_no, state.skipped = batch_no, False
                 if state.interrupted:
@@ -241,20 +264,7 @@ class Engine:
                 batch_seeds = seeds[batch_no * params.batch_size : (batch_no + 1) * params.batch_size]
                 batch_subseeds = subseeds[batch_no * params.batch_size : (batch_no + 1) * params.batch_size]
                 latents = self._denoise(
-                    params,
-                    sampler,
-                    schedule,
-                    guide,
-                    width,
-                    height,
-                    batch_seeds,
-                    batch_subseeds,
-                    init_latents,
-                    state,
-                    callback,
-                    progress=(0, hr.steps_run if hr else 0),
-                    inpainting=job,
-                    image_cond=image_cond,
+                    params, first, batch_seeds, batch_subseeds, init_latents, state, callback
                 )
                 if latents is None:  # skipped
                     continue
@@ -268,7 +278,7 @@ class Engine:
                 decoded = self._decode(latents)
                 if (
                     job is not None
-                ):  # the original's pixels outside the mask, and an "Only masked" crop pasted
+                ):  # the original's pixels outside the mask; an "Only masked" crop pasted back
                     overlays = [job.overlays[i % len(job.overlays)] for i in range(len(decoded))]
                     decoded = [inpaint.apply_overlay(im, job.paste_to, o) for im, o in zip(decoded, overlays)]
                 images += decoded
@@ -279,7 +289,7 @@ class Engine:
             self.extra_networks.deactivate_all(self.pipe)
 
         state.job_no = params.n_iter
-        extra = self._extra_params(params, prompt, used, guide.couple, hr, job.extra if job else None)
+        extra = self._extra_params(params, prompt, used, first.guide.couple, hr, job.extra if job else None)
         kept = kept[: len(images)]
         infotexts = [
             self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
@@ -314,33 +324,14 @@ class Engine:
     # the denoising loop
 
     @torch.no_grad()
-    def _denoise(
-        self,
-        params,
-        sampler,
-        schedule,
-        guide,
-        width,
-        height,
-        seeds,
-        subseeds,
-        init_latents,
-        state,
-        callback,
-        steps_rule: tuple[int, int] | None = None,
-        progress: tuple[int, int] = (0, 0),
-        inpainting: inpaint.InpaintJob | None = None,
-        image_cond: torch.Tensor | None = None,
-    ):
-        """Sample one batch; returns final latents, or None when the batch was skipped.
-
-        `steps_rule`: img2img's (steps of the full schedule, t_enc), default A1111's rule for `params`;
-        `progress`: (steps before, steps after) this pass in the job, for `state` (hires fix); `inpainting`:
-        the kept area of each x_0 prediction is the init image's (A1111's CFG denoiser), and of the result;
-        `image_cond`: an inpainting UNet's mask and masked-image latents, one per init image (or one)."""
+    def _denoise(self, params, run: _Pass, seeds, subseeds, init_latents, state, callback):
+        """Sample one batch of one pass (`run`) from noise, or from `init_latents` (img2img, the hires pass);
+        returns the final latents, or None when the batch was skipped."""
         from booth.generate.samplers import make_scheduler, step_kwargs
         from booth.prompts import cond_at_step
 
+        sampler, schedule, guide, width, height = run.sampler, run.schedule, run.guide, run.width, run.height
+        inpainting, image_cond, progress = run.inpainting, run.image_cond, run.progress
         unet, n = self.pipe.unet, len(seeds)
         # diffusers' `.device` / `.dtype` walk every module (0.87 ms a read on booth-mini): once per batch
         device, dtype = self.device, self.dtype
@@ -350,7 +341,7 @@ class Engine:
             scheduler.set_timesteps(params.steps, device=device)
             timesteps = scheduler.timesteps
         else:
-            total_steps, t_enc = steps_rule or self._img2img_steps(params)
+            total_steps, t_enc = run.steps_rule
             scheduler.set_timesteps(total_steps, device=device)
             start = (total_steps - t_enc - 1) * scheduler.order
             timesteps = scheduler.timesteps[start:]
@@ -446,22 +437,7 @@ class Engine:
         if not hr.steps_run:  # denoising strength 0: the upscale alone
             return latents
         # 3. img2img at the new size: fresh noise from the same seeds, exactly `plan.steps` steps.
-        return self._denoise(
-            params,
-            hr.sampler,
-            hr.schedule,
-            hr.guide,
-            plan.width,
-            plan.height,
-            seeds,
-            subseeds,
-            latents,
-            state,
-            callback,
-            steps_rule=plan.schedule(params.denoising_strength),
-            progress=(params.steps, 0),
-            image_cond=hr.image_cond,
-        )
+        return self._denoise(params, hr.run, seeds, subseeds, latents, state, callback)
 
     @contextlib.contextmanager
     def _networks_for(self, hr: _HiresRun, first: list):
