@@ -113,12 +113,20 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     )
     i.add_argument("--img2img-fix-steps", action="store_true", help="run exactly --steps steps")
     i.add_argument(
-        "--initial-noise-multiplier", type=float, default=1.0, help="scale the start noise (default 1)"
+        "--initial-noise-multiplier",
+        metavar="F",
+        type=float,
+        default=1.0,
+        help="scale the start noise (default 1)",
     )
     m = p.add_argument_group("inpainting (img2img with a mask: white is redrawn, black kept)")
     m.add_argument("--mask", metavar="FILE", help="the mask (L, RGB, or RGBA whose alpha is the mask)")
     m.add_argument(
-        "--mask-blur", type=int, default=None, help="Gaussian blur of the mask's edge in px (default 4)"
+        "--mask-blur",
+        metavar="PX",
+        type=int,
+        default=None,
+        help="Gaussian blur of the mask's edge in px (default 4)",
     )
     m.add_argument(
         "--inpainting-fill",
@@ -135,13 +143,18 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="redraw only the mask's box, at the full size, and paste it back",
     )
     m.add_argument(
-        "--inpaint-full-res-padding", type=int, default=None, help="px around the mask's box (default 32)"
+        "--inpaint-full-res-padding",
+        metavar="PX",
+        type=int,
+        default=None,
+        help="px around the mask's box (default 32)",
     )
     m.add_argument(
         "--inpainting-mask-invert", action="store_true", default=None, help="redraw what is not masked"
     )
     m.add_argument(
         "--inpainting-mask-weight",
+        metavar="W",
         type=float,
         default=1.0,
         help="inpainting models (9-channel UNets): how much of the masked area their picture input hides, 0..1 "
@@ -149,9 +162,10 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     )
     h = p.add_argument_group("hires fix (txt2img: generate, upscale, then img2img at the larger size)")
     h.add_argument("--enable-hr", "--hires-fix", action="store_true", help="run the hires pass")
-    h.add_argument("--hr-scale", type=float, default=None, help="upscale factor (default 2)")
+    h.add_argument("--hr-scale", metavar="X", type=float, default=None, help="upscale factor (default 2)")
     h.add_argument(
         "--hr-upscaler",
+        metavar="NAME",
         default=None,
         help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
         "'Latent (nearest)', 'Latent (nearest-exact)', or a pixel resize: None, Lanczos, Nearest",
@@ -159,21 +173,42 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument(
         "--hr-second-pass-steps",
         "--hires-steps",
+        metavar="N",
         type=int,
         default=None,
         help="steps of the pass (0: --steps)",
     )
-    h.add_argument("--hr-resize-x", type=int, default=None, help="resize to this width instead of --hr-scale")
     h.add_argument(
-        "--hr-resize-y", type=int, default=None, help="resize to this height instead of --hr-scale"
+        "--hr-resize-x",
+        metavar="PX",
+        type=int,
+        default=None,
+        help="resize to this width instead of --hr-scale",
     )
-    h.add_argument("--hr-sampler", default=None, help="sampler of the pass (default: --sampler)")
     h.add_argument(
-        "--hr-schedule-type", default=None, help="schedule type of the pass (default: --schedule-type)"
+        "--hr-resize-y",
+        metavar="PX",
+        type=int,
+        default=None,
+        help="resize to this height instead of --hr-scale",
     )
-    h.add_argument("--hr-prompt", default=None, help="prompt of the pass (default: the prompt)")
     h.add_argument(
-        "--hr-negative-prompt", default=None, help="negative prompt of the pass (default: the same)"
+        "--hr-sampler", metavar="NAME", default=None, help="sampler of the pass (default: --sampler)"
+    )
+    h.add_argument(
+        "--hr-schedule-type",
+        metavar="NAME",
+        default=None,
+        help="schedule type of the pass (default: --schedule-type)",
+    )
+    h.add_argument(
+        "--hr-prompt", metavar="TEXT", default=None, help="prompt of the pass (default: the prompt)"
+    )
+    h.add_argument(
+        "--hr-negative-prompt",
+        metavar="TEXT",
+        default=None,
+        help="negative prompt of the pass (default: the same)",
     )
     n = p.add_argument_group("LoRA (extra networks)")
     n.add_argument(
