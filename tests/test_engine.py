@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from booth.errors import BoothError
 from booth.generate.engine import Engine
 from booth.generate.params import GenerationParams
 
@@ -286,3 +287,21 @@ def test_a_skipped_batch_leaves_the_other_seeds_labelled_right(sd1_engine):
     assert len(result.images) == 1 and result.seeds == [11]
     assert "Seed: 11" in result.infotexts[0]
     assert result.images[0].tobytes() == alone.images[0].tobytes()
+
+
+def test_resize_mode_3_resizes_the_latents_not_the_pixels(sd1_engine):
+    """A1111 "Just resize (latent upscale)": the picture encoded at its own size, the latents resized
+    bilinearly to the processing size."""
+    rng = np.random.default_rng(2)
+    init = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    params = GenerationParams(init_images=[init], resize_mode=3)
+    latents = sd1_engine._encode_init_images(params, 64, 64)
+    own = sd1_engine._encode_pixels([init])
+    expected = torch.nn.functional.interpolate(own, size=(32, 32), mode="bilinear")
+    assert torch.allclose(latents, expected, atol=1e-6)
+    pixel_resized = sd1_engine._encode_init_images(params.replace(resize_mode=0), 64, 64)
+    assert not torch.allclose(latents, pixel_resized, atol=1e-3)
+    result = run(sd1_engine, init_images=[init], resize_mode=3, denoising_strength=0.5)
+    assert result.images[0].size == (64, 64)
+    with pytest.raises(BoothError, match="resize mode must be 0"):
+        run(sd1_engine, init_images=[init], resize_mode=4)

@@ -210,6 +210,12 @@ def test_img2img(client):
     assert set(Img2ImgRequest.model_fields) <= set(out["parameters"])
     r = client.post("/sdapi/v1/img2img", json={**body, "include_init_images": True})
     assert r.json()["parameters"]["init_images"] == [data]
+    r = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 3})  # latent upscale: 40 px -> 32
+    assert r.status_code == 200, r.text
+    assert decode_png(r.json()["images"][0]).size == (32, 32)
+    assert_error(
+        client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 3, "mask": data}), 400, "mode 3"
+    )
 
 
 def test_png_info_round_trip(client):

@@ -165,12 +165,14 @@ def test_page_runs_the_hires_fix(server, chromium_browser):
     page.fill("#hr-scale", "1.5")
     page.fill("#hr-steps", "1")
     page.fill("#hr-denoise", "0.5")
+    page.check("#tiling")
     page.click("#generate")
     page.wait_for_selector("#gallery img", timeout=60_000)
     assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") == 48
     info = page.inner_text("#infotext")
     assert "Denoising strength: 0.5" in info
     assert "Hires upscale: 1.5, Hires steps: 1, Hires upscaler: Latent (nearest-exact)" in info
+    assert "Tiling: True" in info
     assert not errors, errors
 
 

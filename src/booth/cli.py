@@ -99,6 +99,11 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         "'divisions=1:1,1:2,1:2 positions=0:0,0:0,0:1 weights=0.2,0.8,0.8 end at step=20' (missing keys: "
         "these defaults)",
     )
+    p.add_argument(
+        "--tiling",
+        action="store_true",
+        help="seamless texture: opposite edges continue each other (A1111 Tiling)",
+    )
     i = p.add_argument_group("img2img")
     i.add_argument("--init-image", action="append", default=[], metavar="FILE", help="init image (img2img)")
     i.add_argument(
@@ -108,8 +113,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         "--resize-mode",
         type=int,
         default=0,
-        choices=[0, 1, 2],
-        help="0 just resize, 1 crop and resize, 2 resize and fill",
+        choices=[0, 1, 2, 3],
+        help="0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)",
     )
     i.add_argument("--img2img-fix-steps", action="store_true", help="run exactly --steps steps")
     i.add_argument(
@@ -364,6 +369,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         dynamic_threshold_max=args.dynamic_threshold_max,
         latent_couple=args.latent_couple,
         composable_lora=args.composable_lora,
+        tiling=args.tiling,
         init_images=init_images,
         denoising_strength=args.denoising_strength,
         resize_mode=args.resize_mode,

@@ -237,7 +237,10 @@ class Engine:
         kept: list[int] = []  # index into seeds of each returned image (skipped batches leave gaps)
         first_networks = [] if part_calls else calls
         self.extra_networks.activate_all(self.pipe, first_networks)
+        restore = contextlib.ExitStack()  # what the call changes on the model, undone at its end
         try:
+            if params.tiling:
+                restore.enter_context(self._tiling())
             first = _Pass(sampler, schedule, width, height, progress=(0, hr.steps_run if hr else 0))
             first.guide, used = self._build_guide(prompt, negative, params, part_calls)
             if hr is not None:  # the hires prompt's text is encoded under its own extra networks
@@ -286,6 +289,7 @@ class Engine:
                 if callback:
                     callback(state)
         finally:
+            restore.close()
             self.extra_networks.deactivate_all(self.pipe)
 
         state.job_no = params.n_iter
@@ -438,6 +442,25 @@ class Engine:
             return latents
         # 3. img2img at the new size: fresh noise from the same seeds, exactly `plan.steps` steps.
         return self._denoise(params, hr.run, seeds, subseeds, latents, state, callback)
+
+    @contextlib.contextmanager
+    def _tiling(self):
+        """Seamless tiling (A1111 `apply_circular`): every Conv2d of the UNet and the VAE pads circularly, so
+        the image's opposite edges continue each other; padding modes restored on exit."""
+        convs = [
+            m
+            for component in (self.pipe.unet, self.pipe.vae)
+            for m in component.modules()
+            if isinstance(m, torch.nn.Conv2d)
+        ]
+        before = [m.padding_mode for m in convs]
+        for m in convs:
+            m.padding_mode = "circular"
+        try:
+            yield
+        finally:
+            for m, mode in zip(convs, before, strict=True):
+                m.padding_mode = mode
 
     @contextlib.contextmanager
     def _networks_for(self, hr: _HiresRun, first: list):
@@ -649,19 +672,26 @@ class Engine:
     def _encode_init_images(
         self, params: GenerationParams, width: int, height: int, job: inpaint.InpaintJob | None = None
     ) -> torch.Tensor:
-        """The init images as the sampler starts from them, encoded with the VAE (distribution mean)."""
+        """The init images as the sampler starts from them, encoded with the VAE (distribution mean). Resize
+        mode 3 ("Just resize (latent upscale)"): each picture encoded at its own size, its latents resized
+        bilinearly to the processing size (A1111)."""
+        if params.resize_mode == 3 and job is None:
+            size = (height // self.vae_scale, width // self.vae_scale)
+            encoded = [self._encode_pixels([im.convert("RGB")]).float() for im in params.init_images]
+            resized = [torch.nn.functional.interpolate(x, size=size, mode="bilinear") for x in encoded]
+            return torch.cat(resized).to(self.dtype)
         return self._encode_pixels(self._init_images(params, width, height, job))
 
     @staticmethod
     def _init_images(
         params, width: int, height: int, job: inpaint.InpaintJob | None = None
     ) -> list[Image.Image]:
-        """An inpainting job's prepared init images, else the init images resized per `resize_mode`."""
+        """An inpainting job's prepared init images, else the init images resized per `resize_mode` (mode 3
+        resizes latents, not pixels: here, for an inpainting UNet's picture input, a plain resize)."""
         if job is not None:
             return job.images
-        return [
-            resize_image(im.convert("RGB"), width, height, params.resize_mode) for im in params.init_images
-        ]
+        mode = 0 if params.resize_mode == 3 else params.resize_mode
+        return [resize_image(im.convert("RGB"), width, height, mode) for im in params.init_images]
 
     @torch.no_grad()
     def _encode_pixels(self, images: list[Image.Image]) -> torch.Tensor:
@@ -740,6 +770,8 @@ class Engine:
         if params.clip_skip > 1:
             fields["Clip skip"] = params.clip_skip
         fields["RNG"] = "CPU"
+        if params.tiling:
+            fields["Tiling"] = True
         fields.update(extra)
         fields["Version"] = f"booth {booth.__version__}"
         return build_infotext(params.prompt, params.negative_prompt, fields)

@@ -149,6 +149,8 @@ def check_inpaint(params: Any) -> None:
     for name in ("mask_blur_x", "mask_blur_y", "inpaint_full_res_padding"):
         if getattr(params, name) < 0:
             raise BoothError(f"{name.replace('_', ' ')} must be at least 0, got {getattr(params, name)}")
+    if params.resize_mode == 3:
+        raise BoothError("resize mode 3 (latent upscale) does not apply to inpainting: use 0, 1 or 2")
     if params.initial_noise_multiplier < 0:
         raise BoothError(
             f"initial noise multiplier must be at least 0, got {params.initial_noise_multiplier}"

@@ -59,10 +59,14 @@ class GenerationParams:
     # scale multiplies each LoRA's whole change), each term is guided against the negative prompt under its own
     # LoRAs, so one sub-prompt gives exactly the plain LoRA image
     composable_lora: bool = False
+    # seamless textures: every convolution of the UNet and the VAE pads circularly (A1111 "Tiling")
+    tiling: bool = False
     # img2img
     init_images: list[Any] = field(default_factory=list)  # PIL images
     denoising_strength: float = 0.75
-    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
+    resize_mode: int = (
+        0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)
+    )
     img2img_fix_steps: bool = False  # A1111 option: run exactly `steps` steps
     initial_noise_multiplier: float = 1.0  # img2img: the start noise scaled by this
     # inpainting (img2img with a mask: white is redrawn; `booth.generate.inpaint`); defaults of A1111's UI
@@ -123,6 +127,11 @@ class GenerationParams:
             raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise BoothError(f"inpainting mask weight must be in [0, 1], got {self.inpainting_mask_weight}")
+        if self.resize_mode not in (0, 1, 2, 3):
+            raise BoothError(
+                f"resize mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 (just resize, "
+                f"latent upscale), got {self.resize_mode}"
+            )
         if self.mask is not None:
             from booth.generate.inpaint import check_inpaint
 

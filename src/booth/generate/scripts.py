@@ -642,7 +642,6 @@ UNSUPPORTED_FILE_KEYS = (
     "seed_resize_from_h",
     "seed_resize_from_w",
     "restore_faces",
-    "tiling",
     "do_not_save_samples",
     "do_not_save_grid",
     "sampler_index",

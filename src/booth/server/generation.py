@@ -7,9 +7,9 @@ job is queued) and `GenerationRunner.run` on the worker, from the job's stored s
 Mapping (`a1111.md` §12.3-12.5): `sampler_name or sampler_index` + `scheduler` (None: Automatic), `seed` /
 `subseed` / `subseed_strength`, `steps`, `cfg_scale`, `width` / `height` (None: the model's native size, where
 A1111 defaults to 512), `batch_size`, `n_iter`, `eta` (None: option `eta_ddim` / `eta_ancestral`),
-`denoising_strength`, `resize_mode` 0-2, `init_images` and `initial_noise_multiplier` (img2img), inpainting
+`denoising_strength`, `resize_mode` 0-3, `init_images` and `initial_noise_multiplier` (img2img), inpainting
 (`mask`, `mask_blur` or `mask_blur_x` / `_y`, `mask_round`, `inpainting_fill`, `inpaint_full_res`,
-`inpaint_full_res_padding`, `inpainting_mask_invert`, `latent_mask`), `disable_extra_networks`; options
+`inpaint_full_res_padding`, `inpainting_mask_invert`, `latent_mask`), `tiling`, `disable_extra_networks`; options
 `CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, `inpainting_mask_weight` (inpainting
 models), per request via `override_settings`.
 Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr_second_pass_steps`,
@@ -18,7 +18,7 @@ Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Not supported, refused with a clear error rather than ignored: `script_name`, other `alwayson_scripts`,
-`tiling`, `resize_mode` 3, a refiner, a hires checkpoint of its own, model upscalers, other UNet inputs.
+a refiner, a hires checkpoint of its own, model upscalers, other UNet inputs.
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str]) -> dict[str, A
         and any(k in parsed for k in hires_keys)
     ):
         out["enable_hr"] = True
+    if "Tiling" in parsed and "tiling" not in fields_set:
+        out["tiling"] = parsed["Tiling"] == "True"
     if "Clip skip" in parsed:
         overrides = dict(out.get("override_settings") or {})
         overrides.setdefault("CLIP_stop_at_last_layers", int(parsed["Clip skip"]))
@@ -192,13 +194,13 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
     for name in request.get("alwayson_scripts") or {}:
         if name.lower() not in ALWAYSON_SCRIPTS:
             raise JobFailed(422, f"always on script {name} not found")
-    if request.get("tiling"):
-        raise JobFailed(400, "tiling is not supported by booth")
     if request.get("refiner_checkpoint") not in (None, "", "None"):
         raise JobFailed(400, "a refiner checkpoint is not supported by booth")
-    if kind == "img2img" and request.get("resize_mode", 0) not in (0, 1, 2):
+    if kind == "img2img" and request.get("resize_mode", 0) not in (0, 1, 2, 3):
         raise JobFailed(
-            400, "resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"
+            400,
+            "resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 (just resize, "
+            "latent upscale)",
         )
 
 
@@ -335,6 +337,7 @@ def build_params(
         inpainting_mask_weight=options.get("inpainting_mask_weight", 1.0),
         disable_extra_networks=bool(request.get("disable_extra_networks")),
         latent_couple=latent_couple_setting(request),
+        tiling=bool(request.get("tiling")),
     )
     if kind == "img2img":
         uploads = uploads or {}

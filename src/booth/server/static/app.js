@@ -88,7 +88,7 @@ function generationRequest() {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     scheduler: $("scheduler").value || null, steps: intOrNull("steps"), cfg_scale: parseFloat($("cfg").value),
     seed: intOrNull("seed") ?? -1, width: intOrNull("width"), height: intOrNull("height"),
-    batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1,
+    batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1, tiling: $("tiling").checked,
   };
 }
 
