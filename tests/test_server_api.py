@@ -194,6 +194,18 @@ def test_txt2img_hires_fix(client):
     assert decode_png(plain.json()["images"][0]).size == (32, 32)
 
 
+def test_the_rendered_size_is_checked_once_the_model_is_known(tiny_sd1_dir, dirs, tmp_path):
+    """Without width and height a request takes the model's native size (32 px here), which only the worker
+    knows: hires fix x4 (128 px) over a 64 px limit fails the job with a 400, without rendering."""
+    limits = Limits(max_body_bytes=2 * 1024 * 1024, max_image_bytes=1024 * 1024, max_side=64)
+    with TestClient(create_app(make_config(tiny_sd1_dir, dirs, tmp_path, limits=limits)), base_url=BASE) as c:
+        body = {"prompt": "x", "steps": 1, "seed": 1, "sampler_name": "Euler", "enable_hr": True}
+        assert_error(c.post("/sdapi/v1/txt2img", json={**body, "hr_scale": 4}), 400, "hires size 128x128")
+        r = c.post("/sdapi/v1/txt2img", json={**body, "hr_scale": 2})
+        assert r.status_code == 200, r.text
+        assert decode_png(r.json()["images"][0]).size == (64, 64)
+
+
 def test_img2img(client):
     init = Image.new("RGB", (40, 40), (200, 30, 30))
     buffer = io.BytesIO()

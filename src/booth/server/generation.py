@@ -286,6 +286,22 @@ def resolve_sampler_checked(request: dict[str, Any]):
     return resolve_sampler(name, scheduler)  # BoothError (400) for an unknown / impossible schedule type
 
 
+def check_output_size(engine: Any, params: GenerationParams, limits: Limits) -> None:
+    """The size a job renders at, against the limits, once its model is known: a request without width and
+    height takes the model's native size (or the init image's), and hires fix multiplies it."""
+    from booth.generate.hires import plan_hires
+
+    width, height = engine._size(params)
+    if params.enable_hr:
+        plan = plan_hires(params, width, height, engine.vae_scale)
+        width, height = plan.width, plan.height
+    what = "the hires size" if params.enable_hr else "the size"
+    if max(width, height) > limits.max_side:
+        raise JobFailed(400, f"{what} {width}x{height} is over {limits.max_side} pixels a side")
+    if width * height * params.batch_size > limits.max_batch_pixels:
+        raise JobFailed(400, f"{what} {width}x{height} x batch_size is over {limits.max_batch_pixels} pixels")
+
+
 def decode_inputs(kind: str, request: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """The uploaded images of a request, decoded safely: `init_images` (RGB), `mask` (RGBA: its alpha can be
     the mask) and `latent_mask` (L). Raises ApiError for anything unreadable."""
@@ -471,6 +487,7 @@ class GenerationRunner:
             )
         except HTTPException as exc:
             raise JobFailed(exc.status_code, str(exc.detail)) from None
+        check_output_size(engine, params, limits)
         engine.state = GenerationState()
         ctx.data["engine"] = engine
         ctx.report(message=None)
