@@ -152,8 +152,8 @@ def test_page_draws_each_sub_prompt_in_its_region(server, chromium_browser):
 
 
 def test_page_runs_the_hires_fix(server, chromium_browser):
-    """The "Hires. fix" panel sends enable_hr with its upscaler, scale, steps and strength: the image comes back
-    at the upscaled size with A1111's hires keys in its infotext."""
+    """The "Hires. fix" panel sends enable_hr with its upscaler, scale, steps and strength, the Tiling box
+    `tiling`: the image comes back at the upscaled size with A1111's hires keys and Tiling in its infotext."""
     page, errors = open_page(server, chromium_browser)
     page.fill("#prompt", "a red apple")
     page.fill("#steps", "2")
@@ -219,4 +219,30 @@ def test_page_paints_a_mask_and_inpaints_only_there(server, chromium_browser, tm
     out, info = generated(2)
     assert not np.array_equal(out[:, 16:], original[:, 16:])
     assert "Mask blur" not in info and "Denoising strength" in info
+    assert not errors, errors
+
+
+def test_page_sends_a_gallery_image_to_image_to_image(server, chromium_browser):
+    """A1111's "Send to img2img": the selected gallery image becomes the picture of the img2img panel, at its
+    own size, and generating from it runs img2img (the infotext has its denoising strength)."""
+    page, errors = open_page(server, chromium_browser)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#width", "48")
+    page.fill("#height", "32")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    page.wait_for_function("!document.getElementById('generate').disabled")
+    assert page.locator("#i2i-paint").is_hidden()
+    page.click("#send-i2i")
+    page.wait_for_selector("#i2i-paint:not([hidden])")
+    page.wait_for_function("document.getElementById('i2i-canvas').width === 48")
+    assert page.eval_on_selector("#i2i-canvas", "c => c.height") == 32
+    page.fill("#i2i-denoise", "0.4")
+    page.click("#i2i-generate")
+    page.wait_for_function(
+        "document.getElementById('i2i-status').textContent.includes('image(s)')", timeout=60_000
+    )
+    assert "Denoising strength: 0.4" in page.inner_text("#infotext")
+    assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") == 48
     assert not errors, errors

@@ -137,6 +137,7 @@ function addImage(b64, infotext) {
     img.classList.add("sel");
     $("infotext").hidden = false;
     $("infotext").textContent = infotext;
+    $("send-i2i").hidden = false;
   };
   $("gallery").prepend(img);
   img.onclick();
@@ -158,8 +159,12 @@ const i2i = { image: null, dataUrl: null, strokes: null, painted: false, last: n
 
 $("i2i-file").onchange = async () => {
   const file = $("i2i-file").files[0];
-  if (!file) return;
-  i2i.dataUrl = await readBase64(file);
+  if (file) loadPicture(await readBase64(file));
+};
+
+// show a picture (a data URL) in the img2img panel, with an empty mask
+function loadPicture(dataUrl) {
+  i2i.dataUrl = dataUrl;
   const img = new Image();
   img.onload = () => {
     const c = $("i2i-canvas");
@@ -171,7 +176,16 @@ $("i2i-file").onchange = async () => {
     $("i2i-paint").hidden = false;
     drawPicture();
   };
-  img.src = i2i.dataUrl;
+  img.src = dataUrl;
+}
+
+// A1111's "Send to img2img": the selected gallery image becomes the picture
+$("send-i2i").onclick = () => {
+  const selected = document.querySelector("#gallery img.sel");
+  if (!selected) return;
+  $("i2i-file").value = "";
+  loadPicture(selected.src);
+  $("img2img").scrollIntoView({ behavior: "smooth" });
 };
 
 function drawPicture() {
