@@ -407,3 +407,23 @@ def test_the_api_serves_an_inpainting_model_with_its_mask_weight_option(inpainti
             "/sdapi/v1/img2img", json={**body, "override_settings": {"inpainting_mask_weight": 2}}
         )
         assert r.status_code == 400 and "inpainting_mask_weight" in r.json()["detail"]
+
+
+def test_a_mask_of_another_size_is_stretched_over_the_picture(sd1_engine):
+    """A 32 x 24 mask for a 96 x 64 picture ("Only masked", whose crop box is read on the mask) marks the
+    same region as the mask drawn at the picture's size."""
+    rng = np.random.default_rng(5)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    small = Image.new("L", (32, 24), 0)
+    small.paste(255, (20, 6, 28, 14))  # x 60-84, y 16-37 at the picture's size
+    full = small.resize((96, 64), Image.NEAREST)
+    params = GenerationParams(init_images=[picture], inpaint_full_res=True, inpaint_full_res_padding=0)
+    params = params.replace(mask_blur_x=0, mask_blur_y=0)
+    a, b = (inpaint.prepare(params.replace(mask=m), 64, 64) for m in (small, full))
+    assert a.paste_to == b.paste_to and np.array_equal(array(a.mask), array(b.mask))
+    out = run(
+        sd1_engine, picture, small, width=64, height=64, inpaint_full_res=True, mask_blur_x=0, mask_blur_y=0
+    )
+    outside = np.asarray(full) == 0
+    assert out.images[0].size == (96, 64)
+    assert np.array_equal(array(out.images[0])[outside], array(picture)[outside])

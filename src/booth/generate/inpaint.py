@@ -161,6 +161,9 @@ def prepare(params: Any, width: int, height: int) -> InpaintJob:
     """Steps 1-3 for `params` (a `GenerationParams` with `mask`) at the processing size `width` x `height`."""
     extra: dict[str, Any] = {}
     mask = create_binary_mask(params.mask, params.mask_round)
+    picture = params.init_images[0].size
+    if mask.size != picture:  # a mask drawn at another size: stretched over the picture, so regions line up
+        mask = mask.resize(picture, Image.NEAREST if params.mask_round else Image.BILINEAR)
     if params.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
         extra["Mask mode"] = "Inpaint not masked"
