@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,3 +428,47 @@ def test_a_mask_of_another_size_is_stretched_over_the_picture(sd1_engine):
     outside = np.asarray(full) == 0
     assert out.images[0].size == (96, 64)
     assert np.array_equal(array(out.images[0])[outside], array(picture)[outside])
+
+
+def test_the_cli_runs_a_folder_of_pictures_with_their_masks(tiny_sd1_dir, tmp_path, capsys):
+    """A1111's img2img batch: each picture of the folder once, its mask found by name (any image type), the
+    output named after it; a missing mask is a one-line error before any model is loaded."""
+    rng = np.random.default_rng(7)
+    pictures, masks = tmp_path / "pictures", tmp_path / "masks"
+    pictures.mkdir()
+    masks.mkdir()
+    for name in ("b", "a", "c"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(pictures / f"{name}.png")
+        left_half((32, 32)).save(masks / f"{name}.jpg" if name == "c" else masks / f"{name}.png")
+    (pictures / "notes.txt").write_text("not a picture")
+    base = [
+        "generate",
+        "a red apple",
+        "--model",
+        str(tiny_sd1_dir),
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--no-progress",
+    ]
+    base += ["--init-image", str(pictures), "--out", str(tmp_path / "out"), "--mask-blur", "0"]
+    assert main([*base, "--mask", str(masks)]) == 0
+    written = capsys.readouterr().out.split()
+    assert [Path(p).name.split("-")[0] for p in written] == ["a", "b", "c"]
+    for path in written:
+        picture = pictures / f"{Path(path).name.split('-')[0]}.png"
+        with Image.open(path) as out, Image.open(picture) as original:
+            assert np.array_equal(array(out.convert("RGB"))[:, 16:], array(original.convert("RGB"))[:, 16:])
+            assert "Denoising strength" in out.text["parameters"]
+    (masks / "b.png").unlink()
+    assert main([*base, "--mask", str(masks)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"booth: error: no mask in {masks} for 1 picture(s), e.g. b.png (masks are named as the pictures)\n"
+    )
+    assert main([*base, "--prompt-matrix"]) == 2
+    assert "cannot be combined with --prompt-matrix" in capsys.readouterr().err
+    assert main([*base[:-4], "--out", str(tmp_path / "plain")]) == 0  # no mask: plain img2img of each picture
+    assert len(list((tmp_path / "plain").glob("*.png"))) == 3

@@ -105,7 +105,14 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="seamless texture: opposite edges continue each other (A1111 Tiling)",
     )
     i = p.add_argument_group("img2img")
-    i.add_argument("--init-image", action="append", default=[], metavar="FILE", help="init image (img2img)")
+    i.add_argument(
+        "--init-image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="init image (img2img); a folder runs each picture in it (A1111's batch; --mask may be a folder of "
+        "masks named as the pictures), writing <picture>-NNNNN-<seed>.png",
+    )
     i.add_argument(
         "--denoising-strength", type=float, default=0.75, help="img2img and hires fix: 0..1 (default 0.75)"
     )
@@ -430,7 +437,8 @@ def cmd_generate(args) -> int:
     from booth.generate.output import ensure_writable_dir
     from booth.generate.progress import ProgressBar
 
-    params = _params_from_args(args)
+    batch = _img2img_batch(args)
+    params = _params_from_args(_with_inputs(args, *batch[0]) if batch else args)
     registry, tags = _lora_registry(args)
     if tags:
         params = params.replace(prompt=params.prompt + "".join(tags))
@@ -457,7 +465,15 @@ def cmd_generate(args) -> int:
         engine.embeddings = usable_embeddings(embeddings, engine.pipe)  # A1111 skips ones of another width
 
     progress = None if args.no_progress else ProgressBar()
-    if args.prompt_matrix or args.xy:
+    if batch:
+        saved = []
+        for init, mask in batch:  # A1111's img2img batch: one job a picture, outputs named after it
+            item = _params_from_args(_with_inputs(args, init, mask)).replace(prompt=params.prompt)
+            result = engine.generate(item, callback=progress.update if progress else None)
+            saved += _save_result(result, out, prefix=f"{Path(init).stem}-")
+        if progress:
+            progress.close()
+    elif args.prompt_matrix or args.xy:
         saved = _run_script(engine, params, args, out, progress)
     else:
         result = engine.generate(params, callback=progress.update if progress else None)
@@ -508,7 +524,41 @@ def _embeddings(args) -> dict:
     return load_embedding_dirs(args.embeddings_dir)
 
 
-def _save_result(result, out: Path) -> list[Path]:
+def _img2img_batch(args) -> list[tuple[str, str | None]] | None:
+    """A1111's img2img batch: `--init-image FOLDER` (and `--mask` a folder of masks named as the pictures, or
+    one mask for all) as (picture, mask) pairs in name order; None when no folder is given."""
+    from booth.train.data import IMAGE_EXTENSIONS
+
+    folders = [path for path in args.init_image if Path(path).is_dir()]
+    if not folders:
+        if args.mask and Path(args.mask).is_dir():
+            raise BoothError(f"--mask {args.mask} is a folder: that needs --init-image FOLDER too")
+        return None
+    if len(args.init_image) > 1:
+        raise BoothError("--init-image FOLDER (a batch) cannot be combined with other --init-image paths")
+    if args.prompt_matrix or args.xy:
+        raise BoothError("--init-image FOLDER (a batch) cannot be combined with --prompt-matrix or --xy")
+    folder = Path(folders[0])
+    pictures = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not pictures:
+        raise BoothError(f"no pictures in {folder} (supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if not args.mask or not Path(args.mask).is_dir():
+        return [(str(p), args.mask) for p in pictures]
+    masks = {p.stem: p for p in sorted(Path(args.mask).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    missing = [p.name for p in pictures if p.stem not in masks]
+    if missing:
+        raise BoothError(
+            f"no mask in {args.mask} for {len(missing)} picture(s), e.g. {missing[0]} (masks are named as the pictures)"
+        )
+    return [(str(p), str(masks[p.stem])) for p in pictures]
+
+
+def _with_inputs(args, init: str, mask: str | None):
+    """`args` with one picture (and its mask) in place of the batch's folders."""
+    return argparse.Namespace(**{**vars(args), "init_image": [init], "mask": mask})
+
+
+def _save_result(result, out: Path, prefix: str = "") -> list[Path]:
     from booth.generate.output import save_generated
 
     paths = []
@@ -519,7 +569,7 @@ def _save_result(result, out: Path) -> list[Path]:
             "model": result.model_name,
             "model_hash": result.model_hash,
         }
-        paths.append(save_generated(image, out, seed, infotext, extra))
+        paths.append(save_generated(image, out, seed, infotext, extra, prefix=prefix))
     return paths
 
 
