@@ -337,7 +337,7 @@ def _version() -> str:
 def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     from booth.generate.params import GenerationParams
 
-    flags = {  # GenerationParams field: the flag that sets it
+    hires_flags = {  # GenerationParams field: the argparse dest of the flag that sets it
         "hr_scale": "hr_scale",
         "hr_upscaler": "hr_upscaler",
         "hr_second_pass_steps": "hr_second_pass_steps",
@@ -348,10 +348,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         "hr_prompt": "hr_prompt",
         "hr_negative_prompt": "hr_negative_prompt",
     }
-    hires = {name: getattr(args, flag) for name, flag in flags.items() if getattr(args, flag) is not None}
-    if hires and not args.enable_hr:
-        flag = "--" + flags[next(iter(hires))].replace("_", "-")
-        raise BoothError(f"{flag} sets up the hires pass: add --enable-hr")
+    hires = _gated_flags(args, hires_flags, args.enable_hr, "sets up the hires pass: add --enable-hr")
     inpainting = _inpainting_from_args(args)
     init_images = [_open_image(path) for path in args.init_image]
     return GenerationParams(
@@ -389,23 +386,29 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     ).validate()
 
 
+def _gated_flags(args, flags: dict[str, str], enabled: bool, needs: str) -> dict:
+    """The fields a group of flags sets (`flags`: field -> argparse dest), only the flags given; one of them
+    given without the flag that enables the group is refused: "--<flag> <needs>"."""
+    given = {field: getattr(args, dest) for field, dest in flags.items() if getattr(args, dest) is not None}
+    if given and not enabled:
+        raise BoothError(f"--{flags[next(iter(given))].replace('_', '-')} {needs}")
+    return given
+
+
 def _inpainting_from_args(args) -> dict:
     """The inpainting fields the flags set; a flag of them without --mask is refused."""
     from booth.generate.inpaint import FILL_MODES
 
-    flags = {
-        "mask_blur": args.mask_blur,
-        "inpainting_fill": args.inpainting_fill,
-        "inpaint_full_res": args.inpaint_full_res,
-        "inpaint_full_res_padding": args.inpaint_full_res_padding,
-        "inpainting_mask_invert": args.inpainting_mask_invert,
-    }
-    given = {name: value for name, value in flags.items() if value is not None}
+    names = (
+        "mask_blur",
+        "inpainting_fill",
+        "inpaint_full_res",
+        "inpaint_full_res_padding",
+        "inpainting_mask_invert",
+    )
+    flags = {name: name for name in names}
+    given = _gated_flags(args, flags, args.mask is not None, "is an inpainting setting: add --mask FILE")
     if args.mask is None:
-        if given:
-            raise BoothError(
-                f"--{next(iter(given)).replace('_', '-')} is an inpainting setting: add --mask FILE"
-            )
         return {}
     fields = {"mask": _open_image(args.mask, "mask", mode="RGBA")}
     if "mask_blur" in given:

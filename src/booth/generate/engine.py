@@ -144,7 +144,7 @@ class _Pass:
     progress: tuple[int, int] = (0, 0)  # (steps before, steps after) this pass in the job, for `state`
     inpainting: inpaint.InpaintJob | None = None  # kept area: x_0 = the init image's (A1111's CFG denoiser)
     image_cond: torch.Tensor | None = (
-        None  # an inpainting UNet's mask + masked-image latents (one or one a picture)
+        None  # an inpainting UNet's mask + masked picture (one, or one a picture)
     )
 
 
@@ -218,7 +218,7 @@ class Engine:
         part_calls = self._part_calls(params.prompt) if params.composable_lora and calls else None
         negative, _ = self._strip_extra_networks(params.negative_prompt, True)
         steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
-        plan = hr = None
+        hr = None
         if params.enable_hr:
             plan = hires.plan_hires(params, width, height, self.vae_scale)
             hr_sampler, hr_schedule = resolve_sampler(plan.sampler_name, plan.scheduler)
@@ -246,7 +246,7 @@ class Engine:
             if hr is not None:  # the hires prompt's text is encoded under its own extra networks
                 with self._networks_for(hr, first_networks):
                     hr.run.guide, hr_used = self._build_guide(
-                        hr.prompt, hr.negative, params, hr.part_calls, plan
+                        hr.prompt, hr.negative, params, hr.part_calls, hr.plan
                     )
                 used |= hr_used
             job = first.inpainting = (
@@ -259,7 +259,7 @@ class Engine:
             if self.inpainting_model:
                 first.image_cond = self._image_conditioning(params, width, height, job)
                 if hr is not None:
-                    hr.run.image_cond = self._image_conditioning(params, plan.width, plan.height)
+                    hr.run.image_cond = self._image_conditioning(params, hr.plan.width, hr.plan.height)
             for batch_no in range(params.n_iter):
                 state.job_no, state.skipped = batch_no, False
                 if state.interrupted:
@@ -279,9 +279,7 @@ class Engine:
                     if latents is None:
                         continue
                 decoded = self._decode(latents)
-                if (
-                    job is not None
-                ):  # the original's pixels outside the mask; an "Only masked" crop pasted back
+                if job is not None:  # the original's pixels outside the mask; an "Only masked" crop back
                     overlays = [job.overlays[i % len(job.overlays)] for i in range(len(decoded))]
                     decoded = [inpaint.apply_overlay(im, job.paste_to, o) for im, o in zip(decoded, overlays)]
                 images += decoded
@@ -367,9 +365,7 @@ class Engine:
                     init = init * keep + batch_noise(init.shape[1:], seeds).to(device, dtype) * redraw
                 elif inpainting.fill == 3:
                     init = init * keep
-            start_noise = (
-                noise * params.initial_noise_multiplier if params.initial_noise_multiplier != 1 else noise
-            )
+            start_noise = noise * params.initial_noise_multiplier
             latents = scheduler.add_noise(init, start_noise, timesteps[:1].repeat(n))
         step_extra = step_kwargs(sampler, params.eta)
         if "generator" in inspect.signature(scheduler.step).parameters:

@@ -107,9 +107,8 @@ def _hires_sampler(params: Any) -> tuple[str, str]:
 
 
 def plan_hires(params: Any, width: int, height: int, vae_scale: int) -> HiresPlan:
-    """Check the hires settings of `params` (a `GenerationParams` with `enable_hr`) and plan the pass at the
-    first pass's `width` x `height`."""
-    check_hires(params)
+    """Plan the hires pass of `params` (a validated `GenerationParams` with `enable_hr`: `validate` ran
+    `check_hires`) at the first pass's `width` x `height`."""
     (to_x, to_y), (cut_x, cut_y) = hires_target(
         width, height, params.hr_scale, params.hr_resize_x, params.hr_resize_y, vae_scale
     )

@@ -94,13 +94,19 @@ def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
     """Fill the masked area with the colours around it: the unmasked image blurred at shrinking radii, laid over
     each other (A1111 `masking.fill`, inpainting_fill 0)."""
     result = Image.new("RGBA", image.size)
-    kept = Image.new("RGBa", image.size)
-    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    kept = _unmasked(image, mask)
     for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
         blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
         for _ in range(repeats):
             result.alpha_composite(blurred)
     return result.convert("RGB")
+
+
+def _unmasked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The picture where the mask is not, transparent where it is (premultiplied RGBa)."""
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    return kept
 
 
 def apply_overlay(image: Image.Image, paste_to: tuple[int, int, int, int] | None, overlay: Image.Image):
@@ -199,9 +205,7 @@ def prepare(params: Any, width: int, height: int) -> InpaintJob:
             image = resize_image(image, width, height, params.resize_mode)
         if overlay_mask.size != image.size:
             overlay_mask = resize_image(overlay_mask, image.width, image.height, params.resize_mode)
-        kept = Image.new("RGBa", image.size)
-        kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(overlay_mask.convert("L")))
-        overlays.append(kept.convert("RGBA"))
+        overlays.append(_unmasked(image, overlay_mask).convert("RGBA"))
         if region is not None:
             image = resize_image(image.crop(region), width, height, 2)
         if params.inpainting_fill != 1:

@@ -64,9 +64,7 @@ class GenerationParams:
     # img2img
     init_images: list[Any] = field(default_factory=list)  # PIL images
     denoising_strength: float = 0.75
-    resize_mode: int = (
-        0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)
-    )
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale
     img2img_fix_steps: bool = False  # A1111 option: run exactly `steps` steps
     initial_noise_multiplier: float = 1.0  # img2img: the start noise scaled by this
     # inpainting (img2img with a mask: white is redrawn; `booth.generate.inpaint`); defaults of A1111's UI

@@ -235,18 +235,11 @@ def _check_limits(request: dict[str, Any], limits: Limits, kind: str) -> None:
             bad(f"hr_scale must be in (0, 8], got {scale}")
         if any(not 0 <= side <= limits.max_side for side in resize):
             bad(f"hr_resize_x and hr_resize_y must be in 0..{limits.max_side}, got {resize[0]}x{resize[1]}")
-        if width and height:
+        if width and height:  # the model's native size is known to the worker only (`check_output_size`)
             (to_x, to_y), _ = hires_target(width, height, scale, *resize, vae_scale=8)
-            if max(to_x, to_y) > limits.max_side:
-                bad(f"the hires size {to_x}x{to_y} is over {limits.max_side} pixels a side")
-            if to_x * to_y * batch > limits.max_batch_pixels:
-                bad(f"hires width x height x batch_size must be at most {limits.max_batch_pixels} pixels")
-    if kind == "img2img":
-        images = request.get("init_images")
-        if not images:
-            raise JobFailed(404, "Init image not found")  # A1111's answer
-        if len(images) > limits.max_init_images:
-            bad(f"at most {limits.max_init_images} init images per request, got {len(images)}")
+            _check_size(to_x, to_y, batch, limits, "the hires size")
+    if kind == "img2img" and not request.get("init_images"):
+        raise JobFailed(404, "Init image not found")  # A1111's answer (their count: `decode_inputs`)
 
 
 def latent_couple_setting(request: dict[str, Any]) -> str | None:
@@ -295,10 +288,15 @@ def check_output_size(engine: Any, params: GenerationParams, limits: Limits) -> 
     if params.enable_hr:
         plan = plan_hires(params, width, height, engine.vae_scale)
         width, height = plan.width, plan.height
-    what = "the hires size" if params.enable_hr else "the size"
+    _check_size(
+        width, height, params.batch_size, limits, "the hires size" if params.enable_hr else "the size"
+    )
+
+
+def _check_size(width: int, height: int, batch: int, limits: Limits, what: str) -> None:
     if max(width, height) > limits.max_side:
         raise JobFailed(400, f"{what} {width}x{height} is over {limits.max_side} pixels a side")
-    if width * height * params.batch_size > limits.max_batch_pixels:
+    if width * height * batch > limits.max_batch_pixels:
         raise JobFailed(400, f"{what} {width}x{height} x batch_size is over {limits.max_batch_pixels} pixels")
 
 
