@@ -59,7 +59,12 @@ def dirs(tiny_sd1_dir, tmp_path_factory):
         root / "emb" / "sks-style.safetensors", torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
     )
     save_embedding(root / "emb" / "wide.safetensors", torch.randn(1, 64))  # another model's width: skipped
-    return {"root": root, "models": models, "loras": root / "loras", "emb": root / "emb"}
+    from booth.models.upscalers import SRVGGNetCompact
+
+    (root / "upscalers").mkdir()
+    torch.save({"params": SRVGGNetCompact(3, 3, 4, 1, 2).state_dict()}, root / "upscalers" / "2x-Compact.pth")
+    dirs = {"root": root, "models": models, "loras": root / "loras", "emb": root / "emb"}
+    return {**dirs, "upscalers": root / "upscalers"}
 
 
 def make_config(tiny_sd1_dir, dirs, data_dir, **kwargs) -> ServerConfig:
@@ -69,6 +74,7 @@ def make_config(tiny_sd1_dir, dirs, data_dir, **kwargs) -> ServerConfig:
         model_dirs=[dirs["models"]],
         lora_dirs=[dirs["loras"]],
         embeddings_dirs=[dirs["emb"]],
+        upscaler_dirs=[dirs["upscalers"]],
         data_dir=data_dir,
         **kwargs,
     )
@@ -303,7 +309,6 @@ def test_samplers_schedulers_loras_embeddings(client):
     }  # fmt: skip
     assert "wide" in embeddings["skipped"]
     for path in (
-        "/sdapi/v1/upscalers",
         "/sdapi/v1/sd-vae",
         "/sdapi/v1/prompt-styles",
         "/sdapi/v1/hypernetworks",
@@ -569,6 +574,65 @@ def test_bad_input_gets_an_a1111_error(client, method, path, body, status, text)
     else:
         r = client.request(method, path)
     assert_error(r, status, text)
+
+
+def test_upscaler_lists_and_hires_fix_with_a_model_upscaler(client, dirs):
+    upscalers = client.get("/sdapi/v1/upscalers").json()
+    assert [u["name"] for u in upscalers] == ["None", "Lanczos", "Nearest", "2x-Compact"]
+    assert upscalers[3] == {
+        "name": "2x-Compact", "model_name": "2x-Compact", "model_path": str(dirs["upscalers"] / "2x-Compact.pth"),
+        "model_url": None, "scale": 4,
+    }  # fmt: skip
+    modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes and len(modes) == 6
+    body = {"prompt": "a cat", "enable_hr": True, "hr_upscaler": "2x-Compact", "denoising_strength": 0.3}
+    r = client.post("/sdapi/v1/txt2img", json={**body, **FAST, "hr_second_pass_steps": 1})
+    assert r.status_code == 200, r.text
+    assert decode_png(r.json()["images"][0]).size == (64, 64)
+    assert "Hires upscaler: 2x-Compact" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def test_extras_upscale_one_and_a_batch_keeping_parameters(client):
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    chunks.add_text("parameters", "a red apple\nSteps: 20, Seed: 5")
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 12), (200, 30, 40)).save(buffer, format="PNG", pnginfo=chunks)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    body = {"image": image, "upscaler_1": "2x-Compact", "upscaling_resize": 2}
+    r = client.post("/sdapi/v1/extra-single-image", json=body)
+    assert r.status_code == 200, r.text
+    out = decode_png(r.json()["image"])
+    assert out.size == (40, 24)
+    assert out.text["parameters"] == "a red apple\nSteps: 20, Seed: 5"
+    assert out.text["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: 2x-Compact"
+    assert r.json()["html_info"] == "<p>Postprocess upscale by: 2, Postprocess upscaler: 2x-Compact</p>"
+    batch = {
+        "imageList": [{"data": image, "name": "a.png"}, {"data": png_b64(Image.new("RGB", (8, 8))), "name": "b"}],
+        "resize_mode": 1, "upscaling_resize_w": 32, "upscaling_resize_h": 32, "upscaler_1": "Lanczos",
+    }  # fmt: skip
+    r = client.post("/sdapi/v1/extra-batch-images", json=batch)
+    assert r.status_code == 200, r.text
+    assert [decode_png(i).size for i in r.json()["images"]] == [(32, 32), (32, 32)]
+    same = client.post("/sdapi/v1/extra-single-image", json={"image": image}).json()  # upscaler_1 "None"
+    assert decode_png(same["image"]).size == (20, 12)
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"upscaler_1": "R-ESRGAN 4x+"}, 400, "unknown upscaler 'R-ESRGAN 4x+'"),
+        ({"upscaler_1": "Lanczos", "gfpgan_visibility": 0.5}, 400, "face restoration"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 16}, 400, "over 2048 pixels a side"),
+        ({"upscaler_1": "Lanczos", "resize_mode": 3}, 400, "resize mode 3"),
+        ({"upscaler_1": "Lanczos", "image": ""}, 400, "no image given"),
+        ({"upscaler_1": "Lanczos", "image": "////"}, 400, "not a"),
+    ],
+)
+def test_bad_extras_requests_get_a1111_errors(client, body, status, message):
+    image = png_b64(Image.new("RGB", (200, 200)))
+    assert_error(client.post("/sdapi/v1/extra-single-image", json={"image": image, **body}), status, message)
 
 
 def test_chunked_body_over_the_limit_is_refused(client):

@@ -25,8 +25,15 @@ def server(tiny_sd1_dir, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    import torch
+
+    from booth.models.upscalers import SRVGGNetCompact
+
+    upscalers = tmp_path_factory.mktemp("upscalers")
+    torch.save(SRVGGNetCompact(3, 3, 4, 1, 2).state_dict(), upscalers / "2x-Compact.pth")
+    data = tmp_path_factory.mktemp("web")
     app = create_app(
-        ServerConfig(model=str(tiny_sd1_dir), data_dir=tmp_path_factory.mktemp("web"), port=port)
+        ServerConfig(model=str(tiny_sd1_dir), data_dir=data, port=port, upscaler_dirs=[upscalers])
     )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -152,7 +159,8 @@ def test_page_draws_each_sub_prompt_in_its_region(server, chromium_browser):
 
 
 def test_page_runs_the_hires_fix(server, chromium_browser):
-    """The "Hires. fix" panel sends enable_hr with its upscaler, scale, steps and strength, the Tiling box
+    """The "Hires. fix" panel lists the server's upscalers (latent modes, then pixel ones and the models of
+    --upscaler-dir) and sends enable_hr with its upscaler, scale, steps and strength, the Tiling box
     `tiling`: the image comes back at the upscaled size with A1111's hires keys and Tiling in its infotext."""
     page, errors = open_page(server, chromium_browser)
     page.fill("#prompt", "a red apple")
@@ -161,6 +169,8 @@ def test_page_runs_the_hires_fix(server, chromium_browser):
     page.fill("#height", "32")
     page.click("#hires summary")
     page.check("#hr-enabled")
+    listed = page.eval_on_selector_all("#hr-upscaler option", "os => os.map(o => o.value)")
+    assert listed[0] == "Latent" and listed[-4:] == ["None", "Lanczos", "Nearest", "2x-Compact"]
     page.select_option("#hr-upscaler", "Latent (nearest-exact)")
     page.fill("#hr-scale", "1.5")
     page.fill("#hr-steps", "1")

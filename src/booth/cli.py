@@ -180,7 +180,15 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         default=None,
         help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
-        "'Latent (nearest)', 'Latent (nearest-exact)', or a pixel resize: None, Lanczos, Nearest",
+        "'Latent (nearest)', 'Latent (nearest-exact)', a pixel resize: None, Lanczos, Nearest, or an ESRGAN-type "
+        "model of --upscaler-dir by name ('R-ESRGAN 4x+', '4x-UltraSharp', ...)",
+    )
+    h.add_argument(
+        "--upscaler-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of ESRGAN / Real-ESRGAN model files for --hr-upscaler (A1111's models/ESRGAN)",
     )
     h.add_argument(
         "--hr-second-pass-steps",
@@ -300,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     samplers = sub.add_parser("samplers", help="list sampler names and schedule types")
     samplers.set_defaults(func=cmd_samplers)
+
+    from booth.generate.upscale_cli import add_upscale_command
+
+    add_upscale_command(sub)
 
     from booth.demo import add_demo_command
     from booth.evaluate.augment import add_augment_command
@@ -449,14 +461,20 @@ def cmd_generate(args) -> int:
     from booth.generate.samplers import resolve_sampler
 
     resolve_sampler(params.sampler_name, params.scheduler)
-    out = Path(args.out)
-    ensure_writable_dir(out)
-    embeddings = _embeddings(args)
     from booth.devices import resolve_device, resolve_dtype
 
     device = str(resolve_device(args.device))
+    dtype = resolve_dtype(args.dtype, device)
+    upscalers = _upscalers(args, device, dtype)
+    if params.enable_hr:
+        from booth.generate.hires import check_upscaler
+
+        check_upscaler(params.hr_upscaler, upscalers)
+    out = Path(args.out)
+    ensure_writable_dir(out)
+    embeddings = _embeddings(args)
     engine = Engine.from_model(
-        args.model, device=device, dtype=resolve_dtype(args.dtype, device), extra_networks=registry
+        args.model, device=device, dtype=dtype, extra_networks=registry, upscalers=upscalers
     )
     for path in args.custom_diffusion:
         from booth.train.formats.custom_diffusion import load_custom_diffusion
@@ -516,6 +534,16 @@ def _lora_registry(args):
         if not Path(folder).is_dir():
             raise BoothError(f"--lora-dir {folder} is not a folder")
     return ExtraNetworkRegistry([LoraNetwork(args.lora_dir, files)]), tags
+
+
+def _upscalers(args, device, dtype):
+    """The pixel upscalers hires fix may name: the built-ins and the models in every --upscaler-dir."""
+    from booth.generate.upscale import Upscalers
+
+    for folder in args.upscaler_dir:
+        if not Path(folder).is_dir():
+            raise BoothError(f"--upscaler-dir {folder} is not a folder")
+    return Upscalers(args.upscaler_dir, device=device, dtype=dtype)
 
 
 def _embeddings(args) -> dict:

@@ -171,9 +171,14 @@ class Engine:
         model: a `booth.models.loading.LoadedModel` (see `Engine.from_model` to load by path).
         embeddings: textual-inversion embeddings by trigger word, used when the word appears in a prompt.
         extra_networks: the registry of `<kind:...>` prompt-tag handlers (LoRA etc.).
+        upscalers: the pixel upscalers hires fix may name (`booth.generate.upscale.Upscalers`; default: the
+            built-in Lanczos / Nearest only).
     """
 
-    def __init__(self, model, *, embeddings: dict[str, Any] | None = None, extra_networks=None):
+    def __init__(
+        self, model, *, embeddings: dict[str, Any] | None = None, extra_networks=None, upscalers=None
+    ):
+        from booth.generate.upscale import Upscalers
         from booth.prompts import ExtraNetworkRegistry
 
         self.model = model
@@ -181,6 +186,7 @@ class Engine:
         self.family = model.family
         self.embeddings = dict(embeddings or {})
         self.extra_networks = extra_networks if extra_networks is not None else ExtraNetworkRegistry()
+        self.upscalers = upscalers if upscalers is not None else Upscalers(device=self.pipe.unet.device)
         self.state = GenerationState()
 
     @classmethod
@@ -220,6 +226,7 @@ class Engine:
         steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
         hr = None
         if params.enable_hr:
+            hires.check_upscaler(params.hr_upscaler, self.upscalers)
             plan = hires.plan_hires(params, width, height, self.vae_scale)
             hr_sampler, hr_schedule = resolve_sampler(plan.sampler_name, plan.scheduler)
             hr = _HiresRun(plan, _Pass(hr_sampler, hr_schedule, plan.width, plan.height))
@@ -427,11 +434,14 @@ class Engine:
     def _hires_pass(self, latents, params, hr: _HiresRun, seeds, subseeds, state, callback):
         """Hires fix on one batch's first-pass latents (A1111 `sample_hr_pass`); None when skipped."""
         plan = hr.plan
-        # 1. Upscale: interpolate the latents, or decode, resize the pixels and encode again.
+        # 1. Upscale: interpolate the latents, or decode, upscale the pixels and encode again.
         if plan.latent:
             latents = hires.upscale_latents(latents, plan, self.vae_scale)
         else:
-            latents = self._encode_pixels([hires.upscale_image(im, plan) for im in self._decode(latents)])
+            images = [
+                self.upscalers.resize(im, *plan.upscale_to, plan.upscaler) for im in self._decode(latents)
+            ]
+            latents = self._encode_pixels(images)
         # 2. Crop to hr_resize_x x hr_resize_y (when both are given).
         latents = hires.crop_latents(latents, plan)
         if not hr.steps_run:  # denoising strength 0: the upscale alone

@@ -2,19 +2,21 @@
 `StableDiffusionProcessingTxt2Img.sample_hr_pass`, `a1111.md` §9).
 
 The plan (`plan_hires`) fixes the second pass's size, steps, sampler and prompts before any sampling, so bad
-settings fail before the first pass; `upscale_latents` does the latent upscalers; the pixel upscalers go
-through the VAE in the engine.
+settings fail before the first pass; `upscale_latents` does the latent upscalers; the pixel upscalers
+(`booth.generate.upscale`: Lanczos, Nearest, ESRGAN-type models) go through the VAE in the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 
 from booth.errors import BoothError
+
+if TYPE_CHECKING:
+    from booth.generate.upscale import Upscalers
 
 # A1111 `shared.latent_upscale_modes`: name -> (torch interpolate mode, antialias)
 LATENT_UPSCALERS = {
@@ -25,9 +27,6 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# Pixel upscalers that need no model: decode, resize, encode ("None" is A1111's plain Lanczos resize).
-PIXEL_UPSCALERS = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
-HR_UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
 SAME = (None, "", "Use same sampler", "Use same scheduler")  # the web UI's "same as the first pass" choices
 
 
@@ -84,11 +83,6 @@ def check_hires(params: Any) -> None:
 
     if params.init_images:
         raise BoothError("hires fix is a txt2img pass: it does not apply to img2img (drop --enable-hr)")
-    if params.hr_upscaler not in HR_UPSCALERS:
-        raise BoothError(
-            f"unknown hires upscaler {params.hr_upscaler!r}; valid: {', '.join(HR_UPSCALERS)} "
-            "(model upscalers such as ESRGAN are not available)"
-        )
     if params.hr_scale <= 0 and not (params.hr_resize_x or params.hr_resize_y):
         raise BoothError(f"hires upscale must be positive, got {params.hr_scale}")
     for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
@@ -98,6 +92,18 @@ def check_hires(params: Any) -> None:
         if getattr(params, name) % 8:
             raise BoothError(f"{name} must be a multiple of 8, got {getattr(params, name)}")
     resolve_sampler(*_hires_sampler(params))  # an unknown name fails before the first pass
+
+
+def check_upscaler(name: str, upscalers: Upscalers) -> None:
+    """Raise BoothError unless `name` is a latent upscaler or one of `upscalers` (decode, upscale, encode)."""
+    if name in LATENT_UPSCALERS:
+        return
+    try:
+        upscalers.get(name)
+    except BoothError:
+        valid = ", ".join([*LATENT_UPSCALERS, *upscalers.names()])
+        hint = "" if upscalers.dirs else " (model upscalers such as ESRGAN come from --upscaler-dir folders)"
+        raise BoothError(f"unknown hires upscaler {name!r}; valid: {valid}{hint}") from None
 
 
 def _hires_sampler(params: Any) -> tuple[str, str]:
@@ -137,11 +143,6 @@ def upscale_latents(latents: torch.Tensor, plan: HiresPlan, vae_scale: int) -> t
     return torch.nn.functional.interpolate(latents.float(), size=size, mode=mode, antialias=antialias).to(
         latents
     )
-
-
-def upscale_image(image: Image.Image, plan: HiresPlan) -> Image.Image:
-    """A pixel upscaler: resize the decoded first-pass image to the target (A1111 `resize_image` mode 0)."""
-    return image.resize(plan.upscale_to, PIXEL_UPSCALERS[plan.upscaler])
 
 
 def crop_latents(latents: torch.Tensor, plan: HiresPlan) -> torch.Tensor:

@@ -83,7 +83,7 @@ class GenerationParams:
     # hires fix (txt2img): upscale the first pass, then an img2img pass at `denoising_strength` (`a1111.md` §9)
     enable_hr: bool = False
     hr_scale: float = 2.0
-    hr_upscaler: str = "Latent"  # a latent mode or a plain pixel resize (`booth.generate.hires.HR_UPSCALERS`)
+    hr_upscaler: str = "Latent"  # a latent mode (`hires.LATENT_UPSCALERS`) or a pixel upscaler's name
     hr_second_pass_steps: int = 0  # 0: `steps`
     hr_resize_x: int = 0  # a size instead of `hr_scale` (0: from the other side's aspect)
     hr_resize_y: int = 0

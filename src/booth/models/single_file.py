@@ -171,11 +171,14 @@ def save_single_file(
 # load
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and `__metadata__` of a `.safetensors` file, or the tensors of a `.ckpt`.
+def read_checkpoint(
+    path: str | Path, wrappers: tuple[str, ...] = ("state_dict",)
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and `__metadata__` of a `.safetensors` file, or the tensors of a `.ckpt` / `.pth`.
 
     Pickled checkpoints are read with `torch.load(weights_only=True)`: plain tensors and containers only;
-    one that needs arbitrary code to unpickle is refused with a BoothError.
+    one that needs arbitrary code to unpickle is refused with a BoothError. A pickle whose tensors sit under
+    one of `wrappers` (the first found, repeatedly) is unwrapped.
     """
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
@@ -200,8 +203,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except Exception as e:  # torch.load fails on arbitrary bytes with many exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BoothError(f"{path} is not a readable checkpoint ({first})") from None
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in wrappers if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
     if not isinstance(obj, dict):
         raise BoothError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, {}

@@ -3,8 +3,9 @@ and the routes.
 
 txt2img / img2img are queued (`booth.server.queue`): the handler checks the request, stores a job and awaits
 its end; the response is A1111's `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON string>"}`.
-Everything else answers at once. Routes for features booth does not have (upscalers, face restorers, styles,
-scripts, VAEs, hypernetworks) answer with empty lists so clients probing them keep working.
+Everything else answers at once; the Extras routes and upscaler lists are in `booth.server.extras`. Routes
+for features booth does not have (face restorers, styles, VAEs, hypernetworks) answer with empty lists so
+clients probing them keep working.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from booth.errors import BoothError
 from booth.server.errors import ApiError, error_response
+from booth.server.extras import add_extras_routes
 from booth.server.generation import (
     GENERATION_KINDS,
     OPTION_DEFAULTS,
@@ -155,7 +157,11 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
         title = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
         model = services.registry.find(title).title
         uploads = decode_inputs(kind, request, services.config.limits)
-        build_params(kind, request, snapshot_options, services.config.limits, uploads)
+        params = build_params(kind, request, snapshot_options, services.config.limits, uploads)
+        if params.enable_hr:
+            from booth.generate.hires import check_upscaler
+
+            check_upscaler(params.hr_upscaler, services.models.upscalers)
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:
@@ -373,6 +379,7 @@ def build_router(services) -> APIRouter:
             "ckpt_dir": [str(p) for p in config.model_dirs] or None,
             "lora_dir": [str(p) for p in config.lora_dirs] or None,
             "embeddings_dir": [str(p) for p in config.embeddings_dirs] or None,
+            "esrgan_models_path": [str(p) for p in config.upscaler_dirs] or None,
             "data_dir": str(config.data_dir),
         }
 
@@ -442,8 +449,6 @@ def build_router(services) -> APIRouter:
     for path in (
         "/sd-vae",
         "/hypernetworks",
-        "/upscalers",
-        "/latent-upscale-modes",
         "/face-restorers",
         "/realesrgan-models",
         "/prompt-styles",
@@ -451,6 +456,8 @@ def build_router(services) -> APIRouter:
         "/extensions",
     ):
         router.add_api_route(path, _empty_list, methods=["GET"])
+
+    add_extras_routes(router, services)
 
     @router.get("/scripts")
     async def scripts():

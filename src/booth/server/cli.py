@@ -50,6 +50,13 @@ def add_serve_command(sub) -> None:
         "--embeddings-dir", action="append", default=[], metavar="DIR", help="folder of embeddings"
     )
     p.add_argument(
+        "--upscaler-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of ESRGAN / Real-ESRGAN upscaler models (A1111's models/ESRGAN)",
+    )
+    p.add_argument(
         "--data-dir",
         default="outputs/server",
         help="job queue database, job images and saved outputs (default outputs/server)",
@@ -97,6 +104,7 @@ def build_config(args):
         model_dirs=args.model_dir,
         lora_dirs=args.lora_dir,
         embeddings_dirs=args.embeddings_dir,
+        upscaler_dirs=args.upscaler_dir,
         data_dir=args.data_dir,
         device=args.device,
         dtype=args.dtype,

@@ -52,6 +52,7 @@ class ServerConfig:
         model: the default model (diffusers folder, .safetensors/.ckpt, hub id) or None for booth-mini.
         model_dirs: folders whose checkpoints and diffusers folders are also served (`/sdapi/v1/sd-models`).
         lora_dirs, embeddings_dirs: the only places `<lora:NAME>` and textual-inversion words come from.
+        upscaler_dirs: folders of ESRGAN-type upscaler models (`/sdapi/v1/upscalers`, hires fix, extras).
         data_dir: the SQLite job queue (`queue.sqlite3`), job results (`jobs/`) and `save_images` outputs.
         device, dtype: where and how models run (None: cuda if present, float16 there, else CPU float32).
         preload: load the default model when the server starts instead of on the first job.
@@ -69,6 +70,7 @@ class ServerConfig:
     model_dirs: list[Path] = field(default_factory=list)
     lora_dirs: list[Path] = field(default_factory=list)
     embeddings_dirs: list[Path] = field(default_factory=list)
+    upscaler_dirs: list[Path] = field(default_factory=list)
     data_dir: Path = DEFAULT_DATA_DIR
     device: str | None = None
     dtype: str | None = None
@@ -84,6 +86,7 @@ class ServerConfig:
         self.model_dirs = [Path(p) for p in self.model_dirs]
         self.lora_dirs = [Path(p) for p in self.lora_dirs]
         self.embeddings_dirs = [Path(p) for p in self.embeddings_dirs]
+        self.upscaler_dirs = [Path(p) for p in self.upscaler_dirs]
         if isinstance(self.auth, str):
             self.auth = parse_auth(self.auth)
 
@@ -120,13 +123,15 @@ class ServerConfig:
             raise BoothError(f"port must be in 1..65535, got {self.port}")
         # before serving: a server whose models cannot load would answer every request with an error
         resolve_dtype(self.dtype, resolve_device(self.device))
-        for kind, folders in (("--model-dir", self.model_dirs), ("--lora-dir", self.lora_dirs)):
+        for kind, folders in (
+            ("--model-dir", self.model_dirs),
+            ("--lora-dir", self.lora_dirs),
+            ("--embeddings-dir", self.embeddings_dirs),
+            ("--upscaler-dir", self.upscaler_dirs),
+        ):
             for folder in folders:
                 if not folder.is_dir():
                     raise BoothError(f"{kind} {folder} is not a folder")
-        for folder in self.embeddings_dirs:
-            if not folder.is_dir():
-                raise BoothError(f"--embeddings-dir {folder} is not a folder")
         return self
 
 

@@ -166,6 +166,14 @@ class ModelManager:
         self._embeddings: dict[str, Any] | None = None
         self._embeddings_lock = threading.Lock()
         self._lora = None
+        from booth.devices import resolve_device, resolve_dtype
+        from booth.generate.upscale import Upscalers
+
+        device = resolve_device(config.device)
+        # the pixel upscalers (built-ins + `upscaler_dirs`), shared by hires fix and the extras routes
+        self.upscalers = Upscalers(
+            config.upscaler_dirs, device=device, dtype=resolve_dtype(config.dtype, device)
+        )
 
     def lora_network(self):
         from booth.generate.networks import LoraNetwork
@@ -189,7 +197,8 @@ class ModelManager:
         model = load_pipeline(entry.source, device=device, dtype=resolve_dtype(self.config.dtype, device))
         if model.hash and not entry.hash:
             entry.hash = model.hash
-        engine = Engine(model, extra_networks=ExtraNetworkRegistry([self.lora_network()]))
+        networks = ExtraNetworkRegistry([self.lora_network()])
+        engine = Engine(model, extra_networks=networks, upscalers=self.upscalers)
         engine.embeddings = self.usable_embeddings(engine)
         self.engine, self.entry = engine, entry
         return engine

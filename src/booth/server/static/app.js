@@ -31,10 +31,14 @@ function fmtSeconds(s) {
 
 // ---- setup -------------------------------------------------------------------------------------------
 async function loadLists() {
-  const [samplers, schedulers, models, options] = await Promise.all([
+  const [samplers, schedulers, models, options, latents, upscalers] = await Promise.all([
     api("GET", "/sdapi/v1/samplers"), api("GET", "/sdapi/v1/schedulers"),
     api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options"),
+    api("GET", "/sdapi/v1/latent-upscale-modes"), api("GET", "/sdapi/v1/upscalers"),
   ]);
+  $("hr-upscaler").textContent = ""; // the latent modes, then the pixel upscalers (models of --upscaler-dir)
+  for (const u of [...latents, ...upscalers]) option($("hr-upscaler"), u.name);
+  $("hr-upscaler").value = "Latent";
   for (const s of samplers) option($("sampler"), s.name);
   $("sampler").value = samplers.some((s) => s.name === "Euler a") ? "Euler a" : samplers[0].name;
   for (const s of schedulers) option($("scheduler"), s.name, s.label);
