@@ -63,8 +63,29 @@ def dirs(tiny_sd1_dir, tmp_path_factory):
 
     (root / "upscalers").mkdir()
     torch.save({"params": SRVGGNetCompact(3, 3, 4, 1, 2).state_dict()}, root / "upscalers" / "2x-Compact.pth")
-    dirs = {"root": root, "models": models, "loras": root / "loras", "emb": root / "emb"}
+    from safetensors.torch import save_file
+
+    from booth.models.original_layout import vae_to_original
+
+    (root / "vae").mkdir()
+    vae = tiny_pipeline_vae(tiny_sd1_dir)
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+        for k, v in vae.state_dict().items()
+    }
+    ldm = vae_to_original(weights, vae.config)
+    save_file(
+        {k.removeprefix("first_stage_model."): v.contiguous() for k, v in ldm.items()},
+        root / "vae" / "mse.safetensors",
+    )
+    dirs = {"root": root, "models": models, "loras": root / "loras", "emb": root / "emb", "vae": root / "vae"}
     return {**dirs, "upscalers": root / "upscalers"}
+
+
+def tiny_pipeline_vae(folder):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder / "vae")
 
 
 def make_config(tiny_sd1_dir, dirs, data_dir, **kwargs) -> ServerConfig:
@@ -75,6 +96,7 @@ def make_config(tiny_sd1_dir, dirs, data_dir, **kwargs) -> ServerConfig:
         lora_dirs=[dirs["loras"]],
         embeddings_dirs=[dirs["emb"]],
         upscaler_dirs=[dirs["upscalers"]],
+        vae_dirs=[dirs["vae"]],
         data_dir=data_dir,
         **kwargs,
     )
@@ -309,7 +331,6 @@ def test_samplers_schedulers_loras_embeddings(client):
     }  # fmt: skip
     assert "wide" in embeddings["skipped"]
     for path in (
-        "/sdapi/v1/sd-vae",
         "/sdapi/v1/prompt-styles",
         "/sdapi/v1/hypernetworks",
     ):
@@ -574,6 +595,36 @@ def test_bad_input_gets_an_a1111_error(client, method, path, body, status, text)
     else:
         r = client.request(method, path)
     assert_error(r, status, text)
+
+
+def test_sd_vae_lists_and_the_option_swaps_the_vae(client, dirs):
+    assert client.get("/sdapi/v1/sd-vae").json() == [
+        {"model_name": "mse.safetensors", "filename": str(dirs["vae"] / "mse.safetensors")}
+    ]
+    assert client.post("/sdapi/v1/refresh-vae").status_code == 200
+    body = {"prompt": "a cat", "seed": 3, **FAST}
+    own = client.post("/sdapi/v1/txt2img", json=body).json()
+    assert json.loads(own["info"])["sd_vae_name"] is None
+    per_request = {**body, "override_settings": {"sd_vae": "mse.safetensors"}}
+    swapped = client.post("/sdapi/v1/txt2img", json=per_request).json()
+    info = json.loads(swapped["info"])
+    assert info["sd_vae_name"] == "mse.safetensors" and len(info["sd_vae_hash"]) == 10
+    assert "VAE: mse.safetensors" in info["infotexts"][0]
+    assert decode_png(swapped["images"][0]).tobytes() != decode_png(own["images"][0]).tobytes()
+    try:
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "mse.safetensors"}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sd_vae"] == "mse.safetensors"
+        again = client.post("/sdapi/v1/txt2img", json=body).json()["images"][0]
+        assert decode_png(again).tobytes() == decode_png(swapped["images"][0]).tobytes()
+        assert_error(
+            client.post("/sdapi/v1/options", json={"sd_vae": "nope.pt"}), 400, "VAE 'nope.pt' not found"
+        )
+        bad = {**body, "override_settings": {"sd_vae": "nope.pt"}}
+        assert_error(client.post("/sdapi/v1/txt2img", json=bad), 400, "not found; available: Automatic, None")
+    finally:
+        client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
+    back = client.post("/sdapi/v1/txt2img", json=body).json()["images"][0]  # the model's own VAE again
+    assert decode_png(back).tobytes() == decode_png(own["images"][0]).tobytes()
 
 
 def test_upscaler_lists_and_hires_fix_with_a_model_upscaler(client, dirs):

@@ -3,6 +3,8 @@ Extras postprocess, hires fix with a model upscaler, and `booth upscale`."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -212,7 +214,9 @@ def test_a_changed_model_file_is_loaded_again(model_dir):
     entry = upscalers.get("2x-Test")
     first = upscalers.model(entry)
     assert upscalers.model(entry) is first
+    stamp = entry.path.stat().st_mtime_ns + 10**9
     save_file(tiny_rrdb(n_up=1, seed=7).state_dict(), entry.path)
+    os.utime(entry.path, ns=(stamp, stamp))  # a later edit, however coarse the clock
     assert upscalers.model(entry) is not first
 
 

@@ -43,6 +43,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="diffusers folder, .safetensors/.ckpt file or hub id (default: the bundled booth-mini)",
     )
+    g.add_argument(
+        "--vae",
+        metavar="PATH",
+        default=None,
+        help="a VAE file (.safetensors/.pt/.ckpt) or diffusers VAE folder used instead of the model's own; "
+        "default: <checkpoint>.vae.* beside a checkpoint if there is one (A1111's Automatic); 'none': the model's",
+    )
     g.add_argument("--negative-prompt", "-n", default="", help="negative prompt (same syntax)")
     g.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     g.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
@@ -476,6 +483,9 @@ def cmd_generate(args) -> int:
     engine = Engine.from_model(
         args.model, device=device, dtype=dtype, extra_networks=registry, upscalers=upscalers
     )
+    vae = _vae_path(args)
+    if vae is not None:
+        engine.set_vae(vae)
     for path in args.custom_diffusion:
         from booth.train.formats.custom_diffusion import load_custom_diffusion
 
@@ -534,6 +544,15 @@ def _lora_registry(args):
         if not Path(folder).is_dir():
             raise BoothError(f"--lora-dir {folder} is not a folder")
     return ExtraNetworkRegistry([LoraNetwork(args.lora_dir, files)]), tags
+
+
+def _vae_path(args) -> Path | None:
+    """--vae, or A1111's Automatic (a VAE named after the checkpoint, beside it), or None (the model's own)."""
+    if args.vae is not None:
+        return None if args.vae.lower() == "none" else Path(args.vae)
+    from booth.models.vae import automatic_vae
+
+    return automatic_vae(Path(args.model)) if args.model and Path(args.model).is_file() else None
 
 
 def _upscalers(args, device, dtype):

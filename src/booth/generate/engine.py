@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class GenerationResult:
     extra_generation_params: dict[str, Any]
     interrupted: bool = False
     inpainting_conditioning: bool = False  # the model is an inpainting model (9-channel UNet)
+    vae_name: str | None = None  # a VAE used instead of the model's own (A1111 `sd_vae`)
+    vae_hash: str | None = None
 
     def info(self) -> dict[str, Any]:
         """The A1111 `Processed.js()` dictionary (the API's `info` field, before JSON encoding)."""
@@ -96,8 +99,8 @@ class GenerationResult:
             "face_restoration_model": None,
             "sd_model_name": self.model_name,
             "sd_model_hash": self.model_hash,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_vae_name": self.vae_name,
+            "sd_vae_hash": self.vae_hash,
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
             "denoising_strength": p.denoising_strength if p.init_images or p.enable_hr else None,
@@ -187,6 +190,7 @@ class Engine:
         self.embeddings = dict(embeddings or {})
         self.extra_networks = extra_networks if extra_networks is not None else ExtraNetworkRegistry()
         self.upscalers = upscalers if upscalers is not None else Upscalers(device=self.pipe.unet.device)
+        self.vae = None  # a `booth.models.vae.VaeInfo` while a standalone VAE replaces the model's own
         self.state = GenerationState()
 
     @classmethod
@@ -195,6 +199,13 @@ class Engine:
         from booth.models.loading import load_pipeline
 
         return cls(load_pipeline(model, device=device, dtype=dtype), **kwargs)
+
+    def set_vae(self, path: str | os.PathLike | None) -> None:
+        """Decode and encode with the VAE file or folder at `path` instead of the model's own (A1111's
+        `sd_vae`); None puts the model's own back. Unchanged files are not read again."""
+        from booth.models.vae import swap_vae
+
+        self.vae = swap_vae(self.pipe, path, self.model.name)
 
     @property
     def device(self) -> torch.device:
@@ -320,6 +331,8 @@ class Engine:
             extra_generation_params=extra,
             interrupted=state.interrupted,
             inpainting_conditioning=self.inpainting_model,
+            vae_name=self.vae.name if self.vae else None,
+            vae_hash=self.vae.hash if self.vae else None,
         )
 
     txt2img = generate
@@ -767,6 +780,8 @@ class Engine:
         fields: dict[str, Any] = {"Steps": params.steps, **infotext_fields(sampler, schedule, params.eta)}
         fields.update({"CFG scale": params.cfg_scale, "Seed": seed, "Size": f"{width}x{height}"})
         fields.update({"Model hash": self.model.hash, "Model": self.model.name})
+        if self.vae is not None:
+            fields.update({"VAE hash": self.vae.hash, "VAE": self.vae.name})
         if params.subseed_strength > 0:
             fields.update({"Variation seed": subseed, "Variation seed strength": params.subseed_strength})
         if params.init_images or params.enable_hr:

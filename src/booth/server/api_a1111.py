@@ -4,7 +4,7 @@ and the routes.
 txt2img / img2img are queued (`booth.server.queue`): the handler checks the request, stores a job and awaits
 its end; the response is A1111's `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON string>"}`.
 Everything else answers at once; the Extras routes and upscaler lists are in `booth.server.extras`. Routes
-for features booth does not have (face restorers, styles, VAEs, hypernetworks) answer with empty lists so
+for features booth does not have (face restorers, styles, hypernetworks) answer with empty lists so
 clients probing them keep working.
 """
 
@@ -156,6 +156,7 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
         snapshot_options = job_options(options, overrides)
         title = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
         model = services.registry.find(title).title
+        services.models.resolve_vae(snapshot_options["sd_vae"], model)
         uploads = decode_inputs(kind, request, services.config.limits)
         params = build_params(kind, request, snapshot_options, services.config.limits, uploads)
         if params.enable_hr:
@@ -380,6 +381,7 @@ def build_router(services) -> APIRouter:
             "lora_dir": [str(p) for p in config.lora_dirs] or None,
             "embeddings_dir": [str(p) for p in config.embeddings_dirs] or None,
             "esrgan_models_path": [str(p) for p in config.upscaler_dirs] or None,
+            "vae_dir": [str(p) for p in config.vae_dirs] or None,
             "data_dir": str(config.data_dir),
         }
 
@@ -447,7 +449,6 @@ def build_router(services) -> APIRouter:
 
     # Features booth does not have: empty answers in A1111's shapes, so probing clients keep working.
     for path in (
-        "/sd-vae",
         "/hypernetworks",
         "/face-restorers",
         "/realesrgan-models",
@@ -458,6 +459,15 @@ def build_router(services) -> APIRouter:
         router.add_api_route(path, _empty_list, methods=["GET"])
 
     add_extras_routes(router, services)
+
+    @router.get("/sd-vae")
+    async def sd_vae():
+        files = await run_in_threadpool(services.models.vae_files)
+        return [{"model_name": name, "filename": str(path)} for name, path in files.items()]
+
+    @router.post("/refresh-vae")
+    async def refresh_vae():
+        return None  # the VAE folders are read on each use
 
     @router.get("/scripts")
     async def scripts():

@@ -100,6 +100,9 @@ class Services:
             checked = validate_options(values)
             if "sd_model_checkpoint" in values:
                 checked["sd_model_checkpoint"] = self.registry.find(values["sd_model_checkpoint"]).title
+            if "sd_vae" in checked:  # a name that is not there fails now, not at the next job
+                title = checked.get("sd_model_checkpoint") or self.current_options()["sd_model_checkpoint"]
+                self.models.resolve_vae(checked["sd_vae"], title)
             self.queue.set_options(checked)
 
     def refresh_embeddings(self) -> None:

@@ -57,6 +57,13 @@ def add_serve_command(sub) -> None:
         help="folder of ESRGAN / Real-ESRGAN upscaler models (A1111's models/ESRGAN)",
     )
     p.add_argument(
+        "--vae-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of VAE files for the sd_vae option (A1111's models/VAE)",
+    )
+    p.add_argument(
         "--data-dir",
         default="outputs/server",
         help="job queue database, job images and saved outputs (default outputs/server)",
@@ -105,6 +112,7 @@ def build_config(args):
         lora_dirs=args.lora_dir,
         embeddings_dirs=args.embeddings_dir,
         upscaler_dirs=args.upscaler_dir,
+        vae_dirs=args.vae_dir,
         data_dir=args.data_dir,
         device=args.device,
         dtype=args.dtype,

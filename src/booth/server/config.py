@@ -53,6 +53,7 @@ class ServerConfig:
         model_dirs: folders whose checkpoints and diffusers folders are also served (`/sdapi/v1/sd-models`).
         lora_dirs, embeddings_dirs: the only places `<lora:NAME>` and textual-inversion words come from.
         upscaler_dirs: folders of ESRGAN-type upscaler models (`/sdapi/v1/upscalers`, hires fix, extras).
+        vae_dirs: folders of VAE files offered as the `sd_vae` option (`/sdapi/v1/sd-vae`).
         data_dir: the SQLite job queue (`queue.sqlite3`), job results (`jobs/`) and `save_images` outputs.
         device, dtype: where and how models run (None: cuda if present, float16 there, else CPU float32).
         preload: load the default model when the server starts instead of on the first job.
@@ -71,6 +72,7 @@ class ServerConfig:
     lora_dirs: list[Path] = field(default_factory=list)
     embeddings_dirs: list[Path] = field(default_factory=list)
     upscaler_dirs: list[Path] = field(default_factory=list)
+    vae_dirs: list[Path] = field(default_factory=list)
     data_dir: Path = DEFAULT_DATA_DIR
     device: str | None = None
     dtype: str | None = None
@@ -87,6 +89,7 @@ class ServerConfig:
         self.lora_dirs = [Path(p) for p in self.lora_dirs]
         self.embeddings_dirs = [Path(p) for p in self.embeddings_dirs]
         self.upscaler_dirs = [Path(p) for p in self.upscaler_dirs]
+        self.vae_dirs = [Path(p) for p in self.vae_dirs]
         if isinstance(self.auth, str):
             self.auth = parse_auth(self.auth)
 
@@ -128,6 +131,7 @@ class ServerConfig:
             ("--lora-dir", self.lora_dirs),
             ("--embeddings-dir", self.embeddings_dirs),
             ("--upscaler-dir", self.upscaler_dirs),
+            ("--vae-dir", self.vae_dirs),
         ):
             for folder in folders:
                 if not folder.is_dir():

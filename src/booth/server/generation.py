@@ -11,7 +11,7 @@ A1111 defaults to 512), `batch_size`, `n_iter`, `eta` (None: option `eta_ddim` /
 (`mask`, `mask_blur` or `mask_blur_x` / `_y`, `mask_round`, `inpainting_fill`, `inpaint_full_res`,
 `inpaint_full_res_padding`, `inpainting_mask_invert`, `latent_mask`), `tiling`, `disable_extra_networks`; options
 `CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, `inpainting_mask_weight` (inpainting
-models), per request via `override_settings`.
+models), `sd_vae` (Automatic, None or a file of `--vae-dir`), per request via `override_settings`.
 Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr_second_pass_steps`,
 `hr_resize_x` / `_y`, `hr_sampler_name`, `hr_scheduler`, `hr_prompt`, `hr_negative_prompt`, with
 `denoising_strength`; `hr_checkpoint_name` only as the same checkpoint.
@@ -60,7 +60,6 @@ OPTION_DEFAULTS: dict[str, Any] = {
 READ_ONLY_OPTIONS = {
     "sd_checkpoint_hash": None,
     "randn_source": "CPU",
-    "sd_vae": "Automatic",
     "samples_format": "png",
 }
 # Options copied into each job (a snapshot: later option changes do not alter queued jobs).
@@ -71,6 +70,7 @@ JOB_OPTIONS = (
     "inpainting_mask_weight",
     "eta_ddim",
     "eta_ancestral",
+    "sd_vae",
 )
 
 
@@ -86,6 +86,12 @@ def _number(name: str, value: Any, lo: float, hi: float, integer: bool = False) 
     if not lo <= value <= hi:
         raise BoothError(f"option {name} must be in [{lo:g}, {hi:g}], got {value!r}")
     return int(value) if integer else float(value)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BoothError(f"option {name} must be a non-empty string, got {value!r}")
+    return value
 
 
 def _choice(name: str, value: Any, choices) -> str:
@@ -106,6 +112,7 @@ OPTION_VALIDATORS = {
     "show_progress_every_n_steps": lambda v: _number(
         "show_progress_every_n_steps", v, -1, 1000, integer=True
     ),
+    "sd_vae": lambda v: _text("sd_vae", v),  # a listed name: checked against the VAE folders by the caller
 }
 
 
@@ -486,6 +493,7 @@ class GenerationRunner:
         except HTTPException as exc:
             raise JobFailed(exc.status_code, str(exc.detail)) from None
         check_output_size(engine, params, limits)
+        engine.set_vae(services.models.resolve_vae(options.get("sd_vae", "Automatic"), job.params["model"]))
         engine.state = GenerationState()
         ctx.data["engine"] = engine
         ctx.report(message=None)

@@ -175,6 +175,32 @@ class ModelManager:
             config.upscaler_dirs, device=device, dtype=resolve_dtype(config.dtype, device)
         )
 
+    # VAEs ------------------------------------------------------------------------------------------
+
+    def vae_files(self) -> dict[str, Path]:
+        """`/sdapi/v1/sd-vae`: every VAE file of `vae_dirs` by name (read on each call)."""
+        from booth.models.vae import vae_files
+
+        return vae_files(self.config.vae_dirs)
+
+    def resolve_vae(self, value: str, title: str) -> Path | None:
+        """The VAE the option `sd_vae` = `value` means for the model `title`: "Automatic" (a VAE named after
+        the checkpoint, else the model's own), "None" (the model's own) or a listed file name."""
+        from booth.models.vae import automatic_vae
+
+        if value == "None":
+            return None
+        if value == "Automatic":
+            source = self.registry.find(title).source
+            local = Path(source) if source is not None and Path(source).exists() else None
+            return automatic_vae(local, self.config.vae_dirs)
+        files = self.vae_files()
+        if value not in files:
+            raise BoothError(
+                f"VAE {value!r} not found; available: {', '.join(['Automatic', 'None', *files])}"
+            )
+        return files[value]
+
     def lora_network(self):
         from booth.generate.networks import LoraNetwork
 

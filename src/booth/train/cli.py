@@ -44,6 +44,12 @@ def add_train_command(sub) -> None:
         default=None,
         help="base model: diffusers folder, single file or hub id (default: booth-mini)",
     )
+    p.add_argument(
+        "--vae",
+        metavar="PATH",
+        default=None,
+        help="a VAE file or folder instead of the base model's own (e.g. vae-ft-mse-840000-ema-pruned)",
+    )
     p.add_argument("--out", "-o", required=True, help="output folder for this run")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
@@ -200,6 +206,7 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         method=args.method,
         model=args.model,
+        vae=args.vae,
         out=Path(args.out),
         name=args.name,
         steps=args.steps,

@@ -217,6 +217,8 @@ class TrainConfig:
         method: "dreambooth" (full fine-tune) or "lora".
         out: output folder (checkpoints, logs, validation images, the trained weights).
         model: base model (diffusers folder, single file or hub id); None = booth-mini.
+        vae: a VAE file or folder used instead of the base model's own (kohya's `--vae`; A1111's `sd_vae`), for
+            the latents trained on, prior images and what a full fine-tune saves.
         steps: optimizer steps.
         train_text_encoder: DreamBooth: also fine-tune the text encoder (no text-embedding caching then).
         mixed_precision: "auto" (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), "no", "fp16", "bf16".
@@ -237,6 +239,7 @@ class TrainConfig:
     data: DataConfig
     out: Path
     model: str | None = None
+    vae: str | None = None
     steps: int = 400
     seed: int = 0
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -268,6 +271,8 @@ class TrainConfig:
             raise BoothError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise BoothError(f"--steps must be at least 1, got {self.steps}")
+        if self.vae is not None and not Path(self.vae).expanduser().exists():
+            raise BoothError(f"VAE {self.vae} does not exist")
         for concept in self.all_concepts():
             if not concept.instance_prompt.strip():
                 raise BoothError(

@@ -218,6 +218,10 @@ class Trainer:
         if self.loaded is None:
             self.loaded = load_pipeline(cfg.model, device="cpu")
         pipe = self.pipe = self.loaded.pipe
+        if cfg.vae is not None:
+            from booth.models.vae import swap_vae
+
+            swap_vae(pipe, cfg.vae, self.loaded.name)
         if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
             raise BoothError(
                 f"{self.loaded.name} is an inpainting model ({pipe.unet.config.in_channels}-channel UNet): "
