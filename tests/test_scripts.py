@@ -15,8 +15,6 @@ from booth.generate.params import GenerationParams
 from booth.generate.scripts import (
     FIELD_AXES,
     SPECIAL_AXES,
-    apply_style,
-    apply_styles,
     axis_names,
     expand_range,
     parse_prompt_line,
@@ -359,9 +357,11 @@ def test_run_prompts_from_file_grids_all_images():
 
 
 def test_apply_style_substitutes_or_appends():
-    assert apply_style("a cat", "{prompt}, oil painting") == "a cat, oil painting"
-    assert apply_style("a cat", "masterpiece, {prompt} in snow") == "masterpiece, a cat in snow"
-    assert apply_style("a cat", "oil painting") == "a cat, oil painting"
-    assert apply_style("", "oil painting") == "oil painting"
-    assert apply_style("blurry", "") == "blurry"
+    from booth.prompts.styles import apply_styles, merge_prompts
+
+    assert merge_prompts("{prompt}, oil painting", "a cat") == "a cat, oil painting"
+    assert merge_prompts("masterpiece, {prompt} in snow", "a cat") == "masterpiece, a cat in snow"
+    assert merge_prompts("oil painting", "a cat") == "a cat, oil painting"
+    assert merge_prompts("oil painting", "") == "oil painting"
+    assert merge_prompts("", "blurry") == "blurry"
     assert apply_styles("cat", ["{prompt} photo", "4k"]) == "cat photo, 4k"

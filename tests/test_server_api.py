@@ -78,7 +78,9 @@ def dirs(tiny_sd1_dir, tmp_path_factory):
         {k.removeprefix("first_stage_model."): v.contiguous() for k, v in ldm.items()},
         root / "vae" / "mse.safetensors",
     )
+    (root / "styles.csv").write_text('name,prompt,negative_prompt\nOil,"{prompt}, oil painting",blurry\n')
     dirs = {"root": root, "models": models, "loras": root / "loras", "emb": root / "emb", "vae": root / "vae"}
+    dirs["styles"] = root / "styles.csv"
     return {**dirs, "upscalers": root / "upscalers"}
 
 
@@ -97,6 +99,7 @@ def make_config(tiny_sd1_dir, dirs, data_dir, **kwargs) -> ServerConfig:
         embeddings_dirs=[dirs["emb"]],
         upscaler_dirs=[dirs["upscalers"]],
         vae_dirs=[dirs["vae"]],
+        styles_files=[dirs["styles"]],
         data_dir=data_dir,
         **kwargs,
     )
@@ -330,11 +333,7 @@ def test_samplers_schedulers_loras_embeddings(client):
         "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 32, "vectors": 2,
     }  # fmt: skip
     assert "wide" in embeddings["skipped"]
-    for path in (
-        "/sdapi/v1/prompt-styles",
-        "/sdapi/v1/hypernetworks",
-    ):
-        assert client.get(path).json() == []
+    assert client.get("/sdapi/v1/hypernetworks").json() == []
     scripts = {"txt2img": ["latent couple extension"], "img2img": ["latent couple extension"]}
     assert client.get("/sdapi/v1/scripts").json() == scripts
     memory = client.get("/sdapi/v1/memory").json()
@@ -625,6 +624,21 @@ def test_sd_vae_lists_and_the_option_swaps_the_vae(client, dirs):
         client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
     back = client.post("/sdapi/v1/txt2img", json=body).json()["images"][0]  # the model's own VAE again
     assert decode_png(back).tobytes() == decode_png(own["images"][0]).tobytes()
+
+
+def test_prompt_styles_are_listed_and_merged_into_the_prompts(client):
+    styles = client.get("/sdapi/v1/prompt-styles").json()
+    assert styles == [{"name": "Oil", "prompt": "{prompt}, oil painting", "negative_prompt": "blurry"}]
+    body = {"prompt": "a cat", "negative_prompt": "ugly", "seed": 2, "styles": ["Oil"], **FAST}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["styles"] == ["Oil"]
+    assert info["infotexts"][0].startswith("a cat, oil painting\nNegative prompt: ugly, blurry\n")
+    assert r.json()["parameters"]["prompt"] == "a cat"  # the request is echoed as sent
+    assert_error(
+        client.post("/sdapi/v1/txt2img", json={**body, "styles": ["Watercolour"]}), 400, "unknown style"
+    )
 
 
 def test_upscaler_lists_and_hires_fix_with_a_model_upscaler(client, dirs):

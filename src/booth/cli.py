@@ -51,6 +51,20 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         "default: <checkpoint>.vae.* beside a checkpoint if there is one (A1111's Automatic); 'none': the model's",
     )
     g.add_argument("--negative-prompt", "-n", default="", help="negative prompt (same syntax)")
+    g.add_argument(
+        "--style",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="merge this A1111 style into the prompt and negative prompt (repeatable; needs --styles-file)",
+    )
+    g.add_argument(
+        "--styles-file",
+        action="append",
+        default=[],
+        metavar="CSV",
+        help="A1111 styles.csv (name,prompt,negative_prompt); '{prompt}' in a style marks where the prompt goes",
+    )
     g.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     g.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     g.add_argument(
@@ -460,7 +474,8 @@ def cmd_generate(args) -> int:
     from booth.generate.progress import ProgressBar
 
     batch = _img2img_batch(args)
-    params = _params_from_args(_with_inputs(args, *batch[0]) if batch else args)
+    styles = _styles(args)
+    params = styles(_params_from_args(_with_inputs(args, *batch[0]) if batch else args))
     registry, tags = _lora_registry(args)
     if tags:
         params = params.replace(prompt=params.prompt + "".join(tags))
@@ -499,7 +514,7 @@ def cmd_generate(args) -> int:
     if batch:
         saved = []
         for init, mask in batch:  # A1111's img2img batch: one job a picture, outputs named after it
-            item = _params_from_args(_with_inputs(args, init, mask)).replace(prompt=params.prompt)
+            item = styles(_params_from_args(_with_inputs(args, init, mask))).replace(prompt=params.prompt)
             result = engine.generate(item, callback=progress.update if progress else None)
             saved += _save_result(result, out, prefix=f"{Path(init).stem}-")
         if progress:
@@ -544,6 +559,18 @@ def _lora_registry(args):
         if not Path(folder).is_dir():
             raise BoothError(f"--lora-dir {folder} is not a folder")
     return ExtraNetworkRegistry([LoraNetwork(args.lora_dir, files)]), tags
+
+
+def _styles(args):
+    """A function merging every --style (from the --styles-file CSVs, A1111's styles.csv) into params."""
+    from booth.prompts.styles import apply_to_params, read_styles, select_styles
+
+    if not args.style:
+        if args.styles_file:
+            read_styles(args.styles_file)  # a bad file fails even when no style is picked
+        return lambda params: params
+    chosen = select_styles(read_styles(args.styles_file), args.style)
+    return lambda params: apply_to_params(params, chosen)
 
 
 def _vae_path(args) -> Path | None:

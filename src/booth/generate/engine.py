@@ -107,7 +107,7 @@ class GenerationResult:
             "extra_generation_params": self.extra_generation_params,
             "index_of_first_image": 0,
             "infotexts": self.infotexts,
-            "styles": [],
+            "styles": list(p.styles),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": p.clip_skip,
             "is_using_inpainting_conditioning": self.inpainting_conditioning,

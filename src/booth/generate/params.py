@@ -34,6 +34,7 @@ class GenerationParams:
 
     prompt: str = ""
     negative_prompt: str = ""
+    styles: tuple[str, ...] = ()  # names of the A1111 styles already merged into the prompts (a record)
     steps: int = 20
     cfg_scale: float = 7.0
     sampler_name: str = "DPM++ 2M"

@@ -1,4 +1,4 @@
-"""A1111 scripts: prompt matrix, X/Y/Z plot, prompts from file, and styles.
+"""A1111 scripts: prompt matrix, X/Y/Z plot and prompts from file (styles: `booth.prompts.styles`).
 
 Each script is a pure job builder (`*_jobs`: params in, list of resolved `GenerationParams` out, no images)
 plus a runner (`run_*`) that calls the engine's `generate(params) -> list[Image]` once per job and assembles
@@ -17,7 +17,7 @@ import re
 import shlex
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import permutations
 from typing import Any
@@ -749,24 +749,3 @@ def run_prompts_from_file(
     jobs = prompts_from_file_jobs(text, base, iterate_seed=iterate_seed, same_seed=same_seed, rng=rng)
     images = [im for job in jobs for im in _generate_checked(generate, job)]
     return ScriptResult(image_grid(images), images, jobs, {"prompts": [job.prompt for job in jobs]})
-
-
-# --------------------------------------------------------------------------------------------------------
-# Styles (A1111 modules/styles.py `merge_prompts`)
-
-
-def apply_style(prompt: str, style_prompt: str) -> str:
-    """Merge a style into a prompt: substitute at `{prompt}` if present, else append as "prompt, style".
-
-    Empty sides are dropped when appending. Use the same function for negative prompts and negative styles.
-    """
-    if "{prompt}" in style_prompt:
-        return style_prompt.replace("{prompt}", prompt)
-    return ", ".join(part for part in (prompt.strip(), style_prompt.strip()) if part)
-
-
-def apply_styles(prompt: str, style_prompts: Iterable[str]) -> str:
-    """Apply several styles in order (A1111 `apply_styles_to_prompt`)."""
-    for style_prompt in style_prompts:
-        prompt = apply_style(prompt, style_prompt)
-    return prompt

@@ -4,7 +4,7 @@ and the routes.
 txt2img / img2img are queued (`booth.server.queue`): the handler checks the request, stores a job and awaits
 its end; the response is A1111's `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON string>"}`.
 Everything else answers at once; the Extras routes and upscaler lists are in `booth.server.extras`. Routes
-for features booth does not have (face restorers, styles, hypernetworks) answer with empty lists so
+for features booth does not have (face restorers, hypernetworks) answer with empty lists so
 clients probing them keep working.
 """
 
@@ -158,7 +158,8 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
         model = services.registry.find(title).title
         services.models.resolve_vae(snapshot_options["sd_vae"], model)
         uploads = decode_inputs(kind, request, services.config.limits)
-        params = build_params(kind, request, snapshot_options, services.config.limits, uploads)
+        styles = services.styles(request.get("styles") or [])
+        params = build_params(kind, request, snapshot_options, services.config.limits, uploads, styles)
         if params.enable_hr:
             from booth.generate.hires import check_upscaler
 
@@ -173,7 +174,9 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
     inputs = {key: request[key] for key in TRANSIENT_FIELDS if request.get(key)}
     request.update(dict.fromkeys(inputs))
     counts = {key: len(value) if isinstance(value, list) else 1 for key, value in inputs.items()}
-    return {"request": request, "model": model, "options": snapshot_options, "inputs": counts}, inputs
+    snapshot = {"request": request, "model": model, "options": snapshot_options, "inputs": counts}
+    snapshot["styles"] = [[style.name, style.prompt, style.negative_prompt] for style in styles]
+    return snapshot, inputs
 
 
 async def submit(services, kind: str, req: BaseModel, wait: bool):
@@ -452,13 +455,19 @@ def build_router(services) -> APIRouter:
         "/hypernetworks",
         "/face-restorers",
         "/realesrgan-models",
-        "/prompt-styles",
         "/script-info",
         "/extensions",
     ):
         router.add_api_route(path, _empty_list, methods=["GET"])
 
     add_extras_routes(router, services)
+
+    @router.get("/prompt-styles")
+    async def prompt_styles():
+        from booth.prompts.styles import read_styles
+
+        styles = await run_in_threadpool(read_styles, services.config.styles_files)
+        return [style.api() for style in styles.values()]
 
     @router.get("/sd-vae")
     async def sd_vae():

@@ -105,6 +105,14 @@ class Services:
                 self.models.resolve_vae(checked["sd_vae"], title)
             self.queue.set_options(checked)
 
+    def styles(self, names: list[str]) -> list:
+        """The `PromptStyle`s a request names, from `--styles-file` as it is now (BoothError: unknown name)."""
+        from booth.prompts.styles import read_styles, select_styles
+
+        if not names:
+            return []
+        return select_styles(read_styles(self.config.styles_files), names)
+
     def refresh_embeddings(self) -> None:
         self.models.embeddings(refresh=True)
 

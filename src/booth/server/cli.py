@@ -64,6 +64,13 @@ def add_serve_command(sub) -> None:
         help="folder of VAE files for the sd_vae option (A1111's models/VAE)",
     )
     p.add_argument(
+        "--styles-file",
+        action="append",
+        default=[],
+        metavar="CSV",
+        help="A1111 styles.csv whose styles requests may name in `styles`",
+    )
+    p.add_argument(
         "--data-dir",
         default="outputs/server",
         help="job queue database, job images and saved outputs (default outputs/server)",
@@ -113,6 +120,7 @@ def build_config(args):
         embeddings_dirs=args.embeddings_dir,
         upscaler_dirs=args.upscaler_dir,
         vae_dirs=args.vae_dir,
+        styles_files=args.styles_file,
         data_dir=args.data_dir,
         device=args.device,
         dtype=args.dtype,

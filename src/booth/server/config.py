@@ -54,6 +54,7 @@ class ServerConfig:
         lora_dirs, embeddings_dirs: the only places `<lora:NAME>` and textual-inversion words come from.
         upscaler_dirs: folders of ESRGAN-type upscaler models (`/sdapi/v1/upscalers`, hires fix, extras).
         vae_dirs: folders of VAE files offered as the `sd_vae` option (`/sdapi/v1/sd-vae`).
+        styles_files: A1111 `styles.csv` files whose styles requests name in `styles` (`/sdapi/v1/prompt-styles`).
         data_dir: the SQLite job queue (`queue.sqlite3`), job results (`jobs/`) and `save_images` outputs.
         device, dtype: where and how models run (None: cuda if present, float16 there, else CPU float32).
         preload: load the default model when the server starts instead of on the first job.
@@ -73,6 +74,7 @@ class ServerConfig:
     embeddings_dirs: list[Path] = field(default_factory=list)
     upscaler_dirs: list[Path] = field(default_factory=list)
     vae_dirs: list[Path] = field(default_factory=list)
+    styles_files: list[Path] = field(default_factory=list)
     data_dir: Path = DEFAULT_DATA_DIR
     device: str | None = None
     dtype: str | None = None
@@ -90,6 +92,7 @@ class ServerConfig:
         self.embeddings_dirs = [Path(p) for p in self.embeddings_dirs]
         self.upscaler_dirs = [Path(p) for p in self.upscaler_dirs]
         self.vae_dirs = [Path(p) for p in self.vae_dirs]
+        self.styles_files = [Path(p) for p in self.styles_files]
         if isinstance(self.auth, str):
             self.auth = parse_auth(self.auth)
 
@@ -136,6 +139,10 @@ class ServerConfig:
             for folder in folders:
                 if not folder.is_dir():
                     raise BoothError(f"{kind} {folder} is not a folder")
+        if self.styles_files:
+            from booth.prompts.styles import read_styles
+
+            read_styles(self.styles_files)  # a missing or broken file fails at start
         return self
 
 

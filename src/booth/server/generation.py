@@ -11,7 +11,8 @@ A1111 defaults to 512), `batch_size`, `n_iter`, `eta` (None: option `eta_ddim` /
 (`mask`, `mask_blur` or `mask_blur_x` / `_y`, `mask_round`, `inpainting_fill`, `inpaint_full_res`,
 `inpaint_full_res_padding`, `inpainting_mask_invert`, `latent_mask`), `tiling`, `disable_extra_networks`; options
 `CLIP_stop_at_last_layers` -> clip skip, `emphasis`, `img2img_fix_steps`, `inpainting_mask_weight` (inpainting
-models), `sd_vae` (Automatic, None or a file of `--vae-dir`), per request via `override_settings`.
+models), `sd_vae` (Automatic, None or a file of `--vae-dir`), per request via `override_settings`; `styles`
+(names from `--styles-file`, merged into the prompts when the job is queued and kept with it).
 Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr_second_pass_steps`,
 `hr_resize_x` / `_y`, `hr_sampler_name`, `hr_scheduler`, `hr_prompt`, `hr_negative_prompt`, with
 `denoising_strength`; `hr_checkpoint_name` only as the same checkpoint.
@@ -32,6 +33,7 @@ from typing import Any
 
 from booth.errors import BoothError
 from booth.generate.params import EMPHASIS_MODES, GenerationParams
+from booth.prompts.styles import PromptStyle
 from booth.server.config import Limits
 from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
 
@@ -327,9 +329,15 @@ def decode_inputs(kind: str, request: dict[str, Any], limits: Limits) -> dict[st
 
 
 def build_params(
-    kind: str, request: dict[str, Any], options: dict[str, Any], limits: Limits, uploads: dict | None = None
+    kind: str,
+    request: dict[str, Any],
+    options: dict[str, Any],
+    limits: Limits,
+    uploads: dict | None = None,
+    styles: list | None = None,
 ) -> GenerationParams:
-    """The `GenerationParams` of a stored request; raises JobFailed / BoothError for anything refused."""
+    """The `GenerationParams` of a stored request, with the request's `styles` (`PromptStyle`s) merged in;
+    raises JobFailed / BoothError for anything refused."""
     _unsupported(request, kind)
     _check_limits(request, limits, kind)
     sampler, _ = resolve_sampler_checked(request)
@@ -398,6 +406,10 @@ def build_params(
             hr_prompt=request.get("hr_prompt") or "",
             hr_negative_prompt=request.get("hr_negative_prompt") or "",
         )
+    if styles:
+        from booth.prompts.styles import apply_to_params
+
+        params = apply_to_params(params, styles)
     return params.validate()
 
 
@@ -487,9 +499,9 @@ class GenerationRunner:
         ctx.report(message="loading model", force=True)
         engine = services.models.get(job.params["model"])
         try:
-            params = build_params(
-                self.kind, request, options, limits, decode_inputs(self.kind, request, limits)
-            )
+            uploads = decode_inputs(self.kind, request, limits)
+            styles = [PromptStyle(*row) for row in job.params.get("styles") or []]
+            params = build_params(self.kind, request, options, limits, uploads, styles)
         except HTTPException as exc:
             raise JobFailed(exc.status_code, str(exc.detail)) from None
         check_output_size(engine, params, limits)
