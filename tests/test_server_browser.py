@@ -31,10 +31,20 @@ def server(tiny_sd1_dir, tmp_path_factory):
 
     upscalers = tmp_path_factory.mktemp("upscalers")
     torch.save(SRVGGNetCompact(3, 3, 4, 1, 2).state_dict(), upscalers / "2x-Compact.pth")
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    vaes = tmp_path_factory.mktemp("vae")
+    vae = AutoencoderKL.from_pretrained(tiny_sd1_dir / "vae")
+    g = torch.Generator().manual_seed(5)
+    save_file({k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in vae.state_dict().items()},
+              vaes / "mse.safetensors")  # fmt: skip
+    styles = vaes / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nOil,"{prompt}, oil painting",blurry\n')
     data = tmp_path_factory.mktemp("web")
-    app = create_app(
-        ServerConfig(model=str(tiny_sd1_dir), data_dir=data, port=port, upscaler_dirs=[upscalers])
-    )
+    config = ServerConfig(model=str(tiny_sd1_dir), data_dir=data, port=port, upscaler_dirs=[upscalers])
+    config.vae_dirs, config.styles_files = [vaes], [styles]
+    app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -255,4 +265,40 @@ def test_page_sends_a_gallery_image_to_image_to_image(server, chromium_browser):
     )
     assert "Denoising strength: 0.4" in page.inner_text("#infotext")
     assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") == 48
+    assert not errors, errors
+
+
+def test_page_styles_vae_and_the_extras_upscale(server, chromium_browser):
+    """The Styles list merges a styles.csv style into the prompts, the VAE menu sets A1111's sd_vae, and "Send
+    to extras" upscales a gallery image with the chosen upscaler (A1111's Extras tab)."""
+    page, errors = open_page(server, chromium_browser)
+    page.wait_for_selector("#styles-box:not([hidden])")
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    page.select_option("#styles", ["Oil"])
+    page.select_option("#vae", "mse.safetensors")
+    page.wait_for_function(  # the menu's POST /options has landed
+        "async () => (await (await fetch('/sdapi/v1/options')).json()).sd_vae === 'mse.safetensors'"
+    )
+    try:
+        page.click("#generate")
+        page.wait_for_selector("#gallery img", timeout=60_000)
+        page.wait_for_function("!document.getElementById('generate').disabled")
+        info = page.inner_text("#infotext")
+        assert info.startswith("a red apple, oil painting\nNegative prompt: blurry")
+        assert "VAE: mse.safetensors" in info
+        page.click("#send-extras")
+        page.select_option("#ex-upscaler-1", "Lanczos")
+        page.fill("#ex-scale", "2")
+        page.click("#ex-run")
+        page.wait_for_function("document.getElementById('ex-status').textContent === 'done'", timeout=60_000)
+        assert page.eval_on_selector("#gallery img", "i => i.naturalWidth") == 64
+        assert page.inner_text("#infotext") == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    finally:
+        page.select_option("#vae", "Automatic")
+        page.wait_for_function(
+            "async () => (await (await fetch('/sdapi/v1/options')).json()).sd_vae === 'Automatic'"
+        )
     assert not errors, errors

@@ -31,14 +31,22 @@ function fmtSeconds(s) {
 
 // ---- setup -------------------------------------------------------------------------------------------
 async function loadLists() {
-  const [samplers, schedulers, models, options, latents, upscalers] = await Promise.all([
+  const [samplers, schedulers, models, options, latents, upscalers, vaes, styles] = await Promise.all([
     api("GET", "/sdapi/v1/samplers"), api("GET", "/sdapi/v1/schedulers"),
     api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/options"),
     api("GET", "/sdapi/v1/latent-upscale-modes"), api("GET", "/sdapi/v1/upscalers"),
+    api("GET", "/sdapi/v1/sd-vae"), api("GET", "/sdapi/v1/prompt-styles"),
   ]);
   $("hr-upscaler").textContent = ""; // the latent modes, then the pixel upscalers (models of --upscaler-dir)
   for (const u of [...latents, ...upscalers]) option($("hr-upscaler"), u.name);
   $("hr-upscaler").value = "Latent";
+  for (const id of ["ex-upscaler-1", "ex-upscaler-2"]) for (const u of upscalers) option($(id), u.name);
+  $("ex-upscaler-1").value = upscalers.some((u) => u.name === "Lanczos") ? "Lanczos" : upscalers[0].name;
+  $("ex-upscaler-2").value = "None";
+  for (const v of vaes) option($("vae"), v.model_name);
+  $("vae").value = options.sd_vae;
+  for (const st of styles) option($("styles"), st.name);
+  $("styles-box").hidden = !styles.length;
   for (const s of samplers) option($("sampler"), s.name);
   $("sampler").value = samplers.some((s) => s.name === "Euler a") ? "Euler a" : samplers[0].name;
   for (const s of schedulers) option($("scheduler"), s.name, s.label);
@@ -82,6 +90,8 @@ function insertPrompt(text) {
 
 $("model").onchange = () => api("POST", "/sdapi/v1/options", { sd_model_checkpoint: $("model").value })
   .catch((e) => alert(e.message));
+$("vae").onchange = () => api("POST", "/sdapi/v1/options", { sd_vae: $("vae").value })
+  .catch((e) => alert(e.message));
 
 // ---- txt2img -------------------------------------------------------------------------------------------
 function intOrNull(id) { const v = $(id).value; return v === "" ? null : parseInt(v, 10); }
@@ -93,6 +103,7 @@ function generationRequest() {
     scheduler: $("scheduler").value || null, steps: intOrNull("steps"), cfg_scale: parseFloat($("cfg").value),
     seed: intOrNull("seed") ?? -1, width: intOrNull("width"), height: intOrNull("height"),
     batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1, tiling: $("tiling").checked,
+    styles: [...$("styles").selectedOptions].map((o) => o.value),
   };
 }
 
@@ -142,6 +153,7 @@ function addImage(b64, infotext) {
     $("infotext").hidden = false;
     $("infotext").textContent = infotext;
     $("send-i2i").hidden = false;
+    $("send-extras").hidden = false;
   };
   $("gallery").prepend(img);
   img.onclick();
@@ -190,6 +202,41 @@ $("send-i2i").onclick = () => {
   $("i2i-file").value = "";
   loadPicture(selected.src);
   $("img2img").scrollIntoView({ behavior: "smooth" });
+};
+
+// ---- extras (upscale) ------------------------------------------------------------------------------------
+function loadExtrasPicture(dataUrl) {
+  $("ex-picture").src = dataUrl;
+  $("ex-picture").hidden = false;
+}
+$("ex-file").onchange = async () => {
+  const file = $("ex-file").files[0];
+  if (file) loadExtrasPicture(await readBase64(file));
+};
+$("send-extras").onclick = () => {
+  const selected = document.querySelector("#gallery img.sel");
+  if (!selected) return;
+  $("ex-file").value = "";
+  loadExtrasPicture(selected.src);
+  $("extras").scrollIntoView({ behavior: "smooth" });
+};
+$("ex-run").onclick = async () => {
+  if ($("ex-picture").hidden) { $("ex-status").textContent = "choose a picture first"; return; }
+  $("ex-run").disabled = true;
+  $("ex-status").textContent = "upscaling…";
+  try {
+    const r = await api("POST", "/sdapi/v1/extra-single-image", {
+      image: $("ex-picture").src, upscaler_1: $("ex-upscaler-1").value, upscaling_resize: parseFloat($("ex-scale").value),
+      upscaler_2: $("ex-upscaler-2").value, extras_upscaler_2_visibility: parseFloat($("ex-visibility").value),
+    });
+    const info = new DOMParser().parseFromString(r.html_info, "text/html").body.textContent;  // A1111's <p>…</p>
+    addImage(r.image, info);
+    $("ex-status").textContent = "done";
+  } catch (e) {
+    $("ex-status").textContent = "error: " + e.message;
+  } finally {
+    $("ex-run").disabled = false;
+  }
 };
 
 function drawPicture() {
