@@ -327,3 +327,11 @@ def test_the_upscale_command_keeps_parameters_and_adds_postprocessing(model_dir,
 def test_build_upscaler_refuses_a_state_dict_of_something_else():
     with pytest.raises(BoothError, match="unknown upscaler architecture"):
         build_upscaler({"encoder.weight": torch.zeros(2, 2)})
+
+
+def test_the_upscale_command_shows_progress_over_the_model_tiles(model_dir, tmp_path, capsys):
+    picture(32, 32).save(tmp_path / "a.png")
+    args = ["upscale", str(tmp_path / "a.png"), "--upscaler", "2x-Test", "--upscaler-dir", str(model_dir)]
+    assert main([*args, "--tile", "16", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "tiles:" in err and "/4 " in err and "upscaling" in err  # 2x of 32 px in 16 px tiles: 4

@@ -60,6 +60,30 @@ def add_upscale_command(sub) -> None:
     p.set_defaults(func=cmd_upscale)
 
 
+class _TileBar:
+    """A progress bar with ETA over the tiles of each model pass (a model upscale can take minutes on a CPU)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if total == 1:  # one tile: nothing to show
+            return
+        if done == 1 or self.bar is None:
+            self.close()
+            self.bar = tqdm(total=total, desc="  tiles", unit="tile", leave=False, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _size(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m:
@@ -118,18 +142,19 @@ def cmd_upscale(args) -> int:
     params.validate(upscalers)  # names and numbers before any picture is read
     paths = _inputs(args.images)
     out = ensure_writable_dir(args.out)
-    bar = None
+    bar = tiles = None
     if not args.no_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(paths), desc="upscaling", unit="image", dynamic_ncols=True)
+        tiles = _TileBar()
     for path in paths:
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
             raise BoothError(f"cannot read picture {path}: {e}") from None
-        result, info = postprocess(image, params, upscalers)
+        result, info = postprocess(image, params, upscalers, tiles)
         result.info = {"postprocessing": postprocess_infotext(info)}  # A1111's extras chunk
         parameters = read_image_metadata(path).infotext or ""
         target = next_numbered_path(out, "", ".png", suffix=f"-{path.stem}")
