@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_upscale_command(sub)
 
+    from booth.models.merge import add_merge_checkpoints_command
+
+    add_merge_checkpoints_command(sub)
+
     from booth.demo import add_demo_command
     from booth.evaluate.augment import add_augment_command
     from booth.evaluate.mini_bench import add_eval_commands
