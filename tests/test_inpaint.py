@@ -364,10 +364,10 @@ def test_other_unets_and_training_an_inpainting_model_are_refused(inpainting_eng
     from booth.models.tiny import _unet, tiny_pipeline
     from booth.train import DataConfig, TrainConfig, train
 
-    parts = {**tiny_pipeline("sd1").components, "unet": _unet(32, in_channels=8)}  # instruct-pix2pix's 4 + 4
-    StableDiffusionPipeline(**parts).save_pretrained(tmp_path / "pix2pix")
-    with pytest.raises(BoothError, match="UNets with 8 input channels .* are not supported; text-to-image"):
-        load_pipeline(str(tmp_path / "pix2pix"))
+    parts = {**tiny_pipeline("sd1").components, "unet": _unet(32, in_channels=5)}  # a depth model's 4 + 1
+    StableDiffusionPipeline(**parts).save_pretrained(tmp_path / "depth")
+    with pytest.raises(BoothError, match="UNets with 5 input channels .* are not supported; text-to-image"):
+        load_pipeline(str(tmp_path / "depth"))
     images = tmp_path / "subject"
     images.mkdir()
     for i in range(3):

@@ -186,6 +186,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         "--inpainting-mask-invert", action="store_true", default=None, help="redraw what is not masked"
     )
     m.add_argument(
+        "--image-cfg-scale",
+        metavar="S",
+        type=float,
+        default=1.5,
+        help="instruct-pix2pix models (8-channel UNets): how closely to keep to the picture (default 1.5)",
+    )
+    m.add_argument(
         "--inpainting-mask-weight",
         metavar="W",
         type=float,
@@ -417,6 +424,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         img2img_fix_steps=args.img2img_fix_steps,
         initial_noise_multiplier=args.initial_noise_multiplier,
         inpainting_mask_weight=args.inpainting_mask_weight,
+        image_cfg_scale=args.image_cfg_scale,
         enable_hr=args.enable_hr,
         **hires,
         **inpainting,

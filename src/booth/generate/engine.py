@@ -146,9 +146,8 @@ class _Pass:
     steps_rule: tuple[int, int] | None = None  # img2img: (steps of the full schedule, t_enc); None: txt2img
     progress: tuple[int, int] = (0, 0)  # (steps before, steps after) this pass in the job, for `state`
     inpainting: inpaint.InpaintJob | None = None  # kept area: x_0 = the init image's (A1111's CFG denoiser)
-    image_cond: torch.Tensor | None = (
-        None  # an inpainting UNet's mask + masked picture (one, or one a picture)
-    )
+    # an inpainting UNet's mask + masked picture, an instruct-pix2pix UNet's picture (one, or one a picture)
+    image_cond: torch.Tensor | None = None
 
 
 @dataclass
@@ -234,6 +233,8 @@ class Engine:
         prompt, calls = self._strip_extra_networks(params.prompt, params.disable_extra_networks)
         part_calls = self._part_calls(params.prompt) if params.composable_lora and calls else None
         negative, _ = self._strip_extra_networks(params.negative_prompt, True)
+        if self.edit_model:
+            self._check_edit(params, part_calls)
         steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
         hr = None
         if params.enable_hr:
@@ -274,7 +275,9 @@ class Engine:
             if params.init_images:
                 init_latents = self._encode_init_images(params, width, height, job)
                 first.steps_rule = self._img2img_steps(params)
-            if self.inpainting_model:
+            if self.edit_model:
+                first.image_cond = self._edit_conditioning(params, width, height, job)
+            elif self.inpainting_model:
                 first.image_cond = self._image_conditioning(params, width, height, job)
                 if hr is not None:
                     hr.run.image_cond = self._image_conditioning(params, hr.plan.width, hr.plan.height)
@@ -391,7 +394,8 @@ class Engine:
         if "generator" in inspect.signature(scheduler.step).parameters:
             step_extra["generator"] = step_generators(seeds)  # ancestral / SDE noise, per image
         prediction = scheduler.config.prediction_type
-        do_cfg = params.cfg_scale != 1.0
+        edit = self.edit_model  # instruct-pix2pix: a third term without the picture (Brooks et al. eq. 3)
+        do_cfg = params.cfg_scale != 1.0 or edit
         state.sampling_steps = progress[0] + math.ceil(len(timesteps) / scheduler.order) + progress[1]
 
         rows_before: list = []  # the conditioning rows of the last step, and what was built from them
@@ -412,9 +416,17 @@ class Engine:
             # 4. One UNet call over [uncond | cond_1 .. cond_K] x batch (composable LoRA: one call per term,
             #    over [uncond_k | cond_k] with that term's LoRAs).
             x_in = scheduler.scale_model_input(latents, t)
-            if image_cond is not None:  # an inpainting UNet also reads the mask and the masked image
-                x_in = torch.cat([x_in, image_cond[[i % len(image_cond) for i in range(n)]]], dim=1)
-            if guide.part_calls is None:
+            if image_cond is not None:  # inpainting: mask + masked picture; instruct-pix2pix: the picture
+                picture = image_cond[[i % len(image_cond) for i in range(n)]]
+                x_none = torch.cat([x_in, torch.zeros_like(picture)], dim=1) if edit else None
+                x_in = torch.cat([x_in, picture], dim=1)
+            if edit:  # [rows with the picture | the negative prompt without it] in one call
+                x_all = torch.cat([x_in.repeat(len(rows), 1, 1, 1), x_none])
+                pred = unet(
+                    x_all, t, encoder_hidden_states=_with_first_rows(embeds, n), **_extend(kwargs, n)
+                ).sample
+                pred, e_none = pred[: len(rows) * n], pred[len(rows) * n :]
+            elif guide.part_calls is None:
                 pred = unet(x_in.repeat(len(rows), 1, 1, 1), t, encoder_hidden_states=embeds, **kwargs).sample
             else:
                 pred = self._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, do_cfg)
@@ -425,6 +437,8 @@ class Engine:
                 uncond = unconds[0] if len(unconds) == 1 else unconds
                 weights = guide.weights_at(step, latents)
                 out = guidance.composable_cfg(uncond, conds, weights, params.cfg_scale)
+                if edit:
+                    out = guidance.image_guidance(out, uncond, e_none, params.image_cfg_scale)
                 if params.guidance_rescale > 0:
                     positive = guidance.composable_cfg(uncond, conds, weights, 1.0)
                     out = guidance.rescale_noise_cfg(out, positive, params.guidance_rescale)
@@ -505,6 +519,27 @@ class Engine:
     def inpainting_model(self) -> bool:
         """Whether the UNet is an inpainting model's: latents + mask + masked-image latents (9 channels)."""
         return self.pipe.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def edit_model(self) -> bool:
+        """Whether the UNet is an instruct-pix2pix model's: latents + the picture's latents (8 channels)."""
+        return self.pipe.unet.config.in_channels == 2 * self.latent_channels
+
+    def _check_edit(self, params, part_calls) -> None:
+        if not params.init_images:
+            raise BoothError(
+                f"{self.model.name} is an instruct-pix2pix model: it edits a picture; give an init image (img2img)"
+            )
+        if params.enable_hr or part_calls:
+            raise BoothError("instruct-pix2pix models take neither hires fix nor composable LoRA")
+
+    @torch.no_grad()
+    def _edit_conditioning(self, params, width: int, height: int, job: inpaint.InpaintJob | None = None):
+        """An instruct-pix2pix UNet's extra input: the picture's latents, the VAE posterior's mode without the
+        scaling factor (as the model was trained; A1111 `edit_image_conditioning`, diffusers' pipeline)."""
+        vae = self.pipe.vae
+        pixels = self._pixels(self._init_images(params, width, height, job)).to(self.device, vae.dtype)
+        return vae.encode(pixels).latent_dist.mode().to(self.device, self.dtype)
 
     @torch.no_grad()
     def _image_conditioning(self, params, width: int, height: int, job: inpaint.InpaintJob | None = None):
@@ -788,6 +823,8 @@ class Engine:
             fields["Denoising strength"] = params.denoising_strength
         if self.inpainting_model:
             fields["Conditional mask weight"] = params.inpainting_mask_weight
+        if self.edit_model:
+            fields["Image CFG scale"] = params.image_cfg_scale
         if params.clip_skip > 1:
             fields["Clip skip"] = params.clip_skip
         fields["RNG"] = "CPU"
@@ -799,6 +836,19 @@ class Engine:
 
 
 __all__ = ["Engine", "GenerationParams", "GenerationResult", "GenerationState"]
+
+
+def _with_first_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` with its first `n` rows (the negative prompt's, for a batch of n) appended once more."""
+    return torch.cat([x, x[:n]])
+
+
+def _extend(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+    """UNet keyword arguments (SDXL's added conditioning) for `_with_first_rows` inputs."""
+    if not kwargs:
+        return kwargs
+    added = kwargs["added_cond_kwargs"]
+    return {"added_cond_kwargs": {k: _with_first_rows(v, n) for k, v in added.items()}}
 
 
 def _same_tensors(rows: list, before: list) -> bool:

@@ -30,6 +30,17 @@ def composable_cfg(
     return out
 
 
+def image_guidance(
+    x_text: torch.Tensor, x_image: torch.Tensor, x_none: torch.Tensor, s_image: float
+) -> torch.Tensor:
+    """The picture term of InstructPix2Pix guidance (Brooks et al. 2023, eq. 3).
+
+    Given the text-guided prediction x_text = e(c_I, ∅) + s_T (e(c_I, c_T) − e(c_I, ∅)) (`composable_cfg` with
+    the picture in every term), returns e(∅, ∅) + s_I (e(c_I, ∅) − e(∅, ∅)) + s_T (e(c_I, c_T) − e(c_I, ∅)),
+    where x_image = e(c_I, ∅) and x_none = e(∅, ∅)."""
+    return x_text + (s_image - 1.0) * (x_image - x_none)
+
+
 def rescale_noise_cfg(x_cfg: torch.Tensor, x_pos: torch.Tensor, phi: float) -> torch.Tensor:
     """Guidance rescale, eqs. 14-16 of Lin et al. 2023 (arXiv 2305.08891 §3.4); std per sample."""
     dims = list(range(1, x_cfg.ndim))

@@ -37,6 +37,7 @@ class GenerationParams:
     styles: tuple[str, ...] = ()  # names of the A1111 styles already merged into the prompts (a record)
     steps: int = 20
     cfg_scale: float = 7.0
+    image_cfg_scale: float = 1.5  # instruct-pix2pix models: how closely to follow the picture (A1111 default)
     sampler_name: str = "DPM++ 2M"
     scheduler: str = "Automatic"  # A1111 "Schedule type"
     seed: int = -1  # -1: random
@@ -124,6 +125,8 @@ class GenerationParams:
             raise BoothError(f"unknown emphasis mode {self.emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
         if self.clip_skip < 1:
             raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if self.image_cfg_scale < 0:
+            raise BoothError(f"image CFG scale must be at least 0, got {self.image_cfg_scale}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise BoothError(f"inpainting mask weight must be in [0, 1], got {self.inpainting_mask_weight}")
         if self.resize_mode not in (0, 1, 2, 3):

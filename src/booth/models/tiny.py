@@ -86,9 +86,10 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False):
+def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, edit: bool = False):
     """A tiny random diffusers pipeline of the given family ("sd1", "sd2" or "sdxl"); with `inpainting`, an
-    inpainting model's (a 9-channel UNet: latents, mask, masked-image latents) in its inpainting pipeline class."""
+    inpainting model's (a 9-channel UNet: latents, mask, masked-image latents) in its inpainting pipeline class;
+    with `edit` (SD 1.x / 2.x), an instruct-pix2pix model's (an 8-channel UNet: latents, picture latents)."""
     from diffusers import (
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
@@ -96,11 +97,19 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False):
         StableDiffusionXLPipeline,
     )
 
-    channels = 9 if inpainting else 4
+    channels = 9 if inpainting else 8 if edit else 4
     if family in ("sd1", "sd2"):
         tokenizer = build_clip_tokenizer(TINY_MERGES, pad_token="<|endoftext|>" if family == "sd1" else "!")
         prediction = "epsilon" if family == "sd1" else "v_prediction"
-        cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+        from diffusers import StableDiffusionInstructPix2PixPipeline
+
+        cls = (
+            StableDiffusionInpaintPipeline
+            if inpainting
+            else StableDiffusionInstructPix2PixPipeline
+            if edit
+            else StableDiffusionPipeline
+        )
         return cls(
             vae=_vae(seed),
             text_encoder=_text_encoder(tokenizer, 32, seed=seed),

@@ -377,6 +377,7 @@ def build_params(
             resize_mode=request.get("resize_mode", 0),
             img2img_fix_steps=bool(options.get("img2img_fix_steps", False)),
             initial_noise_multiplier=1.0 if noise is None else noise,
+            image_cfg_scale=1.5 if request.get("image_cfg_scale") is None else request["image_cfg_scale"],
         )
         if uploads.get("mask") is not None:  # A1111's API defaults: fill 0, "Only masked", no padding
             blur = request.get("mask_blur")

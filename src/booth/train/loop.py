@@ -222,10 +222,14 @@ class Trainer:
             from booth.models.vae import swap_vae
 
             swap_vae(pipe, cfg.vae, self.loaded.name)
-        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        channels, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
+        if channels != latent:
+            kind, use = (
+                ("an instruct-pix2pix", "edit") if channels == 2 * latent else ("an inpainting", "inpaint")
+            )
             raise BoothError(
-                f"{self.loaded.name} is an inpainting model ({pipe.unet.config.in_channels}-channel UNet): "
-                "personalize its text-to-image base model, then inpaint with that"
+                f"{self.loaded.name} is {kind} model ({channels}-channel UNet): "
+                f"personalize its text-to-image base model, then {use} with that"
             )
         self.method = get_method(cfg)
         torch.manual_seed(stream_seed(cfg.seed, "init", 0))  # adapter initialisation
