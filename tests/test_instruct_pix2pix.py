@@ -132,3 +132,13 @@ def test_the_apis_image_cfg_scale_reaches_the_params():
         "img2img", {**request, "image_cfg_scale": None}, {}, Limits(), {"init_images": [picture()]}
     )
     assert default.image_cfg_scale == 1.5
+
+
+def test_image_cfg_scale_is_an_xy_axis_and_read_from_an_infotext():
+    pytest.importorskip("fastapi")
+    from booth.generate.scripts import resolve_axis_name
+    from booth.server.generation import apply_infotext
+
+    assert resolve_axis_name("X", "Image CFG Scale") == ("Image CFG Scale", "field", "image_cfg_scale")
+    request = apply_infotext({"infotext": "edit\nSteps: 20, Image CFG scale: 1.25, Seed: 3"}, {"infotext"})
+    assert request["image_cfg_scale"] == 1.25

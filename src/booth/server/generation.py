@@ -150,6 +150,7 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str]) -> dict[str, A
         "Sampler": ("sampler_name", str),
         "Schedule type": ("scheduler", str),
         "CFG scale": ("cfg_scale", float),
+        "Image CFG scale": ("image_cfg_scale", float),
         "Seed": ("seed", int),
         "Size-1": ("width", int),
         "Size-2": ("height", int),
