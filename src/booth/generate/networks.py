@@ -10,6 +10,8 @@
 * A prompt without `<lora:...>` — and every `deactivate` — switches all LoRA layers of the pipeline off, so the
   output is the base model's, bit for bit. Loaded adapters stay in memory for the next prompt; a file whose
   modification time or size changed is reloaded. The handler assumes it owns the adapters of its pipeline.
+* LyCORIS files (LoHa, LoKr, Tucker LoCon, full; `booth.train.formats.lycoris`), which diffusers cannot load,
+  are patched into the weights as A1111 does (original weights put back afterwards, bit for bit).
 * `dyn` (DyLoRA rank) is accepted and ignored.
 * Infotext: `Lora hashes: "name: hash, ..."` with the name as written in the prompt (":" and "," removed, as
   A1111 does) and A1111's LoRA shorthash: the first 12 hex digits of the sha256 of the safetensors tensor data
@@ -66,6 +68,13 @@ def _set_lora_enabled(pipe, enabled: bool) -> None:
             set_lora_layers_enabled(model, enabled)
 
 
+def _unpatch(pipe) -> None:
+    """Put back the weights LyCORIS networks changed (nothing to do when none did)."""
+    from booth.train.formats.lycoris import apply_lycoris
+
+    apply_lycoris(pipe, [])
+
+
 class LoraNetwork:
     """The "lora" extra-network handler (`booth.prompts.extra_networks.ExtraNetworkHandler`).
 
@@ -107,7 +116,20 @@ class LoraNetwork:
                 read_lora_info(path)
                 self._is_lora_cache[key] = True
             except BoothError:
-                self._is_lora_cache[key] = False
+                self._is_lora_cache[key] = self._is_lycoris(path)
+        return self._is_lora_cache[key]
+
+    def _is_lycoris(self, path: Path) -> bool:
+        """Whether a file is a LyCORIS network (LoHa, LoKr, Tucker LoCon, full), which booth patches in."""
+        from booth.train.formats.lora import read_safetensors_header
+        from booth.train.formats.lycoris import is_lycoris
+
+        try:
+            key = ("lycoris", str(path), *_file_stamp(path))
+            if key not in self._is_lora_cache:
+                self._is_lora_cache[key] = is_lycoris(read_safetensors_header(path)[0])
+        except BoothError:
+            return False
         return self._is_lora_cache[key]
 
     def available(self) -> dict[str, Path]:
@@ -168,11 +190,22 @@ class LoraNetwork:
             te_unet[0] += lora.te
             te_unet[1] += lora.unet
         if not multipliers:
+            _unpatch(pipe)
             return
         for name in multipliers:  # every name resolves before anything loads
             if name not in self._resolved:
                 self._resolved[name] = self.find(name)
         paths = {name: self._resolved[name] for name in multipliers}
+        from booth.train.formats.lycoris import apply_lycoris
+
+        lycoris = [n for n in multipliers if paths[n].is_file() and self._is_lycoris(paths[n])]
+        networks = [(paths[n], *multipliers[n]) for n in lycoris]
+        apply_lycoris(pipe, networks, label=", ".join(lycoris))
+        for name in lycoris:
+            del multipliers[name]
+        self._applied.update({n: paths[n] for n in lycoris})
+        if not multipliers:
+            return
         per_adapter: dict[str, tuple[_Loaded, list[float]]] = {}  # two names for one file add up as well
         for name, (te, unet) in multipliers.items():
             entry = self._ensure_loaded(pipe, name, paths[name])
@@ -194,6 +227,7 @@ class LoraNetwork:
         self._generation_done = True
         if getattr(pipe, _STATE_ATTR, None):
             _set_lora_enabled(pipe, False)
+        _unpatch(pipe)
 
     def infotext_params(self) -> dict[str, str]:
         """{"Lora hashes": "name: shorthash, ..."} for every LoRA applied in the last generation (the calls
@@ -259,11 +293,11 @@ def find_lora(name: str, dirs: list[str | os.PathLike] | tuple) -> Path:
 
 def lora_list(dirs: list[str | os.PathLike] | tuple) -> list[dict[str, Any]]:
     """A1111 `/sdapi/v1/loras` entries: name, alias (`ss_output_name` or the name), path, metadata."""
-    from booth.train.formats.lora import read_lora_info
+    from booth.train.formats.lora import read_safetensors_header
 
     entries = []
     for name, path in LoraNetwork(dirs).available().items():
-        metadata = read_lora_info(path).metadata
+        metadata = read_safetensors_header(path)[1]  # LyCORIS files too
         entries.append(
             {
                 "name": name,
