@@ -194,3 +194,30 @@ def test_a_lycoris_file_given_by_path_on_the_command_line(tiny_sd1_dir, lycoris_
     (png,) = (tmp_path / "o").glob("*.png")
     meta = read_image_metadata(png)
     assert "<lora:style:0.8>" in meta.parameters["Prompt"] and "Lora hashes" in meta.parameters
+
+
+def test_an_sdxl_lycoris_file_in_the_original_naming_reaches_both_text_encoders(tmp_path):
+    from booth.models.tiny import tiny_pipeline
+    from booth.train.formats.lycoris import apply_lycoris, read_lycoris
+
+    pipe = tiny_pipeline("sdxl")
+    q = pipe.unet.get_submodule(Q)
+    te2 = pipe.text_encoder_2.get_submodule(TE_Q)  # CLIPTextModelWithProjection keeps `text_model.`
+    path = save(tmp_path / "xl.safetensors", {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q": loha(q.out_features, q.in_features, seed=2),
+        kohya(TE_Q, "lora_te2"): {"lokr_w1": randn(2, 2, seed=3), "lokr_w2": randn(te2.out_features // 2, te2.in_features // 2, seed=4)},
+    })  # fmt: skip
+    parts = read_lycoris(path)
+    q_before, te2_before = q.weight.clone(), te2.weight.clone()
+    apply_lycoris(pipe, [(path, 0.5, 2.0)])
+    torch.testing.assert_close(
+        q.weight,
+        q_before
+        + 2.0
+        * delta_weight(parts["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"], q.weight.shape),
+    )
+    torch.testing.assert_close(
+        te2.weight, te2_before + 0.5 * delta_weight(parts[kohya(TE_Q, "lora_te2")], te2.weight.shape)
+    )
+    apply_lycoris(pipe, [])
+    assert torch.equal(q.weight, q_before) and torch.equal(te2.weight, te2_before)
