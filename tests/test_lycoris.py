@@ -221,3 +221,50 @@ def test_an_sdxl_lycoris_file_in_the_original_naming_reaches_both_text_encoders(
     )
     apply_lycoris(pipe, [])
     assert torch.equal(q.weight, q_before) and torch.equal(te2.weight, te2_before)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_a_trained_loha_or_lokr_is_written_as_lycoris_and_reproduces_the_trained_model(
+    tiny_sd1_dir, subject, tmp_path, algo
+):
+    from safetensors import safe_open
+
+    from booth.models.loading import load_pipeline
+    from booth.train import DataConfig, LoraConfig, OptimConfig, TrainConfig
+    from booth.train.formats.lycoris import apply_lycoris
+    from booth.train.loop import Trainer
+
+    lora = LoraConfig(rank=2, alpha=1.0, algo=algo, text_encoder=True, unet_targets=["to_q", "to_v", "conv1"])
+    config = TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / "run", steps=3, lora=lora,
+                         optim=OptimConfig(lr=5e-2), data=DataConfig(images=subject, instance_prompt="a sks dog"))  # fmt: skip
+    trainer = Trainer(config, progress=False)
+    result = trainer.run()
+    assert set(result.files) >= {"kohya"} and "diffusers" not in result.files
+    path = result.files["kohya"]
+    with safe_open(str(path), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_module"] == "lycoris.kohya" and algo in meta["ss_network_args"]
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert any(".hada_w1_a" in k or ".lokr_w1" in k for k in keys)
+
+    def unet_out(pipe):
+        g = torch.Generator().manual_seed(0)
+        x, emb = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
+        with torch.no_grad():
+            return pipe.unet(x, 500, encoder_hidden_states=emb).sample
+
+    trained = unet_out(trainer.pipe)  # the PEFT adapters as trained
+    fresh = load_pipeline(str(tiny_sd1_dir)).pipe
+    base = unet_out(fresh)
+    apply_lycoris(fresh, [(path, 1.0, 1.0)])
+    assert (trained - base).abs().max() > 1e-4  # it learnt something
+    torch.testing.assert_close(unet_out(fresh), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lycoris_run_folder_is_a_lora_by_path(lycoris_dir):
+    from booth.train.formats.lora import lora_file
+
+    assert lora_file(lycoris_dir) == lycoris_dir / "style.safetensors"
+    (lycoris_dir / "other.safetensors").write_bytes((lycoris_dir / "style.safetensors").read_bytes())
+    with pytest.raises(BoothError, match="with 2 .safetensors files: name one"):
+        lora_file(lycoris_dir)

@@ -100,6 +100,12 @@ def add_train_command(sub) -> None:
     lo.add_argument("--lora-targets", default="to_k,to_q,to_v,to_out.0", help="UNet modules, comma-separated")
     lo.add_argument("--lora-text-encoder", action="store_true", help="also train a text-encoder LoRA")
     lo.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    lo.add_argument(
+        "--lora-algo",
+        choices=["lora", "loha", "lokr"],
+        default="lora",
+        help="lora (default), or LyCORIS loha / lokr (kohya's --network_args algo=...), saved as a LyCORIS file",
+    )
 
     tk = p.add_argument_group("new tokens (textual inversion, custom diffusion)")
     tk.add_argument("--placeholder-token", default=None, help='new word, e.g. "<sks>" (TI) or "<new1>" (CD)')
@@ -236,6 +242,7 @@ def config_from_args(args: argparse.Namespace):
             unet_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
             text_encoder=args.lora_text_encoder,
             dropout=args.lora_dropout,
+            algo=args.lora_algo,
         ),
         optim=OptimConfig(
             lr=args.lr,

@@ -109,6 +109,9 @@ class LoraConfig:
         text_encoder: also train a LoRA on the text encoder(s).
         text_encoder_targets: text-encoder module names.
         dropout: dropout on the LoRA input (PEFT `lora_dropout`).
+        algo: "lora" (B A), or a LyCORIS algorithm: "loha" (Hadamard product of two rank-r products, Hyeon-Woo
+            et al. 2022) or "lokr" (Kronecker product, Yeh et al. 2024), kohya's `--network_args algo=...`; those
+            are written as one LyCORIS file (diffusers cannot load them; A1111, ComfyUI and booth do).
     """
 
     rank: int = 4
@@ -119,6 +122,7 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
     dropout: float = 0.0
+    algo: str = "lora"
 
     @property
     def scale(self) -> float:
@@ -271,6 +275,8 @@ class TrainConfig:
             raise BoothError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise BoothError(f"--steps must be at least 1, got {self.steps}")
+        if self.lora.algo not in ("lora", "loha", "lokr"):
+            raise BoothError(f"unknown LoRA algorithm {self.lora.algo!r}; choose lora, loha or lokr")
         if self.vae is not None and not Path(self.vae).expanduser().exists():
             raise BoothError(f"VAE {self.vae} does not exist")
         for concept in self.all_concepts():

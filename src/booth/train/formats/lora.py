@@ -487,13 +487,20 @@ def _save_diffusers(out_dir: Path, pipe, states, adapted, meta: Mapping[str, str
 
 
 def lora_file(path: str | os.PathLike) -> Path:
-    """The LoRA file a path means: the file itself, or a folder's `pytorch_lora_weights.safetensors`."""
+    """The LoRA file a path means: the file itself, or a folder's `pytorch_lora_weights.safetensors`, or its
+    only `.safetensors` file (a run that trained a LyCORIS network writes just that)."""
     path = Path(path)
     if path.is_dir():
         inner = path / DIFFUSERS_LORA_FILE
-        if not inner.is_file():
-            raise BoothError(f"{path} is a folder without {DIFFUSERS_LORA_FILE}")
-        return inner
+        if inner.is_file():
+            return inner
+        files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
+        if len(files) == 1:
+            return files[0]
+        raise BoothError(
+            f"{path} is a folder without {DIFFUSERS_LORA_FILE}"
+            + (f" and with {len(files)} .safetensors files: name one" if files else "")
+        )
     if not path.is_file():
         raise BoothError(f"LoRA file not found: {path}")
     return path

@@ -263,3 +263,78 @@ def _read_cached(patches: _Patches, path: Path) -> dict[str, dict[str, torch.Ten
     if cached is None or cached[0] != stamp:
         cached = patches.files[key] = (stamp, read_lycoris(path))
     return cached[1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# writing what booth trained (PEFT LoHa / LoKr adapters) as LyCORIS files
+
+ALGOS = ("lora", "loha", "lokr")  # `booth train --lora-algo`: PEFT LoraConfig, LoHaConfig, LoKrConfig
+_ADAPTER_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                  "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # fmt: skip
+_KOHYA_HEAD = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+
+
+def save_lycoris(
+    out_dir: str | os.PathLike,
+    pipe: Any,
+    *,
+    name: str,
+    algo: str,
+    alpha: float,
+    rank: int,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Path]:
+    """Write the pipeline's PEFT LoHa / LoKr adapter ("default") as a LyCORIS file `<name>.safetensors` in
+    kohya's names (what A1111, ComfyUI and booth load), with kohya's `ss_*` network metadata.
+
+    PEFT scales every LoKr by alpha / r; A1111 and LyCORIS apply no scale to a LoKr whose factors are both
+    full, so there the scale goes into w2 and no alpha is written."""
+    from booth.models.families import detect_family
+    from booth.train.formats.lora import (
+        BASE_MODEL_VERSIONS,
+        _canonical_te_module,
+        _metadata_strings,
+        _write_safetensors,
+        kohya_hashes,
+    )
+
+    family = detect_family(pipe)
+    heads = dict(_KOHYA_HEAD, text_encoder="lora_te1" if family.num_text_encoders == 2 else "lora_te")
+    tensors: dict[str, torch.Tensor] = {}
+    for component, head in heads.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for path, module in model.named_modules():
+            parts = {
+                p: getattr(module, p)["default"]
+                for p in _ADAPTER_PARTS
+                if "default" in getattr(module, p, {})
+            }
+            if not parts:
+                continue
+            path = _canonical_te_module(path) if component != "unet" else path
+            key = f"{head}_{path.replace('.', '_')}"
+            values = {p: v.detach().float().cpu() for p, v in parts.items()}
+            if "lokr_w1" in values and "lokr_w2" in values:
+                values["lokr_w2"] = values["lokr_w2"] * (alpha / rank)
+            else:
+                values["alpha"] = torch.tensor(float(alpha))
+            tensors.update({f"{key}.{p}": v.contiguous() for p, v in values.items()})
+    if not tensors:
+        raise BoothError(f"the pipeline carries no {algo} adapter to save")
+    meta = _metadata_strings(metadata)
+    meta.update(
+        {
+            "ss_network_module": "lycoris.kohya",
+            "ss_network_args": f'{{"algo": "{algo}"}}',
+            "ss_network_dim": str(int(rank)),
+            "ss_network_alpha": str(float(alpha)),
+            "ss_base_model_version": BASE_MODEL_VERSIONS[family.name],
+            "ss_v2": str(family.architecture == "sd2"),
+            "ss_output_name": name,
+        }
+    )
+    model_hash, legacy_hash = kohya_hashes(tensors, meta)
+    meta.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
+    return {"kohya": _write_safetensors(Path(out_dir) / f"{name}.safetensors", tensors, meta)}
