@@ -132,6 +132,7 @@ def run_with_stop(cfg, stop_at):
     "extra",
     [
         {},
+        {"lora": LoraConfig(algo="loha", dropout=0.1)},
         {"method": "dreambooth", "ema_decay": 0.9},
         {"method": "dreambooth", "optim": OptimConfig(lr=1e-3, max_grad_norm=0.0, fused_backward_pass=True)},
     ],
@@ -142,7 +143,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd1_dir, subject
     method = extra.pop("method", "lora")
     common = dict(steps=5, checkpoint_every=10, data=DataConfig(subject, "a sks dog", flip=True), **extra)
     if method == "lora":
-        common["lora"] = LoraConfig(dropout=0.1)
+        common.setdefault("lora", LoraConfig(dropout=0.1))
     one = config(tmp_path / "a", tiny_sd1_dir, subject, method=method, **common)
     full = train(one, progress=False)
     two = config(tmp_path / "b", tiny_sd1_dir, subject, method=method, **common)
