@@ -307,3 +307,28 @@ def test_fused_backward_pass_option_turns_clipping_off_as_on_the_cli(client, sub
     asked = {"optim": {"fused_backward_pass": True, "max_grad_norm": 1.0}}  # clipping asked for: refused
     r = client.post("/booth/v1/train", json={**body, "options": asked})
     assert r.status_code == 400 and "--max-grad-norm 0" in r.json()["detail"]
+
+
+def test_a_loha_trained_through_the_api_is_a_lora_for_the_next_prompt(client, subject):
+    upload_id = upload(client, subject)
+    body = {"upload": upload_id, "instance_prompt": "a sks dog", "steps": 2, "name": "loha-dog"}
+    r = client.post("/booth/v1/train", json={**body, "options": {"lora": {"algo": "loha"}}})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"]["id"])
+    assert job["status"] == "done", job
+    assert client.get(f"/booth/v1/jobs/{job['id']}/files/config").json()["lora"]["algo"] == "loha"
+    client.post("/sdapi/v1/refresh-loras")
+    loras = {entry["name"]: entry for entry in client.get("/sdapi/v1/loras").json()}
+    assert loras["loha-dog"]["metadata"]["ss_network_module"] == "lycoris.kohya"
+    body = {"prompt": "a sks dog <lora:loha-dog:1>", "steps": 2, "width": 32, "height": 32, "seed": 1}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert "Lora hashes: " in json.loads(r.json()["info"])["infotexts"][0]
+    train = {
+        "upload": upload_id,
+        "instance_prompt": "a sks dog",
+        "steps": 2,
+        "options": {"lora": {"algo": "oft"}},
+    }
+    bad = client.post("/booth/v1/train", json=train)
+    assert bad.status_code == 400 and "unknown LoRA algorithm 'oft'" in bad.json()["detail"], bad.text

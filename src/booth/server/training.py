@@ -69,7 +69,7 @@ ALLOWED_OPTIONS: dict[str, Any] = {
     "validation_images": None,
     "data": {"resolution", "crop", "flip", "buckets", "repeats"},
     "prior": {"mode", "num_class_images", "weight", "sample_steps", "sampler", "cfg_scale", "seed"},
-    "lora": {"rank", "alpha", "unet_targets", "text_encoder", "text_encoder_targets", "dropout"},
+    "lora": {"rank", "alpha", "unet_targets", "text_encoder", "text_encoder_targets", "dropout", "algo"},
     "tokens": {"placeholder", "initializer", "num_vectors", "learnable_property"},
     "custom_diffusion": {"train_q_out", "augment", "modifier_token"},
     "optim": {
