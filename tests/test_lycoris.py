@@ -175,12 +175,11 @@ def test_a_network_for_another_model_or_of_an_unsupported_kind_is_refused(sd1_en
     ):
         apply_lycoris(sd1_engine.pipe, [(bad, 1.0, 1.0)], label="other")
     assert torch.equal(q.weight, weight)  # nothing half-patched
-    dora = save(
-        tmp_path / "dora.safetensors",
-        {kohya(Q): {**loha(q.out_features, q.in_features), "dora_scale": randn(1, q.in_features)}},
+    oft = save(
+        tmp_path / "oft.safetensors", {kohya(Q): {"oft_blocks": randn(4, 2, 2), "alpha": torch.tensor(1.0)}}
     )
-    with pytest.raises(BoothError, match="DoRA networks"):
-        apply_lycoris(sd1_engine.pipe, [(dora, 1.0, 1.0)])
+    with pytest.raises(BoothError, match="OFT networks"):
+        apply_lycoris(sd1_engine.pipe, [(oft, 1.0, 1.0)])
 
 
 def test_a_lycoris_file_given_by_path_on_the_command_line(tiny_sd1_dir, lycoris_dir, tmp_path):
@@ -268,3 +267,56 @@ def test_a_lycoris_run_folder_is_a_lora_by_path(lycoris_dir):
     (lycoris_dir / "other.safetensors").write_bytes((lycoris_dir / "style.safetensors").read_bytes())
     with pytest.raises(BoothError, match="with 2 .safetensors files: name one"):
         lora_file(lycoris_dir)
+
+
+@pytest.mark.parametrize("per", ["output", "input"])
+def test_a_dora_magnitude_decomposes_the_weight_as_lycoris_does(sd1_engine, tmp_path, per):
+    from booth.train.formats.lycoris import apply_lycoris
+
+    q = sd1_engine.pipe.unet.get_submodule(Q)
+    w = q.weight.detach().clone()
+    up, down = randn(q.out_features, 2, seed=1), randn(2, q.in_features, seed=2)
+    m = (randn(q.out_features, 1, seed=3) if per == "output" else randn(1, q.in_features, seed=3)).abs() + 1
+    path = save(tmp_path / "dora.safetensors", {
+        kohya(Q): {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0), "dora_scale": m},
+    })  # fmt: skip
+    merged = w + (up @ down) * 0.5  # alpha / rank
+    norm = merged.norm(dim=1, keepdim=True) if per == "output" else merged.norm(dim=0, keepdim=True)
+    expected = w + 0.6 * (merged * m / norm - w)
+    apply_lycoris(sd1_engine.pipe, [(path, 1.0, 0.6)])
+    try:
+        torch.testing.assert_close(q.weight, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        apply_lycoris(sd1_engine.pipe, [])
+    assert torch.equal(q.weight, w)
+
+
+def test_a_kohya_lora_with_a_dora_magnitude_is_patched_not_loaded_without_it(sd1_engine, tmp_path):
+    q = sd1_engine.pipe.unet.get_submodule(Q)
+    w = q.weight.detach().clone()
+    up, down, m = (
+        randn(q.out_features, 2, seed=1),
+        randn(2, q.in_features, seed=2),
+        randn(q.out_features, 1).abs() + 1,
+    )
+    save(
+        tmp_path / "dora.safetensors",
+        {kohya(Q): {"lora_up.weight": up, "lora_down.weight": down, "dora_scale": m}},
+    )
+    previous, seen = sd1_engine.extra_networks, {}
+    sd1_engine.extra_networks = ExtraNetworkRegistry([LoraNetwork([tmp_path])])
+
+    def record(module, args):
+        seen.setdefault("q", q.weight.detach().clone())
+
+    handle = sd1_engine.pipe.unet.register_forward_pre_hook(record)
+    try:
+        sd1_engine.generate(
+            GenerationParams(prompt="a cat <lora:dora:1>", steps=1, seed=1, sampler_name="Euler")
+        )
+    finally:
+        handle.remove()
+        sd1_engine.extra_networks = previous
+    merged = w + up @ down  # no alpha: scale 1
+    torch.testing.assert_close(seen["q"], merged * m / merged.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-5)
+    assert torch.equal(q.weight, w)

@@ -10,7 +10,8 @@ the text encoder's. ΔW per algorithm, each times scale = alpha / rank (1 withou
 * LoKr (Yeh et al. 2024, §3.2): w1 ⊗ w2 (Kronecker), each full or a · b, w2 optionally with a Tucker core;
   rank from the decomposed factor (no alpha scale when both are full).
 * full: `diff` (and `diff_b` for the bias), as stored.
-DoRA (`dora_scale`), OFT and (IA)³ are refused in one line.
+With a DoRA magnitude (`dora_scale`, also in plain kohya LoRA files, which diffusers would load without it) the
+weight is decomposed as LyCORIS and ComfyUI do (`weight_decompose`). OFT and (IA)³ are refused in one line.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ PARTS = (
     "alpha", "lora_up.weight", "lora_down.weight", "lora_mid.weight",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b",
+    "diff", "diff_b", "dora_scale",
 )  # fmt: skip
 _REFUSED = {
-    "dora_scale": "DoRA",
     "oft_blocks": "OFT",
     "oft_diag": "OFT",
     "weight": "(IA)3",
@@ -52,7 +52,7 @@ def is_lycoris(keys) -> bool:
     """Whether safetensors keys are a LyCORIS network's (LoHa / LoKr / Tucker LoCon / full), not plain LoRA."""
     return any(
         k.rpartition(".")[2].startswith(("hada_", "lokr_"))
-        or k.endswith((".lora_mid.weight", ".diff", ".diff_b"))
+        or k.endswith((".lora_mid.weight", ".diff", ".diff_b", ".dora_scale"))
         for k in keys
     )
 
@@ -88,6 +88,21 @@ def _rebuild(up: torch.Tensor, down: torch.Tensor, shape: torch.Size) -> torch.T
 def _tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
     """A conv ΔW from a Tucker core t (r, r, k, k) and factors w_a (out, r), w_b (r, in): t ×₁ w_b ×₂ w_a."""
     return torch.einsum("i j k l, j r, i p -> p r k l", t, w_b.flatten(1), w_a.flatten(1))
+
+
+def weight_decompose(
+    weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor, multiplier: float
+) -> torch.Tensor:
+    """DoRA (Liu et al. 2024, eq. 5) as LyCORIS and ComfyUI apply it: W' = m (W + ΔW) / ‖W + ΔW‖, the norm per
+    output row when the magnitude m has one value a row (LyCORIS `wd_on_out`), else per input column; a
+    multiplier interpolates, W + multiplier (W' − W). Returns W' in float32."""
+    merged = weight.float() + delta
+    if m.shape[0] == weight.shape[0] and m.numel() == weight.shape[0]:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(m.shape)
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(m.shape)
+    decomposed = merged * (m.float() / (norm + torch.finfo(torch.float32).eps))
+    return weight.float() + multiplier * (decomposed - weight.float())
 
 
 def delta_weight(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -250,7 +265,13 @@ def _add_deltas(patches: _Patches, names, networks, label: str) -> None:
                     bias = module.bias.detach().clone() if module.bias is not None else None
                     patches.originals[id(module)] = (module, module.weight.detach().clone(), bias)
                 delta = delta_weight(parts, module.weight.shape).to(module.weight.device)
-                module.weight.add_((multiplier * delta).to(module.weight.dtype))
+                if "dora_scale" in parts:  # DoRA: the direction from W + ΔW, the magnitude stored
+                    m = parts["dora_scale"].to(module.weight.device)
+                    module.weight.copy_(
+                        weight_decompose(module.weight, delta, m, multiplier).to(module.weight)
+                    )
+                else:
+                    module.weight.add_((multiplier * delta).to(module.weight.dtype))
                 if "diff_b" in parts and module.bias is not None:
                     module.bias.add_((multiplier * parts["diff_b"].float()).to(module.bias))
 
