@@ -155,3 +155,24 @@ def test_a_lora_and_a_vae_baked_in_give_the_lora_images_without_the_lora(models,
     assert (
         main([*args[:-1], str(tmp_path / "y.safetensors"), "--lora", str(tmp_path / "none.safetensors")]) == 2
     )
+
+
+def test_a_lycoris_file_is_baked_in_too(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from booth.train.formats.lycoris import delta_weight
+
+    q_name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    base = load_pipeline(str(models / "a.safetensors")).pipe
+    q = base.unet.get_submodule(q_name)
+    g = torch.Generator().manual_seed(0)
+    parts = {"hada_w1_a": torch.randn(q.out_features, 2, generator=g) * 0.1, "hada_w1_b": torch.randn(2, q.in_features, generator=g) * 0.1,
+             "hada_w2_a": torch.randn(q.out_features, 2, generator=g) * 0.1, "hada_w2_b": torch.randn(2, q.in_features, generator=g) * 0.1}  # fmt: skip
+    key = "lora_unet_" + q_name.replace(".", "_")
+    save_file({f"{key}.{k}": v for k, v in parts.items()}, tmp_path / "loha.safetensors")
+    cfg = MergeConfig([str(models / "a.safetensors")], tmp_path / "baked.safetensors", method="none",
+                      loras=[(str(tmp_path / "loha.safetensors"), 0.5)])  # fmt: skip
+    merged = load_pipeline(str(merge_checkpoints(cfg))).pipe.unet.get_submodule(q_name).weight
+    torch.testing.assert_close(
+        merged, q.weight + 0.5 * delta_weight(parts, q.weight.shape), atol=1e-6, rtol=1e-5
+    )

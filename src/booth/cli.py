@@ -341,9 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_upscale_command(sub)
 
+    from booth.models.extract import add_extract_command
     from booth.models.merge import add_merge_checkpoints_command
 
     add_merge_checkpoints_command(sub)
+    add_extract_command(sub)
 
     from booth.demo import add_demo_command
     from booth.evaluate.augment import add_augment_command

@@ -11,7 +11,7 @@ Methods (θ = every weight of every component; A1111 merges all of a checkpoint'
 An inpainting (9-channel) or instruct-pix2pix (8-channel) UNet as A merges its first 4 input channels with
 B's ordinary ones, as A1111 does; the other way round is refused. Models of different families or shapes are
 refused in one line. Extras: `vae` replaces the VAE (`booth.models.vae`), `loras` are fused into the UNet and
-text encoders with their weights (kohya's merge_lora). At most two models are in memory at once.
+text encoders with their weights (kohya's merge_lora; LyCORIS files too). At most two models are in memory at once.
 
 Metadata (single files): A1111's `sd_merge_recipe` (type "booth", the method, multiplier, hashes ...) and
 `sd_merge_models` ({sha256: {name, legacy_hash, sd_merge_recipe}}, earlier merges' entries carried over).
@@ -215,9 +215,17 @@ def merge_checkpoints(config: MergeConfig, progress: Callable[[str], None] = lam
 
 def fuse_lora(pipe: Any, path: str | Path, weight: float) -> None:
     """Add a LoRA file's weight deltas, times `weight`, into the pipeline's weights (kohya `merge_lora`)."""
+    from booth.train.formats.lora import lora_file, read_safetensors_header
+    from booth.train.formats.lycoris import apply_lycoris, forget_patches, is_lycoris
+
     path = Path(path)
     if not path.exists():
         raise BoothError(f"LoRA not found: {path}")
+    path = lora_file(path)
+    if is_lycoris(read_safetensors_header(path)[0]):  # LoHa, LoKr, DoRA ...: patched in for good
+        apply_lycoris(pipe, [(path, weight, weight)], label=path.name)
+        forget_patches(pipe)
+        return
     try:
         pipe.load_lora_weights(str(path), adapter_name="booth_merge")
         pipe.fuse_lora(lora_scale=weight, adapter_names=["booth_merge"])

@@ -249,6 +249,12 @@ def apply_lycoris(pipe: Any, networks: list[tuple[Path, float, float]], label: s
     patches.applied = signature
 
 
+def forget_patches(pipe: Any) -> None:
+    """Keep the patched weights as the model's own (a merge bakes the networks in): nothing is restored."""
+    if hasattr(pipe, _STATE_ATTR):
+        delattr(pipe, _STATE_ATTR)
+
+
 def _add_deltas(patches: _Patches, names, networks, label: str) -> None:
     with torch.no_grad():
         for path, te, unet in networks:
