@@ -81,6 +81,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=-1, help="seed; image i uses seed+i; -1 = random (default)")
     g.add_argument("--subseed", type=int, default=-1, help="variation seed")
     g.add_argument("--subseed-strength", type=float, default=0.0, help="variation strength 0..1")
+    g.add_argument(
+        "--seed-resize-from",
+        metavar="WxH",
+        default=None,
+        help="draw the noise at this size and centre it (A1111's 'Resize seed from'): keeps a seed's picture "
+        "at another size",
+    )
     g.add_argument("--width", "-W", type=int, default=None, help="width, a multiple of 8 (default: model's)")
     g.add_argument(
         "--height", "-H", type=int, default=None, help="height, a multiple of 8 (default: model's)"
@@ -407,6 +414,8 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         seed=args.seed,
         subseed=args.subseed,
         subseed_strength=args.subseed_strength,
+        seed_resize_from_w=parse_wxh(args.seed_resize_from, "--seed-resize-from")[0],
+        seed_resize_from_h=parse_wxh(args.seed_resize_from, "--seed-resize-from")[1],
         width=args.width,
         height=args.height,
         batch_size=args.batch_size,
@@ -585,6 +594,18 @@ def _styles(args):
         return lambda params: params
     chosen = select_styles(read_styles(args.styles_file), args.style)
     return lambda params: apply_to_params(params, chosen)
+
+
+def parse_wxh(text: str | None, flag: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT as two ints; (-1, -1) for None."""
+    if text is None:
+        return -1, -1
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if m is None:
+        raise BoothError(f"{flag} {text!r}: expected WIDTHxHEIGHT, e.g. 512x768")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _vae_path(args) -> Path | None:

@@ -101,8 +101,8 @@ class GenerationResult:
             "sd_model_hash": self.model_hash,
             "sd_vae_name": self.vae_name,
             "sd_vae_hash": self.vae_hash,
-            "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1,
+            "seed_resize_from_w": p.seed_resize_from_w,
+            "seed_resize_from_h": p.seed_resize_from_h,
             "denoising_strength": p.denoising_strength if p.init_images or p.enable_hr else None,
             "extra_generation_params": self.extra_generation_params,
             "index_of_first_image": 0,
@@ -376,7 +376,13 @@ class Engine:
         # 2. Initial latents: per-image CPU noise (seed + i), scaled, or the noised init image.
         shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         sub = [s if s != -1 else None for s in subseeds]
-        noise = batch_noise(shape, seeds, sub, params.subseed_strength).to(device, dtype)
+        resize_from = None
+        if params.seed_resize_from_w > 0 and params.seed_resize_from_h > 0:
+            resize_from = (
+                max(1, params.seed_resize_from_h // self.vae_scale),
+                max(1, params.seed_resize_from_w // self.vae_scale),
+            )
+        noise = batch_noise(shape, seeds, sub, params.subseed_strength, resize_from).to(device, dtype)
         keep = redraw = None
         if init_latents is None:
             latents = noise * scheduler.init_noise_sigma
@@ -819,6 +825,8 @@ class Engine:
             fields.update({"VAE hash": self.vae.hash, "VAE": self.vae.name})
         if params.subseed_strength > 0:
             fields.update({"Variation seed": subseed, "Variation seed strength": params.subseed_strength})
+        if params.seed_resize_from_w > 0 and params.seed_resize_from_h > 0:
+            fields["Seed resize from"] = f"{params.seed_resize_from_w}x{params.seed_resize_from_h}"
         if params.init_images or params.enable_hr:
             fields["Denoising strength"] = params.denoising_strength
         if self.inpainting_model:

@@ -24,19 +24,44 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - t) * omega) / so) * v0 + (torch.sin(t * omega) / so) * v1
 
 
-def image_noise(shape: tuple[int, ...], seed: int, subseed: int | None = None, subseed_strength: float = 0.0):
-    """Noise for one image, drawn on the CPU (float32), optionally blended with a variation seed."""
-    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+def _randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def image_noise(
+    shape: tuple[int, ...],
+    seed: int,
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    resize_from: tuple[int, int] | None = None,
+):
+    """Noise for one image, drawn on the CPU (float32), optionally blended with a variation seed.
+
+    `resize_from` (latent rows, columns): A1111's "Resize seed from": the noise (and variation) is drawn at that
+    size and its centre pasted into the centre of the seed's noise at `shape`, so a composition found at one
+    size mostly survives at another (`processing.create_random_tensors`)."""
+    drawn = (shape[0], *resize_from) if resize_from else tuple(shape)
+    noise = _randn(drawn, seed)
     if subseed is not None and subseed_strength > 0:
-        sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed))
-        noise = slerp(subseed_strength, noise, sub)
-    return noise
+        noise = slerp(subseed_strength, noise, _randn(drawn, subseed))
+    if drawn == tuple(shape):
+        return noise
+    out = _randn(shape, seed)
+    dy, dx = (shape[1] - drawn[1]) // 2, (shape[2] - drawn[2]) // 2
+    h, w = min(drawn[1], drawn[1] + 2 * dy), min(drawn[2], drawn[2] + 2 * dx)
+    ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    out[:, ty : ty + h, tx : tx + w] = noise[:, sy : sy + h, sx : sx + w]
+    return out
 
 
-def batch_noise(shape, seeds, subseeds=None, subseed_strength: float = 0.0) -> torch.Tensor:
+def batch_noise(
+    shape, seeds, subseeds=None, subseed_strength: float = 0.0, resize_from: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Stack per-image noise for `seeds` into a [B, *shape] tensor."""
     subseeds = subseeds or [None] * len(seeds)
-    return torch.stack([image_noise(shape, s, ss, subseed_strength) for s, ss in zip(seeds, subseeds)])
+    return torch.stack(
+        [image_noise(shape, s, ss, subseed_strength, resize_from) for s, ss in zip(seeds, subseeds)]
+    )
 
 
 def step_generators(seeds: list[int]) -> list[torch.Generator]:

@@ -43,6 +43,8 @@ class GenerationParams:
     seed: int = -1  # -1: random
     subseed: int = -1
     subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1  # A1111 "Resize seed from": noise drawn at this size (<= 0: off)
+    seed_resize_from_h: int = -1
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
@@ -125,6 +127,8 @@ class GenerationParams:
             raise BoothError(f"unknown emphasis mode {self.emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
         if self.clip_skip < 1:
             raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if (self.seed_resize_from_w > 0) != (self.seed_resize_from_h > 0):
+            raise BoothError("seed resize needs both a width and a height (or neither)")
         if self.image_cfg_scale < 0:
             raise BoothError(f"image CFG scale must be at least 0, got {self.image_cfg_scale}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:

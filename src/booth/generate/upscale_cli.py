@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from booth.errors import BoothError
@@ -84,13 +83,6 @@ class _TileBar:
             self.bar = None
 
 
-def _size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m:
-        raise BoothError(f"--to {text!r}: expected WIDTHxHEIGHT, e.g. 1024x768")
-    return int(m.group(1)), int(m.group(2))
-
-
 def _inputs(items: list[str]) -> list[Path]:
     paths: list[Path] = []
     for item in items:
@@ -128,7 +120,9 @@ def cmd_upscale(args) -> int:
         for entry in upscalers.entries():
             print(f"{entry.name:<28} {entry.path or 'built in'}")
         return 0
-    width, height = _size(args.to) if args.to else (512, 512)
+    from booth.cli import parse_wxh
+
+    width, height = parse_wxh(args.to, "--to") if args.to else (512, 512)
     params = ExtrasParams(
         resize_mode=1 if args.to else 0,
         upscaling_resize=args.scale,
