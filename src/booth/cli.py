@@ -82,6 +82,17 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subseed", type=int, default=-1, help="variation seed")
     g.add_argument("--subseed-strength", type=float, default=0.0, help="variation strength 0..1")
     g.add_argument(
+        "--s-churn",
+        type=float,
+        default=0.0,
+        help="Euler: stochastic churn (A1111 'Sigma churn'; default 0: off)",
+    )
+    g.add_argument("--s-tmin", type=float, default=0.0, help="churn only at sigma >= this (default 0)")
+    g.add_argument(
+        "--s-tmax", type=float, default=0.0, help="churn only at sigma <= this (default 0: no bound)"
+    )
+    g.add_argument("--s-noise", type=float, default=1.0, help="scale of the churn noise (default 1)")
+    g.add_argument(
         "--seed-resize-from",
         metavar="WxH",
         default=None,
@@ -414,6 +425,10 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         seed=args.seed,
         subseed=args.subseed,
         subseed_strength=args.subseed_strength,
+        s_churn=args.s_churn,
+        s_tmin=args.s_tmin,
+        s_tmax=args.s_tmax,
+        s_noise=args.s_noise,
         seed_resize_from_w=parse_wxh(args.seed_resize_from, "--seed-resize-from")[0],
         seed_resize_from_h=parse_wxh(args.seed_resize_from, "--seed-resize-from")[1],
         width=args.width,

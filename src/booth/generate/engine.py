@@ -352,7 +352,7 @@ class Engine:
     def _denoise(self, params, run: _Pass, seeds, subseeds, init_latents, state, callback):
         """Sample one batch of one pass (`run`) from noise, or from `init_latents` (img2img, the hires pass);
         returns the final latents, or None when the batch was skipped."""
-        from booth.generate.samplers import make_scheduler, step_kwargs
+        from booth.generate.samplers import churn_kwargs, make_scheduler, step_kwargs
         from booth.prompts import cond_at_step
 
         sampler, schedule, guide, width, height = run.sampler, run.schedule, run.guide, run.width, run.height
@@ -397,6 +397,7 @@ class Engine:
             start_noise = noise * params.initial_noise_multiplier
             latents = scheduler.add_noise(init, start_noise, timesteps[:1].repeat(n))
         step_extra = step_kwargs(sampler, params.eta)
+        step_extra.update(churn_kwargs(sampler, params.s_churn, params.s_tmin, params.s_tmax, params.s_noise))
         if "generator" in inspect.signature(scheduler.step).parameters:
             step_extra["generator"] = step_generators(seeds)  # ancestral / SDE noise, per image
         prediction = scheduler.config.prediction_type
@@ -816,9 +817,10 @@ class Engine:
 
     def _infotext(self, params, sampler, schedule, width, height, seed, subseed, extra) -> str:
         from booth.generate.metadata import build_infotext
-        from booth.generate.samplers import infotext_fields
+        from booth.generate.samplers import churn_infotext, infotext_fields
 
         fields: dict[str, Any] = {"Steps": params.steps, **infotext_fields(sampler, schedule, params.eta)}
+        fields.update(churn_infotext(params.s_churn, params.s_tmin, params.s_tmax, params.s_noise))
         fields.update({"CFG scale": params.cfg_scale, "Seed": seed, "Size": f"{width}x{height}"})
         fields.update({"Model hash": self.model.hash, "Model": self.model.name})
         if self.vae is not None:

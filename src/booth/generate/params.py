@@ -50,6 +50,10 @@ class GenerationParams:
     batch_size: int = 1
     n_iter: int = 1  # batch count
     eta: float | None = None  # ancestral / DDIM eta; None: the sampler's default
+    s_churn: float = 0.0  # Euler's stochastic churn (Karras et al. 2022 Alg. 2), A1111 "Sigma churn"; 0: off
+    s_tmin: float = 0.0  # churn only at sigma >= s_tmin
+    s_tmax: float = 0.0  # ... and <= s_tmax (0: no bound)
+    s_noise: float = 1.0  # scale of the churn noise
     clip_skip: int = 1
     emphasis: str = "Original"  # Original | No norm | Ignore | None (see a1111 emphasis modes)
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023; 0 disables
@@ -129,6 +133,8 @@ class GenerationParams:
             raise BoothError(f"clip skip must be at least 1, got {self.clip_skip}")
         if (self.seed_resize_from_w > 0) != (self.seed_resize_from_h > 0):
             raise BoothError("seed resize needs both a width and a height (or neither)")
+        if self.s_churn < 0 or self.s_tmin < 0 or self.s_tmax < 0 or self.s_noise <= 0:
+            raise BoothError("s_churn, s_tmin and s_tmax must be at least 0 and s_noise above 0")
         if self.image_cfg_scale < 0:
             raise BoothError(f"image CFG scale must be at least 0, got {self.image_cfg_scale}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:

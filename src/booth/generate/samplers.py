@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -427,6 +428,35 @@ def step_kwargs(sampler: SamplerSpec, eta: float | None) -> dict[str, Any]:
             f"sampler {sampler.label!r} runs with eta 1 in diffusers; got eta {eta} (use 1 or omit it)"
         )
     return {}
+
+
+def churn_kwargs(
+    sampler: SamplerSpec, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
+) -> dict[str, Any]:
+    """Stochastic churn, Algorithm 2 of Karras et al. 2022 (EDM): A1111's Sigma churn / tmin / tmax / noise
+    (`s_tmax` 0 = no upper bound), as extra `scheduler.step` arguments. diffusers has it for Euler only."""
+    if s_churn == 0:
+        return {}
+    if sampler.scheduler_class != "EulerDiscreteScheduler":
+        raise BoothError(
+            f"sigma churn (s_churn) works with the Euler sampler in booth, not {sampler.label!r}"
+        )
+    return {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax) or math.inf,
+            "s_noise": float(s_noise)}  # fmt: skip
+
+
+def churn_infotext(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> dict[str, Any]:
+    """A1111's keys for the churn settings that differ from their defaults (when churn is on)."""
+    if s_churn == 0:
+        return {}
+    fields: dict[str, Any] = {"Sigma churn": s_churn}
+    if s_tmin != 0:
+        fields["Sigma tmin"] = s_tmin
+    if s_tmax != 0:
+        fields["Sigma tmax"] = s_tmax
+    if s_noise != 1.0:
+        fields["Sigma noise"] = s_noise
+    return fields
 
 
 def infotext_fields(sampler: SamplerSpec, schedule: ScheduleSpec, eta: float | None = None) -> dict[str, Any]:
