@@ -18,8 +18,10 @@ Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr
 `denoising_strength`; `hr_checkpoint_name` only as the same checkpoint.
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
-Not supported, refused with a clear error rather than ignored: `script_name`, other `alwayson_scripts`,
-a refiner, a hires checkpoint of its own, model upscalers, other UNet inputs.
+Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, img2img's `image_cfg_scale`
+(instruct-pix2pix models) and `styles`. Not supported, refused with a clear error rather than ignored:
+`script_name`, other `alwayson_scripts`, a refiner, a hires checkpoint of its own, `restore_faces`,
+`s_min_uncond`, `firstpass_image`, depth models.
 """
 
 from __future__ import annotations
@@ -212,6 +214,12 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
             raise JobFailed(422, f"always on script {name} not found")
     if request.get("refiner_checkpoint") not in (None, "", "None"):
         raise JobFailed(400, "a refiner checkpoint is not supported by booth")
+    if request.get("restore_faces"):
+        raise JobFailed(400, "face restoration (restore_faces) is not available in booth")
+    if (request.get("s_min_uncond") or 0) > 0:
+        raise JobFailed(400, "s_min_uncond (skipping the negative prompt at low sigma) is not supported by booth")
+    if request.get("firstpass_image"):
+        raise JobFailed(400, "firstpass_image (a given first pass for hires fix) is not supported by booth")
     if kind == "img2img" and request.get("resize_mode", 0) not in (0, 1, 2, 3):
         raise JobFailed(
             400,
