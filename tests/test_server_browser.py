@@ -137,6 +137,22 @@ def test_page_generates_trains_and_uses_the_lora(server, subject, chromium_brows
     )
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery img').length == 3", timeout=60_000)
+
+    # 5. a LoHa: the "LoRA type" menu trains a LyCORIS network, a LoRA for the prompt like any other
+    page.select_option("#train-method", "lora")
+    page.select_option("#train-algo", "loha")
+    page.fill("#train-name", "webloha")
+    page.fill("#train-steps", "2")
+    page.click("#train-start")
+    page.wait_for_function(
+        "/^(done|failed|error)/.test(document.getElementById('train-status').textContent)", timeout=90_000
+    )
+    assert page.inner_text("#train-status").startswith("done"), page.inner_text("#train-status")
+    page.wait_for_selector("#lora-list button[data-lora=webloha]")
+    network = page.evaluate(
+        "fetch('/sdapi/v1/loras').then(r => r.json()).then(l => l.find(x => x.name === 'webloha').metadata)"
+    )
+    assert network["ss_network_module"] == "lycoris.kohya" and "loha" in network["ss_network_args"]
     assert not errors, errors
 
 

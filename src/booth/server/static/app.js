@@ -318,6 +318,7 @@ $("subject-files").onchange = () => {
 };
 $("train-method").onchange = () => {
   $("train-rank").disabled = $("train-method").value !== "lora";
+  $("train-algo").disabled = $("train-method").value !== "lora";
   $("train-initializer").disabled = $("train-method").value !== "textual-inversion";
 };
 $("train-method").onchange();
@@ -344,6 +345,7 @@ $("train-form").onsubmit = async (ev) => {
     if ($("class-prompt").value) req.class_prompt = $("class-prompt").value;
     if ($("train-lr").value) req.lr = parseFloat($("train-lr").value);
     if ($("train-rank").value && req.method === "lora") req.rank = intOrNull("train-rank");
+    if (req.method === "lora") req.options = { lora: { algo: $("train-algo").value } };  // LoRA, LoHa or LoKr
     if ($("class-files").files.length) req.class_upload = await uploadFiles($("class-files").files);
     if ($("prior").checked) req.prior_preservation = true;
     if (req.method === "textual-inversion") { // needs a starting word: the field, else the prompt's last word
