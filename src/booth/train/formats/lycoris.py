@@ -270,16 +270,19 @@ def _add_deltas(patches: _Patches, names, networks, label: str) -> None:
                 if id(module) not in patches.originals:
                     bias = module.bias.detach().clone() if module.bias is not None else None
                     patches.originals[id(module)] = (module, module.weight.detach().clone(), bias)
-                delta = delta_weight(parts, module.weight.shape).to(module.weight.device)
+                device = (
+                    module.weight.device
+                )  # ΔW computed where the layer lives (a GPU's matmuls, not the CPU's)
+                delta = delta_weight({k: v.to(device) for k, v in parts.items()}, module.weight.shape)
                 if "dora_scale" in parts:  # DoRA: the direction from W + ΔW, the magnitude stored
-                    m = parts["dora_scale"].to(module.weight.device)
+                    m = parts["dora_scale"].to(device)
                     module.weight.copy_(
                         weight_decompose(module.weight, delta, m, multiplier).to(module.weight)
                     )
                 else:
                     module.weight.add_((multiplier * delta).to(module.weight.dtype))
                 if "diff_b" in parts and module.bias is not None:
-                    module.bias.add_((multiplier * parts["diff_b"].float()).to(module.bias))
+                    module.bias.add_((multiplier * parts["diff_b"].to(device).float()).to(module.bias))
 
 
 def _read_cached(patches: _Patches, path: Path) -> dict[str, dict[str, torch.Tensor]]:
