@@ -454,7 +454,6 @@ def build_router(services) -> APIRouter:
     for path in (
         "/hypernetworks",
         "/face-restorers",
-        "/realesrgan-models",
         "/script-info",
         "/extensions",
     ):

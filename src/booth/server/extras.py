@@ -7,8 +7,8 @@
   generation jobs, as A1111 runs them under its queue lock); each keeps its `parameters` text and gets A1111's
   `postprocessing` text. Face restoration (GFPGAN / CodeFormer visibility above 0) is refused: booth has none.
 * GET `/sdapi/v1/upscalers` -> `[{"name", "model_name", "model_path", "model_url", "scale"}]` (the built-ins
-  and the model files of `--upscaler-dir`, read again on each call) and `/sdapi/v1/latent-upscale-modes` ->
-  `[{"name"}]`.
+  and the model files of `--upscaler-dir`, read again on each call), `/sdapi/v1/realesrgan-models` -> the
+  Real-ESRGAN ones as `[{"name", "path", "scale"}]`, and `/sdapi/v1/latent-upscale-modes` -> `[{"name"}]`.
 """
 
 from __future__ import annotations
@@ -182,6 +182,15 @@ def add_extras_routes(router: APIRouter, services) -> None:
     @router.get("/upscalers")
     async def upscalers():
         return await run_in_threadpool(upscaler_list, services.models.upscalers)
+
+    @router.get("/realesrgan-models")
+    async def realesrgan_models():  # A1111's RealesrganModel items: the published Real-ESRGAN files found
+        entries = await run_in_threadpool(upscaler_list, services.models.upscalers)
+        return [
+            {"name": e["name"], "path": e["model_path"], "scale": e["scale"]}
+            for e in entries
+            if e["name"].startswith("R-ESRGAN")
+        ]
 
     @router.get("/latent-upscale-modes")
     async def latent_upscale_modes():
