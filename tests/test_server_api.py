@@ -651,9 +651,14 @@ def test_upscaler_lists_and_hires_fix_with_a_model_upscaler(client, dirs):
         "name": "2x-Compact", "model_name": "2x-Compact", "model_path": str(dirs["upscalers"] / "2x-Compact.pth"),
         "model_url": None, "scale": 4,
     }  # fmt: skip
-    assert (
-        client.get("/sdapi/v1/realesrgan-models").json() == []
-    )  # 2x-Compact is not a published Real-ESRGAN file
+    assert client.get("/sdapi/v1/realesrgan-models").json() == []  # 2x-Compact: not a Real-ESRGAN file
+    published = dirs["upscalers"] / "realesr-animevideov3.pth"
+    shutil.copy(dirs["upscalers"] / "2x-Compact.pth", published)
+    try:
+        found = client.get("/sdapi/v1/realesrgan-models").json()
+        assert found == [{"name": "R-ESRGAN AnimeVideo", "path": str(published), "scale": 4}]
+    finally:
+        published.unlink()
     modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
     assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes and len(modes) == 6
     body = {"prompt": "a cat", "enable_hr": True, "hr_upscaler": "2x-Compact", "denoising_strength": 0.3}
