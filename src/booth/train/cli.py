@@ -69,6 +69,18 @@ def add_train_command(sub) -> None:
     d.add_argument("--flip", action="store_true", help="random horizontal flips")
     d.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of square crops")
     d.add_argument("--repeats", type=int, default=1, help="repeats of each image per epoch (default 1)")
+    d.add_argument(
+        "--shuffle-caption", action="store_true", help="shuffle each caption's tags every step (kohya)"
+    )
+    d.add_argument(
+        "--keep-tokens", type=int, default=0, help="leading caption tags kept in place (default 0)"
+    )
+    d.add_argument(
+        "--tag-dropout", type=float, default=0.0, help="drop each caption tag with this p (default 0)"
+    )
+    d.add_argument(
+        "--caption-dropout", type=float, default=0.0, help="train with an empty caption with this p"
+    )
 
     r = p.add_argument_group("prior preservation")
     r.add_argument(
@@ -226,6 +238,10 @@ def config_from_args(args: argparse.Namespace):
             flip=args.flip,
             buckets=args.buckets,
             repeats=args.repeats,
+            shuffle_caption=args.shuffle_caption,
+            keep_tokens=args.keep_tokens,
+            tag_dropout=args.tag_dropout,
+            caption_dropout=args.caption_dropout,
         ),
         prior=PriorConfig(
             enabled=args.prior_preservation,

@@ -36,6 +36,9 @@ class DataConfig:
         buckets: aspect-ratio buckets (NovelAI/kohya): each image is trained at the bucket closest to its shape.
         repeats: how often each instance image appears per epoch (kohya `num_repeats`).
         min_images: fewer images than this is an error.
+        shuffle_caption, keep_tokens, tag_dropout, caption_dropout: kohya's caption augmentation of instance
+            captions, drawn anew every step: the comma-separated tags after the first `keep_tokens` are each
+            dropped with p = `tag_dropout` and shuffled; with p = `caption_dropout` the caption is empty.
     """
 
     images: Path
@@ -46,6 +49,14 @@ class DataConfig:
     buckets: bool = False
     repeats: int = 1
     min_images: int = 2
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    caption_dropout: float = 0.0
+
+    @property
+    def augments_captions(self) -> bool:
+        return self.shuffle_caption or self.tag_dropout > 0 or self.caption_dropout > 0
 
 
 @dataclass
@@ -293,6 +304,14 @@ class TrainConfig:
             raise BoothError(f"--resolution must be a positive multiple of 8, got {self.data.resolution}")
         if self.data.repeats < 1:
             raise BoothError(f"--repeats must be at least 1, got {self.data.repeats}")
+        if self.data.keep_tokens < 0:
+            raise BoothError(f"--keep-tokens must be at least 0, got {self.data.keep_tokens}")
+        for flag, rate in (
+            ("--tag-dropout", self.data.tag_dropout),
+            ("--caption-dropout", self.data.caption_dropout),
+        ):
+            if not 0.0 <= rate < 1.0:
+                raise BoothError(f"{flag} must be in [0, 1), got {rate}")
         self._validate_prior()
         t = self.tokens
         if t.num_vectors < 1:

@@ -68,6 +68,31 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return width, height
 
 
+def augment_caption(
+    caption: str,
+    rng,
+    shuffle: bool,
+    keep_tokens: int = 0,
+    tag_dropout: float = 0.0,
+    caption_dropout: float = 0.0,
+) -> str:
+    """kohya's caption augmentation (sd-scripts `process_caption`): with p = `caption_dropout` the empty
+    caption; else the comma-separated tags after the first `keep_tokens` each dropped with p = `tag_dropout`,
+    then shuffled when `shuffle`. `rng` is a `random.Random` (the step's data stream, so a resumed run draws the
+    same captions)."""
+    if caption_dropout > 0 and rng.random() < caption_dropout:
+        return ""
+    if not (shuffle or tag_dropout > 0):
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    fixed, flex = tags[:keep_tokens], tags[keep_tokens:]
+    if tag_dropout > 0:
+        flex = [t for t in flex if rng.random() >= tag_dropout]
+    if shuffle:
+        rng.shuffle(flex)
+    return ", ".join(fixed + flex)
+
+
 def _read_caption(path: Path) -> str | None:
     """Stripped caption text (UTF-8, BOM allowed); None when empty."""
     text = path.read_text(encoding="utf-8-sig").strip()

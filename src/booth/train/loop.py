@@ -364,12 +364,14 @@ class Trainer:
     def _text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.text_cache:
             missing = [t for t in dict.fromkeys(texts) if t not in self.text_cache]
+            fresh = {}
             if missing:  # e.g. a prompt template the method drew: encode once, the encoder is frozen
                 with torch.no_grad():
                     embeds, pooled = self._encode_text(missing, self._text_encoders())
-                for i, text in enumerate(missing):
-                    self.text_cache[text] = (embeds[i], None if pooled is None else pooled[i])
-            rows = [self.text_cache[t] for t in texts]
+                fresh = {t: (embeds[i], None if pooled is None else pooled[i]) for i, t in enumerate(missing)}
+                if not self.config.data.augments_captions:  # augmented captions rarely repeat: not kept
+                    self.text_cache.update(fresh)
+            rows = [self.text_cache[t] if t in self.text_cache else fresh[t] for t in texts]
             embeds = torch.stack([r[0] for r in rows])
             pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
             return embeds, pooled
@@ -393,6 +395,20 @@ class Trainer:
         flips = [self.config.data.flip and rng.random() < 0.5 for _ in samples]
         prompts = self.method.training_prompts(samples, rng)
         views = [self.method.augment(s, rng) if not s.is_prior else None for s in samples]
+        data = self.config.data
+        if data.augments_captions:  # kohya's caption shuffle / tag dropout / caption dropout, instance rows
+            from booth.train.data import augment_caption
+
+            for i, s in enumerate(samples):
+                if not s.is_prior and views[i] is None:
+                    prompts[i] = augment_caption(
+                        prompts[i],
+                        rng,
+                        data.shuffle_caption,
+                        data.keep_tokens,
+                        data.tag_dropout,
+                        data.caption_dropout,
+                    )
         if self.config.cache_latents and not any(views) and all(s.latents for s in samples):
             posts = [s.latents[int(f)] for s, f in zip(samples, flips)]
             masks = None
@@ -798,6 +814,10 @@ class Trainer:
             "ss_resolution": str((self.resolution, self.resolution)),
             "ss_cache_latents": str(cfg.cache_latents),
             "ss_flip_aug": str(cfg.data.flip),
+            "ss_shuffle_caption": str(cfg.data.shuffle_caption),
+            "ss_keep_tokens": str(cfg.data.keep_tokens),
+            "ss_caption_dropout_rate": str(cfg.data.caption_dropout),
+            "ss_caption_tag_dropout_rate": str(cfg.data.tag_dropout),
             "ss_random_crop": str(cfg.data.crop == "random"),
             "ss_enable_bucket": str(cfg.data.buckets),
             "ss_num_train_images": str(len(self.instance) * cfg.data.repeats),

@@ -1,0 +1,109 @@
+"""kohya's caption augmentation: tag shuffle with kept leading tags, tag dropout, caption dropout; drawn from
+the step's data stream, so a resumed run trains on the same captions."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+
+from booth.train import DataConfig, LoraConfig, TrainConfig, train
+from booth.train.data import augment_caption
+from booth.train.loop import TrainingInterrupted, TrainState, read_log
+
+CAPTION = "sks dog, sitting, grass, sunny, red collar, park"
+
+
+def test_keep_tokens_stay_and_the_rest_is_shuffled():
+    rng = random.Random(0)
+    seen = {augment_caption(CAPTION, rng, shuffle=True, keep_tokens=2) for _ in range(50)}
+    assert len(seen) > 10
+    for caption in seen:
+        tags = caption.split(", ")
+        assert tags[:2] == ["sks dog", "sitting"] and sorted(tags[2:]) == sorted(CAPTION.split(", ")[2:])
+
+
+def test_tag_and_caption_dropout_rates():
+    rng = random.Random(1)
+    draws = [augment_caption(CAPTION, rng, False, keep_tokens=1, tag_dropout=0.5) for _ in range(2000)]
+    kept = sum(len(d.split(", ")) - 1 for d in draws) / (2000 * 5)
+    assert abs(kept - 0.5) < 0.03 and all(d.startswith("sks dog") for d in draws)
+    order = CAPTION.split(", ")
+    for d in draws[:50]:  # without shuffle the kept tags keep their order
+        positions = [order.index(t) for t in d.split(", ")]
+        assert positions == sorted(positions)
+    empty = sum(augment_caption(CAPTION, rng, False, caption_dropout=0.2) == "" for _ in range(2000)) / 2000
+    assert abs(empty - 0.2) < 0.03
+    assert augment_caption(CAPTION, random.Random(5), False) == CAPTION  # nothing asked: untouched
+    same = [augment_caption(CAPTION, random.Random(7), True, tag_dropout=0.3) for _ in range(2)]
+    assert same[0] == same[1]  # the same stream, the same caption
+
+
+def test_augmented_captions_resume_exactly_and_are_recorded(tmp_path, tiny_sd1_dir, subject):
+    images = tmp_path / "captioned"
+    shutil.copytree(subject, images)
+    for path in images.glob("*.png"):
+        path.with_suffix(".txt").write_text(CAPTION)
+    data = DataConfig(
+        images, "a sks dog", shuffle_caption=True, keep_tokens=1, tag_dropout=0.2, caption_dropout=0.1
+    )
+
+    def config(out):
+        return TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / out, steps=4, data=data,
+                           lora=LoraConfig(), checkpoint_every=10)  # fmt: skip
+
+    full = train(config("a"), progress=False)
+    state = TrainState()
+
+    def stop(s):
+        if s.step == 2:
+            s.stop_requested = True
+
+    with pytest.raises(TrainingInterrupted):
+        train(config("b"), progress=False, state=state, callback=stop)
+    resumed = train(config("b"), resume=True, progress=False)
+    assert resumed.losses == full.losses[2:]
+    assert [r["loss"] for r in read_log(tmp_path / "a" / "log.jsonl")] == [
+        r["loss"] for r in read_log(tmp_path / "b" / "log.jsonl")
+    ]
+    from safetensors import safe_open
+
+    with safe_open(str(full.files["kohya"]), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_shuffle_caption"], meta["ss_keep_tokens"], meta["ss_caption_tag_dropout_rate"]) == (
+        "True",
+        "1",
+        "0.2",
+    )
+
+
+def test_bad_caption_settings_are_refused():
+    from booth.errors import BoothError
+
+    with pytest.raises(BoothError, match="--tag-dropout must be in"):
+        TrainConfig(method="lora", out="x", data=DataConfig("x", "a sks dog", tag_dropout=1.5)).validate()
+
+
+def test_the_text_encoder_sees_the_augmented_captions(tmp_path, tiny_sd1_dir, subject):
+    from booth.train.loop import Trainer
+
+    images = tmp_path / "captioned"
+    shutil.copytree(subject, images)
+    for path in images.glob("*.png"):
+        path.with_suffix(".txt").write_text(CAPTION)
+    data = DataConfig(images, "a sks dog", shuffle_caption=True, keep_tokens=1)
+    config = TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / "r", steps=4, data=data)
+    trainer = Trainer(config, progress=False)
+    seen: list[str] = []
+    encode = trainer._text
+
+    def record(texts):
+        seen.extend(texts)
+        return encode(texts)
+
+    trainer._text = record
+    trainer.run()
+    assert len(set(seen)) > 1 and all(t.startswith("sks dog, ") for t in seen)
+    assert sorted(seen[0].split(", ")) == sorted(CAPTION.split(", "))
+    assert not (set(seen) - {CAPTION}) & set(trainer.text_cache)  # shuffled captions are not kept
