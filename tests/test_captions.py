@@ -107,3 +107,25 @@ def test_the_text_encoder_sees_the_augmented_captions(tmp_path, tiny_sd1_dir, su
     assert len(set(seen)) > 1 and all(t.startswith("sks dog, ") for t in seen)
     assert sorted(seen[0].split(", ")) == sorted(CAPTION.split(", "))
     assert not (set(seen) - {CAPTION}) & set(trainer.text_cache)  # shuffled captions are not kept
+
+
+def test_training_encodes_captions_at_the_runs_clip_skip_as_generation_does(tmp_path, tiny_sd1_dir, subject):
+    """The conditioning a run trains on equals the generator's for the same prompt and Clip skip."""
+    import torch
+    from safetensors import safe_open
+
+    from booth.prompts.encode import PromptEncoder
+    from booth.train.loop import Trainer
+
+    config = TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / "r", steps=1, clip_skip=2,
+                         data=DataConfig(subject, "a sks dog"), name="skip2")  # fmt: skip
+    trainer = Trainer(config, progress=False)
+    result = trainer.run()
+    with torch.no_grad():
+        trained, _ = trainer._encode_text(["a sks dog"], trainer._text_encoders())
+        skip2 = PromptEncoder.from_pipeline(trainer.pipe, clip_skip=2).encode(["a sks dog"]).embeds
+        skip1 = PromptEncoder.from_pipeline(trainer.pipe, clip_skip=1).encode(["a sks dog"]).embeds
+    torch.testing.assert_close(trained, skip2, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(trained, skip1, atol=1e-3)
+    with safe_open(str(result.files["kohya"]), framework="pt") as f:
+        assert f.metadata()["ss_clip_skip"] == "2"

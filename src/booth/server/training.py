@@ -60,6 +60,7 @@ FILE_KINDS = (
 # what `options` may set in the TrainConfig (nested sections: these keys only); paths are never client input
 ALLOWED_OPTIONS: dict[str, Any] = {
     "seed": None,
+    "clip_skip": None,
     "mixed_precision": None,
     "gradient_checkpointing": None,
     "cache_latents": None,

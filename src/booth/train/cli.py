@@ -45,6 +45,12 @@ def add_train_command(sub) -> None:
         help="base model: diffusers folder, single file or hub id (default: booth-mini)",
     )
     p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=1,
+        help="A1111's Clip skip for the captions (kohya --clip_skip; 2 for NovelAI-style anime models)",
+    )
+    p.add_argument(
         "--vae",
         metavar="PATH",
         default=None,
@@ -225,6 +231,7 @@ def config_from_args(args: argparse.Namespace):
         method=args.method,
         model=args.model,
         vae=args.vae,
+        clip_skip=args.clip_skip,
         out=Path(args.out),
         name=args.name,
         steps=args.steps,

@@ -232,6 +232,8 @@ class TrainConfig:
         method: "dreambooth" (full fine-tune) or "lora".
         out: output folder (checkpoints, logs, validation images, the trained weights).
         model: base model (diffusers folder, single file or hub id); None = booth-mini.
+        clip_skip: A1111's "Clip skip" for the text conditioning (kohya `--clip_skip`; 2 for NovelAI-style
+            anime models); generate with the same value.
         vae: a VAE file or folder used instead of the base model's own (kohya's `--vae`; A1111's `sd_vae`), for
             the latents trained on, prior images and what a full fine-tune saves.
         steps: optimizer steps.
@@ -255,6 +257,7 @@ class TrainConfig:
     out: Path
     model: str | None = None
     vae: str | None = None
+    clip_skip: int = 1
     steps: int = 400
     seed: int = 0
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -288,6 +291,8 @@ class TrainConfig:
             raise BoothError(f"--steps must be at least 1, got {self.steps}")
         if self.lora.algo not in ("lora", "loha", "lokr"):
             raise BoothError(f"unknown LoRA algorithm {self.lora.algo!r}; choose lora, loha or lokr")
+        if not 1 <= self.clip_skip <= 12:
+            raise BoothError(f"--clip-skip must be in 1..12, got {self.clip_skip}")
         if self.vae is not None and not Path(self.vae).expanduser().exists():
             raise BoothError(f"VAE {self.vae} does not exist")
         for concept in self.all_concepts():

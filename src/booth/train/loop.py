@@ -338,9 +338,11 @@ class Trainer:
         return [self.student.get(n, getattr(self.pipe, n)) for n in names]
 
     def _encode_text(self, texts: list[str], encoders: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training-time prompt encoding, as the engine encodes a plain prompt: SD 1/2 the last layer after
-        the final norm; SDXL the penultimate layers of both encoders, concatenated, and the pooled projection.
+        """Training-time prompt encoding, as the engine encodes a plain prompt at the run's Clip skip c: SD 1/2
+        layer -c after the final norm; SDXL layer -(c + 1) of both encoders, concatenated, and the pooled
+        projection (`booth.prompts.encode`).
         """
+        skip = self.config.clip_skip
         tokenizers = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
         features, pooled = [], None
         for tok, enc in zip(tokenizers, encoders):
@@ -351,12 +353,15 @@ class Trainer:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
-            out = enc(ids, output_hidden_states=self.sdxl)
+            out = enc(ids, output_hidden_states=self.sdxl or skip > 1)
             if self.sdxl:
-                features.append(out.hidden_states[-2])
+                features.append(out.hidden_states[-(skip + 1)])
                 pooled = getattr(out, "text_embeds", None)
                 if pooled is None:
                     pooled = out[0]
+            elif skip > 1:
+                norm = getattr(enc, "text_model", enc).final_layer_norm
+                features.append(norm(out.hidden_states[-skip]))
             else:
                 features.append(out[0])
         return torch.cat(features, dim=-1), pooled
@@ -727,6 +732,7 @@ class Trainer:
             params = GenerationParams(
                 prompt=prompt,
                 seed=0,
+                clip_skip=cfg.clip_skip,
                 batch_size=cfg.validation_images,
                 steps=20,
                 width=self.resolution,
@@ -814,6 +820,7 @@ class Trainer:
             "ss_resolution": str((self.resolution, self.resolution)),
             "ss_cache_latents": str(cfg.cache_latents),
             "ss_flip_aug": str(cfg.data.flip),
+            "ss_clip_skip": str(cfg.clip_skip),
             "ss_shuffle_caption": str(cfg.data.shuffle_caption),
             "ss_keep_tokens": str(cfg.data.keep_tokens),
             "ss_caption_dropout_rate": str(cfg.data.caption_dropout),
