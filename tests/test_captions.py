@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from booth.train import DataConfig, LoraConfig, TrainConfig, train
+from booth.train import DataConfig, LoraConfig, OptimConfig, TrainConfig, train
 from booth.train.data import augment_caption
 from booth.train.loop import TrainingInterrupted, TrainState, read_log
 
@@ -129,3 +129,26 @@ def test_training_encodes_captions_at_the_runs_clip_skip_as_generation_does(tmp_
     assert not torch.allclose(trained, skip1, atol=1e-3)
     with safe_open(str(result.files["kohya"]), framework="pt") as f:
         assert f.metadata()["ss_clip_skip"] == "2"
+
+
+def test_save_every_writes_loadable_outputs_named_by_step(tmp_path, tiny_sd1_dir, subject):
+    from booth.generate.networks import LoraNetwork
+
+    config = TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / "dog", steps=4, save_every=2,
+                         data=DataConfig(subject, "a sks dog"), optim=OptimConfig(lr=1e-2))  # fmt: skip
+    result = train(config, progress=False)
+    step2 = tmp_path / "dog" / "steps" / "step-000002"
+    assert (step2 / "dog-step000002.safetensors").is_file() and (
+        step2 / "pytorch_lora_weights.safetensors"
+    ).is_file()
+    assert not (tmp_path / "dog" / "steps" / "step-000004").exists()  # the end is the run's own output
+    names = LoraNetwork([tmp_path / "dog"]).available()
+    assert {"dog", "dog-step000002"} <= set(names)
+    from safetensors.torch import load_file
+
+    early, final = load_file(str(step2 / "dog-step000002.safetensors")), load_file(str(result.files["kohya"]))
+    assert early.keys() == final.keys() and any(not (early[k] == final[k]).all() for k in early)
+    from safetensors import safe_open
+
+    with safe_open(str(step2 / "dog-step000002.safetensors"), framework="pt") as f:
+        assert f.metadata()["ss_steps"] == "2" and f.metadata()["ss_output_name"] == "dog-step000002"

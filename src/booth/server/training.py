@@ -67,6 +67,7 @@ ALLOWED_OPTIONS: dict[str, Any] = {
     "ema_decay": None,
     "train_text_encoder": None,
     "keep_checkpoints": None,
+    "save_every": None,
     "validation_images": None,
     "data": {
         "resolution",

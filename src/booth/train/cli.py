@@ -190,6 +190,12 @@ def add_train_command(sub) -> None:
     rt.add_argument(
         "--checkpoint-every", type=int, default=100, help="checkpoint interval in steps (default 100)"
     )
+    rt.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also write the LoRA / model every N steps into steps/step-NNNNNN/ (kohya --save_every_n_steps)",
+    )
     rt.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
     rt.add_argument("--validation-prompt", action="append", default=[], help="sampled every --validate-every")
     rt.add_argument(
@@ -292,6 +298,7 @@ def config_from_args(args: argparse.Namespace):
         cache_latents=not args.no_cache_latents,
         ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every,
+        save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         validation_prompts=list(args.validation_prompt),
         validation_every=args.validate_every,

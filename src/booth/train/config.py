@@ -243,6 +243,9 @@ class TrainConfig:
         cache_latents: encode every training image with the frozen VAE once (both flips), not every step.
         ema_decay: keep an exponential moving average of the trained weights and save it; None = off.
         checkpoint_every: write a resumable checkpoint every N steps (and always at the end / on interrupt).
+        save_every: also write the method's outputs every N steps (kohya `--save_every_n_steps`) into
+            `steps/step-NNNNNN/`, the files named `<name>-stepNNNNNN` (`<lora:name-step000200:1>` to compare
+            steps in an X/Y grid); 0 = only at the end.
         keep_checkpoints: how many checkpoints to keep (oldest removed first).
         validation_prompts / validation_every / validation_images: sample these prompts every N steps
             (fixed seeds) into ``validation/step-NNNNNN.png``.
@@ -273,6 +276,7 @@ class TrainConfig:
     cache_latents: bool = True
     ema_decay: float | None = None
     checkpoint_every: int = 100
+    save_every: int = 0
     keep_checkpoints: int = 2
     validation_prompts: list[str] = field(default_factory=list)
     validation_every: int = 0
@@ -379,6 +383,8 @@ class TrainConfig:
             raise BoothError(f"--noise-offset must be >= 0, got {self.loss.noise_offset}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise BoothError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.save_every < 0:
+            raise BoothError(f"--save-every must be at least 0, got {self.save_every}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise BoothError("--checkpoint-every and --keep-checkpoints must be at least 1")
         if self.validation_every < 0 or self.validation_images < 1:

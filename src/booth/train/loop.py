@@ -555,6 +555,8 @@ class Trainer:
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     self._save_checkpoint(step)
                     plot_loss(self.out / LOG_FILE, self.out / PLOT_FILE)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    self._save_outputs_at(step)
                 if cfg.validation_every and cfg.validation_prompts and step % cfg.validation_every == 0:
                     self.validate(step)
                 if self.callback:
@@ -779,6 +781,19 @@ class Trainer:
             atomic_write(self.out / RUN_FILE, lambda f: f.write(text.encode()))
         self.state.phase = "done"
         return TrainResult(self.out, files, step, time.time() - self.state.started_at, losses_seen, True)
+
+    def _save_outputs_at(self, step: int) -> dict[str, Path]:
+        """The method's outputs at this step, in `steps/step-NNNNNN/`, named `<name>-stepNNNNNN`."""
+        from dataclasses import replace
+
+        if not self.dist.is_main_process:
+            return {}
+        final = self.method.config
+        self.method.config = replace(final, name=f"{final.run_name}-step{step:06d}")
+        try:
+            return self.method.save(self.out / "steps" / f"step-{step:06d}", self.metadata())
+        finally:
+            self.method.config = final
 
     def metadata(self) -> dict[str, str]:
         """kohya-style `ss_*` training metadata (formats.md §3.2) plus booth's own config, all strings."""
