@@ -17,7 +17,6 @@ weight is decomposed as LyCORIS and ComfyUI do (`weight_decompose`). OFT and (IA
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,8 @@ from typing import Any
 import torch
 
 from booth.errors import BoothError
+from booth.train.formats.lora import _KOHYA_PREFIX
 
-_PREFIX = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_")
-_COMPONENT = {
-    "lora_unet": "unet",
-    "lora_te": "text_encoder",
-    "lora_te1": "text_encoder",
-    "lora_te2": "text_encoder_2",
-}
 PARTS = (
     "alpha", "lora_up.weight", "lora_down.weight", "lora_mid.weight",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
@@ -70,7 +63,7 @@ def read_lycoris(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         name, _, part = key.partition(".")
-        if not _PREFIX.match(name):
+        if not _KOHYA_PREFIX.match(name):
             raise BoothError(f"{path.name}: {key!r} is not a kohya / LyCORIS module key")
         if part in _REFUSED:
             raise BoothError(f"{path.name}: {_REFUSED[part]} networks ({part}) are not supported yet")
