@@ -172,7 +172,6 @@ def _json(text: str | None) -> Any:
 def merge_checkpoints(config: MergeConfig, progress: Callable[[str], None] = lambda message: None) -> Path:
     """Merge as `config` says and write the result; returns its path."""
     config.validate()
-    names = ["A", "B", "C"][: len(config.models)]
     described = []
     delta = None
     if config.method == "add-difference":  # B − C first, as A1111, so only two models are ever loaded
@@ -210,7 +209,7 @@ def merge_checkpoints(config: MergeConfig, progress: Callable[[str], None] = lam
     for path, weight in config.loras:
         progress(f"fusing the LoRA {path} x {weight:g}")
         fuse_lora(a.pipe, path, weight)
-    return _write(a.pipe, config, described, extra_channels, names, progress)
+    return _write(a.pipe, config, described, extra_channels, progress)
 
 
 def fuse_lora(pipe: Any, path: str | Path, weight: float) -> None:
@@ -235,7 +234,7 @@ def fuse_lora(pipe: Any, path: str | Path, weight: float) -> None:
         raise BoothError(f"cannot fuse the LoRA {path.name} into this model ({first[:200]})") from None
 
 
-def _write(pipe, config: MergeConfig, described, extra_channels: bool, names, progress) -> Path:
+def _write(pipe, config: MergeConfig, described, extra_channels: bool, progress) -> Path:
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype or "")
     progress(f"writing {config.out}")
     if config.out.suffix == ".safetensors":
