@@ -217,7 +217,9 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
     if request.get("restore_faces"):
         raise JobFailed(400, "face restoration (restore_faces) is not available in booth")
     if (request.get("s_min_uncond") or 0) > 0:
-        raise JobFailed(400, "s_min_uncond (skipping the negative prompt at low sigma) is not supported by booth")
+        raise JobFailed(
+            400, "s_min_uncond (skipping the negative prompt at low sigma) is not supported by booth"
+        )
     if request.get("firstpass_image"):
         raise JobFailed(400, "firstpass_image (a given first pass for hires fix) is not supported by booth")
     if kind == "img2img" and request.get("resize_mode", 0) not in (0, 1, 2, 3):
