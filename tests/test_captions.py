@@ -152,3 +152,38 @@ def test_save_every_writes_loadable_outputs_named_by_step(tmp_path, tiny_sd1_dir
 
     with safe_open(str(step2 / "dog-step000002.safetensors"), framework="pt") as f:
         assert f.metadata()["ss_steps"] == "2" and f.metadata()["ss_output_name"] == "dog-step000002"
+
+
+def test_init_lora_starts_from_the_file_and_keeps_its_function_at_another_alpha(
+    tmp_path, tiny_sd1_dir, subject
+):
+    import torch
+
+    from booth.errors import BoothError
+    from booth.generate.networks import LoraNetwork
+    from booth.models.loading import load_pipeline
+    from booth.prompts import ExtraNetworkCall
+
+    def run(out, lr, **lora):
+        cfg = TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / out, steps=2, optim=OptimConfig(lr=lr),
+                          data=DataConfig(subject, "a sks dog"), lora=LoraConfig(rank=4, text_encoder=True, **lora))  # fmt: skip
+        return train(cfg, progress=False)
+
+    def unet_out(name):  # the base model with that run's LoRA, by name
+        pipe = load_pipeline(str(tiny_sd1_dir)).pipe
+        LoraNetwork([tmp_path / name]).activate(pipe, [ExtraNetworkCall("lora", [name, "1"])])
+        g = torch.Generator().manual_seed(0)
+        x, emb = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
+        with torch.no_grad():
+            return pipe.unet(x, 500, encoder_hidden_states=emb).sample
+
+    first = run("a", 5e-2, alpha=4)
+    kept = run("b", 1e-12, alpha=1, init=str(first.files["kohya"]))  # no learning: the start, at alpha 1
+    torch.testing.assert_close(unet_out("b"), unet_out("a"), atol=1e-5, rtol=1e-4)
+    moved = run("c", 5e-2, alpha=4, init=str(first.files["kohya"]))  # and it trains on from there
+    assert (unet_out("c") - unet_out("a")).abs().max() > 1e-4
+    assert moved.losses[0] == pytest.approx(kept.losses[0], rel=1e-4)  # step 1 starts from the same model
+    with pytest.raises(BoothError, match="has rank 4 at .*set --rank to match"):
+        train(TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / "d", steps=1,
+                          data=DataConfig(subject, "a sks dog"),
+                          lora=LoraConfig(rank=2, text_encoder=True, init=str(first.files["kohya"]))), progress=False)  # fmt: skip

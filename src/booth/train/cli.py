@@ -119,6 +119,12 @@ def add_train_command(sub) -> None:
     lo.add_argument("--lora-text-encoder", action="store_true", help="also train a text-encoder LoRA")
     lo.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
     lo.add_argument(
+        "--init-lora",
+        metavar="FILE",
+        default=None,
+        help="continue from this LoRA (kohya --network_weights; same --rank)",
+    )
+    lo.add_argument(
         "--lora-algo",
         choices=["lora", "loha", "lokr"],
         default="lora",
@@ -272,6 +278,7 @@ def config_from_args(args: argparse.Namespace):
             text_encoder=args.lora_text_encoder,
             dropout=args.lora_dropout,
             algo=args.lora_algo,
+            init=args.init_lora,
         ),
         optim=OptimConfig(
             lr=args.lr,

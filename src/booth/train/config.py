@@ -123,6 +123,8 @@ class LoraConfig:
         algo: "lora" (B A), or a LyCORIS algorithm: "loha" (Hadamard product of two rank-r products, Hyeon-Woo
             et al. 2022) or "lokr" (Kronecker product, Yeh et al. 2024), kohya's `--network_args algo=...`; those
             are written as one LyCORIS file (diffusers cannot load them; A1111, ComfyUI and booth do).
+        init: a LoRA file (kohya or diffusers) or run folder to continue from (kohya `--network_weights`): the
+            adapter starts as that LoRA, its scale kept however `alpha` differs; the ranks must be equal.
     """
 
     rank: int = 4
@@ -134,6 +136,7 @@ class LoraConfig:
     )
     dropout: float = 0.0
     algo: str = "lora"
+    init: str | None = None
 
     @property
     def scale(self) -> float:
@@ -295,6 +298,11 @@ class TrainConfig:
             raise BoothError(f"--steps must be at least 1, got {self.steps}")
         if self.lora.algo not in ("lora", "loha", "lokr"):
             raise BoothError(f"unknown LoRA algorithm {self.lora.algo!r}; choose lora, loha or lokr")
+        if self.lora.init is not None:
+            if self.lora.algo != "lora":
+                raise BoothError("--init-lora continues a LoRA; LoHa / LoKr runs start fresh")
+            if not Path(self.lora.init).exists():
+                raise BoothError(f"--init-lora {self.lora.init} does not exist")
         if not 1 <= self.clip_skip <= 12:
             raise BoothError(f"--clip-skip must be in 1..12, got {self.clip_skip}")
         if self.vae is not None and not Path(self.vae).expanduser().exists():

@@ -48,6 +48,8 @@ class Lora(Method):
                 if trained:
                     p.data = p.data.float()
             self.components.append(component)
+        if cfg.init is not None:
+            _start_from(pipe, cfg.init, self.components)
 
     @contextmanager
     def base_model(self) -> Iterator[None]:
@@ -77,6 +79,59 @@ class Lora(Method):
         return save_lora(
             out, self.pipe, name=self.config.run_name, alpha=alpha, rank=cfg.rank, metadata=metadata
         )
+
+
+def _start_from(pipe, path: str, components: list[str]) -> None:
+    """Copy a LoRA file's matrices into the "default" adapter being trained (kohya `--network_weights`): the file
+    loads as a second adapter through booth's loader (any naming), each of its layers' A and B go into the
+    trained adapter's, B rescaled by the ratio of the two adapters' scales so the start is the file's LoRA."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from booth.generate.networks import LoraNetwork
+    from booth.train.formats.lora import lora_file, read_lora_info
+
+    path = lora_file(path)
+    name = "booth_init"
+    read_lora_info(path)  # a plain LoRA file, or a one-line error
+    network = LoraNetwork()
+    loaded = network._ensure_loaded(pipe, name, path).adapter
+    copied = missing = 0
+    with torch.no_grad():
+        for component in ("unet", "text_encoder", "text_encoder_2"):
+            model = getattr(pipe, component, None)
+            if model is None:
+                continue
+            for module_name, layer in model.named_modules():
+                if not isinstance(layer, LoraLayer) or loaded not in layer.lora_A:
+                    continue
+                if "default" not in layer.lora_A:
+                    missing += 1
+                    continue
+                a, b = layer.lora_A[loaded].weight, layer.lora_B[loaded].weight
+                if a.shape != layer.lora_A["default"].weight.shape:
+                    raise BoothError(
+                        f"--init-lora {path.name} has rank {a.shape[0]} at {component}.{module_name}; the run trains "
+                        f"rank {layer.lora_A['default'].weight.shape[0]} (set --rank to match)"
+                    )
+                ratio = layer.scaling[loaded] / layer.scaling["default"]
+                layer.lora_A["default"].weight.copy_(a)
+                layer.lora_B["default"].weight.copy_(b * ratio)
+                copied += 1
+    network._delete(pipe, loaded)
+    pipe._booth_lora_adapters.clear()
+    # the trained adapter active and trainable again (loading the file switched to its adapter)
+    for component in components:
+        for layer in getattr(pipe, component).modules():
+            if isinstance(layer, LoraLayer):
+                layer.set_adapter("default")
+    if missing:
+        raise BoothError(
+            f"--init-lora {path.name} adapts {missing} layer(s) this run does not train (--lora-targets, "
+            "--lora-text-encoder): continuing it would lose them"
+        )
+    if not copied:
+        raise BoothError(f"--init-lora {path.name} has no layer this run trains")
 
 
 ADAPTER_PARTS = ("lora_", "hada_", "lokr_")  # parameter names of PEFT's LoRA, LoHa and LoKr layers
