@@ -187,3 +187,18 @@ def test_init_lora_starts_from_the_file_and_keeps_its_function_at_another_alpha(
         train(TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / "d", steps=1,
                           data=DataConfig(subject, "a sks dog"),
                           lora=LoraConfig(rank=2, text_encoder=True, init=str(first.files["kohya"]))), progress=False)  # fmt: skip
+
+
+def test_epochs_set_the_steps_from_the_images_repeats_and_batch(tmp_path, tiny_sd1_dir, subject):
+    import json
+
+    data = DataConfig(subject, "a sks dog", repeats=2)  # 3 images x 2 = 6 a pass, 3 batches of 2
+    cfg = TrainConfig(method="lora", model=str(tiny_sd1_dir), out=tmp_path / "e", steps=400, epochs=2, data=data,
+                      optim=OptimConfig(batch_size=2))  # fmt: skip
+    result = train(cfg, progress=False)
+    assert result.steps == 6 and len(result.losses) == 6
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["steps"] == 6
+    from safetensors import safe_open
+
+    with safe_open(str(result.files["kohya"]), framework="pt") as f:
+        assert f.metadata()["ss_num_epochs"] == "2"

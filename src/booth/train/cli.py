@@ -148,6 +148,12 @@ def add_train_command(sub) -> None:
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
     o.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the images instead of --steps (kohya --max_train_epochs)",
+    )
+    o.add_argument(
         "--lr",
         type=float,
         default=None,
@@ -247,6 +253,7 @@ def config_from_args(args: argparse.Namespace):
         out=Path(args.out),
         name=args.name,
         steps=args.steps,
+        epochs=args.epochs,
         seed=args.seed,
         concepts=concepts[1:],
         data=DataConfig(

@@ -235,6 +235,9 @@ class TrainConfig:
         method: "dreambooth" (full fine-tune) or "lora".
         out: output folder (checkpoints, logs, validation images, the trained weights).
         model: base model (diffusers folder, single file or hub id); None = booth-mini.
+        epochs: train this many passes over the instance images instead of `steps` (kohya `--max_train_epochs`):
+            steps = epochs x the batches of one epoch (images x repeats / batch size) / gradient accumulation,
+            rounded up; the run's saved config records the steps it came to.
         clip_skip: A1111's "Clip skip" for the text conditioning (kohya `--clip_skip`; 2 for NovelAI-style
             anime models); generate with the same value.
         vae: a VAE file or folder used instead of the base model's own (kohya's `--vae`; A1111's `sd_vae`), for
@@ -265,6 +268,7 @@ class TrainConfig:
     vae: str | None = None
     clip_skip: int = 1
     steps: int = 400
+    epochs: int | None = None
     seed: int = 0
     prior: PriorConfig = field(default_factory=PriorConfig)
     concepts: list[ConceptConfig] = field(default_factory=list)
@@ -296,6 +300,8 @@ class TrainConfig:
             raise BoothError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise BoothError(f"--steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise BoothError(f"--epochs must be at least 1, got {self.epochs}")
         if self.lora.algo not in ("lora", "loha", "lokr"):
             raise BoothError(f"unknown LoRA algorithm {self.lora.algo!r}; choose lora, loha or lokr")
         if self.lora.init is not None:

@@ -20,6 +20,7 @@ uninterrupted run has. Distributed data parallel comes from `accelerate launch` 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -153,10 +154,14 @@ class Trainer:
         self.records = self._scan_data()
         self.dist.wait_for_everyone()  # every process has checked --out before the main one writes to it
         self.device = self._device()
-        self.state.total = cfg.steps
         self.state.phase = "loading"
         self._load_model()
         self._build_samples()
+        if cfg.epochs is not None:  # kohya's epochs: whole passes over the instance images
+            cfg.steps = max(
+                1, math.ceil(cfg.epochs * self.schedule.batches_per_epoch / cfg.optim.gradient_accumulation)
+            )
+        self.state.total = cfg.steps
         self._build_optimizer()
         start = self._resume_or_start()
         self.state.phase = "training"
@@ -825,6 +830,11 @@ class Trainer:
             "ss_lr_scheduler": cfg.optim.scheduler,
             "ss_lr_warmup_steps": str(cfg.optim.warmup_steps),
             "ss_max_train_steps": str(cfg.steps),
+            "ss_num_epochs": str(
+                cfg.epochs
+                if cfg.epochs is not None
+                else self.schedule.epoch_of(cfg.steps * cfg.optim.gradient_accumulation - 1) + 1
+            ),
             "ss_steps": str(self.state.step),
             "ss_seed": str(cfg.seed),
             "ss_max_grad_norm": str(cfg.optim.max_grad_norm),
