@@ -95,7 +95,14 @@ ALLOWED_OPTIONS: dict[str, Any] = {
         "max_grad_norm",
         "fused_backward_pass",
     },
-    "loss": {"snr_gamma", "noise_offset"},
+    "loss": {
+        "snr_gamma",
+        "noise_offset",
+        "multires_iterations",
+        "multires_discount",
+        "input_perturbation",
+        "debiased",
+    },
 }
 
 

@@ -187,6 +187,21 @@ def add_train_command(sub) -> None:
     )
     o.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma weighting (recommended 5)")
     o.add_argument("--noise-offset", type=float, default=0.0, help="offset-noise strength (e.g. 0.05)")
+    o.add_argument(
+        "--multires-noise-iterations",
+        type=int,
+        default=0,
+        help="kohya's pyramid noise: iterations (e.g. 6; 0 off)",
+    )
+    o.add_argument("--multires-noise-discount", type=float, default=0.3, help="its discount (default 0.3)")
+    o.add_argument(
+        "--input-perturbation",
+        "--ip-noise-gamma",
+        type=float,
+        default=0.0,
+        help="input perturbation p (e.g. 0.1)",
+    )
+    o.add_argument("--debiased-estimation", action="store_true", help="loss weight 1/sqrt(SNR) (kohya)")
     o.add_argument("--ema-decay", type=float, default=None, help="save an EMA of the weights (e.g. 0.999)")
     o.add_argument("--seed", type=int, default=0, help="seed (default 0)")
 
@@ -305,7 +320,14 @@ def config_from_args(args: argparse.Namespace):
             augment=not args.no_augment,
             modifier_token=not args.no_modifier_token,
         ),
-        loss=LossConfig(snr_gamma=args.snr_gamma, noise_offset=args.noise_offset),
+        loss=LossConfig(
+            snr_gamma=args.snr_gamma,
+            noise_offset=args.noise_offset,
+            multires_iterations=args.multires_noise_iterations,
+            multires_discount=args.multires_noise_discount,
+            input_perturbation=args.input_perturbation,
+            debiased=args.debiased_estimation,
+        ),
         train_text_encoder=args.train_text_encoder,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,

@@ -221,10 +221,18 @@ class LossConfig:
         snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023; recommended 5.0); None = plain MSE.
         noise_offset: offset-noise strength s: eps <- eps + s * xi, xi ~ N(0, I) per (sample, channel)
             (Guttenberg 2023; a float, not diffusers' on/off 0.1).
+        multires_iterations, multires_discount: kohya's multi-resolution (pyramid) noise; 0 iterations = off.
+        input_perturbation: p of Ning et al. 2023: the UNet input is noised with eps + p * xi, the target stays
+            eps (kohya `--ip_noise_gamma`, diffusers `--input_perturbation`; 0.1 recommended); 0 = off.
+        debiased: kohya's debiased estimation, loss weight 1 / sqrt(SNR) (eps) or 1 / (SNR + 1) (v).
     """
 
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+    input_perturbation: float = 0.0
+    debiased: bool = False
 
 
 @dataclass
@@ -300,6 +308,8 @@ class TrainConfig:
             raise BoothError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise BoothError(f"--steps must be at least 1, got {self.steps}")
+        if self.loss.multires_iterations < 0 or self.loss.input_perturbation < 0:
+            raise BoothError("--multires-noise-iterations and --input-perturbation must be at least 0")
         if self.epochs is not None and self.epochs < 1:
             raise BoothError(f"--epochs must be at least 1, got {self.epochs}")
         if self.lora.algo not in ("lora", "loha", "lokr"):

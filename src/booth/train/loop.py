@@ -659,9 +659,9 @@ class Trainer:
             is_prior = torch.cat([is_prior, torch.ones(len(inst), dtype=torch.bool, device=self.device)])
         c, pooled = self._text(prompts)
 
-        # 3. Noise: eps (+ offset), t ~ U{0..T-1}, z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps.
+        # 3. Noise: eps (+ offset, pyramid), t ~ U{0..T-1}, z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps.
         n = len(inst)
-        eps = losses.offset_noise(tuple(z_0[:n].shape), cfg.loss.noise_offset, gen, self.device, z_0.dtype)
+        eps = self._noise(tuple(z_0[:n].shape), gen, z_0.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=gen).to(
             self.device
         )
@@ -670,14 +670,18 @@ class Trainer:
             if base_prior:
                 eps, t = torch.cat([eps, eps]), torch.cat([t, t])
             else:
-                eps_p = losses.offset_noise(
-                    (extra, *z_0.shape[1:]), cfg.loss.noise_offset, gen, self.device, z_0.dtype
-                )
+                eps_p = self._noise((extra, *z_0.shape[1:]), gen, z_0.dtype)
                 t_p = torch.randint(
                     0, self.noise_scheduler.config.num_train_timesteps, (extra,), generator=gen
                 )
                 eps, t = torch.cat([eps, eps_p]), torch.cat([t, t_p.to(self.device)])
-        z_t = self.noise_scheduler.add_noise(z_0, eps, t)
+        noised = (
+            eps  # input perturbation (Ning et al. 2023): the input's noise differs, the target's does not
+        )
+        if cfg.loss.input_perturbation > 0:
+            xi = torch.randn(eps.shape, generator=gen).to(eps)
+            noised = eps + cfg.loss.input_perturbation * xi
+        z_t = self.noise_scheduler.add_noise(z_0, noised, t)
         alpha_bar = self.alphas_cumprod[t]
         target = losses.diffusion_target(self.prediction_type, z_0, eps, alpha_bar)
 
@@ -692,11 +696,23 @@ class Trainer:
         # 5. Loss: L_inst + lambda * L_prior, Min-SNR weights on the instance half.
         per_sample = losses.per_sample_mse(pred, target, mask)
         weights = None
-        if cfg.loss.snr_gamma:
+        if cfg.loss.snr_gamma or cfg.loss.debiased:
             snr_t = losses.snr(self.noise_scheduler.alphas_cumprod, t.cpu()).to(self.device)
-            weights = losses.min_snr_weights(snr_t, cfg.loss.snr_gamma, self.prediction_type)
+            weights = torch.ones_like(snr_t)
+            if cfg.loss.snr_gamma:
+                weights = weights * losses.min_snr_weights(snr_t, cfg.loss.snr_gamma, self.prediction_type)
+            if cfg.loss.debiased:
+                weights = weights * losses.debiased_weights(snr_t, self.prediction_type)
         loss, loss_inst, loss_prior = losses.dreambooth_loss(per_sample, is_prior, cfg.prior.weight, weights)
         return loss, (float(loss_inst), float(loss_prior))
+
+    def _noise(self, shape: tuple[int, ...], gen: torch.Generator, dtype) -> torch.Tensor:
+        """eps for `shape`: Gaussian, with the offset and the pyramid noise the run asks for."""
+        loss = self.config.loss
+        eps = losses.offset_noise(shape, loss.noise_offset, gen, self.device, dtype)
+        if loss.multires_iterations > 0:
+            eps = losses.pyramid_noise(eps, loss.multires_iterations, loss.multires_discount, gen)
+        return eps
 
     def _unet(self, unet, z_t, t, c, pooled) -> torch.Tensor:
         kwargs = {}
@@ -856,6 +872,10 @@ class Trainer:
             "ss_num_reg_images": str(len(self.prior)),
             "ss_prior_loss_weight": str(cfg.prior.weight if cfg.prior.enabled else 1.0),
             "ss_min_snr_gamma": str(cfg.loss.snr_gamma),
+            "ss_debiased_estimation": str(cfg.loss.debiased),
+            "ss_multires_noise_iterations": str(cfg.loss.multires_iterations or None),
+            "ss_multires_noise_discount": str(cfg.loss.multires_discount),
+            "ss_ip_noise_gamma": str(cfg.loss.input_perturbation or None),
             "ss_noise_offset": str(cfg.loss.noise_offset or None),
             "ss_sd_model_name": self.loaded.name,
             "ss_sd_model_hash": str(self.loaded.hash),

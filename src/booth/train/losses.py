@@ -41,6 +41,30 @@ def offset_noise(
     return eps
 
 
+def pyramid_noise(
+    eps: torch.Tensor, iterations: int, discount: float, generator: torch.Generator
+) -> torch.Tensor:
+    """kohya's multi-resolution noise (`methods.md` §8.4): for i = 0 .. k-1, Gaussian noise drawn at (H, W) / r^i
+    with r ~ U(2, 4), upsampled bilinearly and added with weight discount^i; the sum divided by its std."""
+    b, c, h, w = eps.shape
+    noise = eps.float().clone()
+    for i in range(iterations):
+        r = float(torch.rand((), generator=generator)) * 2 + 2
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        draw = torch.randn((b, c, hn, wn), generator=generator).to(noise.device)
+        noise += torch.nn.functional.interpolate(draw, size=(h, w), mode="bilinear") * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return (noise / noise.std()).to(eps.dtype)
+
+
+def debiased_weights(snr_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """kohya's debiased estimation (`methods.md` §8.2): 1 / sqrt(SNR) for an eps target, 1 / (SNR + 1) for v."""
+    if prediction_type == "v_prediction":
+        return 1.0 / (snr_t + 1.0)
+    return 1.0 / torch.sqrt(snr_t)
+
+
 def velocity(z_0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
     """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 (Salimans & Ho 2022, sec. 4)."""
     a = alpha_bar_t.float().view(-1, *([1] * (z_0.dim() - 1)))
