@@ -785,3 +785,27 @@ def test_serve_command_line(tiny_sd1_dir, tmp_path, capsys):
 
     with pytest.raises(BoothError, match="unknown dtype 'int8'"):  # the Python API has no argparse choices
         ServerConfig(data_dir=tmp_path / "d", dtype="int8").validate()
+
+
+def test_esrgan_tile_options_reach_the_model_upscalers(client, services):
+    image = png_b64(Image.new("RGB", (40, 40), (10, 200, 30)))
+    try:
+        assert (
+            client.post("/sdapi/v1/options", json={"ESRGAN_tile": 16, "ESRGAN_tile_overlap": 4}).status_code
+            == 200
+        )
+        assert client.get("/sdapi/v1/options").json()["ESRGAN_tile"] == 16
+        calls = []
+        model = services.models.upscalers.model(services.models.upscalers.get("2x-Compact"))
+        handle = model.net.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape[-2:])))
+        try:
+            r = client.post("/sdapi/v1/extra-single-image", json={"image": image, "upscaler_1": "2x-Compact"})
+        finally:
+            handle.remove()
+        assert r.status_code == 200, r.text
+        assert (
+            len(calls) == 9 and max(max(c) for c in calls) <= 16 + 2 * 4
+        )  # 40 px in 16 px tiles, 4 px margin
+        assert_error(client.post("/sdapi/v1/options", json={"ESRGAN_tile": -1}), 400, "ESRGAN_tile")
+    finally:
+        client.post("/sdapi/v1/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 16})

@@ -118,7 +118,9 @@ def _run(services, images: list, params) -> tuple[list[str], str]:
     from booth.generate.upscale import postprocess, postprocess_infotext
     from booth.server.generation import b64
 
-    pnginfo = services.current_options().get("enable_pnginfo", True)
+    options = services.current_options()
+    services.models.set_upscaler_tiles(options)
+    pnginfo = options.get("enable_pnginfo", True)
     encoded, infotext = [], ""
     for image in images:
         parameters = (

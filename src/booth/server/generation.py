@@ -60,6 +60,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "show_progress_every_n_steps": 1,
     "randn_source": "CPU",
     "sd_vae": "Automatic",
+    "ESRGAN_tile": 192,  # model upscalers' tile side in input pixels (0: whole picture)
+    "ESRGAN_tile_overlap": 16,  # booth: the context margin each tile is run with (A1111: the blend width, 8)
 }
 READ_ONLY_OPTIONS = {
     "sd_checkpoint_hash": None,
@@ -117,6 +119,8 @@ OPTION_VALIDATORS = {
         "show_progress_every_n_steps", v, -1, 1000, integer=True
     ),
     "sd_vae": lambda v: _text("sd_vae", v),  # a listed name: checked against the VAE folders by the caller
+    "ESRGAN_tile": lambda v: _number("ESRGAN_tile", v, 0, 4096, integer=True),
+    "ESRGAN_tile_overlap": lambda v: _number("ESRGAN_tile_overlap", v, 0, 512, integer=True),
 }
 
 
@@ -530,6 +534,7 @@ class GenerationRunner:
             raise JobFailed(exc.status_code, str(exc.detail)) from None
         check_output_size(engine, params, limits)
         engine.set_vae(services.models.resolve_vae(options.get("sd_vae", "Automatic"), job.params["model"]))
+        services.models.set_upscaler_tiles(services.current_options())
         engine.state = GenerationState()
         ctx.data["engine"] = engine
         ctx.report(message=None)

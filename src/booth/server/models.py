@@ -175,6 +175,11 @@ class ModelManager:
             config.upscaler_dirs, device=device, dtype=resolve_dtype(config.dtype, device)
         )
 
+    def set_upscaler_tiles(self, options: dict[str, Any]) -> None:
+        """A1111's `ESRGAN_tile` / `ESRGAN_tile_overlap` options onto the model upscalers."""
+        self.upscalers.tile = int(options.get("ESRGAN_tile", 192))
+        self.upscalers.tile_pad = int(options.get("ESRGAN_tile_overlap", 16))
+
     # VAEs ------------------------------------------------------------------------------------------
 
     def vae_files(self) -> dict[str, Path]:
