@@ -202,3 +202,16 @@ def test_epochs_set_the_steps_from_the_images_repeats_and_batch(tmp_path, tiny_s
 
     with safe_open(str(result.files["kohya"]), framework="pt") as f:
         assert f.metadata()["ss_num_epochs"] == "2"
+
+
+def test_kohya_caption_files_are_read_and_txt_wins(tmp_path, subject):
+    from booth.train.data import scan_image_folder
+
+    images = tmp_path / "imgs"
+    shutil.copytree(subject, images)
+    stems = sorted(p.stem for p in images.glob("*.png"))
+    (images / f"{stems[0]}.caption").write_text("from kohya")
+    (images / f"{stems[1]}.caption").write_text("not this")
+    (images / f"{stems[1]}.txt").write_text("this one")
+    captions = {r.path.stem: r.caption for r in scan_image_folder(images)}
+    assert (captions[stems[0]], captions[stems[1]], captions[stems[2]]) == ("from kohya", "this one", None)

@@ -25,7 +25,7 @@ from booth.errors import BoothError
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
-CAPTION_EXTENSION = ".txt"
+CAPTION_EXTENSIONS = (".txt", ".caption")  # A1111 / diffusers, and kohya's default; .txt wins when both
 
 _EXIF_ORIENTATION = 0x0112
 _MAX_LISTED = 10  # names shown in one error before "and N more"
@@ -108,7 +108,7 @@ def scan_image_folder(
     Every image is fully decoded here, and all bad files are reported together.
 
     Args:
-        folder: The folder holding the images (and optional `<stem>.txt` captions).
+        folder: The folder holding the images (and optional `<stem>.txt` or `<stem>.caption` captions).
         min_images: Fewest images accepted.
         min_side: Smallest accepted shorter side, in pixels, after EXIF orientation.
         what: What the images are, for error messages ("instance images", "class images").
@@ -132,7 +132,9 @@ def scan_image_folder(
         raise BoothError(f"cannot list {what} folder {folder}: {exc}") from None
     files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    captions = {p.stem: p for p in files if p.suffix.lower() == CAPTION_EXTENSION}
+    captions: dict[str, Path] = {}
+    for extension in reversed(CAPTION_EXTENSIONS):  # the first extension's file overwrites the later's
+        captions.update({p.stem: p for p in files if p.suffix.lower() == extension})
 
     if not images:
         others = [p.name for p in files]
