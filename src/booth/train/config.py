@@ -27,8 +27,8 @@ class DataConfig:
     """The subject's images.
 
     Attributes:
-        images: folder of instance images; a sibling ``<stem>.txt`` (or kohya's ``.caption``) is that image's caption (kohya/A1111
-            convention) and replaces `instance_prompt` for it.
+        images: folder of instance images; a sibling ``<stem>.txt`` (or kohya's ``<stem>.caption``) is that
+            image's caption (kohya/A1111 convention) and replaces `instance_prompt` for it.
         instance_prompt: "a sks dog": the rare identifier followed by the class noun (DreamBooth §3.2).
         resolution: training side in pixels; None = the model's native size (512 for SD1, 64 for booth-mini).
         crop: "center" or "random" (random crops cannot cache latents: each step sees a new crop).
