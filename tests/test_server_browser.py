@@ -318,3 +318,33 @@ def test_page_styles_vae_and_the_extras_upscale(server, chromium_browser):
             "async () => (await (await fetch('/sdapi/v1/options')).json()).sd_vae === 'Automatic'"
         )
     assert not errors, errors
+
+
+def test_png_info_sends_a_pictures_settings_to_text_to_image(server, chromium_browser, tmp_path):
+    """A1111's PNG Info "Send to txt2img": the form takes the prompt, sampler, schedule, steps, CFG, seed, size
+    and hires settings of a dropped picture's infotext."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    text = (
+        "a red apple on a table\nNegative prompt: blurry\nSteps: 7, Sampler: Euler a, Schedule type: Karras, "
+        "CFG scale: 5.5, Seed: 1234, Size: 48x32, Denoising strength: 0.4, Hires upscale: 1.5, "
+        "Hires upscaler: Latent (nearest-exact), Tiling: True"
+    )
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (48, 32)).save(tmp_path / "apple.png", pnginfo=info)
+    page, errors = open_page(server, chromium_browser)
+    assert page.locator("#png-send").is_hidden()
+    page.set_input_files("#png-file", str(tmp_path / "apple.png"))
+    page.wait_for_selector("#png-send:not([hidden])")
+    page.click("#png-send")
+    values = page.evaluate(
+        "['prompt','negative','steps','cfg','seed','width','height','sampler','hr-scale','hr-denoise','hr-upscaler']"
+        ".map(id => document.getElementById(id).value)"
+    )
+    assert values == ["a red apple on a table", "blurry", "7", "5.5", "1234", "48", "32", "Euler a", "1.5", "0.4",
+                      "Latent (nearest-exact)"]  # fmt: skip
+    assert page.eval_on_selector("#scheduler", "s => s.options[s.selectedIndex].textContent") == "Karras"
+    assert page.is_checked("#hr-enabled") and page.is_checked("#tiling")
+    assert not errors, errors

@@ -297,12 +297,41 @@ $("i2i-generate").onclick = async () => {
   await runGeneration("/sdapi/v1/img2img", req, $("i2i-generate"), $("i2i-status"));
 };
 
+let pngParameters = null; // the parsed parameters of the last PNG read, for "Send to text to image"
+
 async function pngInfo(file) {
   try {
     const r = await api("POST", "/sdapi/v1/png-info", { image: await readBase64(file) });
     $("pnginfo").textContent = r.info || "(no generation parameters in this image)";
+    pngParameters = r.info ? r.parameters : null;
+    $("png-send").hidden = !pngParameters;
   } catch (e) { $("pnginfo").textContent = "error: " + e.message; }
 }
+
+// A1111's "Send to txt2img": the generation form takes the picture's settings (those it has fields for)
+function selectByText(select, text) {
+  const o = [...select.options].find((x) => x.value === text || x.textContent === text);
+  if (o) select.value = o.value;
+}
+$("png-send").onclick = () => {
+  const p = pngParameters;
+  if (!p) return;
+  const set = (id, key) => { if (p[key] !== undefined) $(id).value = p[key]; };
+  $("prompt").value = p["Prompt"] || "";
+  $("negative").value = p["Negative prompt"] || "";
+  set("steps", "Steps"); set("cfg", "CFG scale"); set("seed", "Seed");
+  set("width", "Size-1"); set("height", "Size-2");
+  if (p["Sampler"]) selectByText($("sampler"), p["Sampler"]);
+  if (p["Schedule type"]) selectByText($("scheduler"), p["Schedule type"]);
+  const hires = p["Denoising strength"] !== undefined && (p["Hires upscale"] !== undefined || p["Hires upscaler"] !== undefined);
+  $("hr-enabled").checked = hires;
+  if (hires) {
+    set("hr-scale", "Hires upscale"); set("hr-steps", "Hires steps"); set("hr-denoise", "Denoising strength");
+    if (p["Hires upscaler"]) selectByText($("hr-upscaler"), p["Hires upscaler"]);
+  }
+  $("tiling").checked = p["Tiling"] === "True";
+  $("txt2img").scrollIntoView({ behavior: "smooth" });
+};
 const drop = $("dropzone");
 drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
 drop.ondragleave = () => drop.classList.remove("over");
