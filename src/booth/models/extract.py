@@ -82,10 +82,11 @@ def extract_lora(config: ExtractConfig, progress: Callable[[str], None] = lambda
     from booth.models.loading import load_pipeline
     from booth.train.formats.lora import (
         BASE_MODEL_VERSIONS,
+        COMPONENTS,
         _add_out_proj_marker,
-        _canonical_te_module,
         _write_safetensors,
         kohya_hashes,
+        kohya_module_name,
     )
 
     config.validate()
@@ -96,11 +97,9 @@ def extract_lora(config: ExtractConfig, progress: Callable[[str], None] = lambda
     family = detect_family(tuned.pipe)
     if detect_family(base.pipe).architecture != family.architecture:
         raise BoothError(f"{config.tuned} and {config.base} are models of different families")
-    heads = {"unet": "lora_unet", "text_encoder": "lora_te1" if family.num_text_encoders == 2 else "lora_te",
-             "text_encoder_2": "lora_te2"}  # fmt: skip
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype or "", torch.float32)
     tensors: dict[str, torch.Tensor] = {}
-    for component, head in heads.items():
+    for component in COMPONENTS:
         mine, theirs = getattr(tuned.pipe, component, None), getattr(base.pipe, component, None)
         if mine is None or (component != "unet" and not config.text_encoder):
             continue
@@ -131,8 +130,7 @@ def extract_lora(config: ExtractConfig, progress: Callable[[str], None] = lambda
             if delta.ndim == 4:
                 up = up[:, :, None, None]
                 down = down.reshape(down.shape[0], *delta.shape[1:])
-            name = _canonical_te_module(path) if component != "unet" else path
-            key = f"{head}_{name.replace('.', '_')}"
+            key = kohya_module_name(component, path, family.architecture)
             tensors[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
             tensors[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))

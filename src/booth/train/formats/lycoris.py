@@ -294,7 +294,6 @@ def _read_cached(patches: _Patches, path: Path) -> dict[str, dict[str, torch.Ten
 ALGOS = ("lora", "loha", "lokr")  # `booth train --lora-algo`: PEFT LoraConfig, LoHaConfig, LoKrConfig
 _ADAPTER_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
                   "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # fmt: skip
-_KOHYA_HEAD = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 
 
 def save_lycoris(
@@ -315,16 +314,16 @@ def save_lycoris(
     from booth.models.families import detect_family
     from booth.train.formats.lora import (
         BASE_MODEL_VERSIONS,
-        _canonical_te_module,
+        COMPONENTS,
         _metadata_strings,
         _write_safetensors,
         kohya_hashes,
+        kohya_module_name,
     )
 
     family = detect_family(pipe)
-    heads = dict(_KOHYA_HEAD, text_encoder="lora_te1" if family.num_text_encoders == 2 else "lora_te")
     tensors: dict[str, torch.Tensor] = {}
-    for component, head in heads.items():
+    for component in COMPONENTS:
         model = getattr(pipe, component, None)
         if model is None:
             continue
@@ -336,8 +335,7 @@ def save_lycoris(
             }
             if not parts:
                 continue
-            path = _canonical_te_module(path) if component != "unet" else path
-            key = f"{head}_{path.replace('.', '_')}"
+            key = kohya_module_name(component, path, family.architecture)
             values = {p: v.detach().float().cpu() for p, v in parts.items()}
             if "lokr_w1" in values and "lokr_w2" in values:
                 values["lokr_w2"] = values["lokr_w2"] * (alpha / rank)
