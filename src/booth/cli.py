@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from booth.errors import BoothError
+from booth.fsutil import check_folders
 
 GENERATE_EPILOG = """\
 prompt syntax (A1111): (word) x1.1, ((word)) x1.21, [word] /1.1, (word:1.3), \\( literal, BREAK starts a new
@@ -414,6 +415,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     }
     hires = _gated_flags(args, hires_flags, args.enable_hr, "sets up the hires pass: add --enable-hr")
     inpainting = _inpainting_from_args(args)
+    seed_resize = parse_wxh(args.seed_resize_from, "--seed-resize-from")
     init_images = [_open_image(path) for path in args.init_image]
     return GenerationParams(
         prompt=args.prompt,
@@ -429,8 +431,8 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         s_tmin=args.s_tmin,
         s_tmax=args.s_tmax,
         s_noise=args.s_noise,
-        seed_resize_from_w=parse_wxh(args.seed_resize_from, "--seed-resize-from")[0],
-        seed_resize_from_h=parse_wxh(args.seed_resize_from, "--seed-resize-from")[1],
+        seed_resize_from_w=seed_resize[0],
+        seed_resize_from_h=seed_resize[1],
         width=args.width,
         height=args.height,
         batch_size=args.batch_size,
@@ -593,9 +595,7 @@ def _lora_registry(args):
         )
         files[name] = Path(path)
         tags.append(f" <lora:{name}:{weight:g}>")
-    for folder in args.lora_dir:
-        if not Path(folder).is_dir():
-            raise BoothError(f"--lora-dir {folder} is not a folder")
+    check_folders("--lora-dir", args.lora_dir)
     return ExtraNetworkRegistry([LoraNetwork(args.lora_dir, files)]), tags
 
 
@@ -636,9 +636,7 @@ def _upscalers(args, device, dtype):
     """The pixel upscalers hires fix may name: the built-ins and the models in every --upscaler-dir."""
     from booth.generate.upscale import Upscalers
 
-    for folder in args.upscaler_dir:
-        if not Path(folder).is_dir():
-            raise BoothError(f"--upscaler-dir {folder} is not a folder")
+    check_folders("--upscaler-dir", args.upscaler_dir)
     return Upscalers(args.upscaler_dir, device=device, dtype=dtype)
 
 

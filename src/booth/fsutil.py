@@ -31,6 +31,13 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         raise
 
 
+def check_folders(flag: str, folders) -> None:
+    """BoothError "<flag> <folder> is not a folder" for the first of `folders` that is not an existing folder."""
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise BoothError(f"{flag} {folder} is not a folder")
+
+
 def check_replaceable(target: Path, marker: str, what: str) -> None:
     """BoothError unless `atomic_folder(target)` may replace `target` whole: it is missing, an empty folder, or
     holds `marker`, the file that makes it `what` (never a folder of the user's other files)."""

@@ -104,13 +104,12 @@ def cmd_upscale(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from booth.devices import resolve_device
+    from booth.fsutil import check_folders
     from booth.generate.metadata import read_image_metadata, save_png
     from booth.generate.output import ensure_writable_dir, next_numbered_path
     from booth.generate.upscale import ExtrasParams, Upscalers, postprocess, postprocess_infotext
 
-    for folder in args.upscaler_dir:
-        if not Path(folder).is_dir():
-            raise BoothError(f"--upscaler-dir {folder} is not a folder")
+    check_folders("--upscaler-dir", args.upscaler_dir)
     if args.tile < 0:
         raise BoothError(f"--tile must be at least 0, got {args.tile}")
     device = resolve_device(args.device)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from booth.errors import BoothError
+from booth.fsutil import check_folders
 
 DEFAULT_DATA_DIR = Path("outputs") / "server"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -136,9 +137,7 @@ class ServerConfig:
             ("--upscaler-dir", self.upscaler_dirs),
             ("--vae-dir", self.vae_dirs),
         ):
-            for folder in folders:
-                if not folder.is_dir():
-                    raise BoothError(f"{kind} {folder} is not a folder")
+            check_folders(kind, folders)
         if self.styles_files:
             from booth.prompts.styles import read_styles
 

@@ -177,8 +177,8 @@ class ModelManager:
 
     def set_upscaler_tiles(self, options: dict[str, Any]) -> None:
         """A1111's `ESRGAN_tile` / `ESRGAN_tile_overlap` options onto the model upscalers."""
-        self.upscalers.tile = int(options.get("ESRGAN_tile", 192))
-        self.upscalers.tile_pad = int(options.get("ESRGAN_tile_overlap", 16))
+        self.upscalers.tile = int(options["ESRGAN_tile"])  # `current_options` always holds both
+        self.upscalers.tile_pad = int(options["ESRGAN_tile_overlap"])
 
     # VAEs ------------------------------------------------------------------------------------------
 
