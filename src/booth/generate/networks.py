@@ -246,6 +246,18 @@ class LoraNetwork:
     # ------------------------------------------------------------------------------------------------
     # loading
 
+    def load(self, pipe, name: str, path: Path) -> str:
+        """Load the LoRA file at `path` into `pipe` (once while unchanged) without activating it; its adapter
+        name."""
+        return self._ensure_loaded(pipe, name, path).adapter
+
+    def unload(self, pipe, path: Path) -> None:
+        """Remove the adapter `load` added for `path` from `pipe`, layers and record."""
+        loaded: dict[str, _Loaded] = getattr(pipe, _STATE_ATTR, None) or {}
+        entry = loaded.pop(str(path.resolve()), None)
+        if entry is not None:
+            self._delete(pipe, entry.adapter)
+
     def _ensure_loaded(self, pipe, name: str, path: Path) -> _Loaded:
         from booth.train.formats.lora import load_lora_into_pipeline
 

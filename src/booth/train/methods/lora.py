@@ -89,16 +89,16 @@ def _start_from(pipe, path: str, components: list[str]) -> None:
     from peft.tuners.lora import LoraLayer
 
     from booth.generate.networks import LoraNetwork
-    from booth.train.formats.lora import lora_file, read_lora_info
+    from booth.train.formats.lora import COMPONENTS, lora_file, read_lora_info
 
     path = lora_file(path)
     name = "booth_init"
     read_lora_info(path)  # a plain LoRA file, or a one-line error
     network = LoraNetwork()
-    loaded = network._ensure_loaded(pipe, name, path).adapter
+    loaded = network.load(pipe, name, path)
     copied = missing = 0
     with torch.no_grad():
-        for component in ("unet", "text_encoder", "text_encoder_2"):
+        for component in COMPONENTS:
             model = getattr(pipe, component, None)
             if model is None:
                 continue
@@ -118,8 +118,7 @@ def _start_from(pipe, path: str, components: list[str]) -> None:
                 layer.lora_A["default"].weight.copy_(a)
                 layer.lora_B["default"].weight.copy_(b * ratio)
                 copied += 1
-    network._delete(pipe, loaded)
-    pipe._booth_lora_adapters.clear()
+    network.unload(pipe, path)
     # the trained adapter active and trainable again (loading the file switched to its adapter)
     for component in components:
         for layer in getattr(pipe, component).modules():
