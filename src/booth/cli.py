@@ -356,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     samplers = sub.add_parser("samplers", help="list sampler names and schedule types")
     samplers.set_defaults(func=cmd_samplers)
 
+    from booth.generate.cards_cli import add_loras_command
     from booth.generate.upscale_cli import add_upscale_command
 
+    add_loras_command(sub)
     add_upscale_command(sub)
 
     from booth.models.extract import add_extract_command

@@ -98,7 +98,7 @@ class LoraNetwork:
         # names resolved to files since the last `deactivate` (one generation): composable LoRA activates each
         # sub-prompt's LoRAs at every sampling step, which must not search the folders every time
         self._resolved: dict[str, Path] = {}
-        self._is_lora_cache: dict[tuple[str, int, int], bool] = {}
+        self._is_lora_cache: dict[tuple, Any] = {}  # header facts by (what, path, mtime, size)
 
     # ------------------------------------------------------------------------------------------------
     # discovery
@@ -154,8 +154,38 @@ class LoraNetwork:
             found[name] = path / DIFFUSERS_LORA_FILE if path.is_dir() else path
         return dict(sorted(found.items()))
 
+    def aliases(self, available: dict[str, Path] | None = None) -> dict[str, Path]:
+        """{alias: file} for the LoRAs whose kohya `ss_output_name` differs from their name and is claimed by no
+        other file and no name (A1111 forbids such aliases, and "none"); over `available` (default: a new scan)."""
+        available = self.available() if available is None else available
+        claimed: dict[str, list[Path]] = {}
+        for name, path in available.items():
+            alias = self._alias(path)
+            if alias and alias != name:
+                claimed.setdefault(alias, []).append(path)
+        names = {name.lower() for name in available} | {"none"}
+        return {
+            alias: paths[0]
+            for alias, paths in sorted(claimed.items())
+            if len(paths) == 1 and alias.lower() not in names
+        }
+
+    def _alias(self, path: Path) -> str | None:
+        """The file's `ss_output_name` (header only; cached by path, mtime, size), None when it has none."""
+        from booth.train.formats.lora import read_safetensors_header
+
+        try:
+            key = ("alias", str(path), *_file_stamp(path))
+            if key not in self._is_lora_cache:
+                alias = read_safetensors_header(path)[1].get("ss_output_name", "").strip()
+                self._is_lora_cache[key] = alias or None
+        except BoothError:
+            return None
+        return self._is_lora_cache[key]
+
     def find(self, name: str) -> Path:
-        """The file for `name`; BoothError listing the available names when there is none."""
+        """The file for `name` (a file or folder name, else a unique alias, as A1111 resolves `<lora:...>`);
+        BoothError listing the available names when there is none."""
         from booth.train.formats.lora import lora_file
 
         if name in self.files:
@@ -163,6 +193,9 @@ class LoraNetwork:
         available = self.available()
         if name in available:
             return available[name]
+        alias = self.aliases(available).get(name)
+        if alias is not None:
+            return alias
         if available:
             raise BoothError(f"unknown LoRA {name!r}; available: {', '.join(available)}")
         if self.dirs:

@@ -764,6 +764,7 @@ class Trainer:
             rows.append(engine.generate(params).images)
         for module in modules:
             module.train()
+        self.last_validation_image = rows[0][0] if rows and rows[0] else None
         grid = annotated_grid(rows, list(cfg.validation_prompts), [])
         path = self.out / VALIDATION / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -785,6 +786,8 @@ class Trainer:
             files = self.method.save(self.out, self.metadata())
             if cfg.validation_prompts:
                 files["validation"] = self.validate(step)
+            if "kohya" in files:
+                files.update(self._write_card(files["kohya"], step))
             plot = plot_loss(self.out / LOG_FILE, self.out / PLOT_FILE)
             if plot:
                 files["loss_plot"] = plot
@@ -802,6 +805,34 @@ class Trainer:
             atomic_write(self.out / RUN_FILE, lambda f: f.write(text.encode()))
         self.state.phase = "done"
         return TrainResult(self.out, files, step, time.time() - self.state.started_at, losses_seen, True)
+
+    def _write_card(self, network: Path, step: int) -> dict[str, Path]:
+        """A1111's card for the trained network file: `<name>.json` with the activation text (the instance
+        prompts), sd version and a description, keeping every field a user already set; and, after validation,
+        `<name>.preview.png` (the first validation picture). A side file that cannot be written only warns."""
+        from booth.generate.cards import fill_user_metadata, save_preview, sd_version_of, sidecar
+        from booth.train.formats.lora import BASE_MODEL_VERSIONS
+
+        cfg = self.config
+        written: dict[str, Path] = {}
+        if sidecar(network).name in (CONFIG_FILE, RUN_FILE):
+            print(f"booth: no {sidecar(network).name} card for {network.name}: that is the run's own file")
+            return written
+        prompts = dict.fromkeys(c.instance_prompt.strip() for c in cfg.all_concepts())
+        known = {
+            "activation text": ", ".join(p for p in prompts if p),
+            "sd version": sd_version_of(BASE_MODEL_VERSIONS.get(self.loaded.family.name)),
+            "description": f"booth {cfg.method}, {step} steps on {self.loaded.name}",
+        }
+        try:
+            fill_user_metadata(network, known)
+            written["card"] = sidecar(network)
+            image = getattr(self, "last_validation_image", None)
+            if image is not None:
+                written["preview"] = save_preview(network, image, suffix=".preview.png")
+        except BoothError as exc:
+            print(f"booth: warning: {exc}")
+        return written
 
     def _save_outputs_at(self, step: int) -> dict[str, Path]:
         """The method's outputs at this step, in `steps/step-NNNNNN/`, named `<name>-stepNNNNNN`."""

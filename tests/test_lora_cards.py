@@ -1,0 +1,332 @@
+"""LoRA cards (A1111's Lora tab): `<stem>.json` user metadata, previews, descriptions, training tags, the
+prompt a card inserts, search; `<lora:ALIAS>` resolving by `ss_output_name`; the card a training run writes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from booth.errors import BoothError
+from booth.generate.cards import (
+    build_card,
+    cover_image,
+    fill_user_metadata,
+    find_preview,
+    lora_cards,
+    preview_bytes,
+    read_user_metadata,
+    save_preview,
+    sd_version_of,
+    sidecar,
+    tag_frequency,
+    write_user_metadata,
+)
+from booth.generate.engine import Engine
+from booth.generate.networks import LoraNetwork
+from booth.generate.params import GenerationParams
+from booth.models.families import detect_family
+from booth.models.loading import LoadedModel
+from booth.models.tiny import tiny_pipeline
+from booth.prompts import ExtraNetworkRegistry
+from booth.train.formats.lora import save_lora
+from test_networks import trained_pipeline
+
+
+def rewrite_metadata(src, dst, **changes):
+    """Copy a safetensors file with some `__metadata__` entries changed (the tensors are the same)."""
+    with safe_open(str(src), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    metadata.update(changes)
+    save_file(load_file(src), dst, metadata=metadata)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def kohya_file(tmp_path_factory):
+    """A kohya LoRA "subj.safetensors" (ss_output_name "subj", with a tag frequency)."""
+    root = tmp_path_factory.mktemp("kohya")
+    freq = json.dumps({"5_sks dog": {"sks dog": 5, "grass": 2}, "1_dog": {"dog": 3, "grass": 1}})
+    files = save_lora(
+        root,
+        trained_pipeline("sd1", False, 3),
+        name="subj",
+        alpha=2,
+        rank=4,
+        metadata={"ss_tag_frequency": freq},
+    )
+    return files["kohya"]
+
+
+def test_user_metadata_round_trip_keeps_other_keys_and_refuses_what_it_cannot_read(tmp_path, kohya_file):
+    lora = shutil.copy(kohya_file, tmp_path / "subj.safetensors")
+    assert read_user_metadata(lora) == {}
+    sidecar(lora).write_text(json.dumps({"description": "old", "civitai": {"id": 7}}))
+    stored = write_user_metadata(
+        lora, {"activation text": "sks dog", "preferred weight": "0.7", "notes": "ñ"}
+    )
+    assert stored == {
+        "description": "old",
+        "civitai": {"id": 7},
+        "activation text": "sks dog",
+        "preferred weight": 0.7,
+        "notes": "ñ",
+    }
+    text = sidecar(lora).read_text(encoding="utf-8")
+    assert json.loads(text) == stored and '\n    "description"' in text and "ñ" in text  # A1111: indent 4
+    for bad, message in [
+        ({"preferred weight": "heavy"}, "must be a number"),
+        ({"sd version": "SD3"}, "sd version must be one of"),
+        ({"notes": 3}, "must be text"),
+        ({"trigger": "x"}, "unknown LoRA metadata field"),
+    ]:
+        with pytest.raises(BoothError, match=message):
+            write_user_metadata(lora, bad)
+    assert json.loads(sidecar(lora).read_text(encoding="utf-8")) == stored  # nothing written
+    sidecar(lora).write_text("{broken")
+    with pytest.raises(BoothError, match="cannot read"):
+        write_user_metadata(lora, {"notes": "x"})
+    assert sidecar(lora).read_text() == "{broken"  # a file booth cannot parse is never replaced
+
+
+def test_fill_user_metadata_only_fills_what_the_user_left_empty(tmp_path, kohya_file):
+    lora = shutil.copy(kohya_file, tmp_path / "subj.safetensors")
+    write_user_metadata(lora, {"activation text": "my words", "sd version": "Unknown"})
+    stored = fill_user_metadata(
+        lora, {"activation text": "a sks dog", "sd version": "SD1", "description": "d"}
+    )
+    assert stored == {"activation text": "my words", "sd version": "SD1", "description": "d"}
+
+
+def test_preview_order_description_and_cover(tmp_path, kohya_file):
+    lora = shutil.copy(kohya_file, tmp_path / "subj.safetensors")
+    assert find_preview(lora) is None
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "subj.preview.jpg")
+    assert find_preview(lora) == tmp_path / "subj.preview.jpg"
+    Image.new("RGB", (4, 4), "blue").save(tmp_path / "subj.preview.png")
+    assert find_preview(lora) == tmp_path / "subj.preview.png"  # png before jpg
+    saved = save_preview(lora, Image.new("RGB", (4, 4), "green"))
+    assert saved == tmp_path / "subj.png" and find_preview(lora) == saved  # `<stem>.png` first of all
+    data, media = preview_bytes(build_card("subj", "subj", lora))
+    assert media == "image/png" and Image.open(io.BytesIO(data)).getpixel((0, 0)) == (0, 128, 0)
+
+    (tmp_path / "subj.txt").write_text("from the txt")
+    assert build_card("subj", "subj", lora).description == "from the txt"
+    write_user_metadata(lora, {"description": "from the json"})
+    assert build_card("subj", "subj", lora).description == "from the json"
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 3), "white").save(buffer, format="JPEG")
+    covered = rewrite_metadata(
+        kohya_file,
+        tmp_path / "covered.safetensors",
+        ssmd_cover_images=json.dumps(["", base64.b64encode(buffer.getvalue()).decode()]),
+    )
+    card = build_card("covered", "covered", covered)
+    assert card.preview is None and card.has_cover and card.to_dict()["preview"] is True
+    data, media = preview_bytes(card)
+    assert media == "image/jpeg" and data == buffer.getvalue()
+    assert cover_image({"ssmd_cover_images": "not json"}) is None
+
+
+def test_card_fields_prompt_and_search(tmp_path, kohya_file):
+    lora = shutil.copy(kohya_file, tmp_path / "subj.safetensors")
+    card = build_card("subj", "subj", lora)
+    assert card.sd_version == "SD1"  # from the file's ss_base_model_version
+    assert card.tags == [("sks dog", 5), ("dog", 3), ("grass", 3)]  # summed over folders, most frequent first
+    assert card.prompt() == "<lora:subj:1>" and card.prompt(0.8) == "<lora:subj:0.8>"
+    assert card.negative_prompt() == ""
+    write_user_metadata(
+        lora,
+        {
+            "activation text": "sks dog, grass",
+            "preferred weight": 0.65,
+            "negative text": "blurry",
+            "notes": "trained on my own dog",
+            "sd version": "SDXL",
+        },
+    )
+    card = build_card("subj", "subj", lora)
+    assert card.prompt() == "<lora:subj:0.65> sks dog, grass"  # A1111: preferred weight, then activation text
+    assert card.negative_prompt() == "(blurry:1)"
+    assert card.sd_version == "SDXL"  # the user's "sd version" wins over the file's
+    assert card.matches("OWN dog") and card.matches("grass") and not card.matches("cat")
+    entry = card.to_dict()
+    assert entry["prompt"] == "<lora:subj:0.65> sks dog, grass" and entry["tags"][0] == ["sks dog", 5]
+
+
+def test_tag_frequency_and_sd_versions():
+    assert tag_frequency({}) == [] and tag_frequency({"ss_tag_frequency": "nope"}) == []
+    freq = {"a": {"x": 2, " y ": 1}, "b": {"x": 1, "bad": "many"}}
+    assert tag_frequency({"ss_tag_frequency": json.dumps(freq)}) == [("x", 3), ("y", 1)]
+    assert [sd_version_of(v) for v in ("sd_v1", "sd_v2_v", "sdxl_base_v1-0", None, "flux")] == [
+        "SD1",
+        "SD2",
+        "SDXL",
+        "Unknown",
+        "Unknown",
+    ]
+
+
+def pixels(engine, prompt):
+    params = GenerationParams(prompt=prompt, steps=2, width=32, height=32, seed=7, sampler_name="Euler")
+    return np.asarray(engine.generate(params).images[0], dtype=np.int16)
+
+
+def test_a_prompt_names_a_lora_by_its_unique_alias_as_a1111_does(tmp_path, kohya_file):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(kohya_file, folder / "subj_v2-final.safetensors")  # its ss_output_name is "subj"
+    network = LoraNetwork([folder])
+    assert network.aliases() == {"subj": folder / "subj_v2-final.safetensors"}
+    assert network.find("subj") == folder / "subj_v2-final.safetensors"
+    assert [c.alias for c in lora_cards(network)] == ["subj"]  # the card writes the alias
+    pipe = tiny_pipeline("sd1")
+    model = LoadedModel(pipe=pipe, family=detect_family(pipe), name="tiny", path=None, hash=None)
+    engine = Engine(model, extra_networks=ExtraNetworkRegistry([network]))
+    by_alias, by_name = pixels(engine, "a cat <lora:subj:1>"), pixels(engine, "a cat <lora:subj_v2-final:1>")
+    assert np.array_equal(by_alias, by_name) and not np.array_equal(by_alias, pixels(engine, "a cat"))
+
+    # two files claiming one alias: neither owns it (A1111's forbidden aliases); cards fall back to names
+    shutil.copy(kohya_file, folder / "subj_copy.safetensors")
+    network = LoraNetwork([folder])
+    assert network.aliases() == {}
+    with pytest.raises(BoothError, match="unknown LoRA 'subj'"):
+        network.find("subj")
+    assert [c.alias for c in lora_cards(network)] == ["subj_copy", "subj_v2-final"]
+    # an alias that is another file's name: the name wins
+    (folder / "subj_copy.safetensors").unlink()
+    rewrite_metadata(kohya_file, folder / "other.safetensors", ss_output_name="subj_v2-final")
+    network = LoraNetwork([folder])
+    assert network.aliases() == {"subj": folder / "subj_v2-final.safetensors"}
+    assert network.find("subj_v2-final") == folder / "subj_v2-final.safetensors"
+
+
+def test_lora_cards_search(tmp_path, kohya_file):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    a = shutil.copy(kohya_file, folder / "dog.safetensors")
+    rewrite_metadata(kohya_file, folder / "cat.safetensors", ss_output_name="cat", ss_tag_frequency="{}")
+    write_user_metadata(a, {"notes": "Best at weight 0.8"})
+    network = LoraNetwork([folder])
+    assert [c.name for c in lora_cards(network)] == ["cat", "dog"]
+    assert [c.name for c in lora_cards(network, "weight 0.8")] == ["dog"]
+    assert [c.name for c in lora_cards(network, "sks")] == ["dog"]  # a training tag
+    assert lora_cards(network, "horse") == []
+    sidecar(a).write_text("[1, 2]")
+    (card,) = [c for c in lora_cards(network) if c.name == "dog"]
+    assert "not a JSON object" in card.problem and card.notes == ""  # listed, with the problem named
+
+
+def test_a_training_run_writes_the_card_and_keeps_what_the_user_set(tmp_path, tiny_sd1_dir, subject):
+    from booth.train import DataConfig, OptimConfig, TrainConfig, train
+
+    cfg = TrainConfig(
+        method="lora",
+        out=tmp_path / "run",
+        model=str(tiny_sd1_dir),
+        name="my_dog",
+        steps=2,
+        optim=OptimConfig(lr=1e-2),
+        data=DataConfig(images=subject, instance_prompt="a sks dog", resolution=32),
+        validation_prompts=["a sks dog on the beach"],
+        validation_images=1,
+    )
+    result = train(cfg, progress=False)
+    lora = result.files["kohya"]
+    assert result.files["card"] == tmp_path / "run" / "my_dog.json"
+    stored = json.loads(result.files["card"].read_text())
+    assert stored["activation text"] == "a sks dog" and stored["sd version"] == "SD1"
+    assert stored["description"].startswith("booth lora, 2 steps on ")
+    preview = Image.open(result.files["preview"])
+    assert result.files["preview"] == tmp_path / "run" / "my_dog.preview.png" and preview.size == (32, 32)
+    (card,) = [c for c in lora_cards(LoraNetwork([tmp_path / "run"])) if c.path == lora]
+    assert card.prompt() == "<lora:my_dog:1> a sks dog" and card.preview == result.files["preview"]
+
+    write_user_metadata(lora, {"activation text": "sks", "notes": "mine"})
+    cfg.steps = 3
+    train(cfg, resume=True, progress=False)
+    stored = read_user_metadata(lora)
+    assert stored["activation text"] == "sks" and stored["notes"] == "mine"  # the user's fields stay
+    assert stored["description"].startswith("booth lora, 2 steps")  # a field already set is not rewritten
+
+
+def test_a_run_named_like_its_own_files_writes_no_card(tmp_path, tiny_sd1_dir, subject, capsys):
+    from booth.train import DataConfig, OptimConfig, TrainConfig, train
+
+    cfg = TrainConfig(
+        method="lora",
+        out=tmp_path / "run",
+        model=str(tiny_sd1_dir),
+        name="config",
+        steps=1,
+        optim=OptimConfig(lr=1e-2),
+        data=DataConfig(images=subject, instance_prompt="a sks dog", resolution=32),
+    )
+    result = train(cfg, progress=False)
+    assert "card" not in result.files and json.loads((tmp_path / "run" / "config.json").read_text())["name"]
+    assert "no config.json card" in capsys.readouterr().out
+
+
+def test_booth_loras_lists_searches_shows_and_edits(tmp_path, kohya_file, capsys):
+    from booth.cli import main
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora = shutil.copy(kohya_file, folder / "subj.safetensors")
+    picture = tmp_path / "shot.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(picture)
+    flags = ["--lora-dir", str(folder)]
+    assert main(["loras", "subj", *flags, "--activation-text", "sks dog", "--preferred-weight", "0.7"]) == 0
+    assert main(["loras", "subj", *flags, "--notes", "my dog", "--preview", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "prompt:           <lora:subj:0.7> sks dog" in out and "training tags:    sks dog (5)" in out
+    assert read_user_metadata(lora) == {
+        "activation text": "sks dog",
+        "preferred weight": 0.7,
+        "notes": "my dog",
+    }
+    assert Image.open(folder / "subj.png").getpixel((0, 0)) == (1, 2, 3)
+
+    assert main(["loras", *flags]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == [
+        "name",
+        "alias",
+        "base",
+        "weight",
+        "activation",
+        "text",
+        "preview",
+        "top",
+        "tags",
+    ]
+    assert row.split()[:6] == ["subj", "SD1", "0.7", "sks", "dog", "yes"]
+    assert main(["loras", *flags, "--search", "MY DOG", "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["prompt"] == "<lora:subj:0.7> sks dog" and entry["notes"] == "my dog"
+    assert main(["loras", *flags, "--search", "cat"]) == 0 and "no LoRA matches" in capsys.readouterr().out
+
+    before = sidecar(lora).read_text()
+    for argv, message in [
+        (["loras"], "give the folder of your LoRAs"),
+        (["loras", *flags, "--notes", "x"], "name the LoRA to edit"),
+        (["loras", "nope", *flags], "unknown LoRA 'nope'"),
+        (
+            ["loras", "subj", *flags, "--notes", "x", "--preview", str(tmp_path / "missing.png")],
+            "no such file",
+        ),
+        (["loras", "subj", *flags, "--notes", "x", "--preview", str(kohya_file)], "not a picture"),
+        (["loras", "subj", "--lora-dir", str(tmp_path / "none")], "is not a folder"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("booth: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert sidecar(lora).read_text() == before  # a refused edit writes nothing
