@@ -330,3 +330,65 @@ def test_booth_loras_lists_searches_shows_and_edits(tmp_path, kohya_file, capsys
         err = capsys.readouterr().err
         assert err.startswith("booth: error: ") and message in err and len(err.strip().splitlines()) == 1
     assert sidecar(lora).read_text() == before  # a refused edit writes nothing
+
+
+def test_the_server_lists_shows_and_edits_cards(tmp_path, tiny_sd1_dir, kohya_file):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from booth.server.app import create_app
+    from booth.server.config import ServerConfig
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora = shutil.copy(kohya_file, folder / "my dog.safetensors")  # ss_output_name "subj": the alias
+    config = ServerConfig(model=str(tiny_sd1_dir), lora_dirs=[folder], data_dir=tmp_path / "data")
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+        (entry,) = client.get("/booth/v1/loras").json()["loras"]
+        assert entry["name"] == "my dog" and entry["alias"] == "subj" and entry["preview_url"] is None
+        assert entry["prompt"] == "<lora:subj:1>" and entry["tags"][0] == ["sks dog", 5]
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (6, 6), (9, 8, 7)).save(buffer, format="PNG")
+        edit = {
+            "activation_text": "sks dog",
+            "preferred_weight": 0.6,
+            "negative_text": "blurry",
+            "notes": "the good one",
+            "preview": base64.b64encode(buffer.getvalue()).decode(),
+        }
+        response = client.post("/booth/v1/loras/subj", json=edit)  # by alias
+        assert response.status_code == 200, response.text
+        card = response.json()
+        assert card["prompt"] == "<lora:subj:0.6> sks dog" and card["negative_prompt"] == "(blurry:1)"
+        assert len(card["hash"]) == 12 and card["preview_url"] == "/booth/v1/loras/my%20dog/preview"
+        assert read_user_metadata(lora)["notes"] == "the good one"
+        picture = client.get(card["preview_url"])
+        assert picture.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(picture.content)).getpixel((0, 0)) == (9, 8, 7)
+
+        assert (
+            client.post("/sdapi/v1/options", json={"extra_networks_default_multiplier": 0.8}).status_code
+            == 200
+        )
+        client.post("/booth/v1/loras/subj", json={"preferred_weight": 0})
+        assert (
+            client.get("/booth/v1/loras?search=good").json()["loras"][0]["prompt"]
+            == "<lora:subj:0.8> sks dog"
+        )
+        assert client.get("/booth/v1/loras?search=cat").json() == {"loras": []}
+
+        before = sidecar(lora).read_text()
+        for path, body, status, message in [
+            ("/booth/v1/loras/nope", {"notes": "x"}, 404, "unknown LoRA"),
+            ("/booth/v1/loras/subj", {"sd_version": "SD9"}, 422, "sd version must be one of"),
+            ("/booth/v1/loras/subj", {"trigger": "x"}, 422, "trigger"),
+            ("/booth/v1/loras/subj", {"notes": "x", "preview": "not base64!"}, 400, "base64"),
+        ]:
+            response = client.post(path, json=body)
+            assert response.status_code == status and message in response.text, response.text
+            assert set(response.json()) == {"error", "detail", "body", "errors"}
+        assert sidecar(lora).read_text() == before  # nothing written by a refused edit
+        assert client.get("/booth/v1/loras/nope/preview").status_code == 404
+        (folder / "my dog.png").unlink()
+        assert client.get("/booth/v1/loras/subj/preview").status_code == 404

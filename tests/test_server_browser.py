@@ -44,6 +44,11 @@ def server(tiny_sd1_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("web")
     config = ServerConfig(model=str(tiny_sd1_dir), data_dir=data, port=port, upscaler_dirs=[upscalers])
     config.vae_dirs, config.styles_files = [vaes], [styles]
+    from test_server_api import make_lora_dir
+
+    config.lora_dirs = [
+        make_lora_dir(tmp_path_factory.mktemp("loras"))
+    ]  # "subj" (kohya), "subj_run" (diffusers)
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -347,4 +352,55 @@ def test_png_info_sends_a_pictures_settings_to_text_to_image(server, chromium_br
                       "Latent (nearest-exact)"]  # fmt: skip
     assert page.eval_on_selector("#scheduler", "s => s.options[s.selectedIndex].textContent") == "Karras"
     assert page.is_checked("#hr-enabled") and page.is_checked("#tiling")
+    assert not errors, errors
+
+
+def test_lora_cards_search_edit_insert_and_take_a_preview(server, chromium_browser):
+    """The LoRA panel: cards from /booth/v1/loras, search, the editor (training tags, weight, negative text,
+    notes) saved to the card's A1111 JSON, a click inserting what A1111's card inserts, and the selected
+    gallery picture as the card's preview."""
+    page, errors = open_page(server, chromium_browser)
+    page.wait_for_selector("#lora-list button[data-lora=subj]")
+    page.fill("#lora-search", "subj_run pytorch")  # every word: the diffusers file's path
+    page.wait_for_function("document.querySelectorAll('#lora-list .lora-card').length === 1")
+    page.fill("#lora-search", "")
+    page.wait_for_selector("#lora-list button[data-lora=subj]")
+
+    page.click("#lora-list button[data-edit=subj]")
+    page.wait_for_selector("#lora-edit[open]")
+    assert page.input_value("#le-sd-version") == "SD1"
+    page.fill("#le-activation", "sks dog")
+    page.fill("#le-weight", "0.7")
+    page.fill("#le-negative", "blurry")
+    page.fill("#le-notes", "a web note")
+    assert page.is_disabled("#le-use-image")  # nothing generated yet on this page
+    page.click("#le-save")
+    page.wait_for_function("document.getElementById('le-status').textContent === 'saved'")
+    page.click("#le-close")
+    card = page.evaluate("fetch('/booth/v1/loras/subj').then(r => r.json())")
+    assert card["notes"] == "a web note" and card["prompt"] == "<lora:subj:0.7> sks dog"
+    page.fill("#lora-search", "web note")
+    page.press("#lora-search", "Enter")  # searches; does not generate
+    page.wait_for_function("document.querySelectorAll('#lora-list .lora-card').length === 1")
+    assert "sks dog" in page.inner_text("#lora-list button[data-lora=subj]")
+
+    assert page.locator("#gallery img").count() == 0
+    page.fill("#prompt", "a photo")
+    page.click("#lora-list button[data-lora=subj]")
+    assert page.input_value("#prompt") == "a photo <lora:subj:0.7> sks dog"
+    assert page.input_value("#negative").endswith("(blurry:1)")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    assert "Lora hashes" in page.inner_text("#infotext")
+
+    page.click("#lora-list button[data-edit=subj]")
+    page.wait_for_selector("#lora-edit[open]")
+    page.click("#le-use-image")
+    page.wait_for_function("document.getElementById('le-status').textContent === 'saved'")
+    page.click("#le-close")
+    page.wait_for_function(
+        "(() => { const i = document.querySelector('#lora-list button[data-lora=subj] img');"
+        " return i && i.complete && i.naturalWidth > 0; })()"
+    )
     assert not errors, errors

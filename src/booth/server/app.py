@@ -150,7 +150,7 @@ def _log_preload(future) -> None:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The booth server app: `/sdapi/v1` (A1111), `/booth/v1` (queue), behind `SecurityMiddleware`."""
-    from booth.server import api_a1111, api_booth, events, training, web
+    from booth.server import api_a1111, api_booth, events, loras, training, web
     from booth.server.security import SecurityMiddleware
 
     services = Services(config)
@@ -175,6 +175,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(api_booth.build_router(services))
     app.include_router(training.build_router(services))
     app.include_router(events.build_router(services))
+    app.include_router(loras.build_router(services))
     web.mount(app)
     app.add_middleware(SecurityMiddleware, config=config)
     return app

@@ -62,6 +62,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sd_vae": "Automatic",
     "ESRGAN_tile": 192,  # model upscalers' tile side in input pixels (0: whole picture)
     "ESRGAN_tile_overlap": 16,  # booth: the context margin each tile is run with (A1111: the blend width, 8)
+    "extra_networks_default_multiplier": 1.0,  # the weight of a LoRA card's prompt without a preferred weight
 }
 READ_ONLY_OPTIONS = {
     "sd_checkpoint_hash": None,
@@ -121,6 +122,7 @@ OPTION_VALIDATORS = {
     "sd_vae": lambda v: _text("sd_vae", v),  # a listed name: checked against the VAE folders by the caller
     "ESRGAN_tile": lambda v: _number("ESRGAN_tile", v, 0, 4096, integer=True),
     "ESRGAN_tile_overlap": lambda v: _number("ESRGAN_tile_overlap", v, 0, 512, integer=True),
+    "extra_networks_default_multiplier": lambda v: _number("extra_networks_default_multiplier", v, 0.0, 2.0),
 }
 
 

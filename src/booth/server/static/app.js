@@ -69,23 +69,109 @@ async function selectModel(title) {
   await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: title });
 }
 
+// LoRA cards (/booth/v1/loras): preview, name, activation text; a click inserts what A1111's card inserts
+// (<lora:alias:preferred weight> + activation text, the negative text into the negative prompt); ✎ edits the
+// card's A1111 user metadata.
+let loraSearchTimer = null;
 async function loadLoras() {
   const list = $("lora-list");
+  const query = $("lora-search").value.trim();
+  const { loras } = await api("GET", "/booth/v1/loras" + (query ? "?search=" + encodeURIComponent(query) : ""));
   list.textContent = "";
-  const loras = await api("GET", "/sdapi/v1/loras");
-  if (!loras.length) list.textContent = "none yet";
+  $("lora-count").textContent = loras.length ? `${loras.length}` : (query ? "no match" : "none yet");
   for (const l of loras) {
+    const card = document.createElement("div");
+    card.className = "lora-card";
     const b = document.createElement("button");
-    b.type = "button"; b.textContent = l.name; b.dataset.lora = l.name;
-    b.onclick = () => insertPrompt(`<lora:${l.name}:1>`);
-    list.appendChild(b);
+    b.type = "button"; b.className = "pick"; b.dataset.lora = l.name;
+    b.title = [l.description, l.notes, l.problem].filter(Boolean).join("\n") || l.prompt;
+    if (l.preview_url) {
+      const img = document.createElement("img");
+      img.src = l.preview_url + "?t=" + Date.now(); img.alt = l.name;
+      b.appendChild(img);
+    } else {
+      const none = document.createElement("span");
+      none.className = "noimg"; none.textContent = l.sd_version;
+      b.appendChild(none);
+    }
+    const name = document.createElement("span");
+    name.textContent = l.alias === l.name ? l.name : `${l.name} (${l.alias})`;
+    b.appendChild(name);
+    if (l.activation_text) {
+      const words = document.createElement("span");
+      words.className = "words"; words.textContent = l.activation_text;
+      b.appendChild(words);
+    }
+    b.onclick = () => {
+      insertPrompt(l.prompt);
+      if (l.negative_prompt) insertText($("negative"), l.negative_prompt);
+    };
+    const edit = document.createElement("button");
+    edit.type = "button"; edit.className = "edit"; edit.dataset.edit = l.name; edit.textContent = "✎";
+    edit.title = "edit this LoRA's card";
+    edit.onclick = () => openLoraEditor(l.name);
+    card.append(b, edit);
+    list.appendChild(card);
   }
 }
+$("lora-search").onkeydown = (e) => { if (e.key === "Enter") e.preventDefault(); }; // not "Generate"
+$("lora-search").oninput = () => {
+  clearTimeout(loraSearchTimer);
+  loraSearchTimer = setTimeout(() => loadLoras().catch((e) => { $("lora-count").textContent = e.message; }), 200);
+};
 
+let editingLora = null;
+async function openLoraEditor(name) {
+  const l = await api("GET", "/booth/v1/loras/" + encodeURIComponent(name));
+  editingLora = name;
+  $("le-name").textContent = l.alias === l.name ? l.name : `${l.name} (${l.alias})`;
+  $("le-file").textContent = `${l.path} · hash ${l.hash}`;
+  $("le-description").value = l.description;
+  $("le-sd-version").value = l.sd_version;
+  $("le-weight").value = l.preferred_weight || "";
+  $("le-activation").value = l.activation_text;
+  $("le-negative").value = l.negative_text;
+  $("le-notes").value = l.notes;
+  $("le-status").textContent = l.problem || "";
+  $("le-tags").textContent = "";
+  $("le-tags-label").hidden = !l.tags.length;
+  for (const [tag, count] of l.tags.slice(0, 40)) {
+    const t = document.createElement("button");
+    t.type = "button"; t.textContent = `${tag} ${count}`; t.dataset.tag = tag;
+    t.onclick = () => {
+      const words = $("le-activation").value.split(",").map((w) => w.trim()).filter(Boolean);
+      if (!words.includes(tag)) $("le-activation").value = [...words, tag].join(", ");
+    };
+    $("le-tags").appendChild(t);
+  }
+  $("le-use-image").disabled = !document.querySelector("#gallery img.sel");
+  $("lora-edit").showModal();
+}
+
+async function saveLoraCard(extra) {
+  $("le-status").textContent = "saving…";
+  try {
+    await api("POST", "/booth/v1/loras/" + encodeURIComponent(editingLora), {
+      description: $("le-description").value, sd_version: $("le-sd-version").value,
+      preferred_weight: parseFloat($("le-weight").value) || 0, activation_text: $("le-activation").value,
+      negative_text: $("le-negative").value, notes: $("le-notes").value, ...extra,
+    });
+    $("le-status").textContent = "saved";
+    await loadLoras();
+  } catch (e) { $("le-status").textContent = e.message; }
+}
+$("le-save").onclick = () => saveLoraCard({});
+$("le-use-image").onclick = () => {
+  const selected = document.querySelector("#gallery img.sel");
+  if (selected) saveLoraCard({ preview: selected.src });
+};
+
+function insertText(field, text) {
+  if (!field.value.includes(text)) field.value = (field.value.trim() + " " + text).trim();
+}
 function insertPrompt(text) {
-  const p = $("prompt");
-  if (!p.value.includes(text)) p.value = (p.value.trim() + " " + text).trim();
-  p.focus();
+  insertText($("prompt"), text);
+  $("prompt").focus();
 }
 
 $("model").onchange = () => api("POST", "/sdapi/v1/options", { sd_model_checkpoint: $("model").value })
