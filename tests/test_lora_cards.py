@@ -392,3 +392,74 @@ def test_the_server_lists_shows_and_edits_cards(tmp_path, tiny_sd1_dir, kohya_fi
         assert client.get("/booth/v1/loras/nope/preview").status_code == 404
         (folder / "my dog.png").unlink()
         assert client.get("/booth/v1/loras/subj/preview").status_code == 404
+
+
+def infotext_png(path, prompt, lora_hashes):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    text = f'{prompt}\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Lora hashes: "{lora_hashes}"'
+    info.add_text("parameters", text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_a_pasted_prompt_names_the_local_lora_with_the_same_hash(tmp_path, kohya_file, capsys):
+    from booth.cli import main
+    from booth.generate.networks import remap_pasted_loras
+    from booth.models.hashing import lora_shorthash
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    mine = shutil.copy(kohya_file, folder / "my_copy.safetensors")  # alias "subj", sshs_model_hash recorded
+    with safe_open(str(mine), "pt") as f:
+        assert f.metadata()["sshs_model_hash"][:12] == lora_shorthash(mine)  # the recorded hash is A1111's
+    network = LoraNetwork([folder])
+    short = lora_shorthash(mine)
+    prompt = "a dog <lora:civitai_dog:0.8>, <lora:unknown:1> <lora:civitai_dog:te=1> <lora:nohash:1>"
+    hashes = f"civitai_dog: {short}, unknown: 0123456789ab"
+    assert remap_pasted_loras(prompt, hashes, network) == (
+        "a dog <lora:subj:0.8>, <lora:unknown:1> <lora:subj:te=1> <lora:nohash:1>"
+    )
+    assert remap_pasted_loras(prompt, None, network) == prompt
+    (folder / "my_copy.safetensors").unlink()  # now a file without a recorded hash or alias has that hash
+    bare = rewrite_metadata(kohya_file, folder / "bare.safetensors", sshs_model_hash="", ss_output_name="")
+    assert remap_pasted_loras(prompt, hashes, LoraNetwork([folder])).startswith("a dog <lora:bare:0.8>")
+    assert lora_shorthash(bare) == short  # metadata changes do not change the tensor-data hash
+
+    picture = infotext_png(tmp_path / "civitai.png", "a dog <lora:civitai_dog:0.8>", f"civitai_dog: {short}")
+    assert main(["png-info", str(picture), "--lora-dir", str(folder)]) == 0
+    assert "Prompt with your LoRAs: a dog <lora:bare:0.8>" in capsys.readouterr().out
+    assert main(["png-info", str(picture), "--lora-dir", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"]["Prompt"] == "a dog <lora:bare:0.8>"
+    assert main(["png-info", str(picture)]) == 0 and "your LoRAs" not in capsys.readouterr().out
+
+
+def test_the_server_remaps_pasted_loras_in_png_info_and_infotext(tmp_path, tiny_sd1_dir, kohya_file):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from booth.models.hashing import lora_shorthash
+    from booth.server.app import create_app
+    from booth.server.config import ServerConfig
+    from booth.server.generation import apply_infotext, remap_pasted_prompt
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora = shutil.copy(kohya_file, folder / "local.safetensors")
+    short = lora_shorthash(lora)
+    picture = infotext_png(tmp_path / "in.png", "a dog <lora:theirs:0.5>", f"theirs: {short}")
+    config = ServerConfig(model=str(tiny_sd1_dir), lora_dirs=[folder], data_dir=tmp_path / "data")
+    app = create_app(config)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        data = base64.b64encode(picture.read_bytes()).decode()
+        response = client.post("/sdapi/v1/png-info", json={"image": data}).json()
+        assert response["parameters"]["Prompt"] == "a dog <lora:subj:0.5>"  # the alias of local.safetensors
+        assert "<lora:theirs:0.5>" in response["info"]  # the picture's own text is shown as it is
+    services = app.state.booth
+    infotext = f'a cat <lora:theirs:1>\nSteps: 3, Seed: 2, CFG scale: 5, Lora hashes: "theirs: {short}"'
+    pasted = lambda parsed: remap_pasted_prompt(services, parsed)  # noqa: E731
+    request = apply_infotext({"infotext": infotext, "prompt": ""}, set(), pasted)
+    assert request["prompt"] == "a cat <lora:subj:1>" and request["steps"] == 3
+    own = apply_infotext({"infotext": infotext, "prompt": "mine <lora:theirs:1>"}, {"prompt"}, pasted)
+    assert own["prompt"] == "mine <lora:theirs:1>"  # a prompt the request sets is the request's

@@ -351,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("files", nargs="+", help="PNG/JPEG/WEBP files")
     info.add_argument("--json", action="store_true", help="print parsed parameters as JSON")
+    info.add_argument(
+        "--lora-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="rename the prompt's <lora:NAME:...> to your files with the same hash (A1111's paste)",
+    )
     info.set_defaults(func=cmd_png_info)
 
     samplers = sub.add_parser("samplers", help="list sampler names and schedule types")
@@ -732,13 +739,23 @@ def cmd_png_info(args) -> int:
     import json
 
     from booth.generate.metadata import png_info_text, read_image_metadata
+    from booth.generate.networks import LoraNetwork, remap_pasted_loras
 
+    check_folders("--lora-dir", args.lora_dir)
+    network = LoraNetwork(args.lora_dir) if args.lora_dir else None
     for path in args.files:
+        meta = read_image_metadata(path)
+        prompt = meta.parameters.get("Prompt") if isinstance(meta.parameters, dict) else None
+        remapped = prompt
+        if network is not None and isinstance(prompt, str):
+            remapped = remap_pasted_loras(prompt, meta.parameters.get("Lora hashes"), network)
         if args.json:
-            meta = read_image_metadata(path)
+            parameters = (
+                dict(meta.parameters) if remapped == prompt else {**meta.parameters, "Prompt": remapped}
+            )
             print(
                 json.dumps(
-                    {"file": path, "source": meta.source, "parameters": meta.parameters},
+                    {"file": path, "source": meta.source, "parameters": parameters},
                     ensure_ascii=False,
                     indent=2,
                 )
@@ -747,6 +764,8 @@ def cmd_png_info(args) -> int:
             if len(args.files) > 1:
                 print(f"== {path}")
             print(png_info_text(path))
+            if remapped != prompt:
+                print(f"Prompt with your LoRAs: {remapped}")
     return 0
 
 

@@ -183,6 +183,22 @@ class LoraNetwork:
             return None
         return self._is_lora_cache[key]
 
+    def by_hash(self) -> dict[str, Path]:
+        """{A1111 shorthash: file} of every LoRA found: kohya's `sshs_model_hash` where the file records one (as
+        A1111 trusts it), else the hash of its tensor data (computed once per file and process)."""
+        from booth.models.hashing import LORA_SHORTHASH_LENGTH, lora_shorthash
+        from booth.train.formats.lora import read_safetensors_header
+
+        found: dict[str, Path] = {}
+        for path in self.available().values():
+            try:
+                recorded = read_safetensors_header(path)[1].get("sshs_model_hash", "").strip().lower()
+                short = recorded[:LORA_SHORTHASH_LENGTH] if recorded else lora_shorthash(path)
+            except (BoothError, OSError):
+                continue
+            found.setdefault(short, path)
+        return found
+
     def find(self, name: str) -> Path:
         """The file for `name` (a file or folder name, else a unique alias, as A1111 resolves `<lora:...>`);
         BoothError listing the available names when there is none."""
@@ -336,6 +352,36 @@ def find_lora(name: str, dirs: list[str | os.PathLike] | tuple) -> Path:
     return LoraNetwork(dirs).find(name)
 
 
+_PASTED_LORA = re.compile(r"<lora:([^:>]+):")
+
+
+def remap_pasted_loras(prompt: str, lora_hashes: str | None, network: LoraNetwork) -> str:
+    """A1111's `infotext_pasted` for LoRAs: each `<lora:NAME:` of a pasted prompt whose NAME the infotext's
+    `Lora hashes` ("name: shorthash, ...") gives a hash of becomes the local LoRA with that hash, written as its
+    card writes it (alias or name); names without a hash, or whose hash no local file has, stay as they are."""
+    hashes = {}
+    for entry in (lora_hashes or "").split(","):
+        name, sep, short = entry.partition(":")
+        if sep and name.strip() and short.strip():
+            hashes[name.strip()] = short.strip().lower()
+    if not hashes or "<lora:" not in prompt:
+        return prompt
+    local = network.by_hash()
+    if not local:
+        return prompt
+    available = network.available()
+    aliases = {path: alias for alias, path in network.aliases(available).items()}
+    names = {path: name for name, path in available.items()}
+
+    def replace(match: re.Match[str]) -> str:
+        path = local.get(hashes.get(match.group(1).strip(), ""))
+        if path is None:
+            return match.group(0)
+        return f"<lora:{aliases.get(path, names[path])}:"
+
+    return _PASTED_LORA.sub(replace, prompt)
+
+
 def lora_list(dirs: list[str | os.PathLike] | tuple) -> list[dict[str, Any]]:
     """A1111 `/sdapi/v1/loras` entries: name, alias (`ss_output_name` or the name), path, metadata."""
     from booth.train.formats.lora import read_safetensors_header
@@ -354,4 +400,4 @@ def lora_list(dirs: list[str | os.PathLike] | tuple) -> list[dict[str, Any]]:
     return entries
 
 
-__all__ = ["LoraNetwork", "find_lora", "lora_list"]
+__all__ = ["LoraNetwork", "find_lora", "lora_list", "remap_pasted_loras"]

@@ -11,6 +11,7 @@ clients probing them keep working.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from booth.server.generation import (
     job_options,
     latent_preview,
     png_bytes,
+    remap_pasted_prompt,
 )
 from booth.server.queue import JOB_ID_RE, JobFailed, QueueClosed, QueueFull
 
@@ -148,7 +150,8 @@ def _job_failed(exc: JobFailed) -> ApiError:
 def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check a generation request completely; return the job's params snapshot and its inputs (in a thread)."""
 
-    request = apply_infotext(req.model_dump(), set(req.model_fields_set))
+    pasted = functools.partial(remap_pasted_prompt, services)
+    request = apply_infotext(req.model_dump(), set(req.model_fields_set), pasted)
     options = services.current_options()
     overrides = dict(request.get("override_settings") or {})
     uploads: dict[str, Any] = {}
@@ -496,9 +499,11 @@ def _png_info(services, data: str) -> dict[str, Any]:
 
     image = decode_image(data, services.config.limits, "image", convert=None)
     try:
-        return read_image_metadata(image).png_info_response()
+        response = read_image_metadata(image).png_info_response()
     finally:
         image.close()
+    remap_pasted_prompt(services, response["parameters"])  # A1111 runs its infotext-pasted callbacks here too
+    return response
 
 
 def option_defaults(services) -> dict[str, Any]:

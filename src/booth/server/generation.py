@@ -143,14 +143,17 @@ def validate_options(values: dict[str, Any]) -> dict[str, Any]:
 # request -> GenerationParams
 
 
-def apply_infotext(request: dict[str, Any], fields_set: set[str]) -> dict[str, Any]:
-    """A1111 `apply_infotext`: fields absent from the request are taken from its `infotext` string."""
+def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -> dict[str, Any]:
+    """A1111 `apply_infotext`: fields absent from the request are taken from its `infotext` string, after
+    `pasted(parsed)` (A1111's infotext-pasted callbacks, e.g. `remap_pasted_prompt`) adjusted the parsed fields."""
     from booth.generate.metadata import parse_infotext
 
     text = request.get("infotext")
     if not text:
         return request
     parsed = parse_infotext(text)
+    if pasted is not None:
+        pasted(parsed)
     mapping = {
         "Prompt": ("prompt", str),
         "Negative prompt": ("negative_prompt", str),
@@ -443,6 +446,17 @@ def build_params(
     return params.validate()
 
 
+def remap_pasted_prompt(services, parsed: dict[str, Any]) -> dict[str, Any]:
+    """A1111's infotext-pasted callback of its Lora extension: the pasted "Prompt" names each LoRA that
+    `Lora hashes` identifies as the server's own file with that hash is named (`remap_pasted_loras`)."""
+    if parsed.get("Prompt") and parsed.get("Lora hashes") and services.config.lora_dirs:
+        from booth.generate.networks import LoraNetwork, remap_pasted_loras
+
+        network = LoraNetwork(services.config.lora_dirs)
+        parsed["Prompt"] = remap_pasted_loras(parsed["Prompt"], parsed["Lora hashes"], network)
+    return parsed
+
+
 def job_options(options: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The option snapshot stored with a job: current options + the request's `override_settings`."""
     snapshot = {key: options.get(key, OPTION_DEFAULTS[key]) for key in JOB_OPTIONS}
@@ -612,6 +626,7 @@ __all__ = [
     "OPTION_DEFAULTS",
     "GenerationRunner",
     "apply_infotext",
+    "remap_pasted_prompt",
     "build_params",
     "job_options",
     "latent_preview",
