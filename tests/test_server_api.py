@@ -599,7 +599,7 @@ def test_bad_input_gets_an_a1111_error(client, method, path, body, status, text)
     assert_error(r, status, text)
 
 
-def test_sd_vae_lists_and_the_option_swaps_the_vae(client, dirs):
+def test_sd_vae_lists_and_the_option_swaps_the_vae(client, dirs, caplog):
     assert client.get("/sdapi/v1/sd-vae").json() == [
         {"model_name": "mse.safetensors", "filename": str(dirs["vae"] / "mse.safetensors")}
     ]
@@ -623,6 +623,15 @@ def test_sd_vae_lists_and_the_option_swaps_the_vae(client, dirs):
         )
         bad = {**body, "override_settings": {"sd_vae": "nope.pt"}}
         assert_error(client.post("/sdapi/v1/txt2img", json=bad), 400, "not found; available: Automatic, None")
+        # the stored option's file removed since: A1111 goes on with the model's own VAE, and so does booth
+        gone = shutil.copy(dirs["vae"] / "mse.safetensors", dirs["vae"] / "gone.safetensors")
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "gone.safetensors"}).status_code == 200
+        gone.unlink()
+        with caplog.at_level("WARNING", logger="booth.server"):
+            fallback = client.post("/sdapi/v1/txt2img", json=body).json()
+        assert json.loads(fallback["info"])["sd_vae_name"] is None
+        assert decode_png(fallback["images"][0]).tobytes() == decode_png(own["images"][0]).tobytes()
+        assert "'gone.safetensors' (option sd_vae) is not in the VAE folders any more" in caplog.text
     finally:
         client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
     back = client.post("/sdapi/v1/txt2img", json=body).json()["images"][0]  # the model's own VAE again

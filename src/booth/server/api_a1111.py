@@ -159,7 +159,8 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
         snapshot_options = job_options(options, overrides)
         title = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
         model = services.registry.find(title).title
-        services.models.resolve_vae(snapshot_options["sd_vae"], model)
+        # a VAE this request names must be there; the stored option's may have gone (the model's own, then)
+        services.models.resolve_vae(snapshot_options["sd_vae"], model, missing_ok="sd_vae" not in overrides)
         uploads = decode_inputs(kind, request, services.config.limits)
         styles = services.styles(request.get("styles") or [])
         params = build_params(kind, request, snapshot_options, services.config.limits, uploads, styles)

@@ -549,7 +549,8 @@ class GenerationRunner:
         except HTTPException as exc:
             raise JobFailed(exc.status_code, str(exc.detail)) from None
         check_output_size(engine, params, limits)
-        engine.set_vae(services.models.resolve_vae(options.get("sd_vae", "Automatic"), job.params["model"]))
+        vae = options.get("sd_vae", "Automatic")
+        engine.set_vae(services.models.resolve_vae(vae, job.params["model"], missing_ok=True))  # gone since
         services.models.set_upscaler_tiles(services.current_options())
         engine.state = GenerationState()
         ctx.data["engine"] = engine

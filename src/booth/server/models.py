@@ -14,6 +14,7 @@ extension, and with an A1111 ` [hash]` suffix.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from booth.models.loading import DEFAULT_MODEL_NAME, SINGLE_FILE_SUFFIXES, class
 from booth.server.config import ServerConfig
 
 MAX_SCAN_DEPTH = 4
+log = logging.getLogger("booth.server")
 
 
 @dataclass
@@ -188,9 +190,11 @@ class ModelManager:
 
         return vae_files(self.config.vae_dirs)
 
-    def resolve_vae(self, value: str, title: str) -> Path | None:
+    def resolve_vae(self, value: str, title: str, missing_ok: bool = False) -> Path | None:
         """The VAE the option `sd_vae` = `value` means for the model `title`: "Automatic" (a VAE named after
-        the checkpoint, else the model's own), "None" (the model's own) or a listed file name."""
+        the checkpoint, else the model's own), "None" (the model's own) or a listed file name. A name not in
+        the VAE folders is a BoothError, or with `missing_ok` (a stored option whose file has gone since) the
+        model's own VAE and a logged warning, as A1111 goes on ("Couldn't find VAE named ...; using None")."""
         from booth.models.vae import automatic_vae
 
         if value == "None":
@@ -200,6 +204,11 @@ class ModelManager:
             local = Path(source) if source is not None and Path(source).exists() else None
             return automatic_vae(local, self.config.vae_dirs)
         files = self.vae_files()
+        if value not in files and missing_ok:
+            log.warning(
+                "VAE %r (option sd_vae) is not in the VAE folders any more; using the model's own", value
+            )
+            return None
         if value not in files:
             raise BoothError(
                 f"VAE {value!r} not found; available: {', '.join(['Automatic', 'None', *files])}"
