@@ -78,6 +78,53 @@ def test_xy_grid_from_the_cli(tiny_sd1_dir, tmp_path):
     assert len([p for p in tmp_path.glob("0*.png")]) == 4
 
 
+def test_xy_plot_over_checkpoints_vaes_and_styles(tiny_sd1_dir, tmp_path, capsys):
+    """A1111's Checkpoint name, VAE and Styles axes: each cell runs on its model with its VAE; a name that is
+    not there is refused before any picture is made."""
+    import numpy as np
+    import torch
+
+    from booth.models.tiny import tiny_pipeline
+
+    other = tiny_pipeline("sd1")
+    with torch.no_grad():
+        for param in other.unet.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+    other.save_pretrained(tmp_path / "other")
+    vae = other.vae
+    with torch.no_grad():
+        for param in vae.decoder.parameters():
+            param.mul_(1.3)
+    vae.save_pretrained(tmp_path / "vae")
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nOil,"{prompt}, oil painting",\n')
+    out = tmp_path / "out"
+    checkpoints = f"{tiny_sd1_dir},{tmp_path / 'other'}"
+    flags = ["--xy", "Checkpoint name", checkpoints, "--xy-y", "VAE", f"None,{tmp_path / 'vae'}"]
+    flags += ["--xy-z", "Styles", "Oil", "--styles-file", str(styles)]
+    assert gen(tiny_sd1_dir, out, *flags) == 0
+    cells = sorted(out.glob("0*.png"))
+    assert len(cells) == 4 and len(list(out.glob("grid-*.png"))) == 1
+    texts = [Image.open(p).text["parameters"] for p in cells]
+    pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in cells]
+    # run grouped by checkpoint: the --model's two cells first (VAE None, then the file), then the other's
+    assert [f"Model: {tiny_sd1_dir.name}" in t for t in texts] == [True, True, False, False]
+    assert all("Model: other" in t for t in texts[2:])
+    assert ["VAE: vae" in t for t in texts] == [False, True, False, True]
+    assert all(t.startswith("a red apple, oil painting\n") for t in texts)
+    assert np.abs(pixels[0] - pixels[2]).mean() > 1 and np.abs(pixels[0] - pixels[1]).mean() > 1
+    capsys.readouterr()
+
+    missing = ["--xy", "Checkpoint name", f"{tiny_sd1_dir},{tmp_path / 'nope.safetensors'}"]
+    assert gen(tiny_sd1_dir, tmp_path / "bad", *missing) == 2
+    assert "model path not found" in capsys.readouterr().err
+    assert not list((tmp_path / "bad").glob("*.png"))  # refused before any picture
+    assert gen(tiny_sd1_dir, tmp_path / "bad", "--xy", "VAE", str(tmp_path / "none.pt")) == 2
+    assert "VAE axis" in capsys.readouterr().err
+    assert gen(tiny_sd1_dir, tmp_path / "bad", "--xy", "Steps", "1", "--xy-z", "Seed", "1") == 2
+    assert "--xy-z needs --xy-y" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

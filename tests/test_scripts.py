@@ -223,7 +223,7 @@ def test_axis_names_cover_every_supported_axis():
 def test_unknown_axis_lists_valid_names():
     with pytest.raises(
         BoothError,
-        match="unknown Y axis 'Stepz'; valid: Nothing, Seed, .*Steps, Hires steps, CFG Scale, Image CFG Scale, Prompt S/R.*Size, or .*cfg_scale",
+        match="unknown Y axis 'Stepz'; valid: Nothing, Seed, .*Steps, Hires steps, CFG Scale, Image CFG Scale, Prompt S/R.*Size, Checkpoint name, VAE, Styles, or .*cfg_scale",
     ):
         xy_grid_jobs(base(), "Steps", "1", "Stepz", "1")
     with pytest.raises(BoothError, match="unknown X axis 'init_images'"):
@@ -365,3 +365,83 @@ def test_apply_style_substitutes_or_appends():
     assert merge_prompts("oil painting", "") == "oil painting"
     assert merge_prompts("", "blurry") == "blurry"
     assert apply_styles("cat", ["{prompt} photo", "4k"]) == "cat photo, 4k"
+
+
+# ---------------------------------------------------------------------------------------------- setting axes
+
+
+def test_checkpoint_and_vae_axes_set_the_cells_override_settings(tmp_path):
+    model = tmp_path / "anime.safetensors"
+    model.write_bytes(b"")
+    jobs, xl, yl, _ = xyz_grid_jobs(
+        base(), "Checkpoint name", f"{model}, org/photo", "VAE", "None, ft-mse.pt"
+    )
+    assert [[j.override_settings for j in row] for row in jobs[0]] == [
+        [
+            {"sd_model_checkpoint": str(model), "sd_vae": "None"},
+            {"sd_model_checkpoint": "org/photo", "sd_vae": "None"},
+        ],
+        [
+            {"sd_model_checkpoint": str(model), "sd_vae": "ft-mse.pt"},
+            {"sd_model_checkpoint": "org/photo", "sd_vae": "ft-mse.pt"},
+        ],
+    ]
+    assert xl == ["anime.safetensors", "org/photo"]  # A1111 `format_remove_path`
+    assert yl == ["VAE: None", "VAE: ft-mse.pt"]
+    assert base().override_settings == {}  # the base job is left alone
+
+
+def test_styles_axis_merges_each_value_s_styles(tmp_path):
+    from booth.prompts.styles import read_styles
+
+    csv_file = tmp_path / "styles.csv"
+    csv_file.write_text('name,prompt,negative_prompt\nOil,"{prompt}, oil painting",blurry\nDark,dark,\n')
+    styles = read_styles([csv_file])
+    params = base(styles=("Mine",))
+    jobs, labels, _, _ = xyz_grid_jobs(params, "Styles", 'Oil, "Oil,Dark"', styles=styles)
+    oil, both = jobs[0][0]
+    assert (oil.prompt, oil.negative_prompt, oil.styles) == (
+        "a photo of a dog, oil painting",
+        "blurry",
+        ("Mine", "Oil"),
+    )
+    assert both.prompt == "a photo of a dog, oil painting, dark" and both.styles == ("Mine", "Oil", "Dark")
+    assert labels == ["Styles: Oil", "Styles: Oil, Dark"]
+    with pytest.raises(BoothError, match="X axis 'Styles': unknown style 'Pastel'; known: Oil, Dark"):
+        xyz_grid_jobs(params, "Styles", "Pastel", styles=styles)
+    with pytest.raises(BoothError, match="no styles loaded: give the styles.csv"):
+        xyz_grid_jobs(params, "Styles", "Oil")
+
+
+def test_cells_run_grouped_by_checkpoint_after_every_cell_is_checked():
+    ran, checked = [], []
+
+    def generate(p):
+        ran.append((p.override_settings["sd_model_checkpoint"], p.steps))
+        return fake_generate(p)
+
+    def check(p):
+        checked.append(p.steps)
+        assert not ran, "every cell is checked before any is generated"
+
+    result = run_xy_grid(base(), generate, "Steps", "1, 2", "Checkpoint name", "b, a, b", check=check)
+    assert len(checked) == 6
+    assert ran == [("b", 1), ("b", 2), ("b", 1), ("b", 2), ("a", 1), ("a", 2)]  # each model loads once
+    assert [(j.override_settings["sd_model_checkpoint"], j.steps) for j in result.jobs] == [
+        ("b", 1), ("b", 2), ("a", 1), ("a", 2), ("b", 1), ("b", 2),
+    ]  # fmt: skip
+    assert result.labels["y"] == ["b", "a", "b"]
+
+    def refuse(p):
+        raise BoothError(f"model {p.override_settings['sd_model_checkpoint']} not found")
+
+    ran.clear()
+    with pytest.raises(BoothError, match="model b not found"):
+        run_xy_grid(base(), generate, "Checkpoint name", "b", check=refuse)
+    assert ran == []
+
+
+def test_an_engine_refuses_a_job_that_still_names_a_checkpoint(sd1_engine):
+    job = base(steps=1, width=32, height=32, override_settings={"sd_model_checkpoint": "x"})
+    with pytest.raises(BoothError, match="this job sets sd_model_checkpoint"):
+        sd1_engine.generate(job)

@@ -30,6 +30,8 @@ examples:
   booth generate "a castle" --enable-hr --hr-scale 2 --hr-upscaler Latent --denoising-strength 0.6
   booth generate "a red|blue|big apple" --prompt-matrix
   booth generate "a dog" --xy "Steps" "10,20,30" --xy-y "CFG Scale" "3-9 (+3)"
+  booth generate "a sks dog" --model sd15.safetensors --xy "Checkpoint name" "sd15.safetensors,runs/dog/model" \
+      --xy-y VAE "None,vae-ft-mse.safetensors" --xy-z Styles "Oil,Cinematic" --styles-file styles.csv
 
 Images are written to --out as 00000-<seed>.png (never overwriting) with A1111's `parameters` metadata.
 """
@@ -319,6 +321,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--prompt-matrix", action="store_true", help="prompt matrix over the '|' parts")
     s.add_argument("--xy", nargs=2, metavar=("AXIS", "VALUES"), help="X axis, e.g. Steps '10,20,30'")
     s.add_argument("--xy-y", nargs=2, metavar=("AXIS", "VALUES"), help="Y axis for --xy")
+    s.add_argument("--xy-z", nargs=2, metavar=("AXIS", "VALUES"), help="Z axis: an X/Y grid for each value")
     o = p.add_argument_group("output and runtime")
     o.add_argument("--out", "-o", default="outputs", help="output folder (default ./outputs)")
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if present)")
@@ -544,21 +547,26 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     ensure_writable_dir(out)
     embeddings = _embeddings(args)
-    engine = Engine.from_model(
-        args.model, device=device, dtype=dtype, extra_networks=registry, upscalers=upscalers
-    )
-    vae = _vae_path(args)
-    if vae is not None:
-        engine.set_vae(vae)
-    for path in args.custom_diffusion:
-        from booth.train.formats.custom_diffusion import load_custom_diffusion
 
-        load_custom_diffusion(engine.pipe, path)
-    if embeddings:
-        from booth.train.formats.embeddings import usable_embeddings
+    def load_engine(model: str | None) -> Engine:
+        """`model` with everything the flags add: VAE, Custom Diffusion, embeddings, LoRAs, upscalers."""
+        engine = Engine.from_model(
+            model, device=device, dtype=dtype, extra_networks=registry, upscalers=upscalers
+        )
+        vae = _vae_path(args, model)
+        if vae is not None:
+            engine.set_vae(vae)
+        for path in args.custom_diffusion:
+            from booth.train.formats.custom_diffusion import load_custom_diffusion
 
-        engine.embeddings = usable_embeddings(embeddings, engine.pipe)  # A1111 skips ones of another width
+            load_custom_diffusion(engine.pipe, path)
+        if embeddings:
+            from booth.train.formats.embeddings import usable_embeddings
 
+            engine.embeddings = usable_embeddings(embeddings, engine.pipe)  # A1111 skips another width's
+        return engine
+
+    engine = load_engine(args.model)
     progress = None if args.no_progress else ProgressBar()
     if batch:
         saved = []
@@ -569,7 +577,7 @@ def cmd_generate(args) -> int:
         if progress:
             progress.close()
     elif args.prompt_matrix or args.xy:
-        saved = _run_script(engine, params, args, out, progress)
+        saved = _run_script(_CellEngines(engine, load_engine, args), params, args, out, progress)
     else:
         result = engine.generate(params, callback=progress.update if progress else None)
         if progress:
@@ -632,13 +640,56 @@ def parse_wxh(text: str | None, flag: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _vae_path(args) -> Path | None:
-    """--vae, or A1111's Automatic (a VAE named after the checkpoint, beside it), or None (the model's own)."""
-    if args.vae is not None:
-        return None if args.vae.lower() == "none" else Path(args.vae)
+def _vae_path(args, model: str | None, vae: str | None = None) -> Path | None:
+    """The VAE `model` runs with: `vae` (an X/Y cell's), else --vae: a file, "None" (the model's own) or
+    "Automatic"; without either A1111's Automatic (a VAE named after the checkpoint, beside it)."""
+    vae = vae if vae is not None else args.vae
+    if vae is not None and vae.lower() != "automatic":
+        return None if vae.lower() == "none" else Path(vae)
     from booth.models.vae import automatic_vae
 
-    return automatic_vae(Path(args.model)) if args.model and Path(args.model).is_file() else None
+    return automatic_vae(Path(model)) if model and Path(model).is_file() else None
+
+
+class _CellEngines:
+    """The engine each X/Y cell runs on: the --model engine, or (a "Checkpoint name" axis) another model,
+    one loaded at a time, each with the cell's VAE (a "VAE" axis) or the flags' one."""
+
+    def __init__(self, base, load, args):
+        self.base, self.load, self.args = base, load, args
+        self.other = None  # (model, Engine) of the last other checkpoint
+
+    def check(self, job) -> None:
+        """Refuse a cell's checkpoint or VAE that is not there, before anything is generated."""
+        from booth.models.loading import DEFAULT_MODEL_NAME, classify_model
+
+        settings = job.override_settings
+        if settings.get("sd_model_checkpoint") not in (None, "", DEFAULT_MODEL_NAME):
+            classify_model(settings["sd_model_checkpoint"])
+        vae = settings.get("sd_vae")
+        if vae and vae.lower() not in ("none", "automatic") and not Path(vae).exists():
+            raise BoothError(f"VAE axis: {vae} not found")
+
+    def engine_for(self, job):
+        """The engine for `job`'s checkpoint ("booth-mini": the default model), its VAE set; the job without
+        its override settings."""
+        import gc
+
+        from booth.models.loading import DEFAULT_MODEL_NAME
+
+        settings = dict(job.override_settings)
+        model = settings.pop("sd_model_checkpoint", None) or self.args.model
+        model = None if model == DEFAULT_MODEL_NAME else model
+        if model == self.args.model:
+            engine = self.base
+        else:
+            if self.other is None or self.other[0] != model:
+                self.other = None
+                gc.collect()  # the previous other checkpoint goes before the next one loads
+                self.other = (model, self.load(model))
+            engine = self.other[1]
+        engine.set_vae(_vae_path(self.args, model, settings.pop("sd_vae", None)))
+        return engine, job.replace(override_settings=settings)
 
 
 def _upscalers(args, device, dtype):
@@ -707,7 +758,7 @@ def _save_result(result, out: Path, prefix: str = "") -> list[Path]:
     return paths
 
 
-def _run_script(engine, params, args, out: Path, progress) -> list[Path]:
+def _run_script(engines: _CellEngines, params, args, out: Path, progress) -> list[Path]:
     from booth.generate.noise import resolve_seed
     from booth.generate.output import save_generated
     from booth.generate.scripts import run_prompt_matrix, run_xy_grid
@@ -715,6 +766,7 @@ def _run_script(engine, params, args, out: Path, progress) -> list[Path]:
     results = []
 
     def generate(job):
+        engine, job = engines.engine_for(job)
         result = engine.generate(job, callback=progress.update if progress else None)
         results.append(result)
         return result.images
@@ -725,8 +777,27 @@ def _run_script(engine, params, args, out: Path, progress) -> list[Path]:
         label = f"Prompt matrix: {params.prompt}"
     else:
         (x_axis, x_values), (y_axis, y_values) = args.xy, (args.xy_y or (None, None))
-        script = run_xy_grid(params, generate, x_axis, x_values, y_axis, y_values)
-        label = f"X/Y grid: {x_axis} x {y_axis or '-'}"
+        z_axis, z_values = args.xy_z or (None, None)
+        if args.xy_z and not args.xy_y:
+            raise BoothError("--xy-z needs --xy-y too")
+        styles = None
+        if args.styles_file:
+            from booth.prompts.styles import read_styles
+
+            styles = read_styles(args.styles_file)
+        script = run_xy_grid(
+            params,
+            generate,
+            x_axis,
+            x_values,
+            y_axis,
+            y_values,
+            z_axis=z_axis,
+            z_values=z_values,
+            styles=styles,
+            check=engines.check,
+        )
+        label = f"X/Y/Z plot: {x_axis} x {y_axis or '-'}" + (f" x {z_axis}" if z_axis else "")
     if progress:
         progress.close()
     paths = [p for result in results for p in _save_result(result, out)]

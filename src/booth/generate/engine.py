@@ -220,6 +220,11 @@ class Engine:
     def generate(self, params: GenerationParams, callback: StepCallback | None = None) -> GenerationResult:
         """txt2img, or img2img when `params.init_images` is set. Returns batch_size * n_iter images."""
         params.validate()
+        if params.override_settings:
+            raise BoothError(
+                f"this job sets {', '.join(sorted(params.override_settings))}, which an engine cannot "
+                "change itself: load that model / VAE and run the job without them"
+            )
         from booth.generate.samplers import resolve_sampler
 
         sampler, schedule = resolve_sampler(params.sampler_name, params.scheduler)

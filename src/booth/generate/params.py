@@ -101,6 +101,10 @@ class GenerationParams:
     hr_negative_prompt: str = ""  # "": `negative_prompt`
     # extra networks
     disable_extra_networks: bool = False
+    # A1111 options for this job alone, as its `p.override_settings`: `sd_model_checkpoint` (a model path or
+    # hub id) and `sd_vae` ("None", "Automatic" or a VAE file), set by the X/Y plot's "Checkpoint name" and
+    # "VAE" axes; the runner of the job applies them (`Engine.generate` refuses a job that still has any)
+    override_settings: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> GenerationParams:
         """Raise BoothError with a one-line message for any invalid field; return self."""

@@ -40,7 +40,7 @@ class ScriptResult:
     Attributes:
         grid: the annotated grid image (A1111 inserts it as image 0; here it is separate).
         images: every image `generate` returned, in job order.
-        jobs: the resolved params of every job, in the order they were run (row-major over the grid).
+        jobs: the resolved params of every job, in grid order (row-major).
         labels: label lists by role: "x" (columns), "y" (rows), "z" (sub-grids), "prompts".
     """
 
@@ -330,9 +330,22 @@ FIELD_AXES = types.MappingProxyType(
         "Guidance rescale": "guidance_rescale",
     }
 )
+CHECKPOINT = "Checkpoint name"
+VAE = "VAE"
+STYLES = "Styles"
+# Axes that set an A1111 option for the cell (`GenerationParams.override_settings`): label -> option.
+SETTING_AXES = types.MappingProxyType({CHECKPOINT: "sd_model_checkpoint", VAE: "sd_vae"})
 # Axes that are not a single field: label -> kind.
 SPECIAL_AXES = types.MappingProxyType(
-    {NOTHING: "nothing", PROMPT_SR: "prompt_sr", PROMPT_ORDER: "prompt_order", SIZE: "size"}
+    {
+        NOTHING: "nothing",
+        PROMPT_SR: "prompt_sr",
+        PROMPT_ORDER: "prompt_order",
+        SIZE: "size",
+        CHECKPOINT: "setting",
+        VAE: "setting",
+        STYLES: "styles",
+    }
 )
 _SEED_FIELDS = ("seed", "subseed")
 _SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
@@ -344,7 +357,7 @@ class Axis:
 
     which: str  # "X", "Y" or "Z", for messages
     label: str  # A1111 label (or field name); "" for Nothing
-    kind: str  # "nothing" | "field" | "size" | "prompt_sr" | "prompt_order"
+    kind: str  # "nothing" | "field" | "size" | "prompt_sr" | "prompt_order" | "setting" | "styles"
     field: str | None
     values: tuple[Any, ...]
     labels: tuple[str, ...]
@@ -374,6 +387,9 @@ AXIS_NAMES = (
     "Hires upscaler",
     "Guidance rescale",
     SIZE,
+    CHECKPOINT,
+    VAE,
+    STYLES,
 )
 
 
@@ -387,7 +403,7 @@ def resolve_axis_name(which: str, name: str) -> tuple[str, str, str | None]:
     key = name.strip().lower()
     for label, kind in SPECIAL_AXES.items():
         if key == label.lower():
-            return label, kind, None
+            return label, kind, SETTING_AXES.get(label)
     for label, field in FIELD_AXES.items():
         if key in (label.lower(), field):
             return label, "field", field
@@ -405,10 +421,17 @@ def split_values(text: str) -> list[str]:
     return [value.strip() for row in rows for value in row]
 
 
-def parse_axis(which: str, name: str | None, values: str | None, rng: random.Random) -> Axis:
+def parse_axis(
+    which: str,
+    name: str | None,
+    values: str | None,
+    rng: random.Random,
+    styles: typing.Mapping[str, Any] | None = None,
+) -> Axis:
     """Parse one axis: its name (None = Nothing) and its CSV/range value string.
 
-    Seed and Var. seed values of -1 each become a random seed (A1111 fixes them the same way).
+    Seed and Var. seed values of -1 each become a random seed (A1111 fixes them the same way). A Styles value
+    names one style or several ("Oil,Cinematic", quoted), looked up in `styles` (`booth.prompts.styles`).
     """
     if name is None:
         if values and values.strip():
@@ -423,7 +446,10 @@ def parse_axis(which: str, name: str | None, values: str | None, rng: random.Ran
         raw = [v for v in raw if v]
     if not raw:
         raise axis.fail("no values")
-    parsed = _PARSERS[kind](axis, raw, rng)
+    if kind == "styles":
+        parsed = _parse_styles(axis, raw, styles)
+    else:
+        parsed = _PARSERS[kind](axis, raw, rng)
     return dataclasses.replace(
         axis, values=tuple(parsed), labels=tuple(format_axis_label(axis, v) for v in parsed)
     )
@@ -459,6 +485,20 @@ def _parse_sr(axis: Axis, raw: list[str], rng: random.Random) -> list[str]:
     return raw
 
 
+def _parse_styles(axis: Axis, raw: list[str], styles: typing.Mapping[str, Any] | None) -> list[tuple]:
+    """Each value: the styles it names (A1111 `apply_styles` splits a value on ","), as `PromptStyle`s."""
+    from booth.prompts.styles import select_styles
+
+    if not styles:
+        raise axis.fail("no styles loaded: give the styles.csv (--styles-file)")
+    try:
+        return [
+            tuple(select_styles(dict(styles), [n.strip() for n in v.split(",") if n.strip()])) for v in raw
+        ]
+    except BoothError as err:
+        raise axis.fail(str(err)) from None
+
+
 def _parse_order(axis: Axis, raw: list[str], rng: random.Random) -> list[tuple[str, ...]]:
     if len(raw) > 6:
         raise axis.fail(f"{len(raw)} tokens give {math.factorial(len(raw))} orders (limit 6 tokens)")
@@ -472,6 +512,7 @@ _PARSERS: types.MappingProxyType[str, Callable[[Axis, list[str], random.Random],
             "size": _parse_sizes,
             "prompt_sr": _parse_sr,
             "prompt_order": _parse_order,
+            "setting": _parse_sr,  # the values as given; the job's runner checks them
         }
     )
 )
@@ -493,7 +534,18 @@ def format_axis_label(axis: Axis, value: Any) -> str:
         return ", ".join(value)
     if axis.kind == "size":
         return f"{axis.label}: {value[0]}x{value[1]}"
+    if axis.label == CHECKPOINT:
+        return _model_label(value)  # A1111 `format_remove_path`
+    if axis.kind == "styles":
+        return f"{axis.label}: {', '.join(style.name for style in value)}"
     return f"{axis.label}: {format_value(value)}"
+
+
+def _model_label(value: str) -> str:
+    """A model's file or folder name without its folders (a hub id stays whole)."""
+    import os
+
+    return os.path.basename(os.path.normpath(value)) if os.path.exists(value) else value
 
 
 def apply_axis(axis: Axis, params: GenerationParams, value: Any) -> GenerationParams:
@@ -506,6 +558,13 @@ def apply_axis(axis: Axis, params: GenerationParams, value: Any) -> GenerationPa
         return _apply_prompt_sr(axis, params, value)
     if axis.kind == "prompt_order":
         return params.replace(prompt=_reorder_prompt(axis, params.prompt, value))
+    if axis.kind == "setting":
+        return params.replace(override_settings={**params.override_settings, axis.field: value})
+    if axis.kind == "styles":
+        from booth.prompts.styles import apply_to_params
+
+        styled = apply_to_params(params, value)
+        return styled.replace(styles=params.styles + styled.styles)
     return params
 
 
@@ -549,22 +608,38 @@ def xyz_grid_jobs(
     z_values: str | None = None,
     *,
     rng: random.Random | None = None,
+    styles: typing.Mapping[str, Any] | None = None,
 ) -> tuple[Jobs3D, list[str], list[str], list[str]]:
     """Jobs for an X/Y/Z plot, indexed `jobs[z][y][x]`, plus the x, y and z labels.
 
     A base seed (or subseed) of -1 becomes one random seed shared by every cell (A1111 with "Keep -1 for
-    seeds" off). Cells apply X, then Y, then Z; each cell is validated before anything is generated.
+    seeds" off). Cells apply X, then Y, then Z; each cell is validated before anything is generated. `styles`
+    are the styles a Styles axis may name.
     """
     rng = rng or random.Random()
-    x = parse_axis("X", x_axis, x_values, rng)
-    y = parse_axis("Y", y_axis, y_values, rng)
-    z = parse_axis("Z", z_axis, z_values, rng)
+    x = parse_axis("X", x_axis, x_values, rng, styles)
+    y = parse_axis("Y", y_axis, y_values, rng, styles)
+    z = parse_axis("Z", z_axis, z_values, rng, styles)
     base = fix_seeds(params, rng)
     jobs = [
         [[_cell_job(base, (x, xv), (y, yv), (z, zv)) for xv in x.values] for yv in y.values]
         for zv in z.values
     ]
     return jobs, list(x.labels), list(y.labels), list(z.labels)
+
+
+def _grouped_order(jobs: list[GenerationParams]) -> list[int]:
+    """The order to run `jobs` in: grouped by checkpoint, then by VAE, each group in the order its value first
+    appears in the grid, grid order within a group (so a plot over models loads each model once)."""
+    firsts: dict[tuple[str, str], int] = {}
+    keys = []
+    for job in jobs:
+        key = []
+        for option in SETTING_AXES.values():
+            value = job.override_settings.get(option, "")
+            key.append(firsts.setdefault((option, value), len(firsts)))
+        keys.append(tuple(key))
+    return sorted(range(len(jobs)), key=lambda i: keys[i])
 
 
 def _cell_job(base: GenerationParams, *settings: tuple[Axis, Any]) -> GenerationParams:
@@ -610,17 +685,26 @@ def run_xy_grid(
     draw_legend: bool = True,
     margin_size: int = 0,
     rng: random.Random | None = None,
+    styles: typing.Mapping[str, Any] | None = None,
+    check: Callable[[GenerationParams], None] | None = None,
 ) -> ScriptResult:
     """Generate an X/Y (or X/Y/Z) plot and draw it (A1111 `scripts/xyz_grid.py`, `draw_xyz_grid`).
 
     A cell whose job yields several images (batch_size * n_iter > 1) shows them as a sub-grid. With a Z axis
     the X/Y grids are laid side by side under the Z labels. Without `draw_legend` no labels are drawn.
+    `check(job)` is called on every cell before any is generated (the runner's own checks, e.g. that a
+    Checkpoint name exists). Cells that set a checkpoint or VAE run grouped by them (each model loads once,
+    as A1111 orders its loops by axis cost); `images` and `jobs` stay in grid order.
     """
     jobs, x_labels, y_labels, z_labels = xyz_grid_jobs(
-        params, x_axis, x_values, y_axis, y_values, z_axis, z_values, rng=rng
+        params, x_axis, x_values, y_axis, y_values, z_axis, z_values, rng=rng, styles=styles
     )
     flat = [job for plane in jobs for row in plane for job in row]
-    batches = [_generate_checked(generate, job) for job in flat]
+    for job in flat if check is not None else []:
+        check(job)
+    order = _grouped_order(flat)
+    ran = {i: _generate_checked(generate, flat[i]) for i in order}
+    batches = [ran[i] for i in range(len(flat))]
     cells = iter(_cell_image(batch) for batch in batches)
     legend = (y_labels, x_labels) if draw_legend else ([], [])
     sub_grids = [
