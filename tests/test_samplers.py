@@ -241,7 +241,8 @@ def test_timestep_samplers_follow_a1111_whatever_the_model_config_omits():
         x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()  # eta 0: no clipping of x_0
         expected = abar[t_prev].sqrt() * x0 + (1 - abar[t_prev]).sqrt() * eps
         x = scheduler.step(eps, t, x).prev_sample
-        torch.testing.assert_close(x, expected)
+        # clipping x_0 to [-1, 1] would be off by ~1; the step may round through float32 (3e-7 seen, diffusers 0.42.1)
+        torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
     plms = make_scheduler(*resolve_sampler("PLMS"), config)
     assert plms.config.skip_prk_steps and plms.final_alpha_cumprod == plms.alphas_cumprod[0]
 
