@@ -331,6 +331,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="weights dtype (default float32 on CPU, float16 on CUDA)",
     )
+    o.add_argument(
+        "--vae-tiling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode / encode in tiles: auto (a picture that runs out of memory is done again in tiles, as "
+        "ComfyUI does), on (always: large pictures in little memory), off",
+    )
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -553,6 +560,7 @@ def cmd_generate(args) -> int:
         engine = Engine.from_model(
             model, device=device, dtype=dtype, extra_networks=registry, upscalers=upscalers
         )
+        engine.vae_tiling = args.vae_tiling
         vae = _vae_path(args, model)
         if vae is not None:
             engine.set_vae(vae)

@@ -190,6 +190,9 @@ class Engine:
         self.extra_networks = extra_networks if extra_networks is not None else ExtraNetworkRegistry()
         self.upscalers = upscalers if upscalers is not None else Upscalers(device=self.pipe.unet.device)
         self.vae = None  # a `booth.models.vae.VaeInfo` while a standalone VAE replaces the model's own
+        self.vae_tiling = (
+            "auto"  # `booth.generate.vae_decode`: auto (tiles when a picture does not fit) | on | off
+        )
         self.state = GenerationState()
 
     @classmethod
@@ -549,9 +552,11 @@ class Engine:
     def _edit_conditioning(self, params, width: int, height: int, job: inpaint.InpaintJob | None = None):
         """An instruct-pix2pix UNet's extra input: the picture's latents, the VAE posterior's mode without the
         scaling factor (as the model was trained; A1111 `edit_image_conditioning`, diffusers' pipeline)."""
+        from booth.generate import vae_decode
+
         vae = self.pipe.vae
         pixels = self._pixels(self._init_images(params, width, height, job)).to(self.device, vae.dtype)
-        return vae.encode(pixels).latent_dist.mode().to(self.device, self.dtype)
+        return vae_decode.encode(vae, pixels, self.vae_tiling, sample="mode").to(self.device, self.dtype)
 
     @torch.no_grad()
     def _image_conditioning(self, params, width: int, height: int, job: inpaint.InpaintJob | None = None):
@@ -773,17 +778,24 @@ class Engine:
     @torch.no_grad()
     def _encode_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] as scaled latents (the VAE posterior's mean)."""
+        from booth.generate import vae_decode
+
         vae = self.pipe.vae
         batch = pixels.to(self.device, vae.dtype)
-        latents = vae.encode(batch).latent_dist.mean
+        latents = vae_decode.encode(vae, batch, self.vae_tiling)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).to(self.dtype)
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Scaled latents -> pictures, one at a time, in tiles as `vae_tiling` says (`vae_decode`)."""
+        from booth.generate import vae_decode
+
         vae = self.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        pixels = vae_decode.decode(
+            vae, latents.to(vae.dtype) / vae.config.scaling_factor + shift, self.vae_tiling
+        )
         array = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 

@@ -77,6 +77,12 @@ def add_serve_command(sub) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    p.add_argument(
+        "--vae-tiling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="VAE in tiles: auto (a picture that runs out of memory is done again in tiles), on, off",
+    )
     p.add_argument("--max-size", type=int, default=2048, help="largest width/height a request may ask for")
     p.add_argument("--max-batch-size", type=int, default=8, help="largest batch_size a request may ask for")
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body in MiB (default 32)")
@@ -124,6 +130,7 @@ def build_config(args):
         data_dir=args.data_dir,
         device=args.device,
         dtype=args.dtype,
+        vae_tiling=args.vae_tiling,
         limits=limits,
         preload=not args.no_preload,
         start_paused=args.paused,

@@ -58,6 +58,7 @@ class ServerConfig:
         styles_files: A1111 `styles.csv` files whose styles requests name in `styles` (`/sdapi/v1/prompt-styles`).
         data_dir: the SQLite job queue (`queue.sqlite3`), job results (`jobs/`) and `save_images` outputs.
         device, dtype: where and how models run (None: cuda if present, float16 there, else CPU float32).
+        vae_tiling: "auto" (a picture that does not fit is done in tiles), "on" or "off" (`booth.generate.vae_decode`).
         preload: load the default model when the server starts instead of on the first job.
         start_paused: start with the queue paused (jobs are accepted, none run until resumed).
         keep_finished_jobs: finished jobs (and their images) kept in the queue history; older ones are pruned.
@@ -79,6 +80,7 @@ class ServerConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     device: str | None = None
     dtype: str | None = None
+    vae_tiling: str = "auto"
     limits: Limits = field(default_factory=Limits)
     preload: bool = False
     start_paused: bool = False
@@ -130,6 +132,9 @@ class ServerConfig:
             raise BoothError(f"port must be in 1..65535, got {self.port}")
         # before serving: a server whose models cannot load would answer every request with an error
         resolve_dtype(self.dtype, resolve_device(self.device))
+        from booth.generate.vae_decode import check_mode
+
+        check_mode(self.vae_tiling)
         for kind, folders in (
             ("--model-dir", self.model_dirs),
             ("--lora-dir", self.lora_dirs),

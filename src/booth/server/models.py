@@ -239,6 +239,7 @@ class ModelManager:
             entry.hash = model.hash
         networks = ExtraNetworkRegistry([self.lora_network()])
         engine = Engine(model, extra_networks=networks, upscalers=self.upscalers)
+        engine.vae_tiling = self.config.vae_tiling
         engine.embeddings = self.usable_embeddings(engine)
         self.engine, self.entry = engine, entry
         return engine
