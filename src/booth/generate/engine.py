@@ -45,6 +45,13 @@ class GenerationState:
     skipped: bool = False
     started_at: float = field(default_factory=time.time)
     latents: torch.Tensor | None = None
+    # for `eta`: each pass of a batch (the first, hires fix's) by its steps and the pixels it works on, which
+    # pass is running and how far, and the measured seconds of its steps {pass: [seconds, steps]}
+    pass_steps: list[int] = field(default_factory=lambda: [0])
+    pass_pixels: list[int] = field(default_factory=lambda: [1])
+    pass_no: int = 0
+    pass_step: int = 0
+    step_seconds: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def progress(self) -> float:
@@ -53,6 +60,32 @@ class GenerationState:
             return 0.0
         step = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
         return min(1.0, (self.job_no + step) / self.job_count)
+
+    def record_step(self, seconds: float) -> None:
+        """One sampling step of the running pass took `seconds`."""
+        self.pass_step += 1
+        total = self.step_seconds.setdefault(self.pass_no, [0.0, 0])
+        total[0] += seconds
+        total[1] += 1
+
+    def eta(self) -> float | None:
+        """Seconds of sampling left: every pass's steps still to run, each at its pass's measured seconds a
+        step, a pass not measured yet at a measured one's rate scaled by its pixels (hires fix's pass costs
+        its upscale factor squared, and more); second-order samplers are in the measured rate. None before
+        any step was measured."""
+        rates = {p: total / n for p, (total, n) in self.step_seconds.items() if n}
+        if not rates:
+            return None
+        known = min(rates)
+
+        def rate(p: int) -> float:
+            return rates.get(p, rates[known] * self.pass_pixels[p] / self.pass_pixels[known])
+
+        passes = range(len(self.pass_steps))
+        batch = sum(self.pass_steps[p] * rate(p) for p in passes)
+        now = max(0, self.pass_steps[self.pass_no] - self.pass_step) * rate(self.pass_no)
+        later = sum(self.pass_steps[p] * rate(p) for p in passes if p > self.pass_no)
+        return now + later + max(0, self.job_count - self.job_no - 1) * batch
 
 
 @dataclass
@@ -258,8 +291,13 @@ class Engine:
             if hr.steps_run:  # denoising strength 0: the upscale alone, no second pass to schedule
                 hr.run.steps_rule = plan.schedule(params.denoising_strength)
 
+        first_steps = steps_run
         steps_run += hr.steps_run if hr else 0
         self.state = state = GenerationState(job_count=params.n_iter, sampling_steps=steps_run)
+        state.pass_steps, state.pass_pixels = [first_steps], [width * height]
+        if hr is not None:
+            state.pass_steps.append(hr.steps_run)
+            state.pass_pixels.append(hr.plan.width * hr.plan.height)
         images: list[Image.Image] = []
         kept: list[int] = []  # index into seeds of each returned image (skipped batches leave gaps)
         first_networks = [] if part_calls else calls
@@ -412,8 +450,11 @@ class Engine:
         edit = self.edit_model  # instruct-pix2pix: a third term without the picture (Brooks et al. eq. 3)
         do_cfg = params.cfg_scale != 1.0 or edit
         state.sampling_steps = progress[0] + math.ceil(len(timesteps) / scheduler.order) + progress[1]
+        state.pass_no, state.pass_step = (1 if progress[0] else 0), 0
+        state.pass_steps[state.pass_no] = math.ceil(len(timesteps) / scheduler.order)
 
         rows_before: list = []  # the conditioning rows of the last step, and what was built from them
+        clock = time.perf_counter()
         for i, t in enumerate(timesteps):
             if state.interrupted or state.skipped:
                 return None if state.skipped else latents
@@ -467,6 +508,10 @@ class Engine:
                 )
             # 6. Scheduler step (with per-image generators for the sampler's own noise).
             latents = scheduler.step(out, t, latents, **step_extra).prev_sample
+            if (i + 1) % scheduler.order == 0 or i + 1 == len(timesteps):  # a whole (second-order) step done
+                now = time.perf_counter()
+                state.record_step(now - clock)
+                clock = now
             state.sampling_step = progress[0] + step
             state.latents = latents
             if callback:

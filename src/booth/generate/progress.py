@@ -23,13 +23,33 @@ class ProgressBar:
             self._state_id, self._calls = id(state), self._calls + 1
             desc = self.desc if self._calls == 1 else f"{self.desc} #{self._calls}"
             total = max(1, state.job_count * state.sampling_steps)
-            self._bar = tqdm(total=total, desc=desc, unit="step", file=self.file, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="step",
+                file=self.file,
+                dynamic_ncols=True,
+                # tqdm's own "remaining" assumes every step costs the same; hires fix's do not (state.eta)
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
+            )
         done = state.job_no * state.sampling_steps + state.sampling_step
         self._bar.total = max(self._bar.total, state.job_count * state.sampling_steps)
         self._bar.update(max(0, done - self._bar.n))
-        self._bar.set_postfix_str(f"batch {min(state.job_no + 1, state.job_count)}/{state.job_count}")
+        eta = state.eta() if hasattr(state, "eta") else None
+        left = f", ETA {format_seconds(eta)}" if eta is not None else ""
+        self._bar.set_postfix_str(f"batch {min(state.job_no + 1, state.job_count)}/{state.job_count}{left}")
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def format_seconds(seconds: float) -> str:
+    """12s, 3:05, 1:02:03."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes}:{secs:02d}" if minutes else f"{secs}s"

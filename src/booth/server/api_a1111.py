@@ -271,7 +271,9 @@ def progress_payload(services, skip_current_image: bool) -> dict[str, Any]:
     else:
         progress = 0.01 + float(ctx.job.progress or 0.0)
     elapsed = time.time() - (ctx.job.started or time.time())
-    eta = elapsed / progress - elapsed
+    eta = gs.eta() if gs is not None else None  # measured step times; A1111's extrapolation until then
+    if eta is None:
+        eta = elapsed / progress - elapsed
     image = None
     options = services.current_options()
     if not skip_current_image and gs is not None and options.get("live_previews_enable", True):

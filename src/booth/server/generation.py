@@ -30,7 +30,6 @@ import base64
 import io
 import json
 import re
-import time
 from typing import Any
 
 from booth.errors import BoothError
@@ -564,14 +563,11 @@ class GenerationRunner:
                 state.interrupted = True
             if state.sampling_step < state.sampling_steps and ctx.take_skip():
                 state.skipped = True
-            total = state.job_count * state.sampling_steps
-            elapsed = time.time() - (job.started or time.time())
-            progress = state.progress
             ctx.report(
-                progress=progress,
+                progress=state.progress,
                 step=state.job_no * state.sampling_steps + state.sampling_step,
-                total=total,
-                eta=elapsed / progress - elapsed if progress > 0 else None,
+                total=state.job_count * state.sampling_steps,
+                eta=state.eta(),  # from the measured step times, hires fix's pass at its own cost
             )
 
         result = engine.generate(params, callback=on_step)
