@@ -404,3 +404,41 @@ def test_lora_cards_search_edit_insert_and_take_a_preview(server, chromium_brows
         " return i && i.complete && i.naturalWidth > 0; })()"
     )
     assert not errors, errors
+
+
+def test_the_jobs_table_pauses_the_queue_and_moves_a_job_to_the_top(server, chromium_browser):
+    page, errors = open_page(server, chromium_browser)
+    page.wait_for_selector("#conn.on")
+    page.click("#queue-pause")
+    page.wait_for_function("document.getElementById('queue-pause').textContent === 'Resume queue'")
+    try:
+        ids = page.evaluate(
+            """async () => { const ids = [];
+              for (const seed of [1, 2, 3]) {
+                const r = await fetch('/booth/v1/jobs', {method: 'POST', headers: {'Content-Type': 'application/json'},
+                  body: JSON.stringify({kind: 'txt2img', params: {steps: 1, width: 32, height: 32, seed}})});
+                ids.push((await r.json()).job.id);
+              } return ids; }"""
+        )
+        for place, job in enumerate(ids, 1):
+            page.wait_for_function(
+                f"(() => {{ const r = document.querySelector('#jobs tr[data-job=\"{job}\"]');"
+                f" return r && r.children[1].textContent === 'queued #{place}'; }})()"
+            )
+        assert page.locator(f"#jobs tr[data-job='{ids[0]}'] .move-top").count() == 0  # first already
+        page.click(f"#jobs tr[data-job='{ids[2]}'] .move-top")
+        page.wait_for_function(
+            f"document.querySelector('#jobs tr[data-job=\"{ids[2]}\"]').children[1].textContent === 'queued #1'"
+        )
+        rows = page.eval_on_selector_all("#jobs tbody tr", "rows => rows.map(r => r.dataset.job)")
+        assert rows[:3] == [ids[2], ids[0], ids[1]]
+        queued = page.evaluate("fetch('/booth/v1/queue?status=queued').then(r => r.json())")["jobs"]
+        assert [j["id"] for j in queued] == [ids[2], ids[0], ids[1]]
+    finally:
+        page.click("#queue-pause")
+    page.wait_for_function("document.getElementById('queue-pause').textContent === 'Pause queue'")
+    page.wait_for_function(
+        f"document.querySelector('#jobs tr[data-job=\"{ids[1]}\"]').children[1].textContent === 'done'",
+        timeout=60_000,
+    )
+    assert not errors, errors

@@ -7,6 +7,8 @@
 * `GET  /booth/v1/jobs/{id}` -> the job (status, progress, timestamps, result / error)
 * `POST /booth/v1/jobs/{id}/cancel` and `DELETE /booth/v1/jobs/{id}` -> cancel (queued: at once; running: stops
   after the current step)
+* `POST /booth/v1/jobs/{id}/move` `{"to": "top" | "up" | "down" | "bottom"}` -> `{"job": {...}}`: a queued job's
+  place in the run order ("top": it runs next; it takes the priority of the place it lands in)
 * `GET  /booth/v1/jobs/{id}/result[?wait=true]` -> the A1111 response of a finished job (409 while unfinished)
 * `GET  /booth/v1/jobs/{id}/images/{n}` -> its n-th PNG
 
@@ -26,6 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from booth.server.api_a1111 import REQUEST_MODELS, finished_response, submit
 from booth.server.errors import ApiError
 from booth.server.queue import FINAL, JOB_ID_RE, STATUSES, Finished
+
+
+class MoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str
 
 
 class JobRequest(BaseModel):
@@ -99,6 +107,21 @@ def build_router(services) -> APIRouter:
 
     async def cancel(job_id: str):
         job = queue.cancel(job_id) if JOB_ID_RE.match(job_id) else None
+        if job is None:
+            raise ApiError(404, "job not found")
+        return {"job": _public(job)}
+
+    @router.post("/jobs/{job_id}/move")
+    async def move(job_id: str, req: MoveRequest):
+        from booth.errors import BoothError
+        from booth.server.queue import MOVES
+
+        if req.to not in MOVES:
+            raise ApiError(422, f"to must be one of {', '.join(MOVES)}", error="RequestValidationError")
+        try:
+            job = queue.move(job_id, req.to)
+        except BoothError as exc:
+            raise ApiError(409, str(exc)) from None
         if job is None:
             raise ApiError(404, "job not found")
         return {"job": _public(job)}

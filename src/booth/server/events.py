@@ -1,7 +1,7 @@
 """Server-sent events: `GET /booth/v1/events` (text/event-stream) pushes job changes to the page.
 
-Each event is `event: <type>` + `data: <job JSON without params>`; types: `queued`, `started`, `progress`,
-`done`, `failed`, `cancelled` (plus `hello` with the queue counts on connect, and `: ping` comments every
+Each event is `event: <type>` + `data: <job JSON without params>`; types: `queued`, `moved` (a queued job's
+place in the run order changed), `started`, `progress`, `done`, `failed`, `cancelled` (plus `hello` with the queue counts on connect, and `: ping` comments every
 15 s). The stream watches the queue (recent jobs, every `interval` seconds) and sends what changed, so it
 needs no hook in the worker and survives worker restarts; a client that reconnects gets the current state.
 """
@@ -49,6 +49,8 @@ def job_events(before: dict[str, dict], after: dict[str, dict]) -> list[tuple[st
             old.get(key) != job.get(key) for key in ("step", "progress", "message", "metrics")
         ):
             events.append(("progress", job))
+        elif status == "queued" and any(old.get(key) != job.get(key) for key in ("priority", "order")):
+            events.append(("moved", job))
     return events
 
 

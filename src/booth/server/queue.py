@@ -11,7 +11,7 @@ Design
 * What a kind does is a *runner* registered at construction: `runner.run(job, ctx) -> Outcome`. The queue knows
   nothing about generation; a training runner fits the same slots (params JSON in, result JSON out, progress via
   `ctx.report`, stop via `ctx.stop_requested`).
-* One worker thread claims the next queued job (`priority DESC, seq`), marks it running, runs it, and stores
+* One worker thread claims the next queued job (`priority DESC`, then `rank` or `seq`), marks it running, runs it, and stores
   the outcome. HTTP handlers never run jobs: they `submit` and await an asyncio future the worker resolves, so
   concurrent requests queue up instead of running concurrently (A1111 serialises with a lock; here the order is
   visible, cancellable and survives restarts).
@@ -50,9 +50,11 @@ log = logging.getLogger("booth.server")
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_()\-.]{1,64}$")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.rank (a queued job moved in the run order)
 PROGRESS_WRITE_INTERVAL = 1.0
 
+MOVES = ("top", "up", "down", "bottom")
+_RUN_ORDER = "priority DESC, COALESCE(rank, seq), seq"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -72,7 +74,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     eta REAL,
     message TEXT,
     metrics TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    rank REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS job_inputs (
@@ -107,6 +110,12 @@ class Job:
     message: str | None = None
     metrics: dict[str, Any] | None = None
     attempts: int = 0
+    rank: float | None = None  # place in the run order within its priority (None: `seq`); set by `move`
+
+    @property
+    def order_key(self) -> tuple[int, float, int]:
+        """Queued jobs run in this order: higher priority first, then by rank (or submission)."""
+        return (-self.priority, self.rank if self.rank is not None else self.seq, self.seq)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -122,6 +131,7 @@ class Job:
             "kind": self.kind,
             "status": self.status,
             "priority": self.priority,
+            "order": self.order_key[1],  # run order within the priority (queued jobs: ascending)
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
@@ -264,6 +274,9 @@ class JobQueue:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise BoothError(f"{self.db_path} was written by a newer booth (schema {version})")
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "rank" not in columns:  # a queue of schema 1: its jobs keep their order (rank NULL = seq)
+                db.execute("ALTER TABLE jobs ADD COLUMN rank REAL")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise BoothError(f"cannot open the job queue {self.db_path}: {exc}") from None
@@ -410,7 +423,7 @@ class JobQueue:
         sql += (
             " ORDER BY CASE status WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END,"
             " CASE WHEN status IN ('queued', 'running') THEN -priority ELSE 0 END,"
-            " CASE WHEN status IN ('queued', 'running') THEN seq ELSE -seq END LIMIT ?"
+            " CASE WHEN status IN ('queued', 'running') THEN COALESCE(rank, seq) ELSE -seq END, seq LIMIT ?"
         )
         args.append(max(1, min(int(limit), 10_000)))
         with self._lock:
@@ -448,6 +461,39 @@ class JobQueue:
             if job.status == "running" and current is not None and current.job.id == job_id:
                 current.cancel_requested = True
                 return _merge_live(job, current.job)
+            return job
+
+    def move(self, job_id: str, to: str) -> Job | None:
+        """Move a queued job in the run order: "top" (it runs next), "bottom", "up" or "down" one place. The job
+        takes the priority of the place it lands in. None if there is no such job; BoothError if it is not
+        queued or `to` is not one of those."""
+        if to not in MOVES:
+            raise BoothError(f"'to' must be one of {', '.join(MOVES)}, got {to!r}")
+        with self._lock:
+            job = self._row(job_id) if JOB_ID_RE.match(job_id or "") else None
+            if job is None:
+                return None
+            if job.status != "queued":
+                raise BoothError(f"job {job_id} is {job.status}: only a queued job moves")
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE status = 'queued' ORDER BY {_RUN_ORDER}")
+            order = [Job.from_row(row) for row in rows]
+            at = [j.id for j in order].index(job_id)
+            others = order[:at] + order[at + 1 :]
+            place = {"top": 0, "bottom": len(others), "up": max(0, at - 1), "down": min(len(others), at + 1)}[
+                to
+            ]
+            before = others[place - 1] if place > 0 else None
+            after = others[place] if place < len(others) else None
+            if after is not None:
+                job.priority = after.priority
+                same = before is not None and before.priority == after.priority
+                job.rank = (before.order_key[1] + after.order_key[1]) / 2 if same else after.order_key[1] - 1
+            elif before is not None:
+                job.priority, job.rank = before.priority, before.order_key[1] + 1
+            self._db.execute(
+                "UPDATE jobs SET priority = ?, rank = ? WHERE id = ? AND status = 'queued'",
+                (job.priority, job.rank, job_id),
+            )
             return job
 
     def current(self) -> JobContext | None:
@@ -586,7 +632,7 @@ class JobQueue:
             if self._paused or self._stopping:
                 return None
             row = self._db.execute(
-                "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT 1"
+                f"SELECT * FROM jobs WHERE status = 'queued' ORDER BY {_RUN_ORDER} LIMIT 1"
             ).fetchone()
             if row is None:
                 return None

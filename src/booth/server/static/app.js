@@ -539,25 +539,53 @@ function updateJob(job) {
   renderJobs();
 }
 
+// running first, then the queued ones in the order they will run, then the finished ones, newest first
+function jobRank(job) { return job.status === "running" ? 0 : job.status === "queued" ? 1 : 2; }
+function jobOrder(a, b) {
+  return jobRank(a) - jobRank(b) || (jobRank(a) === 1
+    ? (b.priority - a.priority) || (a.order - b.order) || (a.created - b.created)
+    : b.created - a.created);
+}
+
+function jobButton(label, cls, title, onclick) {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = label; b.className = cls; b.title = title; b.onclick = onclick;
+  return b;
+}
+
+function moveJob(job, to) {
+  api("POST", `/booth/v1/jobs/${job.id}/move`, { to }).then((r) => updateJob(r.job))
+    .catch((e) => { $("queue-info").textContent = e.message; });
+}
+
 function renderJobs() {
   const body = document.querySelector("#jobs tbody");
   body.textContent = "";
-  const list = [...jobs.values()].sort((a, b) => b.created - a.created).slice(0, 30);
+  const list = [...jobs.values()].sort(jobOrder).slice(0, 30);
+  const queued = list.filter((j) => j.status === "queued");
+  $("queue-info").textContent = queued.length ? `${queued.length} waiting` : "";
   for (const job of list) {
     const tr = document.createElement("tr");
     tr.dataset.job = job.id;
     const kind = job.kind === "train" && job.result ? `train · ${job.result.name}` : job.kind;
-    const pct = job.status === "running" && job.total ? `${job.step || 0}/${job.total}` :
-      job.status === "done" ? "100%" : "";
-    for (const [text, cls] of [[kind, ""], [job.status, "status-" + job.status], [pct, ""]]) {
+    const place = queued.indexOf(job);
+    const status = place >= 0 ? `queued #${place + 1}` : job.status;
+    const pct = job.status === "running" && job.total ? `${job.step || 0}/${job.total}` +
+      (job.eta != null ? ` · ${fmtSeconds(job.eta)} left` : "") : job.status === "done" ? "100%" : "";
+    for (const [text, cls] of [[kind, ""], [status, "status-" + job.status], [pct, ""]]) {
       const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.appendChild(td);
     }
     const td = document.createElement("td");
+    if (job.status === "queued" && queued.length > 1) {
+      if (place > 0) {
+        td.appendChild(jobButton("Top", "move-top", "run it next", () => moveJob(job, "top")));
+        td.appendChild(jobButton("↑", "move-up", "one place earlier", () => moveJob(job, "up")));
+      }
+      if (place < queued.length - 1) td.appendChild(jobButton("↓", "move-down", "one place later", () => moveJob(job, "down")));
+    }
     if (job.status === "queued" || job.status === "running") {
-      const b = document.createElement("button");
-      b.textContent = "Cancel"; b.className = "cancel";
-      b.onclick = () => api("POST", `/booth/v1/jobs/${job.id}/cancel`).then((r) => updateJob(r.job)).catch(() => {});
-      td.appendChild(b);
+      td.appendChild(jobButton("Cancel", "cancel", "", () =>
+        api("POST", `/booth/v1/jobs/${job.id}/cancel`).then((r) => updateJob(r.job)).catch(() => {})));
     } else if (job.kind === "train" && job.status === "done" && job.result && job.result.files) {
       const kind = job.result.files.lora ? "lora" : Object.keys(job.result.files)[0];
       const a = document.createElement("a");
@@ -575,11 +603,22 @@ function connect() {
     $("conn").textContent = "live"; $("conn").classList.add("on");
     for (const job of JSON.parse(e.data).jobs) updateJob(job);
   });
-  for (const kind of ["queued", "started", "progress", "done", "failed", "cancelled"]) {
+  for (const kind of ["queued", "moved", "started", "progress", "done", "failed", "cancelled"]) {
     es.addEventListener(kind, (e) => updateJob(JSON.parse(e.data)));
   }
   es.onerror = () => { $("conn").textContent = "reconnecting"; $("conn").classList.remove("on"); };
 }
+
+// pause / resume the queue: jobs are still accepted while paused, none starts
+let queuePaused = false;
+function showPaused(paused) {
+  queuePaused = paused;
+  $("queue-pause").textContent = paused ? "Resume queue" : "Pause queue";
+  $("queue-pause").classList.toggle("primary", paused);
+}
+$("queue-pause").onclick = () => api("POST", `/booth/v1/queue/${queuePaused ? "resume" : "pause"}`)
+  .then((r) => showPaused(r.paused)).catch((e) => { $("queue-info").textContent = e.message; });
+api("GET", "/booth/v1/queue?limit=1").then((q) => showPaused(q.paused)).catch(() => {});
 
 loadLists().catch((e) => { $("gen-status").textContent = "cannot reach the server: " + e.message; });
 connect();
