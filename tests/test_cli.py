@@ -107,12 +107,12 @@ def test_xy_plot_over_checkpoints_vaes_and_styles(tiny_sd1_dir, tmp_path, capsys
     assert len(cells) == 4 and len(list(out.glob("grid-*.png"))) == 1
     texts = [Image.open(p).text["parameters"] for p in cells]
     pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in cells]
-    # run grouped by checkpoint: the --model's two cells first (VAE None, then the file), then the other's
-    assert [f"Model: {tiny_sd1_dir.name}" in t for t in texts] == [True, True, False, False]
-    assert all("Model: other" in t for t in texts[2:])
-    assert ["VAE: vae" in t for t in texts] == [False, True, False, True]
+    # saved in grid order (X: checkpoints, then Y: VAEs), whatever order the cells ran in
+    assert [f"Model: {tiny_sd1_dir.name}" in t for t in texts] == [True, False, True, False]
+    assert all("Model: other" in t for t in texts[1::2])
+    assert ["VAE: vae" in t for t in texts] == [False, False, True, True]
     assert all(t.startswith("a red apple, oil painting\n") for t in texts)
-    assert np.abs(pixels[0] - pixels[2]).mean() > 1 and np.abs(pixels[0] - pixels[1]).mean() > 1
+    assert np.abs(pixels[0] - pixels[1]).mean() > 1 and np.abs(pixels[0] - pixels[2]).mean() > 1
     capsys.readouterr()
 
     missing = ["--xy", "Checkpoint name", f"{tiny_sd1_dir},{tmp_path / 'nope.safetensors'}"]
@@ -123,6 +123,53 @@ def test_xy_plot_over_checkpoints_vaes_and_styles(tiny_sd1_dir, tmp_path, capsys
     assert "VAE axis" in capsys.readouterr().err
     assert gen(tiny_sd1_dir, tmp_path / "bad", "--xy", "Steps", "1", "--xy-z", "Seed", "1") == 2
     assert "--xy-z needs --xy-y" in capsys.readouterr().err
+
+
+def test_prompts_from_file(tiny_sd1_dir, tmp_path, capsys, monkeypatch):
+    """A1111's "Prompts from file": a job a line, its options, --sd_model and --styles per line, the --lora
+    and --style flags on every line, pictures saved in line order."""
+    import io
+
+    from booth.models.tiny import tiny_pipeline
+
+    tiny_pipeline("sd1").save_pretrained(tmp_path / "other")
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nOil,"{prompt}, oil painting",\nDark,"{prompt}, dark",\n')
+    lines = tmp_path / "prompts.txt"
+    lines.write_text(
+        f"a cat\n\n--prompt a dog --steps 1 --sd_model {tmp_path / 'other'}\n--prompt a fox --styles Oil --seed 9\n"
+    )
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(tiny_sd1_dir), "--steps", "2", "--seed", "5", "--no-progress"]
+    argv += ["--prompts-file", str(lines), "--styles-file", str(styles), "--style", "Dark", "--out", str(out)]
+    assert main(argv) == 0
+    cells = sorted(out.glob("0*.png"))
+    texts = [Image.open(p).text["parameters"] for p in cells]
+    assert [t.splitlines()[0] for t in texts] == ["a cat, dark", "a dog, dark", "a fox, oil painting, dark"]
+    assert "Steps: 2" in texts[0] and "Steps: 1" in texts[1] and "Seed: 9" in texts[2]
+    assert [f"Model: {tiny_sd1_dir.name}" in t for t in texts] == [True, False, True]
+    assert "Model: other" in texts[1] and len(list(out.glob("grid-*.png"))) == 1
+    capsys.readouterr()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a red cube\n"))
+    stdin = ["generate", "--model", str(tiny_sd1_dir), "--steps", "1", "--no-progress", "--prompts-file", "-"]
+    assert main([*stdin, "--out", str(tmp_path / "stdin")]) == 0
+    (only,) = (tmp_path / "stdin").glob("0*.png")
+    assert Image.open(only).text["parameters"].startswith("a red cube\n")
+
+    base = ["generate", "--model", str(tiny_sd1_dir), "--no-progress", "--out", str(tmp_path / "bad")]
+    for extra, message in [
+        ([], "give a prompt (or --prompts-file FILE)"),
+        (["a cat", "--iterate-seed"], "--iterate-seed and --same-seed go with --prompts-file"),
+        (["--prompts-file", str(lines), "--xy", "Steps", "1"], "leave out --prompt-matrix and --xy"),
+        (["--prompts-file", str(tmp_path / "none.txt")], "--prompts-file"),
+    ]:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err
+    lines.write_text("a cat\n--prompt a dog --styles Pastel\n")
+    assert main([*base, "--prompts-file", str(lines), "--styles-file", str(styles)]) == 2
+    assert "line 2: unknown style 'Pastel'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.png"))
 
 
 @pytest.mark.parametrize(

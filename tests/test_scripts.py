@@ -319,7 +319,8 @@ def test_a_plain_prompt_may_contain_double_dashes():
     ("line", "message"),
     [
         ("--steps 20 --colour red", "line 2: unknown option --colour"),
-        ("--sd_model v1.ckpt", "line 2: --sd_model is an A1111 option booth does not support"),
+        ("--restore_faces true", "line 2: --restore_faces is an A1111 option booth does not support"),
+        ("--styles Oil", "line 2: --styles needs the styles.csv"),
         ("--steps many", "line 2: --steps: 'many' is not an integer"),
         ("--prompt", "line 2: missing value for --prompt"),
         ("--steps 20 30", "line 2: expected an option"),
@@ -445,3 +446,30 @@ def test_an_engine_refuses_a_job_that_still_names_a_checkpoint(sd1_engine):
     job = base(steps=1, width=32, height=32, override_settings={"sd_model_checkpoint": "x"})
     with pytest.raises(BoothError, match="this job sets sd_model_checkpoint"):
         sd1_engine.generate(job)
+
+
+def test_a_prompts_file_line_names_its_checkpoint_and_styles(tmp_path):
+    from booth.prompts.styles import read_styles
+
+    csv_file = tmp_path / "styles.csv"
+    csv_file.write_text('name,prompt,negative_prompt\nOil,"{prompt}, oil painting",blurry\nDark,dark,\n')
+    text = 'a cat\n--prompt a dog --sd_model models/b.safetensors --styles "Oil, Dark"\n--prompt a fox --sd_model a'
+    jobs = prompts_from_file_jobs(text, base(), styles=read_styles([csv_file]))
+    assert [j.override_settings for j in jobs] == [
+        {}, {"sd_model_checkpoint": "models/b.safetensors"}, {"sd_model_checkpoint": "a"},
+    ]  # fmt: skip
+    assert (jobs[1].prompt, jobs[1].negative_prompt, jobs[1].styles) == (
+        "a dog, oil painting, dark",
+        "blurry",
+        ("Oil", "Dark"),
+    )
+    ran = []
+    result = run_prompts_from_file(
+        text, base(), lambda p: ran.append(p.prompt) or fake_generate(p), styles=read_styles([csv_file])
+    )
+    assert ran == [
+        "a photo of a dog".replace("a photo of a dog", "a cat"),
+        "a dog, oil painting, dark",
+        "a fox",
+    ]
+    assert [j.prompt for j in result.jobs] == ["a cat", "a dog, oil painting, dark", "a fox"]

@@ -32,6 +32,7 @@ examples:
   booth generate "a dog" --xy "Steps" "10,20,30" --xy-y "CFG Scale" "3-9 (+3)"
   booth generate "a sks dog" --model sd15.safetensors --xy "Checkpoint name" "sd15.safetensors,runs/dog/model" \
       --xy-y VAE "None,vae-ft-mse.safetensors" --xy-z Styles "Oil,Cinematic" --styles-file styles.csv
+  booth generate --prompts-file prompts.txt --model sd15.safetensors   # a job a line: a prompt, or --prompt .. --steps ..
 
 Images are written to --out as 00000-<seed>.png (never overwriting) with A1111's `parameters` metadata.
 """
@@ -39,7 +40,12 @@ Images are written to --out as 00000-<seed>.png (never overwriting) with A1111's
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (names follow the A1111 API fields)")
-    g.add_argument("prompt", help="the prompt, in A1111 syntax (see below)")
+    g.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="the prompt, in A1111 syntax (see below); none with --prompts-file",
+    )
     g.add_argument(
         "--model",
         "-m",
@@ -322,6 +328,18 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--xy", nargs=2, metavar=("AXIS", "VALUES"), help="X axis, e.g. Steps '10,20,30'")
     s.add_argument("--xy-y", nargs=2, metavar=("AXIS", "VALUES"), help="Y axis for --xy")
     s.add_argument("--xy-z", nargs=2, metavar=("AXIS", "VALUES"), help="Z axis: an X/Y grid for each value")
+    s.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="A1111's prompts from file: one job a line, a prompt or options (--prompt, --negative_prompt, "
+        "--steps, --seed, --sd_model, --styles ...); '-' reads standard input",
+    )
+    s.add_argument(
+        "--iterate-seed", action="store_true", help="with --prompts-file: the seed grows every line"
+    )
+    s.add_argument(
+        "--same-seed", action="store_true", help="with --prompts-file: one random seed for all lines"
+    )
     o = p.add_argument_group("output and runtime")
     o.add_argument("--out", "-o", default="outputs", help="output folder (default ./outputs)")
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if present)")
@@ -421,6 +439,13 @@ def _version() -> str:
 def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     from booth.generate.params import GenerationParams
 
+    if args.prompt is None and not args.prompts_file:
+        raise BoothError("give a prompt (or --prompts-file FILE)")
+    if args.prompts_file and (args.prompt_matrix or args.xy):
+        raise BoothError("--prompts-file runs its own jobs: leave out --prompt-matrix and --xy")
+    if (args.iterate_seed or args.same_seed) and not args.prompts_file:
+        raise BoothError("--iterate-seed and --same-seed go with --prompts-file")
+
     hires_flags = {  # GenerationParams field: the argparse dest of the flag that sets it
         "hr_scale": "hr_scale",
         "hr_upscaler": "hr_upscaler",
@@ -437,7 +462,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     seed_resize = parse_wxh(args.seed_resize_from, "--seed-resize-from")
     init_images = [_open_image(path) for path in args.init_image]
     return GenerationParams(
-        prompt=args.prompt,
+        prompt=args.prompt or "",
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         cfg_scale=args.cfg_scale,
@@ -534,10 +559,16 @@ def cmd_generate(args) -> int:
 
     batch = _img2img_batch(args)
     styles = _styles(args)
-    params = styles(_params_from_args(_with_inputs(args, *batch[0]) if batch else args))
     registry, tags = _lora_registry(args)
-    if tags:
-        params = params.replace(prompt=params.prompt + "".join(tags))
+
+    def finish(job):
+        """A job with the flags' styles and --lora tags merged in."""
+        job = styles(job)
+        return job.replace(prompt=job.prompt + "".join(tags)) if tags else job
+
+    params = _params_from_args(_with_inputs(args, *batch[0]) if batch else args)
+    if not args.prompts_file:
+        params = finish(params)  # a prompts file's lines each get them when they run (`_run_script`)
     # Validate everything cheap before loading a model: sampler names, output folder.
     from booth.generate.samplers import resolve_sampler
 
@@ -584,8 +615,8 @@ def cmd_generate(args) -> int:
             saved += _save_result(result, out, prefix=f"{Path(init).stem}-")
         if progress:
             progress.close()
-    elif args.prompt_matrix or args.xy:
-        saved = _run_script(_CellEngines(engine, load_engine, args), params, args, out, progress)
+    elif args.prompt_matrix or args.xy or args.prompts_file:
+        saved = _run_script(_CellEngines(engine, load_engine, args), params, args, out, progress, finish)
     else:
         result = engine.generate(params, callback=progress.update if progress else None)
         if progress:
@@ -766,33 +797,48 @@ def _save_result(result, out: Path, prefix: str = "") -> list[Path]:
     return paths
 
 
-def _run_script(engines: _CellEngines, params, args, out: Path, progress) -> list[Path]:
+def _run_script(engines: _CellEngines, params, args, out: Path, progress, finish) -> list[Path]:
+    """Run --prompts-file, --prompt-matrix or the X/Y/Z plot; its pictures saved in job order, then its grid."""
     from booth.generate.noise import resolve_seed
     from booth.generate.output import save_generated
-    from booth.generate.scripts import run_prompt_matrix, run_xy_grid
+    from booth.generate.scripts import run_prompt_matrix, run_prompts_from_file, run_xy_grid
 
-    results = []
+    results = {}  # id of the job a script handed over -> its result (jobs may run grouped by model)
 
     def generate(job):
-        engine, job = engines.engine_for(job)
-        result = engine.generate(job, callback=progress.update if progress else None)
-        results.append(result)
+        engine, run = engines.engine_for(finish(job) if args.prompts_file else job)
+        result = engine.generate(run, callback=progress.update if progress else None)
+        results[id(job)] = result
         return result.images
 
-    params = params.replace(seed=resolve_seed(params.seed))
-    if args.prompt_matrix:
+    styles = None
+    if args.styles_file:
+        from booth.prompts.styles import read_styles
+
+        styles = read_styles(args.styles_file)
+    if args.prompts_file:
+        text = _read_prompts_file(args.prompts_file)
+        script = run_prompts_from_file(
+            text,
+            params,
+            generate,
+            iterate_seed=args.iterate_seed,
+            same_seed=args.same_seed,
+            styles=styles,
+            check=engines.check,
+        )
+        label = f"Prompts from file: {args.prompts_file}"
+        params = script.jobs[0]
+    elif args.prompt_matrix:
+        params = params.replace(seed=resolve_seed(params.seed))
         script = run_prompt_matrix(params, generate)
         label = f"Prompt matrix: {params.prompt}"
     else:
+        params = params.replace(seed=resolve_seed(params.seed))
         (x_axis, x_values), (y_axis, y_values) = args.xy, (args.xy_y or (None, None))
         z_axis, z_values = args.xy_z or (None, None)
         if args.xy_z and not args.xy_y:
             raise BoothError("--xy-z needs --xy-y too")
-        styles = None
-        if args.styles_file:
-            from booth.prompts.styles import read_styles
-
-            styles = read_styles(args.styles_file)
         script = run_xy_grid(
             params,
             generate,
@@ -808,10 +854,23 @@ def _run_script(engines: _CellEngines, params, args, out: Path, progress) -> lis
         label = f"X/Y/Z plot: {x_axis} x {y_axis or '-'}" + (f" x {z_axis}" if z_axis else "")
     if progress:
         progress.close()
-    paths = [p for result in results for p in _save_result(result, out)]
-    infotext = results[0].infotexts[0] if results and results[0].infotexts else ""
+    ordered = [results[id(job)] for job in script.jobs if id(job) in results]
+    paths = [p for result in ordered for p in _save_result(result, out)]
+    infotext = ordered[0].infotexts[0] if ordered and ordered[0].infotexts else ""
     grid_path = save_generated(script.grid, out, params.seed, infotext, {"script": label}, prefix="grid-")
     return [grid_path, *paths]
+
+
+def _read_prompts_file(path: str) -> str:
+    """The text of --prompts-file (standard input for '-')."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BoothError(f"--prompts-file {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise BoothError(f"--prompts-file {path}: not UTF-8 text") from None
 
 
 def cmd_png_info(args) -> int:

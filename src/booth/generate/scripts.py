@@ -561,11 +561,16 @@ def apply_axis(axis: Axis, params: GenerationParams, value: Any) -> GenerationPa
     if axis.kind == "setting":
         return params.replace(override_settings={**params.override_settings, axis.field: value})
     if axis.kind == "styles":
-        from booth.prompts.styles import apply_to_params
-
-        styled = apply_to_params(params, value)
-        return styled.replace(styles=params.styles + styled.styles)
+        return _merge_styles(params, value)
     return params
+
+
+def _merge_styles(params: GenerationParams, chosen: Sequence[Any]) -> GenerationParams:
+    """`params` with the `PromptStyle`s `chosen` merged in, their names added to those already recorded."""
+    from booth.prompts.styles import apply_to_params
+
+    styled = apply_to_params(params, chosen)
+    return styled.replace(styles=params.styles + styled.styles)
 
 
 def _apply_prompt_sr(axis: Axis, params: GenerationParams, replacement: str) -> GenerationParams:
@@ -723,10 +728,6 @@ def run_xy_grid(
 
 # Keys A1111 accepts that have no GenerationParams field: rejected rather than silently dropped.
 UNSUPPORTED_FILE_KEYS = (
-    "sd_model",
-    "styles",
-    "seed_resize_from_h",
-    "seed_resize_from_w",
     "restore_faces",
     "do_not_save_samples",
     "do_not_save_grid",
@@ -736,6 +737,10 @@ UNSUPPORTED_FILE_KEYS = (
     "prompt_for_display",
 )
 _TEXT_KEYS = ("prompt", "negative_prompt")
+# Keys that are no GenerationParams field but a line may set: the checkpoint (as the X/Y plot's axis does,
+# through `override_settings`) and styles (names from the styles.csv, comma-separated).
+_SETTING_KEYS = {"sd_model": "sd_model_checkpoint"}
+_STYLES_KEY = "styles"
 
 
 def parse_prompt_line(line: str, line_number: int) -> dict[str, Any]:
@@ -777,6 +782,8 @@ def _next_option(tokens: list[str], pos: int, line_number: int) -> tuple[str, li
 def _option_value(key: str, values: list[str], line_number: int) -> Any:
     if key in _TEXT_KEYS:
         return " ".join(values)
+    if key in _SETTING_KEYS or key == _STYLES_KEY:
+        return values[0]
     ftype = field_types().get(key)
     if ftype is None:
         if key in UNSUPPORTED_FILE_KEYS:
@@ -795,8 +802,12 @@ def prompts_from_file_jobs(
     iterate_seed: bool = False,
     same_seed: bool = False,
     rng: random.Random | None = None,
+    styles: typing.Mapping[str, Any] | None = None,
 ) -> list[GenerationParams]:
     """One job per non-blank line of `text`, each `base` with that line's prompt or options applied.
+
+    `--sd_model M` sets the job's checkpoint (`override_settings`, for the runner to load); `--styles "A,B"`
+    merges those of `styles` (the styles.csv) into the line's prompts.
 
     Seeds (A1111 `prompts_from_file.py`): by default a -1 seed is resolved per job, so every line gets its
     own random seed. `same_seed` resolves the base seed once for all lines ("Use same random seed for all
@@ -810,8 +821,14 @@ def prompts_from_file_jobs(
         if not line.strip():
             continue
         options = parse_prompt_line(line, number)
+        settings = {_SETTING_KEYS[k]: options.pop(k) for k in list(options) if k in _SETTING_KEYS}
+        style_names = options.pop(_STYLES_KEY, None)
         job = fix_seeds(base.replace(**{"seed": seed, **options}), rng)
+        if settings:
+            job = job.replace(override_settings={**job.override_settings, **settings})
         try:
+            if style_names is not None:
+                job = _with_styles(job, style_names, styles)
             jobs.append(job.validate())
         except BoothError as err:
             raise BoothError(f"line {number}: {err}") from None
@@ -830,8 +847,27 @@ def run_prompts_from_file(
     iterate_seed: bool = False,
     same_seed: bool = False,
     rng: random.Random | None = None,
+    styles: typing.Mapping[str, Any] | None = None,
+    check: Callable[[GenerationParams], None] | None = None,
 ) -> ScriptResult:
-    """Generate every line of a prompts file; the grid holds all images (A1111 `image_grid` rule)."""
-    jobs = prompts_from_file_jobs(text, base, iterate_seed=iterate_seed, same_seed=same_seed, rng=rng)
-    images = [im for job in jobs for im in _generate_checked(generate, job)]
+    """Generate every line of a prompts file; the grid holds all images (A1111 `image_grid` rule). `check`
+    and the run order as in `run_xy_grid` (lines naming a checkpoint run grouped by it); images in line order."""
+    jobs = prompts_from_file_jobs(
+        text, base, iterate_seed=iterate_seed, same_seed=same_seed, rng=rng, styles=styles
+    )
+    for job in jobs if check is not None else []:
+        check(job)
+    ran = {i: _generate_checked(generate, jobs[i]) for i in _grouped_order(jobs)}
+    images = [im for i in range(len(jobs)) for im in ran[i]]
     return ScriptResult(image_grid(images), images, jobs, {"prompts": [job.prompt for job in jobs]})
+
+
+def _with_styles(
+    job: GenerationParams, names: str, styles: typing.Mapping[str, Any] | None
+) -> GenerationParams:
+    """`job` with the comma-separated styles `names` merged in (A1111 `apply_styles`)."""
+    from booth.prompts.styles import select_styles
+
+    if not styles:
+        raise BoothError("--styles needs the styles.csv (--styles-file)")
+    return _merge_styles(job, select_styles(dict(styles), [n.strip() for n in names.split(",") if n.strip()]))
