@@ -473,3 +473,17 @@ def test_a_prompts_file_line_names_its_checkpoint_and_styles(tmp_path):
         "a fox",
     ]
     assert [j.prompt for j in result.jobs] == ["a cat", "a dog, oil painting, dark", "a fox"]
+
+
+def test_a1111_s_sampler_and_noise_axes_by_their_labels():
+    jobs, labels, _, _ = xyz_grid_jobs(base(sampler_name="Euler"), "Sigma Churn", "0, 0.5")
+    assert [j.s_churn for j in jobs[0][0]] == [0.0, 0.5] and labels == ["Sigma Churn: 0", "Sigma Churn: 0.5"]
+    for label, field in [
+        ("Sigma min", "s_tmin"),
+        ("Sigma max", "s_tmax"),
+        ("Sigma noise", "s_noise"),
+        ("Initial noise multiplier", "initial_noise_multiplier"),
+        ("Cond. Image Mask Weight", "inpainting_mask_weight"),
+    ]:
+        (job,) = xyz_grid_jobs(base(), label, "0.75")[0][0][0]
+        assert getattr(job, field) == 0.75, label

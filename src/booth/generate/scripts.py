@@ -328,6 +328,12 @@ FIELD_AXES = types.MappingProxyType(
         "Denoising": "denoising_strength",
         "Hires upscaler": "hr_upscaler",
         "Guidance rescale": "guidance_rescale",
+        "Sigma Churn": "s_churn",
+        "Sigma min": "s_tmin",
+        "Sigma max": "s_tmax",
+        "Sigma noise": "s_noise",
+        "Initial noise multiplier": "initial_noise_multiplier",
+        "Cond. Image Mask Weight": "inpainting_mask_weight",
     }
 )
 CHECKPOINT = "Checkpoint name"
@@ -386,6 +392,12 @@ AXIS_NAMES = (
     "Denoising",
     "Hires upscaler",
     "Guidance rescale",
+    "Sigma Churn",
+    "Sigma min",
+    "Sigma max",
+    "Sigma noise",
+    "Initial noise multiplier",
+    "Cond. Image Mask Weight",
     SIZE,
     CHECKPOINT,
     VAE,
