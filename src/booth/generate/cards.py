@@ -31,8 +31,9 @@ from typing import Any
 
 from booth.errors import BoothError
 
-TEXT_FIELDS = ("description", "activation text", "negative text", "notes")
 USER_FIELDS = ("description", "sd version", "activation text", "preferred weight", "negative text", "notes")
+# A1111's keys by the Python names booth's flags and JSON fields use ("activation_text" -> "activation text")
+FIELD_NAMES = {key.replace(" ", "_"): key for key in USER_FIELDS}
 SD_VERSIONS = ("Unknown", "SD1", "SD2", "SDXL")  # A1111 `network.SdVersion`
 PREVIEW_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif")
 _BASE_VERSIONS = {"sd_v1": "SD1", "sd_v2": "SD2"}  # kohya ss_base_model_version prefixes; sdxl* -> SDXL
@@ -286,6 +287,15 @@ def build_card(name: str, alias: str, path: Path) -> Card:
     )
 
 
+def find_card(network, name: str) -> Card:
+    """The card of the LoRA `<lora:name>` means (a name or unique alias, `LoraNetwork.find`); BoothError if none."""
+    path = network.find(name)
+    available = network.available()
+    own = next((n for n, p in available.items() if p == path), name)
+    by_file = {p: alias for alias, p in network.aliases(available).items()}
+    return build_card(own, by_file.get(path, own), path)
+
+
 def lora_cards(network, search: str | None = None) -> list[Card]:
     """The cards of every LoRA a `LoraNetwork` finds, in name order; with `search`, those matching it."""
     available = network.available()
@@ -315,6 +325,7 @@ def preview_bytes(card: Card) -> tuple[bytes, str] | None:
 
 __all__ = [
     "Card",
+    "FIELD_NAMES",
     "PREVIEW_EXTENSIONS",
     "SD_VERSIONS",
     "USER_FIELDS",
@@ -322,6 +333,7 @@ __all__ = [
     "check_user_metadata",
     "cover_image",
     "fill_user_metadata",
+    "find_card",
     "find_preview",
     "lora_cards",
     "preview_bytes",

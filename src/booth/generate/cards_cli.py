@@ -19,16 +19,6 @@ Edits go to <stem>.json beside the LoRA file (A1111's user metadata, which A1111
 in that file are kept. --preview writes <stem>.png, the preview A1111 shows first.
 """
 
-# flag dest -> A1111 user-metadata key
-EDIT_FLAGS = {
-    "description": "description",
-    "sd_version": "sd version",
-    "activation_text": "activation text",
-    "preferred_weight": "preferred weight",
-    "negative_text": "negative text",
-    "notes": "notes",
-}
-
 
 def add_loras_command(sub) -> None:
     p = sub.add_parser(
@@ -74,14 +64,14 @@ def add_loras_command(sub) -> None:
 
 def cmd_loras(args) -> int:
     from booth.fsutil import check_folders
-    from booth.generate.cards import build_card, lora_cards, save_preview, write_user_metadata
+    from booth.generate.cards import FIELD_NAMES, find_card, lora_cards, save_preview, write_user_metadata
     from booth.generate.networks import LoraNetwork
 
     if not args.lora_dir:
         raise BoothError("give the folder of your LoRAs: --lora-dir DIR")
     check_folders("--lora-dir", args.lora_dir)
     changes = {
-        key: getattr(args, dest) for dest, key in EDIT_FLAGS.items() if getattr(args, dest) is not None
+        key: getattr(args, dest) for dest, key in FIELD_NAMES.items() if getattr(args, dest) is not None
     }
     if (changes or args.preview) and not args.name:
         raise BoothError("name the LoRA to edit: booth loras NAME --lora-dir DIR --activation-text ...")
@@ -103,9 +93,7 @@ def cmd_loras(args) -> int:
         write_user_metadata(path, changes)
     if preview is not None:
         save_preview(path, preview)
-    name = next((n for n, p in network.available().items() if p == path), args.name)
-    by_file = {p: alias for alias, p in network.aliases().items()}
-    card = build_card(name, by_file.get(path, name), path)
+    card = find_card(network, args.name)
     if args.json:
         print(json.dumps(card.to_dict(args.default_weight), indent=2, ensure_ascii=False))
     else:

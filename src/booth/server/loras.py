@@ -28,16 +28,6 @@ from pydantic import BaseModel, ConfigDict
 from booth.errors import BoothError
 from booth.server.errors import ApiError
 
-# request field -> A1111 user-metadata key
-FIELDS = {
-    "description": "description",
-    "sd_version": "sd version",
-    "activation_text": "activation text",
-    "preferred_weight": "preferred weight",
-    "negative_text": "negative text",
-    "notes": "notes",
-}
-
 
 class CardEdit(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -73,17 +63,12 @@ def build_router(services) -> APIRouter:
         return entry
 
     def find_card(name: str):
-        from booth.generate.cards import build_card
+        from booth.generate.cards import find_card
 
-        lookup = network()
         try:
-            path = lookup.find(name)
+            return find_card(network(), name)
         except BoothError as exc:
             raise ApiError(404, str(exc)) from None
-        available = lookup.available()
-        own = next((n for n, p in available.items() if p == path), name)
-        by_file = {p: alias for alias, p in lookup.aliases(available).items()}
-        return build_card(own, by_file.get(path, own), path)
 
     @router.get("/loras")
     async def list_loras(search: str | None = Query(None, max_length=200)):
@@ -110,10 +95,11 @@ def build_router(services) -> APIRouter:
 
     @router.post("/loras/{name}")
     async def edit_lora(name: str, req: CardEdit):
-        from booth.generate.cards import check_user_metadata, save_preview, write_user_metadata
+        from booth.generate.cards import FIELD_NAMES, check_user_metadata, save_preview, write_user_metadata
         from booth.server.security import decode_image
 
-        changes = {FIELDS[k]: v for k, v in req.model_dump(exclude_none=True).items() if k in FIELDS}
+        edits = req.model_dump(exclude_none=True)
+        changes = {key: edits[name] for name, key in FIELD_NAMES.items() if name in edits}
         try:
             check_user_metadata(changes)
         except BoothError as exc:
