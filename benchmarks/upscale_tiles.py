@@ -11,11 +11,9 @@ on them), upscales the same random picture x4 once whole and once in booth's def
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import time
+
+from fresh_process import report, run_child
 
 
 def child(size: int, blocks: int, tile: int) -> None:
@@ -29,9 +27,7 @@ def child(size: int, blocks: int, tile: int) -> None:
     x = torch.rand(1, 3, size, size)
     start = time.perf_counter()
     out = model.upscale(x, tile=tile, pad=16)
-    seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "shape": list(out.shape)}))
+    report(time.perf_counter() - start, shape=list(out.shape))
 
 
 def main() -> None:
@@ -46,9 +42,9 @@ def main() -> None:
         return
     results = {}
     for label, tile in (("whole", 0), ("tiled", args.tile)):
-        command = [sys.executable, __file__, "--size", str(args.size), "--blocks", str(args.blocks)]
-        out = subprocess.run([*command, "--child", str(tile)], capture_output=True, text=True, check=True)
-        results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[label] = run_child(
+            __file__, ["--size", str(args.size), "--blocks", str(args.blocks)], str(tile)
+        )
         r = results[label]
         print(f"{label:>5}: {r['seconds']:7.1f} s, peak {r['peak_mib']:7.0f} MiB, output {r['shape']}")
     whole, tiled = results["whole"], results["tiled"]

@@ -12,11 +12,9 @@ own, and prints the three and their ratios to the whole-batch decode.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import time
+
+from fresh_process import report, run_child
 
 WAYS = ("batch", "per-image", "tiled")
 
@@ -45,9 +43,7 @@ def child(way: str, batch: int, size: int) -> None:
             pixels = vae.decode(latents).sample
         else:
             pixels = vae_decode.decode(vae, latents, "on" if way == "tiled" else "off")
-    seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "shape": list(pixels.shape)}))
+    report(time.perf_counter() - start, shape=list(pixels.shape))
 
 
 def main() -> None:
@@ -61,9 +57,7 @@ def main() -> None:
         return
     results = {}
     for way in WAYS:
-        command = [sys.executable, __file__, "--batch", str(args.batch), "--size", str(args.size)]
-        out = subprocess.run([*command, "--child", way], capture_output=True, text=True, check=True)
-        results[way] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[way] = run_child(__file__, ["--batch", str(args.batch), "--size", str(args.size)], way)
         r = results[way]
         print(f"{way:>9}: {r['seconds']:7.1f} s, peak {r['peak_mib']:7.0f} MiB, output {r['shape']}")
     whole = results["batch"]
