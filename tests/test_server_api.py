@@ -334,7 +334,8 @@ def test_samplers_schedulers_loras_embeddings(client):
     }  # fmt: skip
     assert "wide" in embeddings["skipped"]
     assert client.get("/sdapi/v1/hypernetworks").json() == []
-    scripts = {"txt2img": ["latent couple extension"], "img2img": ["latent couple extension"]}
+    names = ["prompt matrix", "x/y/z plot", "latent couple extension"]
+    scripts = {"txt2img": names, "img2img": names}
     assert client.get("/sdapi/v1/scripts").json() == scripts
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["used"] > 0
@@ -546,7 +547,8 @@ BAD_REQUESTS = [
     ("firstpass-image", "post", "/sdapi/v1/txt2img", {"firstpass_image": "x", "enable_hr": True, **FAST}, 400, "firstpass_image"),
     ("hires-upscaler", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_upscaler": "4x-UltraSharp", **FAST}, 400, "unknown hires upscaler"),
     ("hires-resize", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_resize_x": 50, **FAST}, 400, "multiple of 8"),
-    ("script", "post", "/sdapi/v1/txt2img", {"script_name": "x/y/z plot"}, 422, "script not found"),
+    ("script", "post", "/sdapi/v1/txt2img", {"script_name": "outpainting mk2"}, 422, "script not found"),
+    ("xyz", "post", "/sdapi/v1/txt2img", {"script_name": "x/y/z plot", "script_args": [4, "1,2"]}, 422, "by its name"),
     ("alwayson-unknown", "post", "/sdapi/v1/txt2img", {"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "not found"),
     ("couple-args", "post", "/sdapi/v1/txt2img", {"alwayson_scripts": {"Latent Couple extension": {"args": [True]}}}, 422, "latent couple"),
     ("couple-region", "post", "/sdapi/v1/txt2img", {"prompt": "a AND b", **FAST, "alwayson_scripts": {"latent couple extension": {"args": [True, "1:2,1:2", "0:0,0:9", "1,1", 20]}}}, 400, "outside division"),

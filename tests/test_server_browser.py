@@ -442,3 +442,30 @@ def test_the_jobs_table_pauses_the_queue_and_moves_a_job_to_the_top(server, chro
         timeout=60_000,
     )
     assert not errors, errors
+
+
+def test_page_draws_an_xyz_plot(server, chromium_browser):
+    """The X/Y/Z plot panel sends A1111's x/y/z plot script: the grid comes back (and the single pictures
+    when asked), the axis menus listing /sdapi/v1/script-info's choices."""
+    page, errors = open_page(server, chromium_browser)
+    assert page.locator("#xyz-x-type option").count() > 10
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "5")
+    page.click("#xyz summary")
+    page.select_option("#xyz-x-type", "Steps")
+    page.fill("#xyz-x-values", "1,2")
+    page.select_option("#xyz-y-type", "CFG Scale")
+    page.fill("#xyz-y-values", "3,7")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    width = page.eval_on_selector("#gallery img", "i => i.naturalWidth")
+    assert width > 2 * 32  # 2 columns of the model's 32 px pictures, and the row labels
+    assert page.locator("#gallery img").count() == 1 and "Steps: 1" in page.inner_text("#infotext")
+    page.check("#xyz-lone")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length === 6", timeout=60_000)
+    page.select_option("#xyz-x-type", "Nothing")  # off again: a plain picture
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length === 7", timeout=60_000)
+    assert not errors, errors

@@ -108,6 +108,7 @@ class GenerationResult:
     inpainting_conditioning: bool = False  # the model is an inpainting model (9-channel UNet)
     vae_name: str | None = None  # a VAE used instead of the model's own (A1111 `sd_vae`)
     vae_hash: str | None = None
+    grids: int = 0  # a script's result: its grids come first (A1111 `index_of_first_image`)
 
     def info(self) -> dict[str, Any]:
         """The A1111 `Processed.js()` dictionary (the API's `info` field, before JSON encoding)."""
@@ -138,7 +139,7 @@ class GenerationResult:
             "seed_resize_from_h": p.seed_resize_from_h,
             "denoising_strength": p.denoising_strength if p.init_images or p.enable_hr else None,
             "extra_generation_params": self.extra_generation_params,
-            "index_of_first_image": 0,
+            "index_of_first_image": self.grids,
             "infotexts": self.infotexts,
             "styles": list(p.styles),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),

@@ -168,6 +168,7 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
             from booth.generate.hires import check_upscaler
 
             check_upscaler(params.hr_upscaler, services.models.upscalers)
+        script = _check_script(services, request, params, model)
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:
@@ -180,7 +181,33 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
     counts = {key: len(value) if isinstance(value, list) else 1 for key, value in inputs.items()}
     snapshot = {"request": request, "model": model, "options": snapshot_options, "inputs": counts}
     snapshot["styles"] = [[style.name, style.prompt, style.negative_prompt] for style in styles]
+    if script is not None:
+        snapshot["script"] = script
     return snapshot, inputs
+
+
+def _check_script(services, request: dict[str, Any], params, model: str) -> dict[str, Any] | None:
+    """The request's script (`booth.server.scripts`), every cell checked: its settings, checkpoint and VAE."""
+    from booth.server.scripts import ScriptError, parse_script, script_jobs
+
+    try:
+        script = parse_script(request)
+        if script is None:
+            return None
+        cells = script_jobs(script, params, services.style_table())
+    except (ScriptError, BoothError) as exc:
+        raise JobFailed(422, str(exc)) from None
+    checked = set()
+    for cell in cells:
+        settings = cell.override_settings
+        key = (settings.get("sd_model_checkpoint"), settings.get("sd_vae"))
+        if key in checked:
+            continue
+        checked.add(key)
+        title = services.registry.find(key[0]).title if key[0] else model
+        if key[1] is not None:
+            services.models.resolve_vae(key[1], title)
+    return script
 
 
 async def submit(services, kind: str, req: BaseModel, wait: bool):
@@ -460,7 +487,6 @@ def build_router(services) -> APIRouter:
     for path in (
         "/hypernetworks",
         "/face-restorers",
-        "/script-info",
         "/extensions",
     ):
         router.add_api_route(path, _empty_list, methods=["GET"])
@@ -483,11 +509,19 @@ def build_router(services) -> APIRouter:
     async def refresh_vae():
         return None  # the VAE folders are read on each use
 
+    @router.get("/script-info")
+    async def script_info():
+        from booth.server.scripts import script_info
+
+        return script_info()
+
     @router.get("/scripts")
     async def scripts():
         from booth.server.generation import ALWAYSON_SCRIPTS
+        from booth.server.scripts import SCRIPTS
 
-        return {"txt2img": list(ALWAYSON_SCRIPTS), "img2img": list(ALWAYSON_SCRIPTS)}
+        names = [*SCRIPTS, *ALWAYSON_SCRIPTS]
+        return {"txt2img": names, "img2img": list(names)}
 
     return router
 

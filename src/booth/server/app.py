@@ -105,6 +105,12 @@ class Services:
                 self.models.resolve_vae(checked["sd_vae"], title)
             self.queue.set_options(checked)
 
+    def style_table(self) -> dict:
+        """Every style of `--styles-file` by name, as the files are now."""
+        from booth.prompts.styles import read_styles
+
+        return read_styles(self.config.styles_files)
+
     def styles(self, names: list[str]) -> list:
         """The `PromptStyle`s a request names, from `--styles-file` as it is now (BoothError: unknown name)."""
         from booth.prompts.styles import read_styles, select_styles

@@ -19,9 +19,9 @@ Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, img2img's `image_cfg_scale`
-(instruct-pix2pix models) and `styles`. Not supported, refused with a clear error rather than ignored:
-`script_name`, other `alwayson_scripts`, a refiner, a hires checkpoint of its own, `restore_faces`,
-`s_min_uncond`, `firstpass_image`, depth models.
+(instruct-pix2pix models) and `styles`; the scripts "x/y/z plot" and "prompt matrix" (`booth.server.scripts`).
+Not supported, refused with a clear error rather than ignored: other `script_name`s and `alwayson_scripts`, a
+refiner, a hires checkpoint of its own, `restore_faces`, `s_min_uncond`, `firstpass_image`, depth models.
 """
 
 from __future__ import annotations
@@ -215,8 +215,12 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
     )
     if hr_checkpoint not in (None, "", "Use same checkpoint"):
         raise JobFailed(400, "a hires checkpoint of its own (hr_checkpoint_name) is not supported by booth")
-    if request.get("script_name"):
-        raise JobFailed(422, "Script not found")
+    from booth.server.scripts import ScriptError, parse_script
+
+    try:
+        parse_script(request)
+    except ScriptError as exc:
+        raise JobFailed(422, str(exc)) from None
     for name in request.get("alwayson_scripts") or {}:
         if name.lower() not in ALWAYSON_SCRIPTS:
             raise JobFailed(422, f"always on script {name} not found")
@@ -570,10 +574,73 @@ class GenerationRunner:
                 eta=state.eta(),  # from the measured step times, hires fix's pass at its own cost
             )
 
+        script = job.params.get("script")
+        if script:
+            return self._run_script(job, ctx, request, params, script, on_step)
         result = engine.generate(params, callback=on_step)
         if ctx.stop_requested:
             raise JobStopped()
         return self._outcome(job, request, result)
+
+    def _run_script(self, job: Job, ctx: JobContext, request, params, script, on_step) -> Outcome:
+        """An x/y/z plot or prompt matrix (`booth.server.scripts`): each cell on its checkpoint and VAE; the
+        progress runs over all cells; the grid first in the response."""
+        import dataclasses
+
+        from booth.generate.engine import GenerationState
+        from booth.server.scripts import run_script
+
+        services, options = self.services, job.params.get("options") or {}
+        results = {}
+        cells = {"done": 0, "count": 0}
+
+        def generate(cell):
+            settings = dict(cell.override_settings)
+            title = services.registry.find(
+                settings.pop("sd_model_checkpoint", None) or job.params["model"]
+            ).title
+            engine = services.models.get(title)
+            vae = settings.pop("sd_vae", None)
+            engine.set_vae(
+                services.models.resolve_vae(vae or options.get("sd_vae", "Automatic"), title, vae is None)
+            )
+            engine.state = GenerationState()
+            ctx.data["engine"] = engine
+
+            def step(state) -> None:
+                on_step(state)
+                total = max(1, cells["count"])
+                ctx.report(progress=(cells["done"] + state.progress) / total)
+
+            result = engine.generate(cell.replace(override_settings=settings), callback=step)
+            results[id(cell)] = result
+            cells["done"] += 1
+            if result.interrupted or ctx.stop_requested:
+                ctx.interrupt_requested = True  # the cells after an interrupt are not drawn
+            return result.images
+
+        from booth.server.scripts import script_jobs
+
+        cells["count"] = len(script_jobs(script, params, services.style_table()))
+        outcome = run_script(script, params, generate, services.style_table())
+        if ctx.stop_requested:
+            raise JobStopped()
+        ordered = [results[id(cell)] for cell in outcome.jobs if id(cell) in results]
+        first = ordered[0]
+        lone = script["name"] == "prompt matrix" or script["args"].get("include_lone_images")
+        picked = ordered if lone else []
+        combined = dataclasses.replace(
+            first,
+            images=[outcome.grid, *[im for r in picked for im in r.images]],
+            seeds=[first.seeds[0], *[s for r in picked for s in r.seeds]],
+            subseeds=[first.subseeds[0], *[s for r in picked for s in r.subseeds]],
+            infotexts=[first.infotexts[0], *[t for r in picked for t in r.infotexts]],
+            prompts=[first.prompts[0], *[t for r in picked for t in r.prompts]],
+            negative_prompts=[first.negative_prompts[0], *[t for r in picked for t in r.negative_prompts]],
+            interrupted=any(r.interrupted for r in ordered),
+            grids=1,
+        )
+        return self._outcome(job, request, combined)
 
     def _outcome(self, job: Job, request: dict[str, Any], result) -> Outcome:
         """PNGs (A1111 `parameters` chunk + booth JSON) in the job folder and the A1111 response."""

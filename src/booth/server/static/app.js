@@ -53,6 +53,14 @@ async function loadLists() {
   for (const m of models) option($("model"), m.title, m.model_name);
   $("model").value = options.sd_model_checkpoint;
   await loadLoras();
+  await loadAxes();
+}
+
+// the x/y/z plot's axis types, as /sdapi/v1/script-info lists them
+async function loadAxes() {
+  const scripts = await api("GET", "/sdapi/v1/script-info");
+  const xyz = scripts.find((s) => s.name === "x/y/z plot" && !s.is_img2img);
+  for (const k of ["x", "y", "z"]) for (const name of xyz.args[0].choices) option($(`xyz-${k}-type`), name);
 }
 
 async function loadModels() {
@@ -222,6 +230,11 @@ $("gen-form").onsubmit = async (ev) => {
     req.alwayson_scripts = { "Latent Couple extension": { args: [
       true, $("lc-divisions").value, $("lc-positions").value, $("lc-weights").value, intOrNull("lc-end") ?? 20,
     ] } };
+  }
+  if ($("xyz-x-type").value !== "Nothing") {  // A1111's x/y/z plot script, its arguments in its order
+    const axis = (k) => [$(`xyz-${k}-type`).value, $(`xyz-${k}-values`).value, []];
+    req.script_name = "x/y/z plot";
+    req.script_args = [...axis("x"), ...axis("y"), ...axis("z"), true, $("xyz-lone").checked];
   }
   await runGeneration("/sdapi/v1/txt2img", req, $("generate"), $("gen-status"));
 };
