@@ -463,3 +463,12 @@ def test_the_server_remaps_pasted_loras_in_png_info_and_infotext(tmp_path, tiny_
     assert request["prompt"] == "a cat <lora:subj:1>" and request["steps"] == 3
     own = apply_infotext({"infotext": infotext, "prompt": "mine <lora:theirs:1>"}, {"prompt"}, pasted)
     assert own["prompt"] == "mine <lora:theirs:1>"  # a prompt the request sets is the request's
+
+
+def test_a_card_without_kohya_s_base_key_gets_its_sd_version_from_the_shapes(tmp_path):
+    import torch
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{key}.lora_down.weight": torch.zeros(4, 768), f"{key}.lora_up.weight": torch.zeros(320, 4)}
+    save_file(tensors, tmp_path / "plain.safetensors")  # no metadata: 768-wide cross-attention is SD 1.x's
+    assert build_card("plain", "plain", tmp_path / "plain.safetensors").sd_version == "SD1"

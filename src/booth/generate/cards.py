@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import os
@@ -251,11 +252,11 @@ def build_card(name: str, alias: str, path: Path) -> Card:
         user, problem = {}, str(exc)
     version = user.get("sd version")
     if version not in SD_VERSIONS or version == "Unknown":
-        try:
-            base = read_lora_info(path).base_model
-        except BoothError:  # a LyCORIS file: kohya's metadata key only
-            base = metadata.get("ss_base_model_version")
-        version = sd_version_of(base)
+        version = sd_version_of(metadata.get("ss_base_model_version"))
+    if version == "Unknown" and problem is None:
+        # no kohya key: from the shapes (read_lora_info opens the file; a LyCORIS file stays Unknown)
+        with contextlib.suppress(BoothError):
+            version = sd_version_of(read_lora_info(path).base_model)
     description = user.get("description")
     if not isinstance(description, str):
         txt = stem_path(path).with_name(stem_path(path).name + ".txt")

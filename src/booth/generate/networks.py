@@ -98,7 +98,7 @@ class LoraNetwork:
         # names resolved to files since the last `deactivate` (one generation): composable LoRA activates each
         # sub-prompt's LoRAs at every sampling step, which must not search the folders every time
         self._resolved: dict[str, Path] = {}
-        self._is_lora_cache: dict[tuple, Any] = {}  # header facts by (what, path, mtime, size)
+        self._header_cache: dict[tuple, Any] = {}  # header facts by (what, path, mtime, size)
 
     # ------------------------------------------------------------------------------------------------
     # discovery
@@ -111,13 +111,13 @@ class LoraNetwork:
             key = (str(path), *_file_stamp(path))
         except BoothError:
             return False
-        if key not in self._is_lora_cache:
+        if key not in self._header_cache:
             try:
                 read_lora_info(path)
-                self._is_lora_cache[key] = True
+                self._header_cache[key] = True
             except BoothError:
-                self._is_lora_cache[key] = self._is_lycoris(path)
-        return self._is_lora_cache[key]
+                self._header_cache[key] = self._is_lycoris(path)
+        return self._header_cache[key]
 
     def _is_lycoris(self, path: Path) -> bool:
         """Whether a file is a LyCORIS network (LoHa, LoKr, Tucker LoCon, full), which booth patches in."""
@@ -126,11 +126,11 @@ class LoraNetwork:
 
         try:
             key = ("lycoris", str(path), *_file_stamp(path))
-            if key not in self._is_lora_cache:
-                self._is_lora_cache[key] = is_lycoris(read_safetensors_header(path)[0])
+            if key not in self._header_cache:
+                self._header_cache[key] = is_lycoris(read_safetensors_header(path)[0])
         except BoothError:
             return False
-        return self._is_lora_cache[key]
+        return self._header_cache[key]
 
     def available(self) -> dict[str, Path]:
         """{name: file} of every LoRA found, in name order; the first of equal names (by `dirs` order) wins."""
@@ -176,12 +176,12 @@ class LoraNetwork:
 
         try:
             key = ("alias", str(path), *_file_stamp(path))
-            if key not in self._is_lora_cache:
+            if key not in self._header_cache:
                 alias = read_safetensors_header(path)[1].get("ss_output_name", "").strip()
-                self._is_lora_cache[key] = alias or None
+                self._header_cache[key] = alias or None
         except BoothError:
             return None
-        return self._is_lora_cache[key]
+        return self._header_cache[key]
 
     def by_hash(self) -> dict[str, Path]:
         """{A1111 shorthash: file} of every LoRA found: kohya's `sshs_model_hash` where the file records one (as
