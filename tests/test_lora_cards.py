@@ -472,3 +472,56 @@ def test_a_card_without_kohya_s_base_key_gets_its_sd_version_from_the_shapes(tmp
     tensors = {f"{key}.lora_down.weight": torch.zeros(4, 768), f"{key}.lora_up.weight": torch.zeros(320, 4)}
     save_file(tensors, tmp_path / "plain.safetensors")  # no metadata: 768-wide cross-attention is SD 1.x's
     assert build_card("plain", "plain", tmp_path / "plain.safetensors").sd_version == "SD1"
+
+
+def test_embedding_cards_list_edit_and_serve(tmp_path, tiny_sd1_dir):
+    import torch
+
+    from booth.generate.cards import embedding_cards, find_embedding_card
+    from booth.train.formats.embeddings import save_embedding
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    save_embedding(folder / "sks-style.safetensors", torch.randn(2, 768))
+    save_embedding(folder / "tiny.safetensors", torch.randn(1, 32))
+    cards = embedding_cards([folder])
+    assert [(c.name, c.kind, c.sd_version, c.prompt()) for c in cards] == [
+        ("sks-style", "embedding", "SD1", "sks-style"),
+        ("tiny", "embedding", "Unknown", "tiny"),
+    ]
+    write_user_metadata(folder / "tiny.safetensors", {"notes": "a test word", "sd version": "SD2"})
+    assert find_embedding_card([folder], "tiny").sd_version == "SD2"
+    assert [c.name for c in embedding_cards([folder], "test word")] == ["tiny"]
+    with pytest.raises(BoothError, match="unknown embedding 'nope'; available: sks-style, tiny"):
+        find_embedding_card([folder], "nope")
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from booth.server.app import create_app
+    from booth.server.config import ServerConfig
+
+    config = ServerConfig(model=str(tiny_sd1_dir), embeddings_dirs=[folder], data_dir=tmp_path / "data")
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+        listed = client.get("/booth/v1/embeddings").json()["embeddings"]
+        assert [(e["name"], e["prompt"], e["preview_url"]) for e in listed] == [
+            ("sks-style", "sks-style", None),
+            ("tiny", "tiny", None),
+        ]
+        buffer = io.BytesIO()
+        Image.new("RGB", (4, 4), (5, 6, 7)).save(buffer, format="PNG")
+        preview = base64.b64encode(buffer.getvalue()).decode()
+        card = client.post(
+            "/booth/v1/embeddings/sks-style", json={"notes": "mine", "preview": preview}
+        ).json()
+        assert card["notes"] == "mine" and card["preview_url"] == "/booth/v1/embeddings/sks-style/preview"
+        assert len(card["hash"]) == 12
+        picture = Image.open(io.BytesIO(client.get(card["preview_url"]).content))
+        assert picture.getpixel((0, 0)) == (5, 6, 7)
+        assert client.get("/booth/v1/embeddings/nope").status_code == 404
+        assert client.get("/booth/v1/embeddings/tiny/preview").status_code == 404
+        # the embedding's preview picture is not taken for an embedding itself
+        assert [e["name"] for e in client.get("/booth/v1/embeddings").json()["embeddings"]] == [
+            "sks-style",
+            "tiny",
+        ]

@@ -46,9 +46,14 @@ def server(tiny_sd1_dir, tmp_path_factory):
     config.vae_dirs, config.styles_files = [vaes], [styles]
     from test_server_api import make_lora_dir
 
-    config.lora_dirs = [
-        make_lora_dir(tmp_path_factory.mktemp("loras"))
-    ]  # "subj" (kohya), "subj_run" (diffusers)
+    config.lora_dirs = [make_lora_dir(tmp_path_factory.mktemp("loras"))]  # "subj", "subj_run"
+    from booth.train.formats.embeddings import save_embedding
+
+    embeddings = tmp_path_factory.mktemp("embeddings")
+    save_embedding(
+        embeddings / "webword.safetensors", torch.randn(1, 32, generator=torch.Generator().manual_seed(6))
+    )
+    config.embeddings_dirs = [embeddings]
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -448,7 +453,7 @@ def test_page_draws_an_xyz_plot(server, chromium_browser):
     """The X/Y/Z plot panel sends A1111's x/y/z plot script: the grid comes back (and the single pictures
     when asked), the axis menus listing /sdapi/v1/script-info's choices."""
     page, errors = open_page(server, chromium_browser)
-    assert page.locator("#xyz-x-type option").count() > 10
+    page.wait_for_function("document.querySelectorAll('#xyz-x-type option').length > 10")  # loaded last
     page.fill("#prompt", "a red apple")
     page.fill("#steps", "2")
     page.fill("#seed", "5")
@@ -458,7 +463,10 @@ def test_page_draws_an_xyz_plot(server, chromium_browser):
     page.select_option("#xyz-y-type", "CFG Scale")
     page.fill("#xyz-y-values", "3,7")
     page.click("#generate")
-    page.wait_for_selector("#gallery img", timeout=60_000)
+    page.wait_for_function(  # the grid decoded (a data URL image decodes after it is inserted)
+        "(() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0; })()",
+        timeout=60_000,
+    )
     width = page.eval_on_selector("#gallery img", "i => i.naturalWidth")
     assert width > 2 * 32  # 2 columns of the model's 32 px pictures, and the row labels
     assert page.locator("#gallery img").count() == 1 and "Steps: 1" in page.inner_text("#infotext")
@@ -468,4 +476,27 @@ def test_page_draws_an_xyz_plot(server, chromium_browser):
     page.select_option("#xyz-x-type", "Nothing")  # off again: a plain picture
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery img').length === 7", timeout=60_000)
+    assert not errors, errors
+
+
+def test_embedding_cards_insert_their_word_and_edit_without_the_lora_fields(server, chromium_browser):
+    page, errors = open_page(server, chromium_browser)
+    page.wait_for_selector("#emb-list button[data-embedding=webword]")
+    page.fill("#prompt", "a photo in")
+    page.click("#emb-list button[data-embedding=webword]")
+    assert page.input_value("#prompt") == "a photo in webword"
+    page.click("#emb-list button[data-edit=webword]")
+    page.wait_for_selector("#lora-edit[open]")
+    assert page.inner_text("#le-what") == "embedding"
+    assert not page.is_visible("#le-activation") and not page.is_visible("#le-weight")
+    page.fill("#le-notes", "my style word")
+    page.click("#le-save")
+    page.wait_for_function("document.getElementById('le-status').textContent === 'saved'")
+    page.click("#le-close")
+    card = page.evaluate("fetch('/booth/v1/embeddings/webword').then(r => r.json())")
+    assert card["notes"] == "my style word"
+    page.click("#lora-list button[data-edit=subj]")  # a LoRA's editor shows them again
+    page.wait_for_selector("#lora-edit[open]")
+    assert page.is_visible("#le-activation") and page.inner_text("#le-what") == "LoRA"
+    page.click("#le-close")
     assert not errors, errors

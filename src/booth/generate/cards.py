@@ -196,9 +196,12 @@ class Card:
     tags: list[tuple[str, int]] = field(default_factory=list)
     user_metadata: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None  # a side file booth could not read
+    kind: str = "lora"  # or "embedding" (A1111's Textual Inversion tab)
 
     def prompt(self, default_multiplier: float = 1.0) -> str:
-        """What A1111's card click adds to the prompt."""
+        """What A1111's card click adds to the prompt (an embedding's: its trigger word)."""
+        if self.kind == "embedding":
+            return self.name
         weight = self.preferred_weight or default_multiplier
         text = f"<lora:{self.alias}:{weight:g}>"
         return f"{text} {self.activation_text}" if self.activation_text else text
@@ -219,6 +222,7 @@ class Card:
 
     def to_dict(self, default_multiplier: float = 1.0) -> dict[str, Any]:
         return {
+            "kind": self.kind,
             "name": self.name,
             "alias": self.alias,
             "path": str(self.path),
@@ -246,10 +250,7 @@ def build_card(name: str, alias: str, path: Path) -> Card:
         metadata = read_safetensors_header(path)[1]
     except BoothError as exc:
         metadata, problem = {}, str(exc)
-    try:
-        user = read_user_metadata(path)
-    except BoothError as exc:
-        user, problem = {}, str(exc)
+    user, problem = _user_metadata_or_problem(path, problem)
     version = user.get("sd version")
     if version not in SD_VERSIONS or version == "Unknown":
         version = sd_version_of(metadata.get("ss_base_model_version"))
@@ -257,35 +258,99 @@ def build_card(name: str, alias: str, path: Path) -> Card:
         # no kohya key: from the shapes (read_lora_info opens the file; a LyCORIS file stays Unknown)
         with contextlib.suppress(BoothError):
             version = sd_version_of(read_lora_info(path).base_model)
-    description = user.get("description")
-    if not isinstance(description, str):
-        txt = stem_path(path).with_name(stem_path(path).name + ".txt")
-        description = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
     try:
         weight = float(user.get("preferred weight") or 0.0)
     except (TypeError, ValueError):
         weight = 0.0
-
-    def text(key: str) -> str:
-        value = user.get(key)
-        return value if isinstance(value, str) else ""
-
     return Card(
         name=name,
         alias=alias,
         path=path,
         sd_version=version,
-        description=description,
-        activation_text=text("activation text"),
+        description=_description(path, user),
+        activation_text=_text(user, "activation text"),
         preferred_weight=weight,
-        negative_text=text("negative text"),
-        notes=text("notes"),
+        negative_text=_text(user, "negative text"),
+        notes=_text(user, "notes"),
         preview=find_preview(path),
         has_cover=cover_image(metadata) is not None,
         tags=tag_frequency(metadata),
         user_metadata=user,
         problem=problem,
     )
+
+
+def _user_metadata_or_problem(path: Path, problem: str | None) -> tuple[dict[str, Any], str | None]:
+    try:
+        return read_user_metadata(path), problem
+    except BoothError as exc:
+        return {}, str(exc)
+
+
+def _text(user: dict[str, Any], key: str) -> str:
+    value = user.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _description(path: Path, user: dict[str, Any]) -> str:
+    """The JSON's description, else the `<stem>.txt` beside the file (A1111 `find_description`)."""
+    description = user.get("description")
+    if isinstance(description, str):
+        return description
+    txt = stem_path(path).with_name(stem_path(path).name + ".txt")
+    return txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
+
+
+_WIDTH_VERSIONS = {768: "SD1", 1024: "SD2"}
+
+
+def build_embedding_card(name: str, path: Path, vectors: Any) -> Card:
+    """A textual-inversion embedding's card (A1111's Textual Inversion tab): a click inserts its trigger word;
+    the sd version from its vector width (768 SD 1.x, 1024 SD 2.x, CLIP-L + CLIP-G SDXL) unless the JSON says;
+    a picture that carries the embedding is its own preview."""
+    user, problem = _user_metadata_or_problem(path, None)
+    version = user.get("sd version")
+    if version not in SD_VERSIONS or version == "Unknown":
+        if isinstance(vectors, dict):
+            version = "SDXL" if "clip_g" in vectors else "Unknown"
+        else:
+            version = _WIDTH_VERSIONS.get(int(vectors.shape[-1]), "Unknown")
+    preview = find_preview(path)
+    if preview is None and path.suffix.lower()[1:] in PREVIEW_EXTENSIONS:
+        preview = path
+    return Card(
+        name=name,
+        alias=name,
+        path=path,
+        sd_version=version,
+        description=_description(path, user),
+        notes=_text(user, "notes"),
+        preview=preview,
+        user_metadata=user,
+        problem=problem,
+        kind="embedding",
+    )
+
+
+def embedding_cards(folders, search: str | None = None) -> list[Card]:
+    """The cards of every embedding in `folders` (the first folder wins a trigger word), in name order; with
+    `search`, those matching it."""
+    from booth.train.formats.embeddings import embedding_files
+
+    found: dict[str, tuple[Path, Any]] = {}
+    for folder in folders:
+        for name, entry in embedding_files(folder).items():
+            found.setdefault(name, entry)
+    cards = [build_embedding_card(name, *found[name]) for name in sorted(found)]
+    return [card for card in cards if card.matches(search)] if search else cards
+
+
+def find_embedding_card(folders, name: str) -> Card:
+    """The card of the embedding whose trigger word is `name`; BoothError listing the words when none is."""
+    cards = {card.name: card for card in embedding_cards(folders)}
+    if name not in cards:
+        raise BoothError(f"unknown embedding {name!r}; available: {', '.join(cards) or 'none'}")
+    return cards[name]
 
 
 def find_card(network, name: str) -> Card:
@@ -310,6 +375,8 @@ def preview_bytes(card: Card) -> tuple[bytes, str] | None:
     if card.preview is not None:
         media = {"jpg": "jpeg"}.get(card.preview.suffix[1:].lower(), card.preview.suffix[1:].lower())
         return card.preview.read_bytes(), f"image/{media}"
+    if card.kind != "lora" or not card.has_cover:
+        return None
     from booth.train.formats.lora import read_safetensors_header
 
     cover = cover_image(read_safetensors_header(card.path)[1])
@@ -331,6 +398,9 @@ __all__ = [
     "SD_VERSIONS",
     "USER_FIELDS",
     "build_card",
+    "build_embedding_card",
+    "embedding_cards",
+    "find_embedding_card",
     "check_user_metadata",
     "cover_image",
     "fill_user_metadata",

@@ -77,21 +77,25 @@ async function selectModel(title) {
   await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: title });
 }
 
-// LoRA cards (/booth/v1/loras): preview, name, activation text; a click inserts what A1111's card inserts
-// (<lora:alias:preferred weight> + activation text, the negative text into the negative prompt); ✎ edits the
-// card's A1111 user metadata.
+// Cards (/booth/v1/loras, /booth/v1/embeddings): preview, name, activation text; a click inserts what A1111's
+// card inserts (<lora:alias:preferred weight> + activation text, the negative text into the negative prompt;
+// an embedding's trigger word); ✎ edits the card's A1111 user metadata. The search box filters both kinds.
+const CARD_KINDS = { loras: { list: "lora-list", count: "lora-count", what: "LoRA" },
+  embeddings: { list: "emb-list", count: "emb-count", what: "embedding" } };
 let loraSearchTimer = null;
-async function loadLoras() {
-  const list = $("lora-list");
+async function loadCards(kind) {
+  const k = CARD_KINDS[kind];
+  const list = $(k.list);
   const query = $("lora-search").value.trim();
-  const { loras } = await api("GET", "/booth/v1/loras" + (query ? "?search=" + encodeURIComponent(query) : ""));
+  const cards = (await api("GET", `/booth/v1/${kind}` + (query ? "?search=" + encodeURIComponent(query) : "")))[kind];
   list.textContent = "";
-  $("lora-count").textContent = loras.length ? `${loras.length}` : (query ? "no match" : "none yet");
-  for (const l of loras) {
+  $(k.count).textContent = cards.length ? `${cards.length}` : (query ? "no match" : "none yet");
+  for (const l of cards) {
     const card = document.createElement("div");
     card.className = "lora-card";
     const b = document.createElement("button");
-    b.type = "button"; b.className = "pick"; b.dataset.lora = l.name;
+    b.type = "button"; b.className = "pick";
+    b.dataset[kind === "loras" ? "lora" : "embedding"] = l.name;
     b.title = [l.description, l.notes, l.problem].filter(Boolean).join("\n") || l.prompt;
     if (l.preview_url) {
       const img = document.createElement("img");
@@ -116,26 +120,30 @@ async function loadLoras() {
     };
     const edit = document.createElement("button");
     edit.type = "button"; edit.className = "edit"; edit.dataset.edit = l.name; edit.textContent = "✎";
-    edit.title = "edit this LoRA's card";
-    edit.onclick = () => openLoraEditor(l.name);
+    edit.title = `edit this ${k.what}'s card`;
+    edit.onclick = () => openCardEditor(kind, l.name);
     card.append(b, edit);
     list.appendChild(card);
   }
 }
+async function loadLoras() { await Promise.all([loadCards("loras"), loadCards("embeddings")]); }
 $("lora-search").onkeydown = (e) => { if (e.key === "Enter") e.preventDefault(); }; // not "Generate"
 $("lora-search").oninput = () => {
   clearTimeout(loraSearchTimer);
   loraSearchTimer = setTimeout(() => loadLoras().catch((e) => { $("lora-count").textContent = e.message; }), 200);
 };
 
-let editingLora = null;
-async function openLoraEditor(name) {
-  const l = await api("GET", "/booth/v1/loras/" + encodeURIComponent(name));
-  editingLora = name;
+let editing = null; // {kind, name} of the card in the editor
+async function openCardEditor(kind, name) {
+  const l = await api("GET", `/booth/v1/${kind}/` + encodeURIComponent(name));
+  editing = { kind, name };
+  const lora = kind === "loras";
+  $("le-what").textContent = CARD_KINDS[kind].what;
   $("le-name").textContent = l.alias === l.name ? l.name : `${l.name} (${l.alias})`;
   $("le-file").textContent = `${l.path} · hash ${l.hash}`;
   $("le-description").value = l.description;
   $("le-sd-version").value = l.sd_version;
+  for (const id of ["le-lora-only", "le-activation-box", "le-negative-box"]) $(id).hidden = !lora;
   $("le-weight").value = l.preferred_weight || "";
   $("le-activation").value = l.activation_text;
   $("le-negative").value = l.negative_text;
@@ -156,22 +164,24 @@ async function openLoraEditor(name) {
   $("lora-edit").showModal();
 }
 
-async function saveLoraCard(extra) {
+async function saveCard(extra) {
   $("le-status").textContent = "saving…";
+  const fields = { description: $("le-description").value, sd_version: $("le-sd-version").value,
+    notes: $("le-notes").value };
+  if (editing.kind === "loras") {
+    Object.assign(fields, { preferred_weight: parseFloat($("le-weight").value) || 0,
+      activation_text: $("le-activation").value, negative_text: $("le-negative").value });
+  }
   try {
-    await api("POST", "/booth/v1/loras/" + encodeURIComponent(editingLora), {
-      description: $("le-description").value, sd_version: $("le-sd-version").value,
-      preferred_weight: parseFloat($("le-weight").value) || 0, activation_text: $("le-activation").value,
-      negative_text: $("le-negative").value, notes: $("le-notes").value, ...extra,
-    });
+    await api("POST", `/booth/v1/${editing.kind}/` + encodeURIComponent(editing.name), { ...fields, ...extra });
     $("le-status").textContent = "saved";
-    await loadLoras();
+    await loadCards(editing.kind);
   } catch (e) { $("le-status").textContent = e.message; }
 }
-$("le-save").onclick = () => saveLoraCard({});
+$("le-save").onclick = () => saveCard({});
 $("le-use-image").onclick = () => {
   const selected = document.querySelector("#gallery img.sel");
-  if (selected) saveLoraCard({ preview: selected.src });
+  if (selected) saveCard({ preview: selected.src });
 };
 
 function insertText(field, text) {

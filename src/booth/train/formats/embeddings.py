@@ -86,6 +86,11 @@ def load_embeddings_dir(folder: str | os.PathLike) -> dict[str, Vectors]:
     a run.
     The first file (in path order) wins when two give the same trigger word.
     """
+    return {name: vectors for name, (_, vectors) in embedding_files(folder).items()}
+
+
+def embedding_files(folder: str | os.PathLike) -> dict[str, tuple[Path, Vectors]]:
+    """`load_embeddings_dir` with each embedding's file: {trigger word: (path, vectors)}."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BoothError(f"embeddings folder {folder} is not a folder")
@@ -123,7 +128,7 @@ def load_embeddings_dir(folder: str | os.PathLike) -> dict[str, Vectors]:
             )
             continue
         found[name], origin[name] = vectors, path
-    return found
+    return {name: (origin[name], vectors) for name, vectors in found.items()}
 
 
 def load_embedding_dirs(folders) -> dict[str, Vectors]:
@@ -334,6 +339,7 @@ def save_embedding(
 
 __all__ = [
     "DIFFUSERS_EMBEDDING_FILE",
+    "embedding_files",
     "load_embedding",
     "load_embedding_dirs",
     "load_embeddings_dir",
