@@ -500,3 +500,24 @@ def test_embedding_cards_insert_their_word_and_edit_without_the_lora_fields(serv
     assert page.is_visible("#le-activation") and page.inner_text("#le-what") == "LoRA"
     page.click("#le-close")
     assert not errors, errors
+
+
+def test_generate_forever_repeats_until_stopped(server, chromium_browser):
+    page, errors = open_page(server, chromium_browser)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "1")
+    page.fill("#seed", "-1")
+    page.click("#forever")
+    assert page.inner_text("#forever") == "Stop generating forever"
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 3", timeout=60_000)
+    page.click("#forever")
+    page.wait_for_function("!document.getElementById('generate').disabled", timeout=60_000)
+    count = page.locator("#gallery img").count()
+    page.wait_for_timeout(1500)
+    assert page.locator("#gallery img").count() == count  # stopped: nothing more comes
+    seeds = {
+        text.split("Seed: ")[1].split(",")[0]
+        for text in page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.dataset.infotext)")
+    }
+    assert len(seeds) == count  # a new random seed each time
+    assert not errors, errors

@@ -247,8 +247,21 @@ $("gen-form").onsubmit = async (ev) => {
     req.script_args = [...axis("x"), ...axis("y"), ...axis("z"), true, $("xyz-lone").checked];
   }
   await runGeneration("/sdapi/v1/txt2img", req, $("generate"), $("gen-status"));
+  if (forever) setTimeout(() => { if (forever) $("gen-form").requestSubmit(); }, 0);  // the settings as they are now
 };
-$("interrupt").onclick = () => api("POST", "/sdapi/v1/interrupt").catch(() => {});
+$("interrupt").onclick = () => { setForever(false); api("POST", "/sdapi/v1/interrupt").catch(() => {}); };
+
+// A1111's "Generate forever": a new generation each time one ends, until stopped (or Interrupt)
+let forever = false;
+function setForever(on) {
+  forever = on;
+  $("forever").textContent = on ? "Stop generating forever" : "Generate forever";
+  $("forever").classList.toggle("primary", on);
+}
+$("forever").onclick = () => {
+  setForever(!forever);
+  if (forever && !$("generate").disabled) $("gen-form").requestSubmit();
+};
 
 function addImage(b64, infotext) {
   const img = document.createElement("img");
