@@ -450,8 +450,9 @@ def build_params(
 
 
 def remap_pasted_prompt(services, parsed: dict[str, Any]) -> dict[str, Any]:
-    """A1111's infotext-pasted callback of its Lora extension: the pasted "Prompt" names each LoRA that
-    `Lora hashes` identifies as the server's own file with that hash is named (`remap_pasted_loras`)."""
+    """A1111's infotext-pasted callback of its Lora extension: each `<lora:NAME:` of the pasted "Prompt" whose
+    `Lora hashes` entry matches the hash of one of the server's LoRA files is renamed to that file's card name
+    (`remap_pasted_loras`)."""
     if parsed.get("Prompt") and parsed.get("Lora hashes") and services.config.lora_dirs:
         from booth.generate.networks import LoraNetwork, remap_pasted_loras
 
@@ -616,7 +617,7 @@ class GenerationRunner:
             results[id(cell)] = result
             cells["done"] += 1
             if result.interrupted or ctx.stop_requested:
-                ctx.interrupt_requested = True  # the cells after an interrupt are not drawn
+                ctx.interrupt_requested = True  # the cells after an interrupt stop at their first step
             return result.images
 
         from booth.server.scripts import script_jobs
