@@ -525,3 +525,31 @@ def test_embedding_cards_list_edit_and_serve(tmp_path, tiny_sd1_dir):
             "sks-style",
             "tiny",
         ]
+
+
+def test_booth_embeddings_lists_shows_and_edits(tmp_path, capsys):
+    import torch
+
+    from booth.cli import main
+    from booth.train.formats.embeddings import save_embedding
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    save_embedding(folder / "sks-style.safetensors", torch.randn(2, 768))
+    flags = ["--embeddings-dir", str(folder)]
+    assert main(["embeddings", "sks-style", *flags, "--notes", "oil look", "--sd-version", "SD1"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt:           sks-style" in out and "notes:            oil look" in out
+    assert "activation text" not in out and len(out.split("hash:")[1].split()[0]) == 12
+    assert main(["embeddings", *flags]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["name", "base", "preview", "notes"] and row.split() == [
+        "sks-style",
+        "SD1",
+        "oil",
+        "look",
+    ]
+    assert main(["embeddings", "sks-style", *flags, "--activation-text", "x"]) == 2  # a LoRA-only flag
+    assert main(["embeddings", "nope", *flags]) == 2
+    assert "unknown embedding 'nope'" in capsys.readouterr().err
+    assert main(["embeddings"]) == 2 and "--embeddings-dir DIR" in capsys.readouterr().err

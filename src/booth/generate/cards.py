@@ -370,6 +370,13 @@ def lora_cards(network, search: str | None = None) -> list[Card]:
     return [card for card in cards if card.matches(search)] if search else cards
 
 
+def card_hash(card: Card) -> str:
+    """The 12-digit hash A1111 shows: a LoRA's shorthash (its tensor data's sha256), an embedding file's sha256."""
+    from booth.models.hashing import lora_shorthash, sha256_file
+
+    return lora_shorthash(card.path) if card.kind == "lora" else sha256_file(card.path)[:12]
+
+
 def preview_bytes(card: Card) -> tuple[bytes, str] | None:
     """(image bytes, media type) of a card's preview: its preview file, else its embedded cover; None if none."""
     if card.preview is not None:
@@ -399,6 +406,7 @@ __all__ = [
     "USER_FIELDS",
     "build_card",
     "build_embedding_card",
+    "card_hash",
     "embedding_cards",
     "find_embedding_card",
     "check_user_metadata",

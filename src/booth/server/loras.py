@@ -95,10 +95,9 @@ def _card_routes(router: APIRouter, services, kind: str, what: str, list_cards, 
             f"/booth/v1/{kind}/{quote(card.name, safe='')}/preview" if has_preview else None
         )
         if with_hash:
-            from booth.models.hashing import lora_shorthash, sha256_file
+            from booth.generate.cards import card_hash
 
-            # A1111: a LoRA's shorthash (its tensor data's sha256), an embedding's file sha256, 12 digits each
-            entry["hash"] = lora_shorthash(card.path) if card.kind == "lora" else sha256_file(card.path)[:12]
+            entry["hash"] = card_hash(card)
         return entry
 
     def find(name: str):
