@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# tests rewrite files within the mtime resolution and clear the in-memory hashes: no on-disk hash cache here
+# (tests/test_hashing.py turns it on in a folder of its own)
+os.environ["BOOTH_HASH_CACHE"] = "0"
 
 
 @pytest.fixture(scope="session")

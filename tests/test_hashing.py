@@ -100,3 +100,42 @@ def test_hash_errors_are_one_line_booth_errors(tmp_path):
     tiny.write_bytes(b"abc")
     with pytest.raises(BoothError, match="not a safetensors file"):
         addnet_hash_safetensors(tiny)
+
+
+def test_digests_persist_on_disk_so_a_new_process_does_not_read_the_file_again(tmp_path, monkeypatch):
+    import json
+
+    from booth.models import hashing
+
+    monkeypatch.setenv("BOOTH_HASH_CACHE", "1")
+    monkeypatch.setenv("BOOTH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(b"x" * 5000)
+    digest = sha256_file(path)
+    stored = json.loads((tmp_path / "cache" / "hashes.json").read_text())
+    assert stored[f"sha256:{path.resolve()}"] == [5000, path.stat().st_mtime_ns, digest]
+
+    clear_hash_cache()  # a new process: nothing in memory
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the file was read again")
+
+    monkeypatch.setattr(hashing, "_sha256_stream", no_reading)
+    assert sha256_file(path) == digest and model_hash(path) == digest[:10]
+    monkeypatch.undo()
+    monkeypatch.setenv("BOOTH_HASH_CACHE", "1")
+    monkeypatch.setenv("BOOTH_CACHE", str(tmp_path / "cache"))
+
+    clear_hash_cache()
+    path.write_bytes(b"y" * 5001)  # changed: hashed again, and the new digest stored
+    assert sha256_file(path) == hashlib.sha256(b"y" * 5001).hexdigest()
+    assert json.loads((tmp_path / "cache" / "hashes.json").read_text())[f"sha256:{path.resolve()}"][0] == 5001
+
+    (tmp_path / "cache" / "hashes.json").write_text("{not json")  # a broken cache: ignored, then replaced
+    clear_hash_cache()
+    assert sha256_file(path) == hashlib.sha256(b"y" * 5001).hexdigest()
+    clear_hash_cache(disk=True)
+    assert not (tmp_path / "cache" / "hashes.json").exists()
+    monkeypatch.setenv("BOOTH_HASH_CACHE", "0")
+    sha256_file(path)
+    assert not (tmp_path / "cache" / "hashes.json").exists()  # turned off: no file

@@ -6,7 +6,10 @@
   kohya's `sshs_model_hash`; `lora_shorthash` is its first 12 characters (A1111 `Lora hashes`).
 * `legacy_model_hash`: A1111's old 8-character hash of 64 KiB read at offset 1 MiB (kohya `model_hash`).
 
-Full-file hashes are cached in memory by (resolved path, size, mtime) so a model is read once per process.
+Digests are cached by (kind, resolved path, size, mtime): in memory, and on disk in
+`$BOOTH_CACHE/hashes.json` (default `~/.cache/booth`, as A1111 keeps its `cache.json`), so a multi-GB
+checkpoint is read once, not at every run. A changed file (size or mtime) is hashed again; an unreadable or
+unwritable cache file only costs the hashing (`BOOTH_HASH_CACHE=0` turns the file off).
 """
 
 from __future__ import annotations
@@ -39,11 +42,59 @@ def _stat_key(kind: str, path: Path) -> tuple[str, str, int, int]:
     return kind, str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
+def cache_file() -> Path | None:
+    """The on-disk digest cache (None when `BOOTH_HASH_CACHE=0`)."""
+    if os.environ.get("BOOTH_HASH_CACHE", "1") == "0":
+        return None
+    return Path(os.environ.get("BOOTH_CACHE", Path.home() / ".cache" / "booth")) / "hashes.json"
+
+
+def _disk_entries(file: Path) -> dict[str, list]:
+    """{"kind:path": [size, mtime_ns, digest]} from the cache file ({} when missing or unreadable)."""
+    try:
+        import json
+
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _from_disk(key: tuple[str, str, int, int]) -> str | None:
+    file = cache_file()
+    entry = _disk_entries(file).get(f"{key[0]}:{key[1]}") if file is not None else None
+    if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [key[2], key[3]]:
+        return str(entry[2])
+    return None
+
+
+def _to_disk(key: tuple[str, str, int, int], digest: str) -> None:
+    """Add a digest to the cache file (re-read first: another process may have added its own), atomically."""
+    file = cache_file()
+    if file is None:
+        return
+    import json
+
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        entries = _disk_entries(file)
+        entries[f"{key[0]}:{key[1]}"] = [key[2], key[3], digest]
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=0, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, file)
+    except OSError:
+        pass  # a read-only home: the digest stays in memory
+
+
 def _cached(kind: str, path: Path, compute) -> str:
     key = _stat_key(kind, path)
     with _cache_lock:
         found = _cache.get(key)
+    if found is None:
+        found = _from_disk(key)
     if found is not None:
+        with _cache_lock:
+            _cache[key] = found
         return found
     try:
         digest = compute()
@@ -51,6 +102,7 @@ def _cached(kind: str, path: Path, compute) -> str:
         raise BoothError(f"cannot hash {path}: {exc.strerror or exc}") from None
     with _cache_lock:
         _cache[key] = digest
+        _to_disk(key, digest)
     return digest
 
 
@@ -123,10 +175,14 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
     return _cached("legacy", path, compute)
 
 
-def clear_hash_cache() -> None:
-    """Forget all cached digests (tests; files rewritten within the filesystem's mtime resolution)."""
+def clear_hash_cache(disk: bool = False) -> None:
+    """Forget all cached digests in memory (tests; files rewritten within the filesystem's mtime resolution),
+    and with `disk` the cache file too."""
     with _cache_lock:
         _cache.clear()
+        file = cache_file()
+        if disk and file is not None:
+            file.unlink(missing_ok=True)
 
 
 __all__ = [
