@@ -540,7 +540,7 @@ BAD_REQUESTS = [
     ("too-many-steps", "post", "/sdapi/v1/txt2img", {"steps": 10**9}, 400, "steps"),
     ("odd-width", "post", "/sdapi/v1/txt2img", {"width": 33, "height": 32}, 400, "multiple of 8"),
     ("int-overflow", "post", "/sdapi/v1/txt2img", {"width": 10**30}, 400, "width"),
-    ("hires-checkpoint", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, 400, "hr_checkpoint_name"),
+    ("hires-checkpoint", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_checkpoint_name": "missing-model"}, 400, "missing-model"),
     ("hires-huge", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "width": 512, "height": 512, "hr_scale": 8}, 400, "hires size 4096x4096"),
     ("restore-faces", "post", "/sdapi/v1/txt2img", {"restore_faces": True, **FAST}, 400, "face restoration"),
     ("s-min-uncond", "post", "/sdapi/v1/txt2img", {"s_min_uncond": 0.5, **FAST}, 400, "s_min_uncond"),

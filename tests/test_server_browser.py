@@ -218,7 +218,13 @@ def test_page_runs_the_hires_fix(server, chromium_browser):
     info = page.inner_text("#infotext")
     assert "Denoising strength: 0.5" in info
     assert "Hires upscale: 1.5, Hires steps: 1, Hires upscaler: Latent (nearest-exact)" in info
-    assert "Tiling: True" in info
+    assert "Tiling: True" in info and "Hires checkpoint" not in info
+    checkpoints = page.eval_on_selector_all("#hr-checkpoint option", "os => os.map(o => o.value)")
+    assert checkpoints[0] == "Use same checkpoint" and len(checkpoints) >= 2  # then the server's models
+    page.select_option("#hr-checkpoint", checkpoints[1])  # the model itself, picked by name: same pass
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length === 2", timeout=60_000)
+    assert "Hires upscale: 1.5" in page.inner_text("#infotext")
     assert not errors, errors
 
 

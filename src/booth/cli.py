@@ -285,6 +285,12 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="negative prompt of the pass (default: the same)",
     )
+    h.add_argument(
+        "--hr-checkpoint",
+        metavar="MODEL",
+        default=None,
+        help="another model of the same family for the hires pass (A1111's Hires checkpoint)",
+    )
     n = p.add_argument_group("LoRA (extra networks)")
     n.add_argument(
         "--lora-dir",
@@ -456,6 +462,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         "hr_scheduler": "hr_schedule_type",
         "hr_prompt": "hr_prompt",
         "hr_negative_prompt": "hr_negative_prompt",
+        "hr_checkpoint_name": "hr_checkpoint",
     }
     hires = _gated_flags(args, hires_flags, args.enable_hr, "sets up the hires pass: add --enable-hr")
     inpainting = _inpainting_from_args(args)
@@ -606,6 +613,10 @@ def cmd_generate(args) -> int:
         return engine
 
     engine = load_engine(args.model)
+    if params.hr_checkpoint_name and params.hr_checkpoint_name != args.model:
+        engine.hires_engine = load_engine(
+            params.hr_checkpoint_name
+        )  # checked to be of the family at generate
     progress = None if args.no_progress else ProgressBar()
     if batch:
         saved = []
@@ -726,6 +737,7 @@ class _CellEngines:
                 self.other = None
                 gc.collect()  # the previous other checkpoint goes before the next one loads
                 self.other = (model, self.load(model))
+                self.other[1].hires_engine = self.base.hires_engine  # --hr-checkpoint for every checkpoint
             engine = self.other[1]
         engine.set_vae(_vae_path(self.args, model, settings.pop("sd_vae", None)))
         return engine, job.replace(override_settings=settings)

@@ -224,9 +224,9 @@ class Engine:
         self.extra_networks = extra_networks if extra_networks is not None else ExtraNetworkRegistry()
         self.upscalers = upscalers if upscalers is not None else Upscalers(device=self.pipe.unet.device)
         self.vae = None  # a `booth.models.vae.VaeInfo` while a standalone VAE replaces the model's own
-        self.vae_tiling = (
-            "auto"  # `booth.generate.vae_decode`: auto (tiles when a picture does not fit) | on | off
-        )
+        self.hires_engine: Engine | None = None  # the model of `hr_checkpoint_name` when `generate` gets none
+        # `booth.generate.vae_decode`: "auto" (tiles when a picture does not fit), "on" or "off"
+        self.vae_tiling = "auto"
         self.state = GenerationState()
 
     @classmethod
@@ -254,14 +254,23 @@ class Engine:
     # ------------------------------------------------------------------------------------------------
     # public API
 
-    def generate(self, params: GenerationParams, callback: StepCallback | None = None) -> GenerationResult:
-        """txt2img, or img2img when `params.init_images` is set. Returns batch_size * n_iter images."""
+    def generate(
+        self,
+        params: GenerationParams,
+        callback: StepCallback | None = None,
+        hires_engine: Engine | None = None,
+    ) -> GenerationResult:
+        """txt2img, or img2img when `params.init_images` is set. Returns batch_size * n_iter images.
+
+        `hires_engine`: the model `params.hr_checkpoint_name` names (A1111's Hires checkpoint), loaded by the
+        caller; it encodes the hires prompts, runs the second pass and decodes, with its own VAE and LoRAs."""
         params.validate()
         if params.override_settings:
             raise BoothError(
                 f"this job sets {', '.join(sorted(params.override_settings))}, which an engine cannot "
                 "change itself: load that model / VAE and run the job without them"
             )
+        hr_engine = self._check_hires_engine(params, hires_engine or self.hires_engine)
         from booth.generate.samplers import resolve_sampler
 
         sampler, schedule = resolve_sampler(params.sampler_name, params.scheduler)
@@ -307,11 +316,13 @@ class Engine:
         try:
             if params.tiling:
                 restore.enter_context(self._tiling())
+                if hr_engine is not self:
+                    restore.enter_context(hr_engine._tiling())
             first = _Pass(sampler, schedule, width, height, progress=(0, hr.steps_run if hr else 0))
             first.guide, used = self._build_guide(prompt, negative, params, part_calls)
             if hr is not None:  # the hires prompt's text is encoded under its own extra networks
-                with self._networks_for(hr, first_networks):
-                    hr.run.guide, hr_used = self._build_guide(
+                with self._networks_for(hr, first_networks, hr_engine):
+                    hr.run.guide, hr_used = hr_engine._build_guide(
                         hr.prompt, hr.negative, params, hr.part_calls, hr.plan
                     )
                 used |= hr_used
@@ -340,13 +351,13 @@ class Engine:
                 if latents is None:  # skipped
                     continue
                 if hr is not None and not state.interrupted:
-                    with self._networks_for(hr, first_networks):
+                    with self._networks_for(hr, first_networks, hr_engine):
                         latents = self._hires_pass(
-                            latents, params, hr, batch_seeds, batch_subseeds, state, callback
+                            latents, params, hr, batch_seeds, batch_subseeds, state, callback, hr_engine
                         )
                     if latents is None:
                         continue
-                decoded = self._decode(latents)
+                decoded = (hr_engine if hr is not None else self)._decode(latents)
                 if job is not None:  # the original's pixels outside the mask; an "Only masked" crop back
                     overlays = [job.overlays[i % len(job.overlays)] for i in range(len(decoded))]
                     decoded = [inpaint.apply_overlay(im, job.paste_to, o) for im, o in zip(decoded, overlays)]
@@ -359,7 +370,9 @@ class Engine:
             self.extra_networks.deactivate_all(self.pipe)
 
         state.job_no = params.n_iter
-        extra = self._extra_params(params, prompt, used, first.guide.couple, hr, job.extra if job else None)
+        extra = self._extra_params(
+            params, prompt, used, first.guide.couple, hr, job.extra if job else None, hr_engine
+        )
         kept = kept[: len(images)]
         infotexts = [
             self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
@@ -519,23 +532,47 @@ class Engine:
                 callback(state)
         return latents if keep is None else latents * redraw + init * keep
 
-    def _hires_pass(self, latents, params, hr: _HiresRun, seeds, subseeds, state, callback):
-        """Hires fix on one batch's first-pass latents (A1111 `sample_hr_pass`); None when skipped."""
+    def _hires_pass(self, latents, params, hr: _HiresRun, seeds, subseeds, state, callback, hr_engine=None):
+        """Hires fix on one batch's first-pass latents (A1111 `sample_hr_pass`), the second pass on `hr_engine`
+        (a hires checkpoint; default this model); None when skipped."""
+        hr_engine = hr_engine or self
         plan = hr.plan
-        # 1. Upscale: interpolate the latents, or decode, upscale the pixels and encode again.
+        # 1. Upscale: interpolate the latents, or decode, upscale the pixels and encode again (with the VAE
+        #    of the model that runs the pass).
         if plan.latent:
             latents = hires.upscale_latents(latents, plan, self.vae_scale)
         else:
             images = [
                 self.upscalers.resize(im, *plan.upscale_to, plan.upscaler) for im in self._decode(latents)
             ]
-            latents = self._encode_pixels(images)
+            latents = hr_engine._encode_pixels(images)
         # 2. Crop to hr_resize_x x hr_resize_y (when both are given).
         latents = hires.crop_latents(latents, plan)
         if not hr.steps_run:  # denoising strength 0: the upscale alone
             return latents
         # 3. img2img at the new size: fresh noise from the same seeds, exactly `plan.steps` steps.
-        return self._denoise(params, hr.run, seeds, subseeds, latents, state, callback)
+        return hr_engine._denoise(params, hr.run, seeds, subseeds, latents, state, callback)
+
+    def _check_hires_engine(self, params: GenerationParams, hires_engine: Engine | None) -> Engine:
+        """The engine of the hires pass: `hires_engine` when the params name a hires checkpoint, checked to be
+        of this model's family (the latents go across as they are), else this one."""
+        named = params.enable_hr and params.hr_checkpoint_name not in (None, "", "Use same checkpoint")
+        if hires_engine is None or hires_engine is self or not params.enable_hr:
+            if named and hires_engine is None:
+                raise BoothError(
+                    f"hr_checkpoint_name {params.hr_checkpoint_name!r}: load that model and pass it as "
+                    "hires_engine"
+                )
+            return self
+        if hires_engine.family.name != self.family.name or hires_engine.vae_scale != self.vae_scale:
+            raise BoothError(
+                f"the hires checkpoint {hires_engine.model.name} is a {hires_engine.family.name} model and "
+                f"{self.model.name} a {self.family.name} one: the hires pass needs a model of the same family"
+            )
+        for engine in (self, hires_engine):
+            if engine.inpainting_model or engine.edit_model:
+                raise BoothError(f"{engine.model.name} takes no hires checkpoint of another model")
+        return hires_engine
 
     @contextlib.contextmanager
     def _tiling(self):
@@ -557,9 +594,17 @@ class Engine:
                 m.padding_mode = mode
 
     @contextlib.contextmanager
-    def _networks_for(self, hr: _HiresRun, first: list):
-        """The hires prompt's extra networks while in the block, when they differ from the first pass's."""
+    def _networks_for(self, hr: _HiresRun, first: list, hr_engine: Engine | None = None):
+        """The hires prompt's extra networks while in the block, when they differ from the first pass's; on a
+        hires checkpoint's model (`hr_engine`), always, and off again after the block."""
         mine = [] if hr.part_calls else hr.calls
+        if hr_engine is not None and hr_engine is not self:
+            hr_engine.extra_networks.activate_all(hr_engine.pipe, mine)
+            try:
+                yield
+            finally:
+                hr_engine.extra_networks.deactivate_all(hr_engine.pipe)
+            return
         if mine == first:
             yield
             return
@@ -853,10 +898,14 @@ class Engine:
         couple: LatentCouple | None,
         hr: _HiresRun | None = None,
         inpainting: dict[str, Any] | None = None,
+        hr_engine: Engine | None = None,
     ) -> dict[str, Any]:
         from booth.prompts import schedule_differs_with_old_timelines
 
         extra: dict[str, Any] = hires.infotext_fields(params, hr.plan) if hr is not None else {}
+        if hr is not None and hr_engine is not None and hr_engine is not self:  # A1111: its short title
+            name, short = hr_engine.model.name, hr_engine.model.hash
+            extra["Hires checkpoint"] = f"{name} [{short}]" if short else name
         extra.update(inpainting or {})
         if params.init_images and params.initial_noise_multiplier != 1:
             extra["Noise multiplier"] = params.initial_noise_multiplier

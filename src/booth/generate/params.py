@@ -99,6 +99,9 @@ class GenerationParams:
     hr_scheduler: str | None = None  # None: `scheduler`
     hr_prompt: str = ""  # "": `prompt`
     hr_negative_prompt: str = ""  # "": `negative_prompt`
+    # A1111's "Hires checkpoint": another model of the same family for the second pass (None / "" / "Use same
+    # checkpoint": this one); the caller loads it and hands it to `Engine.generate(..., hires_engine=)`
+    hr_checkpoint_name: str | None = None
     # extra networks
     disable_extra_networks: bool = False
     # A1111 options for this job alone, as its `p.override_settings`: `sd_model_checkpoint` (a model path or

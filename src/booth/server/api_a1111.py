@@ -169,6 +169,8 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
 
             check_upscaler(params.hr_upscaler, services.models.upscalers)
         script = _check_script(services, request, params, model)
+        if params.hr_checkpoint_name:  # a title of the server's models (its family is checked when it runs)
+            services.registry.find(params.hr_checkpoint_name)
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:

@@ -15,7 +15,8 @@ models), `sd_vae` (Automatic, None or a file of `--vae-dir`), per request via `o
 (names from `--styles-file`, merged into the prompts when the job is queued and kept with it).
 Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr_second_pass_steps`,
 `hr_resize_x` / `_y`, `hr_sampler_name`, `hr_scheduler`, `hr_prompt`, `hr_negative_prompt`, with
-`denoising_strength`; `hr_checkpoint_name` only as the same checkpoint.
+`denoising_strength`, `hr_checkpoint_name` (another model of the same family for the second pass, loaded beside
+the job's for that job).
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, img2img's `image_cfg_scale`
@@ -182,6 +183,7 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -
         "Hires schedule type": ("hr_scheduler", str),
         "Hires prompt": ("hr_prompt", str),
         "Hires negative prompt": ("hr_negative_prompt", str),
+        "Hires checkpoint": ("hr_checkpoint_name", str),  # "name [hash]": the registry takes the suffix
         "Mask blur": ("mask_blur", int),
         "Masked area padding": ("inpaint_full_res_padding", int),
         "Noise multiplier": ("initial_noise_multiplier", float),
@@ -209,12 +211,13 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -
     return out
 
 
+def hires_checkpoint(request: dict[str, Any]) -> str | None:
+    """The request's hires checkpoint (`hr_checkpoint_name`), None for the job's own model."""
+    name = request.get("hr_checkpoint_name") if request.get("enable_hr") else None
+    return None if name in (None, "", "Use same checkpoint") else name
+
+
 def _unsupported(request: dict[str, Any], kind: str) -> None:
-    hr_checkpoint = (
-        request.get("hr_checkpoint_name") if kind == "txt2img" and request.get("enable_hr") else None
-    )
-    if hr_checkpoint not in (None, "", "Use same checkpoint"):
-        raise JobFailed(400, "a hires checkpoint of its own (hr_checkpoint_name) is not supported by booth")
     from booth.server.scripts import ScriptError, parse_script
 
     try:
@@ -441,6 +444,7 @@ def build_params(
             hr_scheduler=request.get("hr_scheduler"),
             hr_prompt=request.get("hr_prompt") or "",
             hr_negative_prompt=request.get("hr_negative_prompt") or "",
+            hr_checkpoint_name=hires_checkpoint(request),
         )
     if styles:
         from booth.prompts.styles import apply_to_params
@@ -578,7 +582,14 @@ class GenerationRunner:
         script = job.params.get("script")
         if script:
             return self._run_script(job, ctx, request, params, script, on_step)
-        result = engine.generate(params, callback=on_step)
+        hires = None
+        if params.hr_checkpoint_name:
+            title = services.registry.find(params.hr_checkpoint_name).title
+            if title != job.params["model"]:
+                ctx.report(message="loading the hires checkpoint", force=True)
+                hires = services.models.load_beside(title)
+        result = engine.generate(params, callback=on_step, hires_engine=hires)
+        del hires  # the hires model is this job's alone
         if ctx.stop_requested:
             raise JobStopped()
         return self._outcome(job, request, result)

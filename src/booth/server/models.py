@@ -228,6 +228,15 @@ class ModelManager:
         if self.engine is not None and self.entry is not None and self.entry.source == entry.source:
             return self.engine
         self.unload()
+        self.engine, self.entry = self._load(entry), entry
+        return self.engine
+
+    def load_beside(self, title: str):
+        """An engine for `title` loaded beside the current one (a hires checkpoint, for one job); the caller
+        drops it when done."""
+        return self._load(self.registry.find(title))
+
+    def _load(self, entry: ModelEntry):
         from booth.devices import resolve_device, resolve_dtype
         from booth.generate.engine import Engine
         from booth.models.loading import load_pipeline
@@ -241,7 +250,6 @@ class ModelManager:
         engine = Engine(model, extra_networks=networks, upscalers=self.upscalers)
         engine.vae_tiling = self.config.vae_tiling
         engine.embeddings = self.usable_embeddings(engine)
-        self.engine, self.entry = engine, entry
         return engine
 
     def unload(self) -> None:

@@ -51,6 +51,7 @@ async function loadLists() {
   $("sampler").value = samplers.some((s) => s.name === "Euler a") ? "Euler a" : samplers[0].name;
   for (const s of schedulers) option($("scheduler"), s.name, s.label);
   for (const m of models) option($("model"), m.title, m.model_name);
+  for (const m of models) option($("hr-checkpoint"), m.title, m.model_name);
   $("model").value = options.sd_model_checkpoint;
   await loadLoras();
   await loadAxes();
@@ -69,6 +70,11 @@ async function loadModels() {
   $("model").textContent = "";
   for (const m of models) option($("model"), m.title, m.model_name);
   $("model").value = current;
+  const hires = $("hr-checkpoint").value;
+  $("hr-checkpoint").textContent = "";
+  option($("hr-checkpoint"), "Use same checkpoint");
+  for (const m of models) option($("hr-checkpoint"), m.title, m.model_name);
+  $("hr-checkpoint").value = [...$("hr-checkpoint").options].some((o) => o.value === hires) ? hires : "Use same checkpoint";
 }
 
 async function selectModel(title) {
@@ -234,6 +240,7 @@ $("gen-form").onsubmit = async (ev) => {
     Object.assign(req, {
       enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: parseFloat($("hr-scale").value),
       hr_second_pass_steps: intOrNull("hr-steps") || 0, denoising_strength: parseFloat($("hr-denoise").value),
+      hr_checkpoint_name: $("hr-checkpoint").value,
     });
   }
   if ($("lc-enabled").checked) {  // the Latent Couple extension's arguments, in its order
