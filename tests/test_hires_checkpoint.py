@@ -136,3 +136,31 @@ def picture(response) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(response["images"][0]))))
+
+
+def test_an_xy_plot_over_hires_checkpoints(tiny_sd1_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from booth.cli import main
+
+    perturbed(9).save_pretrained(tmp_path / "detail")
+    argv = ["generate", "a cat", "--model", str(tiny_sd1_dir), "--steps", "2", "--seed", "3", "--no-progress"]
+    argv += [
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--enable-hr",
+        "--hr-scale",
+        "2",
+        "--denoising-strength",
+        "0.6",
+    ]
+    values = f"Use same checkpoint,{tmp_path / 'detail'}"
+    assert main([*argv, "--xy", "hr_checkpoint_name", values, "--out", str(tmp_path / "out")]) == 0
+    texts = [Image.open(p).text["parameters"] for p in sorted((tmp_path / "out").glob("0*.png"))]
+    assert ["Hires checkpoint: detail" in t for t in texts] == [False, True]
+    capsys.readouterr()
+    missing = f"{tmp_path / 'detail'},{tmp_path / 'gone.safetensors'}"
+    assert main([*argv, "--xy", "hr_checkpoint_name", missing, "--out", str(tmp_path / "bad")]) == 2
+    assert "model path not found" in capsys.readouterr().err and not list((tmp_path / "bad").glob("*.png"))

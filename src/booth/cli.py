@@ -708,14 +708,22 @@ class _CellEngines:
     def __init__(self, base, load, args):
         self.base, self.load, self.args = base, load, args
         self.other = None  # (model, Engine) of the last other checkpoint
+        # (name, Engine) of the hires checkpoint loaded last: --hr-checkpoint's, or a cell's own
+        self.hires = (args.hr_checkpoint, base.hires_engine) if base.hires_engine is not None else None
+
+    @staticmethod
+    def _hires_name(job) -> str | None:
+        name = job.hr_checkpoint_name if job.enable_hr else None
+        return None if name in (None, "", "Use same checkpoint") else name
 
     def check(self, job) -> None:
-        """Refuse a cell's checkpoint or VAE that is not there, before anything is generated."""
+        """Refuse a cell's checkpoint, hires checkpoint or VAE that is not there, before anything is generated."""
         from booth.models.loading import DEFAULT_MODEL_NAME, classify_model
 
         settings = job.override_settings
-        if settings.get("sd_model_checkpoint") not in (None, "", DEFAULT_MODEL_NAME):
-            classify_model(settings["sd_model_checkpoint"])
+        for model in (settings.get("sd_model_checkpoint"), self._hires_name(job)):
+            if model not in (None, "", DEFAULT_MODEL_NAME):
+                classify_model(model)
         vae = settings.get("sd_vae")
         if vae and vae.lower() not in ("none", "automatic") and not Path(vae).exists():
             raise BoothError(f"VAE axis: {vae} not found")
@@ -737,9 +745,15 @@ class _CellEngines:
                 self.other = None
                 gc.collect()  # the previous other checkpoint goes before the next one loads
                 self.other = (model, self.load(model))
-                self.other[1].hires_engine = self.base.hires_engine  # --hr-checkpoint for every checkpoint
             engine = self.other[1]
         engine.set_vae(_vae_path(self.args, model, settings.pop("sd_vae", None)))
+        hires = self._hires_name(job)
+        hires = None if hires is None or hires == (model or DEFAULT_MODEL_NAME) else hires
+        if hires is not None and (self.hires is None or self.hires[0] != hires):
+            self.hires = None
+            gc.collect()
+            self.hires = (hires, self.load(None if hires == DEFAULT_MODEL_NAME else hires))
+        engine.hires_engine = self.hires[1] if hires is not None else None
         return engine, job.replace(override_settings=settings)
 
 
