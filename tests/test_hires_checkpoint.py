@@ -164,3 +164,47 @@ def test_an_xy_plot_over_hires_checkpoints(tiny_sd1_dir, tmp_path, capsys):
     missing = f"{tmp_path / 'detail'},{tmp_path / 'gone.safetensors'}"
     assert main([*argv, "--xy", "hr_checkpoint_name", missing, "--out", str(tmp_path / "bad")]) == 2
     assert "model path not found" in capsys.readouterr().err and not list((tmp_path / "bad").glob("*.png"))
+
+
+def test_the_api_s_xyz_plot_varies_the_hires_checkpoint(tiny_sd1_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from booth.server.app import create_app
+    from booth.server.config import ServerConfig
+
+    perturbed(10).save_pretrained(tmp_path / "models" / "detail")
+    config = ServerConfig(
+        model=str(tiny_sd1_dir), model_dirs=[tmp_path / "models"], data_dir=tmp_path / "data"
+    )
+    body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
+    body.update(enable_hr=True, hr_scale=2, denoising_strength=0.6, script_name="x/y/z plot")
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+        args = [
+            "hr_checkpoint_name",
+            "Use same checkpoint, detail",
+            [],
+            "Nothing",
+            "",
+            [],
+            "Nothing",
+            "",
+            [],
+            True,
+            True,
+        ]
+        r = client.post("/sdapi/v1/txt2img", json={**body, "script_args": args})
+        assert r.status_code == 200, r.text
+        texts = json.loads(r.json()["info"])["infotexts"][1:]
+        assert ["Hires checkpoint: detail" in t for t in texts] == [False, True]
+        bad = ["hr_checkpoint_name", "detail, missing-model"]
+        r = client.post("/sdapi/v1/txt2img", json={**body, "script_args": bad})
+        assert r.status_code in (400, 404, 422) and "missing-model" in r.text  # refused before it is queued
+        with_plot = {**body, "hr_checkpoint_name": "detail", "script_args": ["Steps", "2"]}
+        r = client.post("/sdapi/v1/txt2img", json=with_plot)  # a plot whose every cell has the hires model
+        assert (
+            r.status_code == 200
+            and "Hires checkpoint: detail" in json.loads(r.json()["info"])["infotexts"][0]
+        )

@@ -32,6 +32,7 @@ from booth.server.generation import (
     b64,
     build_params,
     decode_inputs,
+    hires_checkpoint,
     job_options,
     latent_preview,
     png_bytes,
@@ -169,8 +170,8 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
 
             check_upscaler(params.hr_upscaler, services.models.upscalers)
         script = _check_script(services, request, params, model)
-        if params.hr_checkpoint_name:  # a title of the server's models (its family is checked when it runs)
-            services.registry.find(params.hr_checkpoint_name)
+        if hires_checkpoint(params):  # a title of the server's models (its family is checked when it runs)
+            services.registry.find(hires_checkpoint(params))
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:
@@ -209,6 +210,8 @@ def _check_script(services, request: dict[str, Any], params, model: str) -> dict
         title = services.registry.find(key[0]).title if key[0] else model
         if key[1] is not None:
             services.models.resolve_vae(key[1], title)
+    for name in {hires_checkpoint(cell) for cell in cells} - {None}:  # a Hires checkpoint axis
+        services.registry.find(name)
     return script
 
 

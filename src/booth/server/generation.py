@@ -212,8 +212,10 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -
 
 
 def hires_checkpoint(request: dict[str, Any]) -> str | None:
-    """The request's hires checkpoint (`hr_checkpoint_name`), None for the job's own model."""
-    name = request.get("hr_checkpoint_name") if request.get("enable_hr") else None
+    """The hires checkpoint (`hr_checkpoint_name`) of a request (a dict) or of params, None for the job's own
+    model (none named, or A1111's "Use same checkpoint")."""
+    get = request.get if isinstance(request, dict) else lambda key: getattr(request, key, None)
+    name = get("hr_checkpoint_name") if get("enable_hr") else None
     return None if name in (None, "", "Use same checkpoint") else name
 
 
@@ -582,13 +584,10 @@ class GenerationRunner:
         script = job.params.get("script")
         if script:
             return self._run_script(job, ctx, request, params, script, on_step)
-        hires = None
-        if params.hr_checkpoint_name:
-            title = services.registry.find(params.hr_checkpoint_name).title
-            if title != job.params["model"]:
-                ctx.report(message="loading the hires checkpoint", force=True)
-                hires = services.models.load_beside(title)
-        result = engine.generate(params, callback=on_step, hires_engine=hires)
+        hires = _HiresModels(services, ctx)
+        result = engine.generate(
+            params, callback=on_step, hires_engine=hires.engine_for(params, job.params["model"])
+        )
         del hires  # the hires model is this job's alone
         if ctx.stop_requested:
             raise JobStopped()
@@ -605,6 +604,7 @@ class GenerationRunner:
         services, options = self.services, job.params.get("options") or {}
         results = {}
         cells = {"done": 0, "count": 0}
+        hires = _HiresModels(services, ctx)
 
         def generate(cell):
             settings = dict(cell.override_settings)
@@ -624,7 +624,10 @@ class GenerationRunner:
                 total = max(1, cells["count"])
                 ctx.report(progress=(cells["done"] + state.progress) / total)
 
-            result = engine.generate(cell.replace(override_settings=settings), callback=step)
+            hires_engine = hires.engine_for(cell, title)
+            result = engine.generate(
+                cell.replace(override_settings=settings), callback=step, hires_engine=hires_engine
+            )
             results[id(cell)] = result
             cells["done"] += 1
             if result.interrupted or ctx.stop_requested:
@@ -682,6 +685,28 @@ class GenerationRunner:
         return Outcome(result=stored, response=response)
 
 
+class _HiresModels:
+    """The hires checkpoints of one job, loaded beside the job's model (one at a time) when a job or cell names
+    one other than the model it runs on."""
+
+    def __init__(self, services, ctx: JobContext):
+        self.services, self.ctx = services, ctx
+        self.loaded = None  # (title, Engine)
+
+    def engine_for(self, params, model_title: str):
+        name = hires_checkpoint(params)
+        if name is None:
+            return None
+        title = self.services.registry.find(name).title
+        if title == model_title:
+            return None
+        if self.loaded is None or self.loaded[0] != title:
+            self.loaded = None
+            self.ctx.report(message="loading the hires checkpoint", force=True)
+            self.loaded = (title, self.services.models.load_beside(title))
+        return self.loaded[1]
+
+
 def response_from_job(job: Job, jobs_dir) -> dict[str, Any]:
     """The A1111 response of a finished job, rebuilt from its stored files (after a restart, or by job id)."""
     result = job.result or {}
@@ -704,6 +729,7 @@ __all__ = [
     "apply_infotext",
     "remap_pasted_prompt",
     "build_params",
+    "hires_checkpoint",
     "job_options",
     "latent_preview",
     "png_bytes",
