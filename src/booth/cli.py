@@ -613,10 +613,9 @@ def cmd_generate(args) -> int:
         return engine
 
     engine = load_engine(args.model)
-    if params.hr_checkpoint_name and params.hr_checkpoint_name != args.model:
-        engine.hires_engine = load_engine(
-            params.hr_checkpoint_name
-        )  # checked to be of the family at generate
+    hires = params.hires_checkpoint()
+    if hires is not None and hires != args.model:  # checked to be of the model's family at generate
+        engine.hires_engine = load_engine(hires)
     progress = None if args.no_progress else ProgressBar()
     if batch:
         saved = []
@@ -711,17 +710,12 @@ class _CellEngines:
         # (name, Engine) of the hires checkpoint loaded last: --hr-checkpoint's, or a cell's own
         self.hires = (args.hr_checkpoint, base.hires_engine) if base.hires_engine is not None else None
 
-    @staticmethod
-    def _hires_name(job) -> str | None:
-        name = job.hr_checkpoint_name if job.enable_hr else None
-        return None if name in (None, "", "Use same checkpoint") else name
-
     def check(self, job) -> None:
         """Refuse a cell's checkpoint, hires checkpoint or VAE that is not there, before anything is generated."""
         from booth.models.loading import DEFAULT_MODEL_NAME, classify_model
 
         settings = job.override_settings
-        for model in (settings.get("sd_model_checkpoint"), self._hires_name(job)):
+        for model in (settings.get("sd_model_checkpoint"), job.hires_checkpoint()):
             if model not in (None, "", DEFAULT_MODEL_NAME):
                 classify_model(model)
         vae = settings.get("sd_vae")
@@ -747,7 +741,7 @@ class _CellEngines:
                 self.other = (model, self.load(model))
             engine = self.other[1]
         engine.set_vae(_vae_path(self.args, model, settings.pop("sd_vae", None)))
-        hires = self._hires_name(job)
+        hires = job.hires_checkpoint()
         hires = None if hires is None or hires == (model or DEFAULT_MODEL_NAME) else hires
         if hires is not None and (self.hires is None or self.hires[0] != hires):
             self.hires = None

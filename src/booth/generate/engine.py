@@ -556,9 +556,8 @@ class Engine:
     def _check_hires_engine(self, params: GenerationParams, hires_engine: Engine | None) -> Engine:
         """The engine of the hires pass: `hires_engine` when the params name a hires checkpoint, checked to be
         of this model's family (the latents go across as they are), else this one."""
-        named = params.enable_hr and params.hr_checkpoint_name not in (None, "", "Use same checkpoint")
         if hires_engine is None or hires_engine is self or not params.enable_hr:
-            if named and hires_engine is None:
+            if params.hires_checkpoint() and hires_engine is None:
                 raise BoothError(
                     f"hr_checkpoint_name {params.hr_checkpoint_name!r}: load that model and pass it as "
                     "hires_engine"

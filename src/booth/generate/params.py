@@ -109,6 +109,12 @@ class GenerationParams:
     # "VAE" axes; the runner of the job applies them (`Engine.generate` refuses a job that still has any)
     override_settings: dict[str, str] = field(default_factory=dict)
 
+    def hires_checkpoint(self) -> str | None:
+        """The model the hires pass runs on when it is another one: `hr_checkpoint_name` with hires fix on,
+        None for the model itself (none named, or A1111's "Use same checkpoint")."""
+        name = self.hr_checkpoint_name if self.enable_hr else None
+        return None if name in (None, "", "Use same checkpoint") else name
+
     def validate(self) -> GenerationParams:
         """Raise BoothError with a one-line message for any invalid field; return self."""
         # nan passes `cfg_scale < 0` and the like: refuse it (and inf) first

@@ -32,7 +32,6 @@ from booth.server.generation import (
     b64,
     build_params,
     decode_inputs,
-    hires_checkpoint,
     job_options,
     latent_preview,
     png_bytes,
@@ -170,8 +169,8 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
 
             check_upscaler(params.hr_upscaler, services.models.upscalers)
         script = _check_script(services, request, params, model)
-        if hires_checkpoint(params):  # a title of the server's models (its family is checked when it runs)
-            services.registry.find(hires_checkpoint(params))
+        if params.hires_checkpoint():  # a title of the server's models (its family is checked when it runs)
+            services.registry.find(params.hires_checkpoint())
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:
@@ -210,7 +209,7 @@ def _check_script(services, request: dict[str, Any], params, model: str) -> dict
         title = services.registry.find(key[0]).title if key[0] else model
         if key[1] is not None:
             services.models.resolve_vae(key[1], title)
-    for name in {hires_checkpoint(cell) for cell in cells} - {None}:  # a Hires checkpoint axis
+    for name in {cell.hires_checkpoint() for cell in cells} - {None}:  # a Hires checkpoint axis
         services.registry.find(name)
     return script
 

@@ -211,14 +211,6 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -
     return out
 
 
-def hires_checkpoint(request: dict[str, Any]) -> str | None:
-    """The hires checkpoint (`hr_checkpoint_name`) of a request (a dict) or of params, None for the job's own
-    model (none named, or A1111's "Use same checkpoint")."""
-    get = request.get if isinstance(request, dict) else lambda key: getattr(request, key, None)
-    name = get("hr_checkpoint_name") if get("enable_hr") else None
-    return None if name in (None, "", "Use same checkpoint") else name
-
-
 def _unsupported(request: dict[str, Any], kind: str) -> None:
     from booth.server.scripts import ScriptError, parse_script
 
@@ -446,8 +438,9 @@ def build_params(
             hr_scheduler=request.get("hr_scheduler"),
             hr_prompt=request.get("hr_prompt") or "",
             hr_negative_prompt=request.get("hr_negative_prompt") or "",
-            hr_checkpoint_name=hires_checkpoint(request),
+            hr_checkpoint_name=request.get("hr_checkpoint_name"),
         )
+        params = params.replace(hr_checkpoint_name=params.hires_checkpoint())  # "Use same checkpoint": None
     if styles:
         from booth.prompts.styles import apply_to_params
 
@@ -694,7 +687,7 @@ class _HiresModels:
         self.loaded = None  # (title, Engine)
 
     def engine_for(self, params, model_title: str):
-        name = hires_checkpoint(params)
+        name = params.hires_checkpoint()
         if name is None:
             return None
         title = self.services.registry.find(name).title
@@ -729,7 +722,6 @@ __all__ = [
     "apply_infotext",
     "remap_pasted_prompt",
     "build_params",
-    "hires_checkpoint",
     "job_options",
     "latent_preview",
     "png_bytes",
