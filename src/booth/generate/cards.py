@@ -335,30 +335,37 @@ def build_embedding_card(name: str, path: Path, vectors: Any) -> Card:
 def embedding_cards(folders, search: str | None = None) -> list[Card]:
     """The cards of every embedding in `folders` (the first folder wins a trigger word), in name order; with
     `search`, those matching it."""
-    from booth.train.formats.embeddings import embedding_files
-
-    found: dict[str, tuple[Path, Any]] = {}
-    for folder in folders:
-        for name, entry in embedding_files(folder).items():
-            found.setdefault(name, entry)
+    found = _embedding_entries(folders)
     cards = [build_embedding_card(name, *found[name]) for name in sorted(found)]
     return [card for card in cards if card.matches(search)] if search else cards
 
 
 def find_embedding_card(folders, name: str) -> Card:
     """The card of the embedding whose trigger word is `name`; BoothError listing the words when none is."""
-    cards = {card.name: card for card in embedding_cards(folders)}
-    if name not in cards:
-        raise BoothError(f"unknown embedding {name!r}; available: {', '.join(cards) or 'none'}")
-    return cards[name]
+    found = _embedding_entries(folders)
+    if name not in found:
+        raise BoothError(f"unknown embedding {name!r}; available: {', '.join(sorted(found)) or 'none'}")
+    return build_embedding_card(name, *found[name])
+
+
+def _embedding_entries(folders) -> dict[str, tuple[Path, Any]]:
+    """{trigger word: (file, vectors)} over `folders`, the first folder winning a word."""
+    from booth.train.formats.embeddings import embedding_files
+
+    found: dict[str, tuple[Path, Any]] = {}
+    for folder in folders:
+        for name, entry in embedding_files(folder).items():
+            found.setdefault(name, entry)
+    return found
 
 
 def find_card(network, name: str) -> Card:
     """The card of the LoRA `<lora:name>` means (a name or unique alias, `LoraNetwork.find`); BoothError if none."""
-    path = network.find(name)
-    available = network.available()
+    available = network.available()  # one scan of the folders for the lookup, the name and the alias
+    aliases = network.aliases(available)
+    path = available.get(name) or aliases.get(name) or network.find(name)  # find: its own error when none
     own = next((n for n, p in available.items() if p == path), name)
-    by_file = {p: alias for alias, p in network.aliases(available).items()}
+    by_file = {p: alias for alias, p in aliases.items()}
     return build_card(own, by_file.get(path, own), path)
 
 

@@ -113,11 +113,11 @@ class Services:
 
     def styles(self, names: list[str]) -> list:
         """The `PromptStyle`s a request names, from `--styles-file` as it is now (BoothError: unknown name)."""
-        from booth.prompts.styles import read_styles, select_styles
+        from booth.prompts.styles import select_styles
 
         if not names:
             return []
-        return select_styles(read_styles(self.config.styles_files), names)
+        return select_styles(self.style_table(), names)
 
     def refresh_embeddings(self) -> None:
         self.models.embeddings(refresh=True)

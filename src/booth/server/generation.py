@@ -629,8 +629,9 @@ class GenerationRunner:
 
         from booth.server.scripts import script_jobs
 
-        cells["count"] = len(script_jobs(script, params, services.style_table()))
-        outcome = run_script(script, params, generate, services.style_table())
+        styles = services.style_table()  # the styles.csv files read once for the count and the run
+        cells["count"] = len(script_jobs(script, params, styles))
+        outcome = run_script(script, params, generate, styles)
         if ctx.stop_requested:
             raise JobStopped()
         ordered = [results[id(cell)] for cell in outcome.jobs if id(cell) in results]
