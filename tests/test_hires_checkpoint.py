@@ -67,24 +67,20 @@ def test_a_hires_checkpoint_must_be_loaded_and_of_the_same_family():
         base.generate(GenerationParams(**HIRES, hr_checkpoint_name="inp"), hires_engine=inpaint)
 
 
+def hires_argv(model_dir) -> list[str]:
+    """`booth generate` of a 32 px picture with hires fix x2 (its last 5 items: the hires flags)."""
+    argv = ["generate", "a cat", "--model", str(model_dir), "--steps", "2", "--seed", "3", "--no-progress"]
+    argv += ["--width", "32", "--height", "32"]
+    return [*argv, "--enable-hr", "--hr-scale", "2", "--denoising-strength", "0.6"]
+
+
 def test_booth_generate_hr_checkpoint(tiny_sd1_dir, tmp_path, capsys):
     from PIL import Image
 
     from booth.cli import main
 
     perturbed(7).save_pretrained(tmp_path / "detail")
-    argv = ["generate", "a cat", "--model", str(tiny_sd1_dir), "--steps", "2", "--seed", "3", "--no-progress"]
-    argv += [
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--enable-hr",
-        "--hr-scale",
-        "2",
-        "--denoising-strength",
-        "0.6",
-    ]
+    argv = hires_argv(tiny_sd1_dir)
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert main([*argv, "--hr-checkpoint", str(tmp_path / "detail"), "--out", str(tmp_path / "b")]) == 0
     (a,), (b,) = (tmp_path / "a").glob("*.png"), (tmp_path / "b").glob("*.png")
@@ -144,18 +140,7 @@ def test_an_xy_plot_over_hires_checkpoints(tiny_sd1_dir, tmp_path, capsys):
     from booth.cli import main
 
     perturbed(9).save_pretrained(tmp_path / "detail")
-    argv = ["generate", "a cat", "--model", str(tiny_sd1_dir), "--steps", "2", "--seed", "3", "--no-progress"]
-    argv += [
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--enable-hr",
-        "--hr-scale",
-        "2",
-        "--denoising-strength",
-        "0.6",
-    ]
+    argv = hires_argv(tiny_sd1_dir)
     values = f"Use same checkpoint,{tmp_path / 'detail'}"
     assert main([*argv, "--xy", "hr_checkpoint_name", values, "--out", str(tmp_path / "out")]) == 0
     texts = [Image.open(p).text["parameters"] for p in sorted((tmp_path / "out").glob("0*.png"))]
