@@ -35,7 +35,7 @@ class ProgressBar:
         done = state.job_no * state.sampling_steps + state.sampling_step
         self._bar.total = max(self._bar.total, state.job_count * state.sampling_steps)
         self._bar.update(max(0, done - self._bar.n))
-        eta = state.eta() if hasattr(state, "eta") else None
+        eta = state.eta()
         left = f", ETA {format_seconds(eta)}" if eta is not None else ""
         self._bar.set_postfix_str(f"batch {min(state.job_no + 1, state.job_count)}/{state.job_count}{left}")
 
