@@ -499,16 +499,19 @@ def _parse_sr(axis: Axis, raw: list[str], rng: random.Random) -> list[str]:
 
 def _parse_styles(axis: Axis, raw: list[str], styles: typing.Mapping[str, Any] | None) -> list[tuple]:
     """Each value: the styles it names (A1111 `apply_styles` splits a value on ","), as `PromptStyle`s."""
-    from booth.prompts.styles import select_styles
-
     if not styles:
         raise axis.fail("no styles loaded: give the styles.csv (--styles-file)")
     try:
-        return [
-            tuple(select_styles(dict(styles), [n.strip() for n in v.split(",") if n.strip()])) for v in raw
-        ]
+        return [_named_styles(styles, v) for v in raw]
     except BoothError as err:
         raise axis.fail(str(err)) from None
+
+
+def _named_styles(styles: typing.Mapping[str, Any], names: str) -> tuple:
+    """The `PromptStyle`s a comma-separated list of names picks (A1111 `apply_styles` splits on ",")."""
+    from booth.prompts.styles import select_styles
+
+    return tuple(select_styles(dict(styles), [n.strip() for n in names.split(",") if n.strip()]))
 
 
 def _parse_order(axis: Axis, raw: list[str], rng: random.Random) -> list[tuple[str, ...]]:
@@ -878,8 +881,6 @@ def _with_styles(
     job: GenerationParams, names: str, styles: typing.Mapping[str, Any] | None
 ) -> GenerationParams:
     """`job` with the comma-separated styles `names` merged in (A1111 `apply_styles`)."""
-    from booth.prompts.styles import select_styles
-
     if not styles:
         raise BoothError("--styles needs the styles.csv (--styles-file)")
-    return _merge_styles(job, select_styles(dict(styles), [n.strip() for n in names.split(",") if n.strip()]))
+    return _merge_styles(job, _named_styles(styles, names))
