@@ -527,3 +527,47 @@ def test_generate_forever_repeats_until_stopped(server, chromium_browser):
     }
     assert len(seeds) == count  # a new random seed each time
     assert not errors, errors
+
+
+def test_page_sends_and_pastes_the_refiner(server, chromium_browser, tmp_path):
+    """The "Refiner" panel lists the server's models and sends `refiner_checkpoint` / `refiner_switch_at` with
+    txt2img; PNG Info's "Send to text to image" turns it on with a picture's refiner and switch point."""
+    import json
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    page, errors = open_page(server, chromium_browser)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    page.click("#refiner summary")
+    page.check("#rf-enabled")
+    models = page.eval_on_selector_all("#rf-checkpoint option", "os => os.map(o => o.value)")
+    page.select_option("#rf-checkpoint", models[0])
+    page.fill("#rf-switch", "0.6")
+    with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as sent:
+        page.click("#generate")
+    body = json.loads(sent.value.post_data)
+    assert body["refiner_checkpoint"] == models[0] and body["refiner_switch_at"] == 0.6
+    page.wait_for_function("!document.getElementById('generate').disabled", timeout=60_000)
+    assert page.inner_text("#gen-status").endswith("s"), page.inner_text("#gen-status")
+    page.uncheck("#rf-enabled")
+    with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as sent:
+        page.click("#generate")
+    assert "refiner_checkpoint" not in json.loads(sent.value.post_data)
+
+    name = page.eval_on_selector("#rf-checkpoint", "s => s.options[0].textContent")
+    info = PngInfo()
+    info.add_text(
+        "parameters",
+        f"a pear\nSteps: 3, Seed: 1, Size: 32x32, Refiner: {name} [0123456789], Refiner switch at: 0.3",
+    )
+    Image.new("RGB", (32, 32)).save(tmp_path / "pear.png", pnginfo=info)
+    page.set_input_files("#png-file", str(tmp_path / "pear.png"))
+    page.wait_for_selector("#png-send:not([hidden])")
+    page.click("#png-send")
+    assert page.is_checked("#rf-enabled") and page.input_value("#rf-switch") == "0.3"
+    assert page.input_value("#rf-checkpoint") == models[0]
+    assert not errors, errors

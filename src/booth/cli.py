@@ -39,6 +39,8 @@ Images are written to --out as 00000-<seed>.png (never overwriting) with A1111's
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    from booth.generate.params import REFINER_PASSES  # no torch: the parser stays quick to build
+
     g = p.add_argument_group("generation (names follow the A1111 API fields)")
     g.add_argument(
         "prompt",
@@ -291,6 +293,29 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="another model of the same family for the hires pass (A1111's Hires checkpoint)",
     )
+    r = p.add_argument_group("refiner (another model takes over the sampling part-way, A1111's Refiner)")
+    r.add_argument(
+        "--refiner", metavar="MODEL", default=None, help="the model of the same family that takes over"
+    )
+    r.add_argument(
+        "--refiner-switch-at",
+        type=float,
+        metavar="F",
+        default=None,
+        help="the share of the sampling done when it takes over, 0-1 (default 0.8; by timestep reached)",
+    )
+    r.add_argument(
+        "--refiner-switch-by-steps",
+        action="store_true",
+        default=None,
+        help="count the share in sampling steps instead (A1111's option refiner_switch_by_sample_steps)",
+    )
+    r.add_argument(
+        "--hires-refiner-pass",
+        choices=REFINER_PASSES,
+        default=None,
+        help="with --enable-hr, the pass(es) the refiner takes part in (default: second pass)",
+    )
     n = p.add_argument_group("LoRA (extra networks)")
     n.add_argument(
         "--lora-dir",
@@ -465,6 +490,16 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         "hr_checkpoint_name": "hr_checkpoint",
     }
     hires = _gated_flags(args, hires_flags, args.enable_hr, "sets up the hires pass: add --enable-hr")
+    refiner_flags = {
+        "refiner_switch_at": "refiner_switch_at",
+        "refiner_switch_by_sample_steps": "refiner_switch_by_steps",
+        "hires_fix_refiner_pass": "hires_refiner_pass",
+    }
+    refiner = _gated_flags(
+        args, refiner_flags, args.refiner is not None, "sets up the refiner: add --refiner"
+    )
+    if args.hires_refiner_pass is not None and not args.enable_hr:
+        raise BoothError("--hires-refiner-pass picks a pass of hires fix: add --enable-hr")
     inpainting = _inpainting_from_args(args)
     seed_resize = parse_wxh(args.seed_resize_from, "--seed-resize-from")
     init_images = [_open_image(path) for path in args.init_image]
@@ -506,6 +541,8 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         image_cfg_scale=args.image_cfg_scale,
         enable_hr=args.enable_hr,
         **hires,
+        refiner_checkpoint=args.refiner,
+        **refiner,
         **inpainting,
     ).validate()
 
@@ -613,9 +650,8 @@ def cmd_generate(args) -> int:
         return engine
 
     engine = load_engine(args.model)
-    hires = params.hires_checkpoint()
-    if hires is not None and hires != args.model:  # checked to be of the model's family at generate
-        engine.hires_engine = load_engine(hires)
+    side = _SideModels(load_engine)
+    side.attach(engine, params, args.model)  # checked to be of the model's family at generate
     progress = None if args.no_progress else ProgressBar()
     if batch:
         saved = []
@@ -626,7 +662,9 @@ def cmd_generate(args) -> int:
         if progress:
             progress.close()
     elif args.prompt_matrix or args.xy or args.prompts_file:
-        saved = _run_script(_CellEngines(engine, load_engine, args), params, args, out, progress, finish)
+        saved = _run_script(
+            _CellEngines(engine, load_engine, args, side), params, args, out, progress, finish
+        )
     else:
         result = engine.generate(params, callback=progress.update if progress else None)
         if progress:
@@ -700,22 +738,52 @@ def _vae_path(args, model: str | None, vae: str | None = None) -> Path | None:
     return automatic_vae(Path(model)) if model and Path(model).is_file() else None
 
 
+class _SideModels:
+    """The other models a job's passes run on, a hires checkpoint and a refiner, loaded beside its own model
+    (each once; those a job does not name are let go when another has to load)."""
+
+    def __init__(self, load):
+        self.load = load
+        self.loaded: dict[str, Engine] = {}  # noqa: F821 - by model name or path
+
+    def attach(self, engine, job, model: str | None) -> None:
+        """Set `engine.hires_engine` and `engine.refiner_engine` for `job` run on `model` (None: booth-mini)."""
+        import gc
+
+        from booth.models.loading import DEFAULT_MODEL_NAME
+
+        own = model or DEFAULT_MODEL_NAME
+        names = {"hires": job.hires_checkpoint(), "refiner": job.refiner()}
+        wanted = {role: name for role, name in names.items() if name is not None and name != own}
+        engine.hires_engine = engine.refiner_engine = None
+        if set(wanted.values()) - set(self.loaded):  # the ones not wanted go before another loads
+            for name in set(self.loaded) - set(wanted.values()):
+                del self.loaded[name]
+            gc.collect()
+        for name in wanted.values():
+            if name not in self.loaded:
+                self.loaded[name] = self.load(None if name == DEFAULT_MODEL_NAME else name)
+        # a role naming the model itself gets the engine itself (nothing to load or switch to)
+        engine.hires_engine = engine if names["hires"] == own else self.loaded.get(wanted.get("hires"))
+        engine.refiner_engine = engine if names["refiner"] == own else self.loaded.get(wanted.get("refiner"))
+
+
 class _CellEngines:
     """The engine each X/Y cell runs on: the --model engine, or (a "Checkpoint name" axis) another model,
-    one loaded at a time, each with the cell's VAE (a "VAE" axis) or the flags' one."""
+    one loaded at a time, each with the cell's VAE (a "VAE" axis) or the flags' one, and the cell's hires
+    checkpoint and refiner (`_SideModels`)."""
 
-    def __init__(self, base, load, args):
-        self.base, self.load, self.args = base, load, args
+    def __init__(self, base, load, args, side: _SideModels):
+        self.base, self.load, self.args, self.side = base, load, args, side
         self.other = None  # (model, Engine) of the last other checkpoint
-        # (name, Engine) of the hires checkpoint loaded last: --hr-checkpoint's, or a cell's own
-        self.hires = (args.hr_checkpoint, base.hires_engine) if base.hires_engine is not None else None
 
     def check(self, job) -> None:
-        """Refuse a cell's checkpoint, hires checkpoint or VAE that is not there, before anything is generated."""
+        """Refuse a cell's checkpoint, hires checkpoint, refiner or VAE that is not there, before anything is
+        generated."""
         from booth.models.loading import DEFAULT_MODEL_NAME, classify_model
 
         settings = job.override_settings
-        for model in (settings.get("sd_model_checkpoint"), job.hires_checkpoint()):
+        for model in (settings.get("sd_model_checkpoint"), job.hires_checkpoint(), job.refiner()):
             if model not in (None, "", DEFAULT_MODEL_NAME):
                 classify_model(model)
         vae = settings.get("sd_vae")
@@ -732,6 +800,9 @@ class _CellEngines:
         settings = dict(job.override_settings)
         model = settings.pop("sd_model_checkpoint", None) or self.args.model
         model = None if model == DEFAULT_MODEL_NAME else model
+        for engine in (self.base, self.other and self.other[1]):  # no stale hold on a side model
+            if engine is not None:
+                engine.hires_engine = engine.refiner_engine = None
         if model == self.args.model:
             engine = self.base
         else:
@@ -741,13 +812,7 @@ class _CellEngines:
                 self.other = (model, self.load(model))
             engine = self.other[1]
         engine.set_vae(_vae_path(self.args, model, settings.pop("sd_vae", None)))
-        hires = job.hires_checkpoint()
-        hires = None if hires is None or hires == (model or DEFAULT_MODEL_NAME) else hires
-        if hires is not None and (self.hires is None or self.hires[0] != hires):
-            self.hires = None
-            gc.collect()
-            self.hires = (hires, self.load(None if hires == DEFAULT_MODEL_NAME else hires))
-        engine.hires_engine = self.hires[1] if hires is not None else None
+        self.side.attach(engine, job, model)
         return engine, job.replace(override_settings=settings)
 
 

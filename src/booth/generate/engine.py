@@ -169,6 +169,17 @@ class _Guide:
 
 
 @dataclass
+class _Text:
+    """What a pass's conditioning is encoded from: prompts with the extra networks stripped, their calls."""
+
+    prompt: str
+    negative: str
+    calls: list  # the extra networks active over the whole pass ([] with composable LoRA)
+    part_calls: list[list] | None = None  # composable LoRA: each AND sub-prompt's
+    plan: hires.HiresPlan | None = None  # the hires pass's (prompt editing counts on from the first pass)
+
+
+@dataclass
 class _Pass:
     """What one sampling pass of a call runs with: the first pass, or hires fix's second."""
 
@@ -182,6 +193,15 @@ class _Pass:
     inpainting: inpaint.InpaintJob | None = None  # kept area: x_0 = the init image's (A1111's CFG denoiser)
     # an inpainting UNet's mask + masked picture, an instruct-pix2pix UNet's picture (one, or one a picture)
     image_cond: torch.Tensor | None = None
+    # the refiner (`booth.generate.refiner`): the model that takes over once `refiner_switch_at` of this pass is
+    # done, its conditioning (encoded at the first switch), the extra networks it is left with after the pass
+    refiner: Engine | None = None
+    text: _Text | None = None
+    refiner_guide: _Guide | None = None
+    refiner_used: set[str] = field(default_factory=set)  # embeddings its prompts used
+    refiner_after: list = field(default_factory=list)
+    switched: bool = False  # the refiner took over in some batch
+    finisher: Engine | None = None  # the model of the batch's last step (None: no step run)
 
 
 @dataclass
@@ -225,6 +245,7 @@ class Engine:
         self.upscalers = upscalers if upscalers is not None else Upscalers(device=self.pipe.unet.device)
         self.vae = None  # a `booth.models.vae.VaeInfo` while a standalone VAE replaces the model's own
         self.hires_engine: Engine | None = None  # the model of `hr_checkpoint_name` when `generate` gets none
+        self.refiner_engine: Engine | None = None  # the model of `refiner_checkpoint`, likewise
         # `booth.generate.vae_decode`: "auto" (tiles when a picture does not fit), "on" or "off"
         self.vae_tiling = "auto"
         self.state = GenerationState()
@@ -259,11 +280,14 @@ class Engine:
         params: GenerationParams,
         callback: StepCallback | None = None,
         hires_engine: Engine | None = None,
+        refiner_engine: Engine | None = None,
     ) -> GenerationResult:
         """txt2img, or img2img when `params.init_images` is set. Returns batch_size * n_iter images.
 
         `hires_engine`: the model `params.hr_checkpoint_name` names (A1111's Hires checkpoint), loaded by the
-        caller; it encodes the hires prompts, runs the second pass and decodes, with its own VAE and LoRAs."""
+        caller; it encodes the hires prompts, runs the second pass and decodes, with its own VAE and LoRAs.
+        `refiner_engine`: the model `params.refiner_checkpoint` names, loaded by the caller; it takes over the
+        sampling part-way (`booth.generate.refiner`), with its own text encoders, LoRAs and VAE."""
         params.validate()
         if params.override_settings:
             raise BoothError(
@@ -271,6 +295,8 @@ class Engine:
                 "change itself: load that model / VAE and run the job without them"
             )
         hr_engine = self._check_hires_engine(params, hires_engine or self.hires_engine)
+        refiner = self._check_refiner(params, refiner_engine or self.refiner_engine)
+        from booth.generate.refiner import refiner_passes
         from booth.generate.samplers import resolve_sampler
 
         sampler, schedule = resolve_sampler(params.sampler_name, params.scheduler)
@@ -298,6 +324,9 @@ class Engine:
             hr.negative, _ = self._strip_extra_networks(plan.negative_prompt, True)
             hr.steps_run = plan.steps if params.denoising_strength > 0 else 0
             hr.run.progress = (params.steps, 0)
+            hr.run.text = _Text(
+                hr.prompt, hr.negative, [] if hr.part_calls else hr.calls, hr.part_calls, plan
+            )
             if hr.steps_run:  # denoising strength 0: the upscale alone, no second pass to schedule
                 hr.run.steps_rule = plan.schedule(params.denoising_strength)
 
@@ -316,9 +345,15 @@ class Engine:
         try:
             if params.tiling:
                 restore.enter_context(self._tiling())
-                if hr_engine is not self:
-                    restore.enter_context(hr_engine._tiling())
+                for other in {hr_engine, refiner} - {self, None}:
+                    restore.enter_context(other._tiling())
             first = _Pass(sampler, schedule, width, height, progress=(0, hr.steps_run if hr else 0))
+            first.text = _Text(prompt, negative, first_networks, part_calls)
+            on_first, on_hires = refiner_passes(params)
+            first.refiner = refiner if on_first else None
+            if hr is not None and on_hires and refiner is not hr_engine:
+                hr.run.refiner = refiner
+                hr.run.refiner_after = first_networks if refiner is self else []
             first.guide, used = self._build_guide(prompt, negative, params, part_calls)
             if hr is not None:  # the hires prompt's text is encoded under its own extra networks
                 with self._networks_for(hr, first_networks, hr_engine):
@@ -348,16 +383,20 @@ class Engine:
                 latents = self._denoise(
                     params, first, batch_seeds, batch_subseeds, init_latents, state, callback
                 )
+                self._leave_refiner(first)
                 if latents is None:  # skipped
                     continue
                 if hr is not None and not state.interrupted:
                     with self._networks_for(hr, first_networks, hr_engine):
                         latents = self._hires_pass(
-                            latents, params, hr, batch_seeds, batch_subseeds, state, callback, hr_engine
-                        )
+                            latents, params, hr, batch_seeds, batch_subseeds, state, callback, hr_engine,
+                            decoder=first.finisher,
+                        )  # fmt: skip
+                    self._leave_refiner(hr.run)
                     if latents is None:
                         continue
-                decoded = (hr_engine if hr is not None else self)._decode(latents)
+                last = hr.run if hr is not None else first
+                decoded = (last.finisher or (hr_engine if hr is not None else self))._decode(latents)
                 if job is not None:  # the original's pixels outside the mask; an "Only masked" crop back
                     overlays = [job.overlays[i % len(job.overlays)] for i in range(len(decoded))]
                     decoded = [inpaint.apply_overlay(im, job.paste_to, o) for im, o in zip(decoded, overlays)]
@@ -368,11 +407,19 @@ class Engine:
         finally:
             restore.close()
             self.extra_networks.deactivate_all(self.pipe)
+            if refiner is not None:
+                refiner.extra_networks.deactivate_all(refiner.pipe)
 
         state.job_no = params.n_iter
+        runs = [first] + ([hr.run] if hr is not None else [])
+        used |= {name for run in runs for name in run.refiner_used}
         extra = self._extra_params(
             params, prompt, used, first.guide.couple, hr, job.extra if job else None, hr_engine
         )
+        if any(run.switched for run in runs):
+            from booth.generate.refiner import infotext_fields
+
+            extra.update(infotext_fields(params, refiner.model.short_title))
         kept = kept[: len(images)]
         infotexts = [
             self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
@@ -412,12 +459,14 @@ class Engine:
     def _denoise(self, params, run: _Pass, seeds, subseeds, init_latents, state, callback):
         """Sample one batch of one pass (`run`) from noise, or from `init_latents` (img2img, the hires pass);
         returns the final latents, or None when the batch was skipped."""
+        from booth.generate.refiner import refiner_due
         from booth.generate.samplers import churn_kwargs, make_scheduler, step_kwargs
         from booth.prompts import cond_at_step
 
         sampler, schedule, guide, width, height = run.sampler, run.schedule, run.guide, run.width, run.height
         inpainting, image_cond, progress = run.inpainting, run.image_cond, run.progress
         unet, n = self.pipe.unet, len(seeds)
+        model = run.finisher = self  # the refiner once it takes over
         # diffusers' `.device` / `.dtype` walk every module (0.87 ms a read on booth-mini): once per batch
         device, dtype = self.device, self.dtype
         # 1. A fresh scheduler for this batch, with the A1111 step rule for img2img.
@@ -465,7 +514,7 @@ class Engine:
         do_cfg = params.cfg_scale != 1.0 or edit
         state.sampling_steps = progress[0] + math.ceil(len(timesteps) / scheduler.order) + progress[1]
         state.pass_no, state.pass_step = (1 if progress[0] else 0), 0
-        state.pass_steps[state.pass_no] = math.ceil(len(timesteps) / scheduler.order)
+        pass_steps = state.pass_steps[state.pass_no] = math.ceil(len(timesteps) / scheduler.order)
 
         rows_before: list = []  # the conditioning rows of the last step, and what was built from them
         clock = time.perf_counter()
@@ -473,17 +522,21 @@ class Engine:
             if state.interrupted or state.skipped:
                 return None if state.skipped else latents
             step = i // scheduler.order + 1
-            # 3. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part.
+            # 3. The refiner takes over once `refiner_switch_at` of the pass is done (A1111 `apply_refiner`).
+            if run.refiner is not None and model is self and refiner_due(params, t, step - 1, pass_steps):
+                model = run.finisher = run.refiner
+                guide, unet, rows_before = self._refiner_guide(params, run), model.pipe.unet, []
+            # 4. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part.
             rows = [cond_at_step(s, step) for s in (guide.negatives if do_cfg else []) + guide.conds]
             if not _same_tensors(rows, rows_before):  # built again only when prompt editing switches
-                embeds, pooled = self._stack_conditioning(rows, n, device, dtype)
+                embeds, pooled = model._stack_conditioning(rows, n, device, dtype)
                 kwargs = (
-                    self._added_cond_kwargs(pooled, width, height, device, dtype)
+                    model._added_cond_kwargs(pooled, width, height, device, dtype)
                     if pooled is not None
                     else {}
                 )
                 rows_before = rows
-            # 4. One UNet call over [uncond | cond_1 .. cond_K] x batch (composable LoRA: one call per term,
+            # 5. One UNet call over [uncond | cond_1 .. cond_K] x batch (composable LoRA: one call per term,
             #    over [uncond_k | cond_k] with that term's LoRAs).
             x_in = scheduler.scale_model_input(latents, t)
             if image_cond is not None:  # inpainting: mask + masked picture; instruct-pix2pix: the picture
@@ -499,8 +552,8 @@ class Engine:
             elif guide.part_calls is None:
                 pred = unet(x_in.repeat(len(rows), 1, 1, 1), t, encoder_hidden_states=embeds, **kwargs).sample
             else:
-                pred = self._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, do_cfg)
-            # 5. Guidance: composable CFG, then guidance rescale and dynamic thresholding.
+                pred = model._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, do_cfg)
+            # 6. Guidance: composable CFG, then guidance rescale and dynamic thresholding.
             parts = list(pred.chunk(len(rows)))
             if do_cfg:
                 unconds, conds = parts[: len(rows) - len(guide.conds)], parts[len(rows) - len(guide.conds) :]
@@ -520,7 +573,7 @@ class Engine:
                 out = self._in_x0(
                     scheduler, latents, t, out, prediction, lambda x0: init * keep + x0 * redraw
                 )
-            # 6. Scheduler step (with per-image generators for the sampler's own noise).
+            # 7. Scheduler step (with per-image generators for the sampler's own noise).
             latents = scheduler.step(out, t, latents, **step_extra).prev_sample
             if (i + 1) % scheduler.order == 0 or i + 1 == len(timesteps):  # a whole (second-order) step done
                 now = time.perf_counter()
@@ -532,10 +585,13 @@ class Engine:
                 callback(state)
         return latents if keep is None else latents * redraw + init * keep
 
-    def _hires_pass(self, latents, params, hr: _HiresRun, seeds, subseeds, state, callback, hr_engine=None):
+    def _hires_pass(
+        self, latents, params, hr: _HiresRun, seeds, subseeds, state, callback, hr_engine=None, decoder=None
+    ):
         """Hires fix on one batch's first-pass latents (A1111 `sample_hr_pass`), the second pass on `hr_engine`
-        (a hires checkpoint; default this model); None when skipped."""
-        hr_engine = hr_engine or self
+        (a hires checkpoint; default this model); None when skipped. `decoder`: the model that finished the
+        first pass (a refiner's VAE decodes for a pixel upscaler)."""
+        hr_engine, decoder = hr_engine or self, decoder or self
         plan = hr.plan
         # 1. Upscale: interpolate the latents, or decode, upscale the pixels and encode again (with the VAE
         #    of the model that runs the pass).
@@ -543,7 +599,7 @@ class Engine:
             latents = hires.upscale_latents(latents, plan, self.vae_scale)
         else:
             images = [
-                self.upscalers.resize(im, *plan.upscale_to, plan.upscaler) for im in self._decode(latents)
+                self.upscalers.resize(im, *plan.upscale_to, plan.upscaler) for im in decoder._decode(latents)
             ]
             latents = hr_engine._encode_pixels(images)
         # 2. Crop to hr_resize_x x hr_resize_y (when both are given).
@@ -572,6 +628,45 @@ class Engine:
             if engine.inpainting_model or engine.edit_model:
                 raise BoothError(f"{engine.model.name} takes no hires checkpoint of another model")
         return hires_engine
+
+    def _check_refiner(self, params: GenerationParams, refiner: Engine | None) -> Engine | None:
+        """The engine of the refiner switch: `refiner` when the params name a refiner, checked to be of this
+        model's family (the sampler's latents go across as they are); None for none, or this model itself
+        (A1111: nothing to switch to)."""
+        name = params.refiner()
+        if name is None:
+            return None
+        if refiner is None:
+            raise BoothError(f"refiner_checkpoint {name!r}: load that model and pass it as refiner_engine")
+        if refiner is self:
+            return None
+        if refiner.family.name != self.family.name or refiner.latent_channels != self.latent_channels:
+            raise BoothError(
+                f"the refiner {refiner.model.name} is a {refiner.family.name} model and {self.model.name} a "
+                f"{self.family.name} one: the refiner must be a model of the same family"
+            )
+        for engine in (self, refiner):
+            if engine.inpainting_model or engine.edit_model:
+                raise BoothError(f"{engine.model.name} takes no refiner of another model")
+        return refiner
+
+    def _refiner_guide(self, params: GenerationParams, run: _Pass) -> _Guide:
+        """The pass's conditioning on its refiner, with the pass's extra networks active on it (on at every
+        switch: another pass may have changed them); encoded at the first switch, as A1111's `setup_conds`."""
+        refiner, text = run.refiner, run.text
+        refiner.extra_networks.activate_all(refiner.pipe, text.calls)
+        if run.refiner_guide is None:
+            run.refiner_guide, run.refiner_used = refiner._build_guide(
+                text.prompt, text.negative, params, text.part_calls, text.plan
+            )
+        run.switched = True
+        return run.refiner_guide
+
+    @staticmethod
+    def _leave_refiner(run: _Pass) -> None:
+        """After a batch of a pass the refiner took over: its extra networks as the rest of the call expects."""
+        if run.refiner is not None and run.finisher is run.refiner:
+            run.refiner.extra_networks.activate_all(run.refiner.pipe, run.refiner_after)
 
     @contextlib.contextmanager
     def _tiling(self):
@@ -902,9 +997,8 @@ class Engine:
         from booth.prompts import schedule_differs_with_old_timelines
 
         extra: dict[str, Any] = hires.infotext_fields(params, hr.plan) if hr is not None else {}
-        if hr is not None and hr_engine is not None and hr_engine is not self:  # A1111: its short title
-            name, short = hr_engine.model.name, hr_engine.model.hash
-            extra["Hires checkpoint"] = f"{name} [{short}]" if short else name
+        if hr is not None and hr_engine is not None and hr_engine is not self:
+            extra["Hires checkpoint"] = hr_engine.model.short_title
         extra.update(inpainting or {})
         if params.init_images and params.initial_noise_multiplier != 1:
             extra["Noise multiplier"] = params.initial_noise_multiplier

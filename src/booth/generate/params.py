@@ -14,6 +14,8 @@ from typing import Any
 from booth.errors import BoothError
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+# A1111 option `hires_fix_refiner_pass`: with hires fix, the pass(es) the refiner takes part in
+REFINER_PASSES = ("first pass", "second pass", "both passes")
 SEED_RANGE = 4294967294  # A1111 draws random seeds from [0, 4294967294)
 
 
@@ -102,6 +104,15 @@ class GenerationParams:
     # A1111's "Hires checkpoint": another model of the same family for the second pass (None / "" / "Use same
     # checkpoint": this one); the caller loads it and hands it to `Engine.generate(..., hires_engine=)`
     hr_checkpoint_name: str | None = None
+    # A1111's refiner (`a1111.md` §9): another model of the same family takes over the sampling once
+    # `refiner_switch_at` of it is done (None: from the first step, as A1111 reads a request without it); the
+    # caller loads it and hands it to `Engine.generate(..., refiner_engine=)`
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = 0.8
+    # A1111 options: "done" counted in sampling steps instead of by the timestep reached; with hires fix, the
+    # pass(es) the refiner takes part in
+    refiner_switch_by_sample_steps: bool = False
+    hires_fix_refiner_pass: str = "second pass"
     # extra networks
     disable_extra_networks: bool = False
     # A1111 options for this job alone, as its `p.override_settings`: `sd_model_checkpoint` (a model path or
@@ -114,6 +125,12 @@ class GenerationParams:
         None for the model itself (none named, or A1111's "Use same checkpoint")."""
         name = self.hr_checkpoint_name if self.enable_hr else None
         return None if name in (None, "", "Use same checkpoint") else name
+
+    def refiner(self) -> str | None:
+        """The model the refiner switch hands the sampling to: `refiner_checkpoint`, None for none ("" or
+        A1111's "None")."""
+        name = self.refiner_checkpoint
+        return None if name is None or name.strip() in ("", "None", "none") else name
 
     def validate(self) -> GenerationParams:
         """Raise BoothError with a one-line message for any invalid field; return self."""
@@ -156,6 +173,12 @@ class GenerationParams:
             raise BoothError(
                 f"resize mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 (just resize, "
                 f"latent upscale), got {self.resize_mode}"
+            )
+        if self.refiner_switch_at is not None and not 0.0 <= self.refiner_switch_at <= 1.0:
+            raise BoothError(f"refiner switch at must be in [0, 1], got {self.refiner_switch_at}")
+        if self.hires_fix_refiner_pass not in REFINER_PASSES:
+            raise BoothError(
+                f"hires fix refiner pass {self.hires_fix_refiner_pass!r}: choose one of {', '.join(REFINER_PASSES)}"
             )
         if self.mask is not None:
             from booth.generate.inpaint import check_inpaint

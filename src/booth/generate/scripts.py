@@ -334,6 +334,8 @@ FIELD_AXES = types.MappingProxyType(
         "Sigma noise": "s_noise",
         "Initial noise multiplier": "initial_noise_multiplier",
         "Cond. Image Mask Weight": "inpainting_mask_weight",
+        "Refiner checkpoint": "refiner_checkpoint",
+        "Refiner switch at": "refiner_switch_at",
     }
 )
 CHECKPOINT = "Checkpoint name"
@@ -402,6 +404,8 @@ AXIS_NAMES = (
     CHECKPOINT,
     VAE,
     STYLES,
+    "Refiner checkpoint",
+    "Refiner switch at",
 )
 
 
@@ -549,7 +553,7 @@ def format_axis_label(axis: Axis, value: Any) -> str:
         return ", ".join(value)
     if axis.kind == "size":
         return f"{axis.label}: {value[0]}x{value[1]}"
-    if axis.label == CHECKPOINT:
+    if axis.label in (CHECKPOINT, "Refiner checkpoint"):
         return _model_label(value)  # A1111 `format_remove_path`
     if axis.kind == "styles":
         return f"{axis.label}: {', '.join(style.name for style in value)}"
@@ -560,6 +564,8 @@ def _model_label(value: str) -> str:
     """A model's file or folder name without its folders (a hub id stays whole)."""
     import os
 
+    if value is None:  # a refiner axis's "None"
+        return "None"
     return os.path.basename(os.path.normpath(value)) if os.path.exists(value) else value
 
 
@@ -649,15 +655,17 @@ def xyz_grid_jobs(
 
 
 def _grouped_order(jobs: list[GenerationParams]) -> list[int]:
-    """The order to run `jobs` in: grouped by checkpoint, then by VAE, each group in the order its value first
-    appears in the grid, grid order within a group (so a plot over models loads each model once)."""
+    """The order to run `jobs` in: grouped by checkpoint, then by VAE, hires checkpoint and refiner, each group
+    in the order its value first appears in the grid, grid order within a group (so a plot over models loads
+    each model once)."""
     firsts: dict[tuple[str, str], int] = {}
     keys = []
     for job in jobs:
         key = []
-        for option in SETTING_AXES.values():
-            value = job.override_settings.get(option, "")
-            key.append(firsts.setdefault((option, value), len(firsts)))
+        values = [(option, job.override_settings.get(option, "")) for option in SETTING_AXES.values()]
+        values += [("hires", job.hires_checkpoint() or ""), ("refiner", job.refiner() or "")]
+        for value in values:
+            key.append(firsts.setdefault(value, len(firsts)))
         keys.append(tuple(key))
     return sorted(range(len(jobs)), key=lambda i: keys[i])
 

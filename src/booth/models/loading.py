@@ -58,6 +58,11 @@ class LoadedModel:
     hash: str | None
     prediction_source: str = "config"
 
+    @property
+    def short_title(self) -> str:
+        """A1111's `short_title`: "name [short hash]", or the name alone when there is no hash."""
+        return f"{self.name} [{self.hash}]" if self.hash else self.name
+
 
 def default_model_path() -> Path:
     """Where booth-mini, booth's default model, is installed (inside the package)."""

@@ -169,8 +169,9 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
 
             check_upscaler(params.hr_upscaler, services.models.upscalers)
         script = _check_script(services, request, params, model)
-        if params.hires_checkpoint():  # a title of the server's models (its family is checked when it runs)
-            services.registry.find(params.hires_checkpoint())
+        for name in (params.hires_checkpoint(), params.refiner()):  # titles of the server's models (their
+            if name is not None:  # family is checked when the job runs)
+                services.registry.find(name)
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:
@@ -209,8 +210,8 @@ def _check_script(services, request: dict[str, Any], params, model: str) -> dict
         title = services.registry.find(key[0]).title if key[0] else model
         if key[1] is not None:
             services.models.resolve_vae(key[1], title)
-    for name in {cell.hires_checkpoint() for cell in cells} - {None}:  # a Hires checkpoint axis
-        services.registry.find(name)
+    for name in {n for cell in cells for n in (cell.hires_checkpoint(), cell.refiner())} - {None}:
+        services.registry.find(name)  # a hires checkpoint or refiner axis
     return script
 
 

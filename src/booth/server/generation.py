@@ -16,13 +16,14 @@ models), `sd_vae` (Automatic, None or a file of `--vae-dir`), per request via `o
 Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr_second_pass_steps`,
 `hr_resize_x` / `_y`, `hr_sampler_name`, `hr_scheduler`, `hr_prompt`, `hr_negative_prompt`, with
 `denoising_strength`, `hr_checkpoint_name` (another model of the same family for the second pass, loaded beside
-the job's for that job).
+the job's for that job). The refiner: `refiner_checkpoint` (loaded beside the same way), `refiner_switch_at`,
+options `refiner_switch_by_sample_steps` and `hires_fix_refiner_pass`.
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, img2img's `image_cfg_scale`
 (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot" and "prompt matrix" (`booth.server.scripts`).
 Not supported, refused with a clear error rather than ignored: other `script_name`s and `alwayson_scripts`, a
-refiner, a hires checkpoint of its own, `restore_faces`, `s_min_uncond`, `firstpass_image`, depth models.
+an SDXL refiner-architecture checkpoint, `restore_faces`, `s_min_uncond`, `firstpass_image`, depth models.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import re
 from typing import Any
 
 from booth.errors import BoothError
-from booth.generate.params import EMPHASIS_MODES, GenerationParams
+from booth.generate.params import EMPHASIS_MODES, REFINER_PASSES, GenerationParams
 from booth.prompts.styles import PromptStyle
 from booth.server.config import Limits
 from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
@@ -63,6 +64,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "ESRGAN_tile": 192,  # model upscalers' tile side in input pixels (0: whole picture)
     "ESRGAN_tile_overlap": 16,  # booth: the context margin each tile is run with (A1111: the blend width, 8)
     "extra_networks_default_multiplier": 1.0,  # the weight of a LoRA card's prompt without a preferred weight
+    "refiner_switch_by_sample_steps": False,  # the refiner's switch counted in steps, not by the timestep
+    "hires_fix_refiner_pass": "second pass",  # with hires fix, the pass(es) the refiner takes part in
 }
 READ_ONLY_OPTIONS = {
     "sd_checkpoint_hash": None,
@@ -78,6 +81,8 @@ JOB_OPTIONS = (
     "eta_ddim",
     "eta_ancestral",
     "sd_vae",
+    "refiner_switch_by_sample_steps",
+    "hires_fix_refiner_pass",
 )
 
 
@@ -123,6 +128,8 @@ OPTION_VALIDATORS = {
     "ESRGAN_tile": lambda v: _number("ESRGAN_tile", v, 0, 4096, integer=True),
     "ESRGAN_tile_overlap": lambda v: _number("ESRGAN_tile_overlap", v, 0, 512, integer=True),
     "extra_networks_default_multiplier": lambda v: _number("extra_networks_default_multiplier", v, 0.0, 2.0),
+    "refiner_switch_by_sample_steps": lambda v: _bool("refiner_switch_by_sample_steps", v),
+    "hires_fix_refiner_pass": lambda v: _choice("hires_fix_refiner_pass", v, REFINER_PASSES),
 }
 
 
@@ -184,6 +191,8 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -
         "Hires prompt": ("hr_prompt", str),
         "Hires negative prompt": ("hr_negative_prompt", str),
         "Hires checkpoint": ("hr_checkpoint_name", str),  # "name [hash]": the registry takes the suffix
+        "Refiner": ("refiner_checkpoint", str),
+        "Refiner switch at": ("refiner_switch_at", float),
         "Mask blur": ("mask_blur", int),
         "Masked area padding": ("inpaint_full_res_padding", int),
         "Noise multiplier": ("initial_noise_multiplier", float),
@@ -221,8 +230,6 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
     for name in request.get("alwayson_scripts") or {}:
         if name.lower() not in ALWAYSON_SCRIPTS:
             raise JobFailed(422, f"always on script {name} not found")
-    if request.get("refiner_checkpoint") not in (None, "", "None"):
-        raise JobFailed(400, "a refiner checkpoint is not supported by booth")
     if request.get("restore_faces"):
         raise JobFailed(400, "face restoration (restore_faces) is not available in booth")
     if (request.get("s_min_uncond") or 0) > 0:
@@ -399,7 +406,12 @@ def build_params(
         disable_extra_networks=bool(request.get("disable_extra_networks")),
         latent_couple=latent_couple_setting(request),
         tiling=bool(request.get("tiling")),
+        refiner_checkpoint=request.get("refiner_checkpoint"),
+        refiner_switch_at=request.get("refiner_switch_at"),  # None (A1111's default): from the first step
+        refiner_switch_by_sample_steps=bool(options.get("refiner_switch_by_sample_steps", False)),
+        hires_fix_refiner_pass=options.get("hires_fix_refiner_pass", "second pass"),
     )
+    params = params.replace(refiner_checkpoint=params.refiner())  # "None": none
     if kind == "img2img":
         uploads = uploads or {}
         strength, noise = request.get("denoising_strength"), request.get("initial_noise_multiplier")
@@ -577,11 +589,11 @@ class GenerationRunner:
         script = job.params.get("script")
         if script:
             return self._run_script(job, ctx, request, params, script, on_step)
-        hires = _HiresModels(services, ctx)
+        side = _SideModels(services, ctx)
         result = engine.generate(
-            params, callback=on_step, hires_engine=hires.engine_for(params, job.params["model"])
+            params, callback=on_step, **side.engines_for(params, job.params["model"], engine)
         )
-        del hires  # the hires model is this job's alone
+        del side  # the hires checkpoint and refiner are this job's alone
         if ctx.stop_requested:
             raise JobStopped()
         return self._outcome(job, request, result)
@@ -597,7 +609,7 @@ class GenerationRunner:
         services, options = self.services, job.params.get("options") or {}
         results = {}
         cells = {"done": 0, "count": 0}
-        hires = _HiresModels(services, ctx)
+        side = _SideModels(services, ctx)
 
         def generate(cell):
             settings = dict(cell.override_settings)
@@ -617,10 +629,8 @@ class GenerationRunner:
                 total = max(1, cells["count"])
                 ctx.report(progress=(cells["done"] + state.progress) / total)
 
-            hires_engine = hires.engine_for(cell, title)
-            result = engine.generate(
-                cell.replace(override_settings=settings), callback=step, hires_engine=hires_engine
-            )
+            engines = side.engines_for(cell, title, engine)
+            result = engine.generate(cell.replace(override_settings=settings), callback=step, **engines)
             results[id(cell)] = result
             cells["done"] += 1
             if result.interrupted or ctx.stop_requested:
@@ -679,26 +689,35 @@ class GenerationRunner:
         return Outcome(result=stored, response=response)
 
 
-class _HiresModels:
-    """The hires checkpoints of one job, loaded beside the job's model (one at a time) when a job or cell names
-    one other than the model it runs on."""
+class _SideModels:
+    """The hires checkpoint and refiner of one job, loaded beside the job's model when a job or cell names one
+    other than the model it runs on (each once; those a cell does not name are let go when another has to load)."""
 
     def __init__(self, services, ctx: JobContext):
         self.services, self.ctx = services, ctx
-        self.loaded = None  # (title, Engine)
+        self.loaded: dict[str, Any] = {}  # title -> Engine
 
-    def engine_for(self, params, model_title: str):
-        name = params.hires_checkpoint()
-        if name is None:
-            return None
-        title = self.services.registry.find(name).title
-        if title == model_title:
-            return None
-        if self.loaded is None or self.loaded[0] != title:
-            self.loaded = None
-            self.ctx.report(message="loading the hires checkpoint", force=True)
-            self.loaded = (title, self.services.models.load_beside(title))
-        return self.loaded[1]
+    def engines_for(self, params, model_title: str, engine) -> dict[str, Any]:
+        """`Engine.generate`'s `hires_engine` and `refiner_engine` for `params` run on `engine`, the model
+        `model_title` (a role naming that model gets `engine` itself)."""
+        import gc
+
+        names = {"hires_engine": params.hires_checkpoint(), "refiner_engine": params.refiner()}
+        titles = {
+            role: self.services.registry.find(name).title for role, name in names.items() if name is not None
+        }
+        wanted = {role: title for role, title in titles.items() if title != model_title}
+        if set(wanted.values()) - set(self.loaded):  # the ones not wanted go before another loads
+            for title in set(self.loaded) - set(wanted.values()):
+                del self.loaded[title]
+            gc.collect()
+        for role, title in wanted.items():
+            if title not in self.loaded:
+                what = "hires checkpoint" if role == "hires_engine" else "refiner"
+                self.ctx.report(message=f"loading the {what}", force=True)
+                self.loaded[title] = self.services.models.load_beside(title)
+        own = {role for role, title in titles.items() if title == model_title}
+        return {role: engine if role in own else self.loaded.get(wanted.get(role)) for role in names}
 
 
 def response_from_job(job: Job, jobs_dir) -> dict[str, Any]:

@@ -232,8 +232,8 @@ class ModelManager:
         return self.engine
 
     def load_beside(self, title: str):
-        """An engine for `title` loaded beside the current one (a hires checkpoint, for one job); the caller
-        drops it when done."""
+        """An engine for `title` loaded beside the current one (a hires checkpoint or a refiner, for one job);
+        the caller drops it when done."""
         return self._load(self.registry.find(title))
 
     def _load(self, entry: ModelEntry):

@@ -7,7 +7,7 @@ positional `script_args` (`booth.generate.scripts` runs them).
   type is its label ("Steps", "CFG Scale", "Checkpoint name", ...; 0 or "Nothing": none): A1111's type
   numbers index a list that differs between its versions, so a number other than 0 is refused rather than
   guessed. Values are the CSV / range text, or the dropdown list when the text is empty. Checkpoint name values
-  are the server's model titles, VAE values its `sd_vae` names. `no_fixed_seeds` and `vary_seeds_*` are
+  and Refiner checkpoint values are the server's model titles, VAE values its `sd_vae` names. `no_fixed_seeds` and `vary_seeds_*` are
   refused.
 * "prompt matrix": `[put_at_start, different_seeds, prompt_type, variations_delimiter, margin_size]`.
 

@@ -52,6 +52,7 @@ async function loadLists() {
   for (const s of schedulers) option($("scheduler"), s.name, s.label);
   for (const m of models) option($("model"), m.title, m.model_name);
   for (const m of models) option($("hr-checkpoint"), m.title, m.model_name);
+  for (const m of models) option($("rf-checkpoint"), m.title, m.model_name);
   $("model").value = options.sd_model_checkpoint;
   await loadLoras();
   await loadAxes();
@@ -75,6 +76,10 @@ async function loadModels() {
   option($("hr-checkpoint"), "Use same checkpoint");
   for (const m of models) option($("hr-checkpoint"), m.title, m.model_name);
   $("hr-checkpoint").value = [...$("hr-checkpoint").options].some((o) => o.value === hires) ? hires : "Use same checkpoint";
+  const refiner = $("rf-checkpoint").value;
+  $("rf-checkpoint").textContent = "";
+  for (const m of models) option($("rf-checkpoint"), m.title, m.model_name);
+  if ([...$("rf-checkpoint").options].some((o) => o.value === refiner)) $("rf-checkpoint").value = refiner;
 }
 
 async function selectModel(title) {
@@ -206,15 +211,19 @@ $("vae").onchange = () => api("POST", "/sdapi/v1/options", { sd_vae: $("vae").va
 // ---- txt2img -------------------------------------------------------------------------------------------
 function intOrNull(id) { const v = $(id).value; return v === "" ? null : parseInt(v, 10); }
 
-// the fields txt2img and img2img share, from the generation form
+// the fields txt2img and img2img share, from the generation form (the refiner's too)
 function generationRequest() {
-  return {
+  const req = {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     scheduler: $("scheduler").value || null, steps: intOrNull("steps"), cfg_scale: parseFloat($("cfg").value),
     seed: intOrNull("seed") ?? -1, width: intOrNull("width"), height: intOrNull("height"),
     batch_size: intOrNull("batch") || 1, n_iter: intOrNull("n-iter") || 1, tiling: $("tiling").checked,
     styles: [...$("styles").selectedOptions].map((o) => o.value),
   };
+  if ($("rf-enabled").checked) {
+    Object.assign(req, { refiner_checkpoint: $("rf-checkpoint").value, refiner_switch_at: parseFloat($("rf-switch").value) });
+  }
+  return req;
 }
 
 async function runGeneration(path, req, button, status) {
@@ -459,6 +468,13 @@ $("png-send").onclick = () => {
     if (p["Hires upscaler"]) selectByText($("hr-upscaler"), p["Hires upscaler"]);
   }
   $("tiling").checked = p["Tiling"] === "True";
+  $("rf-enabled").checked = p["Refiner"] !== undefined;
+  if (p["Refiner"]) {  // "name [hash]": the model listed under that title, else by its name
+    const name = p["Refiner"].replace(/ \[[0-9a-f]+\]$/, "");
+    const o = [...$("rf-checkpoint").options].find((x) => x.value === p["Refiner"] || x.textContent === name);
+    if (o) $("rf-checkpoint").value = o.value;
+    $("rf-switch").value = p["Refiner switch at"] ?? 0;
+  }
   $("txt2img").scrollIntoView({ behavior: "smooth" });
 };
 const drop = $("dropzone");
