@@ -543,7 +543,7 @@ BAD_REQUESTS = [
     ("hires-checkpoint", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_checkpoint_name": "missing-model"}, 400, "missing-model"),
     ("hires-huge", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "width": 512, "height": 512, "hr_scale": 8}, 400, "hires size 4096x4096"),
     ("restore-faces", "post", "/sdapi/v1/txt2img", {"restore_faces": True, **FAST}, 400, "face restoration"),
-    ("s-min-uncond", "post", "/sdapi/v1/txt2img", {"s_min_uncond": 0.5, **FAST}, 400, "s_min_uncond"),
+    ("s-min-uncond", "post", "/sdapi/v1/txt2img", {"s_min_uncond": -0.5, **FAST}, 400, "s_min_uncond"),
     ("firstpass-image", "post", "/sdapi/v1/txt2img", {"firstpass_image": "x", "enable_hr": True, **FAST}, 400, "firstpass_image"),
     ("hires-upscaler", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_upscaler": "4x-UltraSharp", **FAST}, 400, "unknown hires upscaler"),
     ("hires-resize", "post", "/sdapi/v1/txt2img", {"enable_hr": True, "hr_resize_x": 50, **FAST}, 400, "multiple of 8"),

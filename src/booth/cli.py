@@ -104,6 +104,24 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--s-noise", type=float, default=1.0, help="scale of the churn noise (default 1)")
     g.add_argument(
+        "--s-min-uncond",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="A1111's Negative Guidance minimum sigma: below it every other step leaves the negative prompt "
+        "out, half the UNet work (default 0: off)",
+    )
+    g.add_argument(
+        "--s-min-uncond-all", action="store_true", help="... at every step below it, not every other"
+    )
+    g.add_argument(
+        "--skip-early-cfg",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="A1111's Skip Early CFG: the first SHARE of each pass's steps without the negative prompt (0: off)",
+    )
+    g.add_argument(
         "--seed-resize-from",
         metavar="WxH",
         default=None,
@@ -517,6 +535,9 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         s_tmin=args.s_tmin,
         s_tmax=args.s_tmax,
         s_noise=args.s_noise,
+        s_min_uncond=args.s_min_uncond,
+        s_min_uncond_all=args.s_min_uncond_all,
+        skip_early_cond=args.skip_early_cfg,
         seed_resize_from_w=seed_resize[0],
         seed_resize_from_h=seed_resize[1],
         width=args.width,

@@ -201,6 +201,7 @@ class _Pass:
     refiner_used: set[str] = field(default_factory=set)  # embeddings its prompts used
     refiner_after: list = field(default_factory=list)
     switched: bool = False  # the refiner took over in some batch
+    notes: dict[str, Any] = field(default_factory=dict)  # infotext keys of what happened while sampling
     finisher: Engine | None = None  # the model of the batch's last step (None: no step run)
 
 
@@ -416,6 +417,10 @@ class Engine:
         extra = self._extra_params(
             params, prompt, used, first.guide.couple, hr, job.extra if job else None, hr_engine
         )
+        for run in runs:
+            extra.update(run.notes)
+            if "NGMS" in run.notes and params.s_min_uncond_all:
+                extra["NGMS all steps"] = True
         if any(run.switched for run in runs):
             from booth.generate.refiner import infotext_fields
 
@@ -526,8 +531,13 @@ class Engine:
             if run.refiner is not None and model is self and refiner_due(params, t, step - 1, pass_steps):
                 model = run.finisher = run.refiner
                 guide, unet, rows_before = self._refiner_guide(params, run), model.pipe.unet, []
-            # 4. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part.
-            rows = [cond_at_step(s, step) for s in (guide.negatives if do_cfg else []) + guide.conds]
+            # 4. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part;
+            #    no uncond rows where NGMS or Skip Early CFG leave them out.
+            skip = do_cfg and not edit and self._skips_uncond(params, scheduler, t, i, len(timesteps))
+            if skip:
+                run.notes[skip] = params.s_min_uncond if skip == "NGMS" else params.skip_early_cond
+            with_uncond = do_cfg and not skip
+            rows = [cond_at_step(s, step) for s in (guide.negatives if with_uncond else []) + guide.conds]
             if not _same_tensors(rows, rows_before):  # built again only when prompt editing switches
                 embeds, pooled = model._stack_conditioning(rows, n, device, dtype)
                 kwargs = (
@@ -552,12 +562,13 @@ class Engine:
             elif guide.part_calls is None:
                 pred = unet(x_in.repeat(len(rows), 1, 1, 1), t, encoder_hidden_states=embeds, **kwargs).sample
             else:
-                pred = model._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, do_cfg)
+                pred = model._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, with_uncond)
             # 6. Guidance: composable CFG, then guidance rescale and dynamic thresholding.
             parts = list(pred.chunk(len(rows)))
             if do_cfg:
                 unconds, conds = parts[: len(rows) - len(guide.conds)], parts[len(rows) - len(guide.conds) :]
-                uncond = unconds[0] if len(unconds) == 1 else unconds
+                # skipped: the first prompt's prediction stands in for the negative's (A1111's fake uncond)
+                uncond = conds[0] if skip else unconds[0] if len(unconds) == 1 else unconds
                 weights = guide.weights_at(step, latents)
                 out = guidance.composable_cfg(uncond, conds, weights, params.cfg_scale)
                 if edit:
@@ -901,6 +912,13 @@ class Engine:
             "time_ids": time_ids.repeat(len(pooled), 1),
         }
         return {"added_cond_kwargs": added}
+
+    def _skips_uncond(self, params, scheduler, t, call: int, calls: int) -> str | None:
+        """`guidance.skipped_uncond` at this model call, with the sigma of its timestep."""
+        if params.s_min_uncond <= 0 and params.skip_early_cond <= 0:
+            return None
+        alpha_bar = float(self._alpha_bar(scheduler, t))
+        return guidance.skipped_uncond(params, call, calls, ((1 - alpha_bar) / alpha_bar) ** 0.5)
 
     def _threshold(self, scheduler, latents, t, out, prediction, params):
         """Dynamic thresholding on x0 at variance-preserving x_t, then back to the model's parameterisation."""

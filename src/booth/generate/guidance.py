@@ -83,3 +83,16 @@ def x0_to_prediction(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tenso
     if kind == "v_prediction":
         return (a * x_t - x0) / b
     raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def skipped_uncond(params, call: int, calls: int, sigma: float) -> str | None:
+    """Whether A1111's CFG denoiser leaves the negative prompt out of this model call, and the infotext key of
+    the rule that does: "Skip Early CFG" (option `skip_early_cond`: calls up to that share of the pass) or
+    "NGMS" (Negative Guidance minimum sigma, `s_min_uncond`: every other call below that sigma, every call with
+    `s_min_uncond_all`). The call then guides against the first prompt's prediction (plain conditional
+    sampling for a single prompt): half the UNet rows."""
+    if params.skip_early_cond > 0 and call / calls <= params.skip_early_cond:
+        return "Skip Early CFG"
+    if (call % 2 or params.s_min_uncond_all) and params.s_min_uncond > 0 and sigma < params.s_min_uncond:
+        return "NGMS"
+    return None

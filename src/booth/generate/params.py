@@ -56,6 +56,12 @@ class GenerationParams:
     s_tmin: float = 0.0  # churn only at sigma >= s_tmin
     s_tmax: float = 0.0  # ... and <= s_tmax (0: no bound)
     s_noise: float = 1.0  # scale of the churn noise
+    # leaving the negative prompt's UNet rows out (`guidance.skipped_uncond`): A1111's Negative Guidance minimum
+    # sigma (every other model call below it; 0: off), its option to do so at every call, and the option
+    # `skip_early_cond` (the calls up to this share of each pass; 0: off)
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
     clip_skip: int = 1
     emphasis: str = "Original"  # Original | No norm | Ignore | None (see a1111 emphasis modes)
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023; 0 disables
@@ -165,6 +171,12 @@ class GenerationParams:
             raise BoothError("seed resize needs both a width and a height (or neither)")
         if self.s_churn < 0 or self.s_tmin < 0 or self.s_tmax < 0 or self.s_noise <= 0:
             raise BoothError("s_churn, s_tmin and s_tmax must be at least 0 and s_noise above 0")
+        if self.s_min_uncond < 0:
+            raise BoothError(
+                f"s_min_uncond (Negative Guidance minimum sigma) must be at least 0, got {self.s_min_uncond}"
+            )
+        if not 0.0 <= self.skip_early_cond <= 1.0:
+            raise BoothError(f"skip early CFG must be in [0, 1], got {self.skip_early_cond}")
         if self.image_cfg_scale < 0:
             raise BoothError(f"image CFG scale must be at least 0, got {self.image_cfg_scale}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:

@@ -336,6 +336,7 @@ FIELD_AXES = types.MappingProxyType(
         "Cond. Image Mask Weight": "inpainting_mask_weight",
         "Refiner checkpoint": "refiner_checkpoint",
         "Refiner switch at": "refiner_switch_at",
+        "Negative Guidance minimum sigma": "s_min_uncond",
     }
 )
 CHECKPOINT = "Checkpoint name"
@@ -406,6 +407,7 @@ AXIS_NAMES = (
     STYLES,
     "Refiner checkpoint",
     "Refiner switch at",
+    "Negative Guidance minimum sigma",
 )
 
 

@@ -20,10 +20,11 @@ the job's for that job). The refiner: `refiner_checkpoint` (loaded beside the sa
 options `refiner_switch_by_sample_steps` and `hires_fix_refiner_pass`.
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
-Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, img2img's `image_cfg_scale`
-(instruct-pix2pix models) and `styles`; the scripts "x/y/z plot" and "prompt matrix" (`booth.server.scripts`).
-Not supported, refused with a clear error rather than ignored: other `script_name`s and `alwayson_scripts`, a
-an SDXL refiner-architecture checkpoint, `restore_faces`, `s_min_uncond`, `firstpass_image`, depth models.
+Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, `s_min_uncond` (NGMS; the
+option of that name when a request leaves it out; options `s_min_uncond_all`, `skip_early_cond`), img2img's
+`image_cfg_scale` (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot" and "prompt matrix"
+(`booth.server.scripts`). Not supported, refused with a clear error rather than ignored: other `script_name`s
+and `alwayson_scripts`, an SDXL refiner-architecture checkpoint, `restore_faces`, `firstpass_image`, depth models.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "extra_networks_default_multiplier": 1.0,  # the weight of a LoRA card's prompt without a preferred weight
     "refiner_switch_by_sample_steps": False,  # the refiner's switch counted in steps, not by the timestep
     "hires_fix_refiner_pass": "second pass",  # with hires fix, the pass(es) the refiner takes part in
+    "s_min_uncond": 0.0,  # Negative Guidance minimum sigma, for requests that do not set `s_min_uncond`
+    "s_min_uncond_all": False,
+    "skip_early_cond": 0.0,
 }
 READ_ONLY_OPTIONS = {
     "sd_checkpoint_hash": None,
@@ -83,6 +87,9 @@ JOB_OPTIONS = (
     "sd_vae",
     "refiner_switch_by_sample_steps",
     "hires_fix_refiner_pass",
+    "s_min_uncond",
+    "s_min_uncond_all",
+    "skip_early_cond",
 )
 
 
@@ -130,6 +137,9 @@ OPTION_VALIDATORS = {
     "extra_networks_default_multiplier": lambda v: _number("extra_networks_default_multiplier", v, 0.0, 2.0),
     "refiner_switch_by_sample_steps": lambda v: _bool("refiner_switch_by_sample_steps", v),
     "hires_fix_refiner_pass": lambda v: _choice("hires_fix_refiner_pass", v, REFINER_PASSES),
+    "s_min_uncond": lambda v: _number("s_min_uncond", v, 0.0, 15.0),  # A1111's slider range
+    "s_min_uncond_all": lambda v: _bool("s_min_uncond_all", v),
+    "skip_early_cond": lambda v: _number("skip_early_cond", v, 0.0, 1.0),
 }
 
 
@@ -193,6 +203,7 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -
         "Hires checkpoint": ("hr_checkpoint_name", str),  # "name [hash]": the registry takes the suffix
         "Refiner": ("refiner_checkpoint", str),
         "Refiner switch at": ("refiner_switch_at", float),
+        "NGMS": ("s_min_uncond", float),
         "Mask blur": ("mask_blur", int),
         "Masked area padding": ("inpaint_full_res_padding", int),
         "Noise multiplier": ("initial_noise_multiplier", float),
@@ -232,10 +243,6 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
             raise JobFailed(422, f"always on script {name} not found")
     if request.get("restore_faces"):
         raise JobFailed(400, "face restoration (restore_faces) is not available in booth")
-    if (request.get("s_min_uncond") or 0) > 0:
-        raise JobFailed(
-            400, "s_min_uncond (skipping the negative prompt at low sigma) is not supported by booth"
-        )
     if request.get("firstpass_image"):
         raise JobFailed(400, "firstpass_image (a given first pass for hires fix) is not supported by booth")
     if kind == "img2img" and request.get("resize_mode", 0) not in (0, 1, 2, 3):
@@ -394,6 +401,11 @@ def build_params(
         s_tmin=request.get("s_tmin") or 0.0,
         s_tmax=request.get("s_tmax") or 0.0,
         s_noise=1.0 if request.get("s_noise") is None else request["s_noise"],
+        s_min_uncond=options.get("s_min_uncond", 0.0)
+        if request.get("s_min_uncond") is None
+        else request["s_min_uncond"],
+        s_min_uncond_all=bool(options.get("s_min_uncond_all", False)),
+        skip_early_cond=options.get("skip_early_cond", 0.0),
         seed_resize_from_h=request.get("seed_resize_from_h", -1),
         width=request.get("width"),
         height=request.get("height"),
