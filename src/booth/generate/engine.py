@@ -27,6 +27,7 @@ from booth.generate.imageops import resize_image
 from booth.generate.noise import batch_noise, resolve_seed, step_generators
 from booth.generate.params import GenerationParams
 from booth.generate.regions import LatentCouple
+from booth.models.families import same_latent_space
 
 
 @dataclass
@@ -540,8 +541,11 @@ class Engine:
             rows = [cond_at_step(s, step) for s in (guide.negatives if with_uncond else []) + guide.conds]
             if not _same_tensors(rows, rows_before):  # built again only when prompt editing switches
                 embeds, pooled = model._stack_conditioning(rows, n, device, dtype)
+                negatives = (
+                    len(guide.negatives) * n if with_uncond else 0
+                )  # rows of the negative prompt first
                 kwargs = (
-                    model._added_cond_kwargs(pooled, width, height, device, dtype)
+                    model._added_cond_kwargs(pooled, width, height, device, dtype, negatives, params)
                     if pooled is not None
                     else {}
                 )
@@ -630,7 +634,10 @@ class Engine:
                     "hires_engine"
                 )
             return self
-        if hires_engine.family.name != self.family.name or hires_engine.vae_scale != self.vae_scale:
+        if (
+            not same_latent_space(hires_engine.family, self.family)
+            or hires_engine.vae_scale != self.vae_scale
+        ):
             raise BoothError(
                 f"the hires checkpoint {hires_engine.model.name} is a {hires_engine.family.name} model and "
                 f"{self.model.name} a {self.family.name} one: the hires pass needs a model of the same family"
@@ -651,7 +658,10 @@ class Engine:
             raise BoothError(f"refiner_checkpoint {name!r}: load that model and pass it as refiner_engine")
         if refiner is self:
             return None
-        if refiner.family.name != self.family.name or refiner.latent_channels != self.latent_channels:
+        if (
+            not same_latent_space(refiner.family, self.family)
+            or refiner.latent_channels != self.latent_channels
+        ):
             raise BoothError(
                 f"the refiner {refiner.model.name} is a {refiner.family.name} model and {self.model.name} a "
                 f"{self.family.name} one: the refiner must be a model of the same family"
@@ -903,14 +913,27 @@ class Engine:
         return cache
 
     def _added_cond_kwargs(
-        self, pooled: torch.Tensor, width: int, height: int, device: torch.device, dtype: torch.dtype
+        self,
+        pooled: torch.Tensor,
+        width: int,
+        height: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        negatives: int = 0,
+        params: GenerationParams | None = None,
     ) -> dict[str, Any]:
-        """SDXL micro-conditioning: original size, crop top-left, target size (Podell et al. 2023 §2.2)."""
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
-        added = {
-            "text_embeds": pooled.to(device, dtype),
-            "time_ids": time_ids.repeat(len(pooled), 1),
-        }
+        """SDXL micro-conditioning: original size, crop top-left, target size (Podell et al. 2023 §2.2); the
+        refiner's: original size, crop top-left, aesthetic score (§2.5), A1111's low score for the first
+        `negatives` rows (the negative prompt's) and its high score for the others."""
+        n = len(pooled)
+        if self.family.name == "sdxl-refiner":
+            params = params or GenerationParams()
+            scores = torch.full((n, 1), float(params.sdxl_refiner_high_aesthetic_score))
+            scores[:negatives] = params.sdxl_refiner_low_aesthetic_score
+            time_ids = torch.cat([torch.tensor([[height, width, 0, 0]]).expand(n, -1), scores], dim=1)
+        else:
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]]).repeat(n, 1)
+        added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
         return {"added_cond_kwargs": added}
 
     def _skips_uncond(self, params, scheduler, t, call: int, calls: int) -> str | None:

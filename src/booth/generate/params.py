@@ -119,6 +119,9 @@ class GenerationParams:
     # pass(es) the refiner takes part in
     refiner_switch_by_sample_steps: bool = False
     hires_fix_refiner_pass: str = "second pass"
+    # A1111 options: the aesthetic score SDXL's refiner is conditioned on, for the negative prompt and the prompt
+    sdxl_refiner_low_aesthetic_score: float = 2.5
+    sdxl_refiner_high_aesthetic_score: float = 6.0
     # extra networks
     disable_extra_networks: bool = False
     # A1111 options for this job alone, as its `p.override_settings`: `sd_model_checkpoint` (a model path or

@@ -78,7 +78,7 @@ def _targets(model: torch.nn.Module, blocks: tuple[str, ...], convs: bool) -> di
 
 def extract_lora(config: ExtractConfig, progress: Callable[[str], None] = lambda message: None) -> Path:
     """Write the LoRA of `tuned` − `base`; returns its path."""
-    from booth.models.families import detect_family
+    from booth.models.families import detect_family, refuse_refiner
     from booth.models.loading import load_pipeline
     from booth.train.formats.lora import (
         BASE_MODEL_VERSIONS,
@@ -95,6 +95,7 @@ def extract_lora(config: ExtractConfig, progress: Callable[[str], None] = lambda
     progress(f"loading {config.base}")
     base = load_pipeline(config.base, device="cpu")
     family = detect_family(tuned.pipe)
+    refuse_refiner(family, "extracting a LoRA from")
     if detect_family(base.pipe).architecture != family.architecture:
         raise BoothError(f"{config.tuned} and {config.base} are models of different families")
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype or "", torch.float32)

@@ -1,4 +1,5 @@
-"""Model families: what the engine and the trainers need to know about SD 1.x, SD 2.x and SDXL.
+"""Model families: what the engine and the trainers need to know about SD 1.x, SD 2.x and SDXL (and SDXL's
+refiner, which booth generates with but does not train, merge or convert).
 
 A `ModelFamily` is a small frozen record (native size, prediction type, text encoders, adapter target
 modules, tokenizer padding). `detect_family` reads it off a loaded diffusers pipeline,
@@ -33,7 +34,9 @@ class ModelFamily:
     """What is shared by all models of one Stable Diffusion generation.
 
     Attributes:
-        name: registry key: "sd1", "sd2" (512 px, epsilon), "sd2-v" (768 px, v-prediction) or "sdxl".
+        name: registry key: "sd1", "sd2" (512 px, epsilon), "sd2-v" (768 px, v-prediction), "sdxl" or
+            "sdxl-refiner" (SDXL's refiner: its second text encoder alone, an aesthetic score in the
+            micro-conditioning; Podell et al. 2023 §2.5).
         label: human-readable name.
         architecture: the weight layout, shared by "sd2" and "sd2-v": "sd1", "sd2" or "sdxl".
         default_size: native training resolution in pixels (square).
@@ -73,8 +76,33 @@ FAMILIES: dict[str, ModelFamily] = {
         ModelFamily("sd2", "SD 2.x", "sd2", 512, "epsilon", 1, ("!",), 0.18215),
         ModelFamily("sd2-v", "SD 2.x (v)", "sd2", 768, "v_prediction", 1, ("!",), 0.18215),
         ModelFamily("sdxl", "SDXL", "sdxl", 1024, "epsilon", 2, (EOS, "!"), 0.13025, uses_pooled_text=True),
+        ModelFamily(
+            "sdxl-refiner",
+            "SDXL refiner",
+            "sdxl-refiner",
+            1024,
+            "epsilon",
+            1,
+            ("!",),
+            0.13025,
+            uses_pooled_text=True,
+        ),
     )
 }
+
+
+def same_latent_space(a: ModelFamily, b: ModelFamily) -> bool:
+    """Whether one family's sampling can go on with the other's UNet (a hires checkpoint, a refiner): the same
+    family, or SDXL and its refiner (one VAE, one parameterisation)."""
+    return a.name == b.name or {a.name, b.name} == {"sdxl", "sdxl-refiner"}
+
+
+def refuse_refiner(family: ModelFamily, what: str) -> None:
+    """BoothError when `family` is SDXL's refiner, which booth generates with but does not `what`."""
+    if family.name == "sdxl-refiner":
+        raise BoothError(
+            f"{what} an SDXL refiner is not supported; it generates (as a refiner or alone) only"
+        )
 
 
 def get_family(name: str) -> ModelFamily:
@@ -99,6 +127,13 @@ def detect_family(pipe: Any) -> ModelFamily:
     scheduler's prediction type.
     """
     unet = getattr(pipe, "unet", None)
+    if (
+        unet is not None
+        and getattr(pipe, "text_encoder", None) is None
+        and getattr(pipe, "text_encoder_2", None) is not None
+        and unet.config.get("addition_embed_type") == "text_time"
+    ):
+        return FAMILIES["sdxl-refiner"]  # SDXL's refiner: OpenCLIP bigG alone
     if unet is None or getattr(pipe, "text_encoder", None) is None:
         raise BoothError(f"{type(pipe).__name__} is not a text-to-image UNet pipeline; {SUPPORTED}")
     prediction = getattr(pipe.scheduler, "config", {}).get("prediction_type", "epsilon")
@@ -136,7 +171,10 @@ def detect_family_from_state_dict(state_dict: Mapping[str, Any] | Iterable[str])
     if has("conditioner.embedders.1.model."):
         return FAMILIES["sdxl"]
     if has("conditioner.embedders.0.model."):
-        raise BoothError(f"SDXL refiner checkpoints are not supported; {SUPPORTED} base models")
+        raise BoothError(
+            "SDXL refiner single files are not supported; load its diffusers folder (for example "
+            "stabilityai/stable-diffusion-xl-refiner-1.0) instead"
+        )
     if has("cond_stage_model.model."):
         return FAMILIES["sd2-v" if "v_pred" in keys else "sd2"]
     if has("cond_stage_model.transformer."):

@@ -42,7 +42,8 @@ class LoadedModel:
     """A loaded pipeline and what booth reports about it.
 
     Attributes:
-        pipe: the diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline), in eval mode.
+        pipe: the diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, or an SDXL refiner's
+            StableDiffusionXLImg2ImgPipeline), in eval mode.
         family: its `ModelFamily`.
         name: A1111-style model name: the file stem, folder name, hub id, or "booth-mini".
         path: the local file or folder, None for a hub id.

@@ -87,9 +87,11 @@ def _components(pipe: Any) -> Iterator[tuple[str, torch.nn.Module]]:
 
 
 def _check_same(a: Any, b: Any, name_a: str, name_b: str) -> None:
-    from booth.models.families import detect_family
+    from booth.models.families import detect_family, refuse_refiner
 
     fa, fb = detect_family(a), detect_family(b)
+    refuse_refiner(fa, "merging")
+    refuse_refiner(fb, "merging")
     if fa.architecture != fb.architecture:
         raise BoothError(
             f"{name_a} is {fa.label} and {name_b} is {fb.label}: only models of one family merge"

@@ -28,6 +28,7 @@ from booth.models.families import (
     ModelFamily,
     detect_family,
     detect_family_from_state_dict,
+    refuse_refiner,
     sd2_family,
 )
 from booth.models.original_configs import (
@@ -145,6 +146,7 @@ def save_single_file(
     if dtype is not None and dtype not in SAVE_DTYPES:
         raise BoothError(f"cannot save weights as {dtype}; use float32, float16 or bfloat16")
     family = detect_family(pipe)
+    refuse_refiner(family, "saving as a single file")
     configs = pipeline_configs(pipe, family)
     state_dict = pipeline_to_original(pipe, family.architecture)
     if configs["scheduler"].get("prediction_type") == "v_prediction":

@@ -87,7 +87,8 @@ def _scheduler(prediction_type: str = "epsilon"):
 
 
 def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, edit: bool = False):
-    """A tiny random diffusers pipeline of the given family ("sd1", "sd2" or "sdxl"); with `inpainting`, an
+    """A tiny random diffusers pipeline of the given family ("sd1", "sd2", "sdxl" or "sdxl-refiner": SDXL's
+    refiner, the second text encoder alone and an aesthetic score in its micro-conditioning); with `inpainting`, an
     inpainting model's (a 9-channel UNet: latents, mask, masked-image latents) in its inpainting pipeline class;
     with `edit` (SD 1.x / 2.x), an instruct-pix2pix model's (an 8-channel UNet: latents, picture latents)."""
     from diffusers import (
@@ -120,6 +121,29 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, 
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    if family == "sdxl-refiner":
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        tok2 = build_clip_tokenizer(TINY_MERGES, pad_token="!")
+        unet = _unet(
+            32,
+            seed=seed,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 5 * 8,  # pooled + original size, crop, aesthetic score
+            transformer_layers_per_block=1,
+        )
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=_vae(seed),
+            text_encoder=None,
+            text_encoder_2=_text_encoder(tok2, 32, projection=True, seed=seed + 1),
+            tokenizer=None,
+            tokenizer_2=tok2,
+            unet=unet,
+            scheduler=_sdxl_scheduler(),
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )
     if family == "sdxl":
         tok1 = build_clip_tokenizer(TINY_MERGES)
         tok2 = build_clip_tokenizer(TINY_MERGES, pad_token="!")
@@ -134,15 +158,7 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, 
             projection_class_embeddings_input_dim=32 + 6 * 8,
             transformer_layers_per_block=1,
         )
-        from diffusers import EulerDiscreteScheduler
-
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-            steps_offset=1,
-        )
+        scheduler = _sdxl_scheduler()
         cls = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
         return cls(
             vae=_vae(seed),
@@ -154,4 +170,16 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, 
             scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
         )
-    raise ValueError(f"unknown tiny family {family!r}; choose sd1, sd2 or sdxl")
+    raise ValueError(f"unknown tiny family {family!r}; choose sd1, sd2, sdxl or sdxl-refiner")
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )

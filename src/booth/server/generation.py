@@ -17,7 +17,8 @@ Hires fix (txt2img `enable_hr`): `hr_scale`, `hr_upscaler` (None: "Latent"), `hr
 `hr_resize_x` / `_y`, `hr_sampler_name`, `hr_scheduler`, `hr_prompt`, `hr_negative_prompt`, with
 `denoising_strength`, `hr_checkpoint_name` (another model of the same family for the second pass, loaded beside
 the job's for that job). The refiner: `refiner_checkpoint` (loaded beside the same way), `refiner_switch_at`,
-options `refiner_switch_by_sample_steps` and `hires_fix_refiner_pass`.
+options `refiner_switch_by_sample_steps`, `hires_fix_refiner_pass` and (SDXL's refiner)
+`sdxl_refiner_low_aesthetic_score` / `sdxl_refiner_high_aesthetic_score`.
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, `s_min_uncond` (NGMS; the
@@ -70,6 +71,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "s_min_uncond": 0.0,  # Negative Guidance minimum sigma, for requests that do not set `s_min_uncond`
     "s_min_uncond_all": False,
     "skip_early_cond": 0.0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,  # what SDXL's refiner is conditioned on, negative prompt / prompt
+    "sdxl_refiner_high_aesthetic_score": 6.0,
 }
 READ_ONLY_OPTIONS = {
     "sd_checkpoint_hash": None,
@@ -90,6 +93,8 @@ JOB_OPTIONS = (
     "s_min_uncond",
     "s_min_uncond_all",
     "skip_early_cond",
+    "sdxl_refiner_low_aesthetic_score",
+    "sdxl_refiner_high_aesthetic_score",
 )
 
 
@@ -140,6 +145,8 @@ OPTION_VALIDATORS = {
     "s_min_uncond": lambda v: _number("s_min_uncond", v, 0.0, 15.0),  # A1111's slider range
     "s_min_uncond_all": lambda v: _bool("s_min_uncond_all", v),
     "skip_early_cond": lambda v: _number("skip_early_cond", v, 0.0, 1.0),
+    "sdxl_refiner_low_aesthetic_score": lambda v: _number("sdxl_refiner_low_aesthetic_score", v, 0.0, 10.0),
+    "sdxl_refiner_high_aesthetic_score": lambda v: _number("sdxl_refiner_high_aesthetic_score", v, 0.0, 10.0),
 }
 
 
@@ -422,6 +429,8 @@ def build_params(
         refiner_switch_at=request.get("refiner_switch_at"),  # None (A1111's default): from the first step
         refiner_switch_by_sample_steps=bool(options.get("refiner_switch_by_sample_steps", False)),
         hires_fix_refiner_pass=options.get("hires_fix_refiner_pass", "second pass"),
+        sdxl_refiner_low_aesthetic_score=options.get("sdxl_refiner_low_aesthetic_score", 2.5),
+        sdxl_refiner_high_aesthetic_score=options.get("sdxl_refiner_high_aesthetic_score", 6.0),
     )
     params = params.replace(refiner_checkpoint=params.refiner())  # "None": none
     if kind == "img2img":

@@ -222,6 +222,9 @@ class Trainer:
         cfg = self.config
         if self.loaded is None:
             self.loaded = load_pipeline(cfg.model, device="cpu")
+        from booth.models.families import refuse_refiner
+
+        refuse_refiner(self.loaded.family, "training")
         pipe = self.pipe = self.loaded.pipe
         if cfg.vae is not None:
             from booth.models.vae import swap_vae
