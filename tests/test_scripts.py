@@ -223,7 +223,7 @@ def test_axis_names_cover_every_supported_axis():
 def test_unknown_axis_lists_valid_names():
     with pytest.raises(
         BoothError,
-        match="unknown Y axis 'Stepz'; valid: Nothing, Seed, .*Steps, Hires steps, CFG Scale, Image CFG Scale, Prompt S/R.*Size, Checkpoint name, VAE, Styles, Refiner checkpoint, Refiner switch at, Negative Guidance minimum sigma, or .*cfg_scale",
+        match="unknown Y axis 'Stepz'; valid: Nothing, Seed, .*Steps, Hires steps, CFG Scale, Image CFG Scale, Prompt S/R.*Size, Checkpoint name, VAE, Styles, Refiner checkpoint, Refiner switch at, Negative Guidance minimum sigma, Extra noise, or .*cfg_scale",
     ):
         xy_grid_jobs(base(), "Steps", "1", "Stepz", "1")
     with pytest.raises(BoothError, match="unknown X axis 'init_images'"):

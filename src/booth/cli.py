@@ -115,6 +115,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         "--s-min-uncond-all", action="store_true", help="... at every step below it, not every other"
     )
     g.add_argument(
+        "--extra-noise",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="img2img and the hires pass start with this much more noise, 0-1 (A1111's Extra noise; default 0)",
+    )
+    g.add_argument(
         "--skip-early-cfg",
         type=float,
         default=0.0,
@@ -311,6 +318,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="another model of the same family for the hires pass (A1111's Hires checkpoint)",
     )
+    h.add_argument(
+        "--firstpass-image",
+        metavar="FILE",
+        default=None,
+        help="a picture that stands for the first pass: hires fix upscales and redraws it (A1111's "
+        "firstpass_image; its size is the first pass's unless --width / --height are given)",
+    )
     r = p.add_argument_group("refiner (another model takes over the sampling part-way, A1111's Refiner)")
     r.add_argument(
         "--refiner", metavar="MODEL", default=None, help="the model of the same family that takes over"
@@ -506,8 +520,11 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         "hr_prompt": "hr_prompt",
         "hr_negative_prompt": "hr_negative_prompt",
         "hr_checkpoint_name": "hr_checkpoint",
+        "firstpass_image": "firstpass_image",
     }
     hires = _gated_flags(args, hires_flags, args.enable_hr, "sets up the hires pass: add --enable-hr")
+    if "firstpass_image" in hires:
+        hires["firstpass_image"] = _open_image(hires["firstpass_image"], "first-pass image")
     refiner_flags = {
         "refiner_switch_at": "refiner_switch_at",
         "refiner_switch_by_sample_steps": "refiner_switch_by_steps",
@@ -536,6 +553,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         s_tmax=args.s_tmax,
         s_noise=args.s_noise,
         s_min_uncond=args.s_min_uncond,
+        img2img_extra_noise=args.extra_noise,
         s_min_uncond_all=args.s_min_uncond_all,
         skip_early_cond=args.skip_early_cfg,
         seed_resize_from_w=seed_resize[0],

@@ -315,6 +315,8 @@ class Engine:
         if self.edit_model:
             self._check_edit(params, part_calls)
         steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
+        firstpass = params.firstpass_image is not None and params.enable_hr  # a picture stands for pass 1
+        steps_run = 0 if firstpass else steps_run
         hr = None
         if params.enable_hr:
             hires.check_upscaler(params.hr_upscaler, self.upscalers)
@@ -325,7 +327,7 @@ class Engine:
             hr.part_calls = self._part_calls(plan.prompt) if params.composable_lora and hr.calls else None
             hr.negative, _ = self._strip_extra_networks(plan.negative_prompt, True)
             hr.steps_run = plan.steps if params.denoising_strength > 0 else 0
-            hr.run.progress = (params.steps, 0)
+            hr.run.progress = (0 if firstpass else params.steps, 0)  # with a first-pass image, the only pass
             hr.run.text = _Text(
                 hr.prompt, hr.negative, [] if hr.part_calls else hr.calls, hr.part_calls, plan
             )
@@ -336,6 +338,8 @@ class Engine:
         steps_run += hr.steps_run if hr else 0
         self.state = state = GenerationState(job_count=params.n_iter, sampling_steps=steps_run)
         state.pass_steps, state.pass_pixels = [first_steps], [width * height]
+        if firstpass:
+            state.pass_steps, state.pass_pixels = [], []
         if hr is not None:
             state.pass_steps.append(hr.steps_run)
             state.pass_pixels.append(hr.plan.width * hr.plan.height)
@@ -366,7 +370,10 @@ class Engine:
             job = first.inpainting = (
                 inpaint.prepare(params, width, height) if params.mask is not None else None
             )
-            init_latents = None
+            init_latents = pictures = None
+            if firstpass:  # A1111: the picture goes to a pixel upscaler as it is, to a latent one encoded
+                pictures = [resize_image(params.firstpass_image.convert("RGB"), width, height, 0)]
+                init_latents = self._encode_pixels(pictures) if hr.plan.latent else None
             if params.init_images:
                 init_latents = self._encode_init_images(params, width, height, job)
                 first.steps_rule = self._img2img_steps(params)
@@ -382,17 +389,20 @@ class Engine:
                     break
                 batch_seeds = seeds[batch_no * params.batch_size : (batch_no + 1) * params.batch_size]
                 batch_subseeds = subseeds[batch_no * params.batch_size : (batch_no + 1) * params.batch_size]
-                latents = self._denoise(
-                    params, first, batch_seeds, batch_subseeds, init_latents, state, callback
-                )
-                self._leave_refiner(first)
-                if latents is None:  # skipped
-                    continue
+                if firstpass:
+                    latents = None if init_latents is None else init_latents.repeat(len(batch_seeds), 1, 1, 1)
+                else:
+                    latents = self._denoise(
+                        params, first, batch_seeds, batch_subseeds, init_latents, state, callback
+                    )
+                    self._leave_refiner(first)
+                    if latents is None:  # skipped
+                        continue
                 if hr is not None and not state.interrupted:
                     with self._networks_for(hr, first_networks, hr_engine):
                         latents = self._hires_pass(
                             latents, params, hr, batch_seeds, batch_subseeds, state, callback, hr_engine,
-                            decoder=first.finisher,
+                            decoder=first.finisher, pictures=pictures and pictures * len(batch_seeds),
                         )  # fmt: skip
                     self._leave_refiner(hr.run)
                     if latents is None:
@@ -511,6 +521,11 @@ class Engine:
                     init = init * keep
             start_noise = noise * params.initial_noise_multiplier
             latents = scheduler.add_noise(init, start_noise, timesteps[:1].repeat(n))
+            if params.img2img_extra_noise > 0:  # A1111: x + noise * (sigma + extra) in k-diffusion's units
+                latents = latents + start_noise * params.img2img_extra_noise * self._k_scale(
+                    scheduler, timesteps[0]
+                )
+                run.notes["Extra noise"] = params.img2img_extra_noise
         step_extra = step_kwargs(sampler, params.eta)
         step_extra.update(churn_kwargs(sampler, params.s_churn, params.s_tmin, params.s_tmax, params.s_noise))
         if "generator" in inspect.signature(scheduler.step).parameters:
@@ -601,11 +616,22 @@ class Engine:
         return latents if keep is None else latents * redraw + init * keep
 
     def _hires_pass(
-        self, latents, params, hr: _HiresRun, seeds, subseeds, state, callback, hr_engine=None, decoder=None
+        self,
+        latents,
+        params,
+        hr: _HiresRun,
+        seeds,
+        subseeds,
+        state,
+        callback,
+        hr_engine=None,
+        decoder=None,
+        pictures=None,
     ):
         """Hires fix on one batch's first-pass latents (A1111 `sample_hr_pass`), the second pass on `hr_engine`
         (a hires checkpoint; default this model); None when skipped. `decoder`: the model that finished the
-        first pass (a refiner's VAE decodes for a pixel upscaler)."""
+        first pass (a refiner's VAE decodes for a pixel upscaler); `pictures`: the first pass as pictures (a
+        first-pass image), upscaled as they are by a pixel upscaler."""
         hr_engine, decoder = hr_engine or self, decoder or self
         plan = hr.plan
         # 1. Upscale: interpolate the latents, or decode, upscale the pixels and encode again (with the VAE
@@ -613,9 +639,8 @@ class Engine:
         if plan.latent:
             latents = hires.upscale_latents(latents, plan, self.vae_scale)
         else:
-            images = [
-                self.upscalers.resize(im, *plan.upscale_to, plan.upscaler) for im in decoder._decode(latents)
-            ]
+            first = pictures if pictures is not None else decoder._decode(latents)
+            images = [self.upscalers.resize(im, *plan.upscale_to, plan.upscaler) for im in first]
             latents = hr_engine._encode_pixels(images)
         # 2. Crop to hr_resize_x x hr_resize_y (when both are given).
         latents = hires.crop_latents(latents, plan)
@@ -785,8 +810,9 @@ class Engine:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     def _size(self, params: GenerationParams) -> tuple[int, int]:
-        if params.init_images and (params.width is None or params.height is None):
-            w, h = params.init_images[0].size
+        given = params.init_images[0] if params.init_images else params.firstpass_image
+        if given is not None and (params.width is None or params.height is None):
+            w, h = given.size
             return params.width or max(8, w // 8 * 8), params.height or max(8, h // 8 * 8)
         default = self.native_size
         return params.width or default, params.height or default
@@ -935,6 +961,14 @@ class Engine:
             time_ids = torch.tensor([[height, width, 0, 0, height, width]]).repeat(n, 1)
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
         return {"added_cond_kwargs": added}
+
+    def _k_scale(self, scheduler, t) -> float:
+        """What a unit of k-diffusion's x + sigma * noise is in the scheduler's latents: 1 for the sigma-space
+        schedulers (Euler, Heun, LMS, DPM2 ...: their first latents are scaled by sigma_max), sqrt(alpha_bar_t)
+        for the variance-preserving ones (DDIM, UniPC, DPM++ 2M ...)."""
+        if float(scheduler.init_noise_sigma) > 1:
+            return 1.0
+        return float(self._alpha_bar(scheduler, t)) ** 0.5
 
     def _skips_uncond(self, params, scheduler, t, call: int, calls: int) -> str | None:
         """`guidance.skipped_uncond` at this model call, with the sigma of its timestep."""

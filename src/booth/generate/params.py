@@ -83,6 +83,8 @@ class GenerationParams:
     resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale
     img2img_fix_steps: bool = False  # A1111 option: run exactly `steps` steps
     initial_noise_multiplier: float = 1.0  # img2img: the start noise scaled by this
+    # A1111 option "Extra noise": img2img and the hires pass start from x + (sigma + this) x noise (0: off)
+    img2img_extra_noise: float = 0.0
     # inpainting (img2img with a mask: white is redrawn; `booth.generate.inpaint`); defaults of A1111's UI
     mask: Any | None = None  # PIL image (L, RGB, or RGBA whose alpha is the mask)
     mask_blur_x: int = 4
@@ -110,6 +112,9 @@ class GenerationParams:
     # A1111's "Hires checkpoint": another model of the same family for the second pass (None / "" / "Use same
     # checkpoint": this one); the caller loads it and hands it to `Engine.generate(..., hires_engine=)`
     hr_checkpoint_name: str | None = None
+    # A1111's `firstpass_image` (PIL): a picture that stands for the first pass, so hires fix upscales and
+    # redraws it (its size is the first pass's unless width / height are given)
+    firstpass_image: Any | None = None
     # A1111's refiner (`a1111.md` §9): another model of the same family takes over the sampling once
     # `refiner_switch_at` of it is done (None: from the first step, as A1111 reads a request without it); the
     # caller loads it and hands it to `Engine.generate(..., refiner_engine=)`
@@ -178,6 +183,8 @@ class GenerationParams:
             raise BoothError(
                 f"s_min_uncond (Negative Guidance minimum sigma) must be at least 0, got {self.s_min_uncond}"
             )
+        if not 0.0 <= self.img2img_extra_noise <= 1.0:
+            raise BoothError(f"extra noise must be in [0, 1], got {self.img2img_extra_noise}")
         if not 0.0 <= self.skip_early_cond <= 1.0:
             raise BoothError(f"skip early CFG must be in [0, 1], got {self.skip_early_cond}")
         if self.image_cfg_scale < 0:
@@ -199,6 +206,10 @@ class GenerationParams:
             from booth.generate.inpaint import check_inpaint
 
             check_inpaint(self)
+        if self.firstpass_image is not None and not self.enable_hr:
+            raise BoothError(
+                "a first-pass image is the first pass of hires fix: turn hires fix on (enable_hr)"
+            )
         if self.enable_hr:
             from booth.generate.hires import check_hires
 
@@ -216,5 +227,5 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (images are left out)."""
-        images = ("init_images", "mask", "latent_mask")
+        images = ("init_images", "mask", "latent_mask", "firstpass_image")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in images}

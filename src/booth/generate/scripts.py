@@ -337,6 +337,7 @@ FIELD_AXES = types.MappingProxyType(
         "Refiner checkpoint": "refiner_checkpoint",
         "Refiner switch at": "refiner_switch_at",
         "Negative Guidance minimum sigma": "s_min_uncond",
+        "Extra noise": "img2img_extra_noise",
     }
 )
 CHECKPOINT = "Checkpoint name"
@@ -408,6 +409,7 @@ AXIS_NAMES = (
     "Refiner checkpoint",
     "Refiner switch at",
     "Negative Guidance minimum sigma",
+    "Extra noise",
 )
 
 

@@ -175,7 +175,10 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
     except JobFailed as exc:
         raise _job_failed(exc) from None
     finally:
-        for image in [*uploads.get("init_images", []), uploads.get("mask"), uploads.get("latent_mask")]:
+        for image in [
+            *uploads.get("init_images", []),
+            *(uploads.get(k) for k in ("mask", "latent_mask", "firstpass_image")),
+        ]:
             if image is not None:
                 image.close()
     # Uploaded images are stored apart from the params (listing the queue never reads them).

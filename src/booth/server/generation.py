@@ -25,7 +25,8 @@ Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_n
 option of that name when a request leaves it out; options `s_min_uncond_all`, `skip_early_cond`), img2img's
 `image_cfg_scale` (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot" and "prompt matrix"
 (`booth.server.scripts`). Not supported, refused with a clear error rather than ignored: other `script_name`s
-and `alwayson_scripts`, an SDXL refiner-architecture checkpoint, `restore_faces`, `firstpass_image`, depth models.
+and `alwayson_scripts`, an SDXL refiner single file, `restore_faces`, depth models; `firstpass_image` without
+`enable_hr` (A1111 ignores it).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
 GENERATION_KINDS = ("txt2img", "img2img")
 LATENT_COUPLE_SCRIPT = "latent couple extension"
 ALWAYSON_SCRIPTS = (LATENT_COUPLE_SCRIPT,)  # lower-case titles, as A1111 matches them
-TRANSIENT_FIELDS = ("init_images", "mask", "latent_mask")
+TRANSIENT_FIELDS = ("init_images", "mask", "latent_mask", "firstpass_image")
 
 # Options (`GET/POST /sdapi/v1/options`) booth understands, with A1111's names and defaults.
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -71,6 +72,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "s_min_uncond": 0.0,  # Negative Guidance minimum sigma, for requests that do not set `s_min_uncond`
     "s_min_uncond_all": False,
     "skip_early_cond": 0.0,
+    "img2img_extra_noise": 0.0,  # img2img and the hires pass start from x + (sigma + this) x noise
     "sdxl_refiner_low_aesthetic_score": 2.5,  # what SDXL's refiner is conditioned on, negative prompt / prompt
     "sdxl_refiner_high_aesthetic_score": 6.0,
 }
@@ -95,6 +97,7 @@ JOB_OPTIONS = (
     "skip_early_cond",
     "sdxl_refiner_low_aesthetic_score",
     "sdxl_refiner_high_aesthetic_score",
+    "img2img_extra_noise",
 )
 
 
@@ -145,6 +148,7 @@ OPTION_VALIDATORS = {
     "s_min_uncond": lambda v: _number("s_min_uncond", v, 0.0, 15.0),  # A1111's slider range
     "s_min_uncond_all": lambda v: _bool("s_min_uncond_all", v),
     "skip_early_cond": lambda v: _number("skip_early_cond", v, 0.0, 1.0),
+    "img2img_extra_noise": lambda v: _number("img2img_extra_noise", v, 0.0, 1.0),
     "sdxl_refiner_low_aesthetic_score": lambda v: _number("sdxl_refiner_low_aesthetic_score", v, 0.0, 10.0),
     "sdxl_refiner_high_aesthetic_score": lambda v: _number("sdxl_refiner_high_aesthetic_score", v, 0.0, 10.0),
 }
@@ -231,10 +235,17 @@ def apply_infotext(request: dict[str, Any], fields_set: set[str], pasted=None) -
         out["enable_hr"] = True
     if "Tiling" in parsed and "tiling" not in fields_set:
         out["tiling"] = parsed["Tiling"] == "True"
-    if "Clip skip" in parsed:
-        overrides = dict(out.get("override_settings") or {})
-        overrides.setdefault("CLIP_stop_at_last_layers", int(parsed["Clip skip"]))
-        out["override_settings"] = overrides
+    for key, option, kind in (
+        ("Clip skip", "CLIP_stop_at_last_layers", int),
+        ("Extra noise", "img2img_extra_noise", float),
+    ):
+        if key in parsed:  # A1111: infotext keys of options become override settings
+            overrides = dict(out.get("override_settings") or {})
+            try:
+                overrides.setdefault(option, kind(parsed[key]))
+            except ValueError:
+                raise BoothError(f"infotext: {key} {parsed[key]!r} is not a valid {kind.__name__}") from None
+            out["override_settings"] = overrides
     return out
 
 
@@ -250,8 +261,6 @@ def _unsupported(request: dict[str, Any], kind: str) -> None:
             raise JobFailed(422, f"always on script {name} not found")
     if request.get("restore_faces"):
         raise JobFailed(400, "face restoration (restore_faces) is not available in booth")
-    if request.get("firstpass_image"):
-        raise JobFailed(400, "firstpass_image (a given first pass for hires fix) is not supported by booth")
     if kind == "img2img" and request.get("resize_mode", 0) not in (0, 1, 2, 3):
         raise JobFailed(
             400,
@@ -358,11 +367,13 @@ def _check_size(width: int, height: int, batch: int, limits: Limits, what: str) 
 
 def decode_inputs(kind: str, request: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """The uploaded images of a request, decoded safely: `init_images` (RGB), `mask` (RGBA: its alpha can be
-    the mask) and `latent_mask` (L). Raises ApiError for anything unreadable."""
+    the mask) and `latent_mask` (L); txt2img's `firstpass_image` (RGB). Raises ApiError for anything
+    unreadable."""
     from booth.server.security import decode_image
 
     if kind != "img2img":
-        return {}
+        first = request.get("firstpass_image")
+        return {"firstpass_image": decode_image(first, limits, "firstpass_image")} if first else {}
     raw = request.get("init_images") or []
     if len(raw) > limits.max_init_images:
         raise JobFailed(400, f"at most {limits.max_init_images} init images per request, got {len(raw)}")
@@ -413,6 +424,7 @@ def build_params(
         else request["s_min_uncond"],
         s_min_uncond_all=bool(options.get("s_min_uncond_all", False)),
         skip_early_cond=options.get("skip_early_cond", 0.0),
+        img2img_extra_noise=options.get("img2img_extra_noise", 0.0),
         seed_resize_from_h=request.get("seed_resize_from_h", -1),
         width=request.get("width"),
         height=request.get("height"),
@@ -457,6 +469,10 @@ def build_params(
                 inpaint_full_res_padding=request.get("inpaint_full_res_padding", 0),
                 inpainting_mask_invert=bool(request.get("inpainting_mask_invert", 0)),
             )
+    elif (uploads or {}).get("firstpass_image") and not request.get("enable_hr"):
+        raise JobFailed(
+            400, "a first-pass image is the first pass of hires fix: turn hires fix on (enable_hr)"
+        )
     elif request.get("enable_hr"):
         strength = request.get("denoising_strength")
         params = params.replace(
@@ -472,6 +488,7 @@ def build_params(
             hr_prompt=request.get("hr_prompt") or "",
             hr_negative_prompt=request.get("hr_negative_prompt") or "",
             hr_checkpoint_name=request.get("hr_checkpoint_name"),
+            firstpass_image=(uploads or {}).get("firstpass_image"),
         )
         params = params.replace(hr_checkpoint_name=params.hires_checkpoint())  # "Use same checkpoint": None
     if styles:
