@@ -156,11 +156,19 @@ def test_prompts_from_file(tiny_sd1_dir, tmp_path, capsys, monkeypatch):
     assert main([*stdin, "--out", str(tmp_path / "stdin")]) == 0
     (only,) = (tmp_path / "stdin").glob("0*.png")
     assert Image.open(only).text["parameters"].startswith("a red cube\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a red cube\n"))  # with a prompt: the line's goes after it
+    end = ["a blue sky", *stdin[1:], "--prompts-position", "end", "--out", str(tmp_path / "end")]
+    assert main(["generate", *end]) == 0
+    (joined,) = (tmp_path / "end").glob("0*.png")
+    assert Image.open(joined).text["parameters"].startswith("a blue sky a red cube\n")
 
     base = ["generate", "--model", str(tiny_sd1_dir), "--no-progress", "--out", str(tmp_path / "bad")]
     for extra, message in [
         ([], "give a prompt (or --prompts-file FILE)"),
-        (["a cat", "--iterate-seed"], "--iterate-seed and --same-seed go with --prompts-file"),
+        (
+            ["a cat", "--iterate-seed"],
+            "--iterate-seed, --same-seed and --prompts-position go with --prompts-file",
+        ),
         (["--prompts-file", str(lines), "--xy", "Steps", "1"], "leave out --prompt-matrix and --xy"),
         (["--prompts-file", str(tmp_path / "none.txt")], "--prompts-file"),
     ]:

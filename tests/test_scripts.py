@@ -300,15 +300,27 @@ PROMPTS_FILE = """a cat in a hat
 
 
 def test_prompts_from_file_parses_plain_and_option_lines():
-    jobs = prompts_from_file_jobs(PROMPTS_FILE, base(steps=12, negative_prompt="base neg"))
+    jobs = prompts_from_file_jobs(PROMPTS_FILE, base(steps=12, negative_prompt="base neg", prompt=""))
     assert len(jobs) == 3
     assert (jobs[0].prompt, jobs[0].steps, jobs[0].negative_prompt) == ("a cat in a hat", 12, "base neg")
     dog = jobs[1]
-    assert (dog.prompt, dog.negative_prompt) == ("a dog in the snow", "blurry, ugly")
+    assert (dog.prompt, dog.negative_prompt) == ("a dog in the snow", "blurry, ugly base neg")
     assert (dog.steps, dog.cfg_scale, dog.sampler_name) == (30, 5.5, "Euler a")
     sized = jobs[2]
-    assert (sized.prompt, sized.width, sized.height, sized.seed) == ("a photo of a dog", 512, 768, 7)
+    assert (sized.prompt, sized.width, sized.height, sized.seed) == ("", 512, 768, 7)
     assert (sized.batch_size, sized.n_iter, sized.subseed_strength) == (2, 3, 0.25)
+
+
+def test_a_line_s_prompt_joins_the_base_prompt_at_the_start_or_the_end():
+    """A1111 1.8+ "Insert prompts at the": a line's prompt before (default) or after the base prompt."""
+    start = prompts_from_file_jobs("red\n--steps 3", base(negative_prompt="ugly"))
+    assert [job.prompt for job in start] == ["red a photo of a dog", "a photo of a dog"]
+    end = prompts_from_file_jobs(
+        "red\n--negative_prompt dark", base(negative_prompt="ugly"), prompt_position="end"
+    )
+    assert end[0].prompt == "a photo of a dog red" and end[1].negative_prompt == "ugly dark"
+    with pytest.raises(BoothError, match="prompt position must be start or end"):
+        prompts_from_file_jobs("red", base(), prompt_position="middle")
 
 
 def test_a_plain_prompt_may_contain_double_dashes():
@@ -349,7 +361,7 @@ def test_prompts_from_file_needs_a_prompt():
 
 
 def test_run_prompts_from_file_grids_all_images():
-    result = run_prompts_from_file("a\nb\n--prompt c --batch_size 2", base(), fake_generate)
+    result = run_prompts_from_file("a\nb\n--prompt c --batch_size 2", base(prompt=""), fake_generate)
     assert len(result.images) == 4 and result.grid.size == (2 * CELL, 2 * CELL)
     assert result.grid.getpixel((CELL // 2, CELL + CELL // 2)) == color_of(base(prompt="c"))
 
@@ -454,7 +466,7 @@ def test_a_prompts_file_line_names_its_checkpoint_and_styles(tmp_path):
     csv_file = tmp_path / "styles.csv"
     csv_file.write_text('name,prompt,negative_prompt\nOil,"{prompt}, oil painting",blurry\nDark,dark,\n')
     text = 'a cat\n--prompt a dog --sd_model models/b.safetensors --styles "Oil, Dark"\n--prompt a fox --sd_model a'
-    jobs = prompts_from_file_jobs(text, base(), styles=read_styles([csv_file]))
+    jobs = prompts_from_file_jobs(text, base(prompt=""), styles=read_styles([csv_file]))
     assert [j.override_settings for j in jobs] == [
         {}, {"sd_model_checkpoint": "models/b.safetensors"}, {"sd_model_checkpoint": "a"},
     ]  # fmt: skip
@@ -465,7 +477,10 @@ def test_a_prompts_file_line_names_its_checkpoint_and_styles(tmp_path):
     )
     ran = []
     result = run_prompts_from_file(
-        text, base(), lambda p: ran.append(p.prompt) or fake_generate(p), styles=read_styles([csv_file])
+        text,
+        base(prompt=""),
+        lambda p: ran.append(p.prompt) or fake_generate(p),
+        styles=read_styles([csv_file]),
     )
     assert ran == [
         "a photo of a dog".replace("a photo of a dog", "a cat"),

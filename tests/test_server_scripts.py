@@ -131,3 +131,41 @@ def test_script_arguments_are_named_and_defaulted():
     assert parse_script({"prompt": "x"}) is None
     with pytest.raises(ScriptError, match="prompt_type must be positive or negative"):
         parse_script({"script_name": "prompt matrix", "script_args": [False, False, "both"]})
+
+
+def test_prompts_from_file_or_textbox(client):
+    """One job a line, a line's prompt before the request's (A1111 1.8+ "start"), a line's options and
+    checkpoint; the pictures alone in the answer (no grid); the three-value list of older A1111 read too."""
+    text = "red apple\n--prompt green pear --steps 2 --sd_model other\n\n--negative_prompt blurry"
+    body = {
+        "prompt": "a cat",
+        "negative_prompt": "ugly",
+        **FAST,
+        "script_name": "Prompts from file or textbox",
+    }
+    r = client.post("/sdapi/v1/txt2img", json={**body, "script_args": [False, True, "start", text]})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert len(r.json()["images"]) == 3 and info["index_of_first_image"] == 0
+    texts = info["infotexts"]
+    assert [t.splitlines()[0] for t in texts] == ["red apple a cat", "green pear a cat", "a cat"]
+    assert (
+        "Steps: 2," in texts[1] and "Model: other" in texts[1] and "Negative prompt: blurry ugly" in texts[2]
+    )
+    assert len({t.split("Seed: ")[1].split(",")[0] for t in texts}) == 1  # one random seed for all lines
+    old = client.post(
+        "/sdapi/v1/txt2img", json={**body, "seed": 5, "script_args": [True, False, "blue plum"]}
+    )
+    assert json.loads(old.json()["info"])["infotexts"][0].startswith("blue plum a cat")
+    end = client.post("/sdapi/v1/txt2img", json={**body, "script_args": [False, False, "end", "blue plum"]})
+    assert json.loads(end.json()["info"])["infotexts"][0].startswith("a cat blue plum")
+    for args, message in (
+        ([False, False, "middle", "x"], "prompt_position must be start or end"),
+        ([False, False, "start", "  "], "prompt_txt holds no prompts"),
+        ([False, False, "start", "--steps many"], "--steps: 'many' is not an integer"),
+        ([False, False, "start", "--sd_model missing"], "missing"),
+    ):
+        refused = client.post("/sdapi/v1/txt2img", json={**body, "script_args": args})
+        assert refused.status_code in (400, 404, 422) and message in refused.text, refused.text
+    listed = client.get("/sdapi/v1/script-info").json()
+    assert any(s["name"] == "prompts from file or textbox" and len(s["args"]) == 4 for s in listed)

@@ -403,6 +403,12 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--same-seed", action="store_true", help="with --prompts-file: one random seed for all lines"
     )
+    s.add_argument(
+        "--prompts-position",
+        choices=("start", "end"),
+        default=None,
+        help="with --prompts-file and a prompt: a line's prompt goes before it (start, default) or after it",
+    )
     o = p.add_argument_group("output and runtime")
     o.add_argument("--out", "-o", default="outputs", help="output folder (default ./outputs)")
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if present)")
@@ -506,8 +512,8 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         raise BoothError("give a prompt (or --prompts-file FILE)")
     if args.prompts_file and (args.prompt_matrix or args.xy):
         raise BoothError("--prompts-file runs its own jobs: leave out --prompt-matrix and --xy")
-    if (args.iterate_seed or args.same_seed) and not args.prompts_file:
-        raise BoothError("--iterate-seed and --same-seed go with --prompts-file")
+    if (args.iterate_seed or args.same_seed or args.prompts_position) and not args.prompts_file:
+        raise BoothError("--iterate-seed, --same-seed and --prompts-position go with --prompts-file")
 
     hires_flags = {  # GenerationParams field: the argparse dest of the flag that sets it
         "hr_scale": "hr_scale",
@@ -950,6 +956,7 @@ def _run_script(engines: _CellEngines, params, args, out: Path, progress, finish
             same_seed=args.same_seed,
             styles=styles,
             check=engines.check,
+            prompt_position=args.prompts_position or "start",
         )
         label = f"Prompts from file: {args.prompts_file}"
         params = script.jobs[0]

@@ -764,6 +764,7 @@ UNSUPPORTED_FILE_KEYS = (
     "prompt_for_display",
 )
 _TEXT_KEYS = ("prompt", "negative_prompt")
+PROMPT_POSITIONS = ("start", "end")  # where a line's prompt goes in the base prompt
 # Keys that are no GenerationParams field but a line may set: the checkpoint (as the X/Y plot's axis does,
 # through `override_settings`) and styles (names from the styles.csv, comma-separated).
 _SETTING_KEYS = {"sd_model": "sd_model_checkpoint"}
@@ -830,8 +831,12 @@ def prompts_from_file_jobs(
     same_seed: bool = False,
     rng: random.Random | None = None,
     styles: typing.Mapping[str, Any] | None = None,
+    prompt_position: str = "start",
 ) -> list[GenerationParams]:
     """One job per non-blank line of `text`, each `base` with that line's prompt or options applied.
+
+    A line's prompt (and negative prompt) joins `base`'s with a space, before it (`prompt_position` "start") or
+    after it ("end"), when both have one (A1111 1.8+: "Insert prompts at the"); an empty base takes the line's.
 
     `--sd_model M` sets the job's checkpoint (`override_settings`, for the runner to load); `--styles "A,B"`
     merges those of `styles` (the styles.csv) into the line's prompts.
@@ -841,6 +846,8 @@ def prompts_from_file_jobs(
     lines"); `iterate_seed` also adds batch_size * n_iter of the base to it after each line ("Iterate seed
     every line"). A line's explicit `--seed` always wins. Lines are not treated as comments (A1111 parity).
     """
+    if prompt_position not in PROMPT_POSITIONS:
+        raise BoothError(f"prompt position must be start or end, got {prompt_position!r}")
     rng = rng or random.Random()
     seed = resolve_seed(base.seed, rng) if iterate_seed or same_seed else base.seed
     jobs = []
@@ -848,6 +855,10 @@ def prompts_from_file_jobs(
         if not line.strip():
             continue
         options = parse_prompt_line(line, number)
+        for key in _TEXT_KEYS:
+            mine, theirs = options.get(key), getattr(base, key)
+            if mine and theirs:
+                options[key] = f"{mine} {theirs}" if prompt_position == "start" else f"{theirs} {mine}"
         settings = {_SETTING_KEYS[k]: options.pop(k) for k in list(options) if k in _SETTING_KEYS}
         style_names = options.pop(_STYLES_KEY, None)
         job = fix_seeds(base.replace(**{"seed": seed, **options}), rng)
@@ -876,11 +887,18 @@ def run_prompts_from_file(
     rng: random.Random | None = None,
     styles: typing.Mapping[str, Any] | None = None,
     check: Callable[[GenerationParams], None] | None = None,
+    prompt_position: str = "start",
 ) -> ScriptResult:
     """Generate every line of a prompts file; the grid holds all images (A1111 `image_grid` rule). `check`
     and the run order as in `run_xy_grid` (lines naming a checkpoint run grouped by it); images in line order."""
     jobs = prompts_from_file_jobs(
-        text, base, iterate_seed=iterate_seed, same_seed=same_seed, rng=rng, styles=styles
+        text,
+        base,
+        iterate_seed=iterate_seed,
+        same_seed=same_seed,
+        rng=rng,
+        styles=styles,
+        prompt_position=prompt_position,
     )
     for job in jobs if check is not None else []:
         check(job)

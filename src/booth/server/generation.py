@@ -23,8 +23,8 @@ options `refiner_switch_by_sample_steps`, `hires_fix_refiner_pass` and (SDXL's r
 positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
 Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, `s_min_uncond` (NGMS; the
 option of that name when a request leaves it out; options `s_min_uncond_all`, `skip_early_cond`), img2img's
-`image_cfg_scale` (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot" and "prompt matrix"
-(`booth.server.scripts`). Not supported, refused with a clear error rather than ignored: other `script_name`s
+`image_cfg_scale` (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot", "prompt matrix" and
+"prompts from file or textbox" (`booth.server.scripts`). Not supported, refused with a clear error rather than ignored: other `script_name`s
 and `alwayson_scripts`, an SDXL refiner single file, `restore_faces`, depth models; `firstpass_image` without
 `enable_hr` (A1111 ignores it).
 """
@@ -684,18 +684,26 @@ class GenerationRunner:
             raise JobStopped()
         ordered = [results[id(cell)] for cell in outcome.jobs if id(cell) in results]
         first = ordered[0]
-        lone = script["name"] == "prompt matrix" or script["args"].get("include_lone_images")
+        from booth.server.scripts import PROMPTS
+
+        grid = script["name"] != PROMPTS  # A1111's prompts from file answers with the lines' pictures alone
+        lone = not grid or script["name"] == "prompt matrix" or script["args"].get("include_lone_images")
         picked = ordered if lone else []
+        head = [first] if grid else []  # the grid's entry: the first cell's seed and infotext
+
+        def joined(name: str) -> list:
+            return [getattr(r, name)[0] for r in head] + [v for r in picked for v in getattr(r, name)]
+
         combined = dataclasses.replace(
             first,
-            images=[outcome.grid, *[im for r in picked for im in r.images]],
-            seeds=[first.seeds[0], *[s for r in picked for s in r.seeds]],
-            subseeds=[first.subseeds[0], *[s for r in picked for s in r.subseeds]],
-            infotexts=[first.infotexts[0], *[t for r in picked for t in r.infotexts]],
-            prompts=[first.prompts[0], *[t for r in picked for t in r.prompts]],
-            negative_prompts=[first.negative_prompts[0], *[t for r in picked for t in r.negative_prompts]],
+            images=[outcome.grid] * len(head) + [im for r in picked for im in r.images],
+            seeds=joined("seeds"),
+            subseeds=joined("subseeds"),
+            infotexts=joined("infotexts"),
+            prompts=joined("prompts"),
+            negative_prompts=joined("negative_prompts"),
             interrupted=any(r.interrupted for r in ordered),
-            grids=1,
+            grids=len(head),
         )
         return self._outcome(job, request, combined)
 

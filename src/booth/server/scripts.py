@@ -10,9 +10,13 @@ positional `script_args` (`booth.generate.scripts` runs them).
   and Refiner checkpoint values are the server's model titles, VAE values its `sd_vae` names. `no_fixed_seeds` and `vary_seeds_*` are
   refused.
 * "prompt matrix": `[put_at_start, different_seeds, prompt_type, variations_delimiter, margin_size]`.
+* "prompts from file or textbox": `[checkbox_iterate, checkbox_iterate_batch, prompt_position, prompt_txt]`
+  (A1111 1.8+; the three-value list of earlier versions, without `prompt_position`, is read too): one job a
+  line of `prompt_txt`, a plain prompt or `--key value` options (`booth.generate.scripts.parse_prompt_line`).
 
 The response holds the grid first (`index_of_first_image` 1, as A1111's), then every picture (x/y/z plot:
-only with `include_lone_images`), each with its infotext.
+only with `include_lone_images`), each with its infotext; prompts from file returns its pictures alone, as
+A1111's does.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import csv
 import io
 from typing import Any
 
-SCRIPTS = ("prompt matrix", "x/y/z plot")
+PROMPTS = "prompts from file or textbox"
+SCRIPTS = ("prompt matrix", "x/y/z plot", PROMPTS)
 _XYZ_ARGS = (
     ("x_type", "Nothing"),
     ("x_values", ""),
@@ -41,6 +46,12 @@ _XYZ_ARGS = (
     ("vary_seeds_z", False),
     ("margin_size", 0),
     ("csv_mode", False),
+)
+_PROMPTS_ARGS = (
+    ("checkbox_iterate", False),
+    ("checkbox_iterate_batch", False),
+    ("prompt_position", "start"),
+    ("prompt_txt", ""),
 )
 _MATRIX_ARGS = (
     ("put_at_start", False),
@@ -65,11 +76,14 @@ def parse_script(request: dict[str, Any]) -> dict[str, Any] | None:
             f"Script not found: {request.get('script_name')!r}; booth runs {', '.join(SCRIPTS)}"
         )
     raw = request.get("script_args") or []
-    spec = _XYZ_ARGS if name == "x/y/z plot" else _MATRIX_ARGS
+    spec = {"x/y/z plot": _XYZ_ARGS, PROMPTS: _PROMPTS_ARGS}.get(name, _MATRIX_ARGS)
     if not isinstance(raw, list) or len(raw) > len(spec):
         raise ScriptError(f"{name}: script_args must be a list of at most {len(spec)} values")
+    if name == PROMPTS and len(raw) == 3:  # A1111 before 1.8: no prompt_position
+        raw = [raw[0], raw[1], "start", raw[2]]
     args = {key: raw[i] if i < len(raw) else default for i, (key, default) in enumerate(spec)}
-    return {"name": name, "args": _xyz(args) if name == "x/y/z plot" else _matrix(args)}
+    check = {"x/y/z plot": _xyz, PROMPTS: _prompts}.get(name, _matrix)
+    return {"name": name, "args": check(args)}
 
 
 def _flag(args: dict[str, Any], key: str) -> bool:
@@ -122,6 +136,20 @@ def _xyz(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _prompts(args: dict[str, Any]) -> dict[str, Any]:
+    if args["prompt_position"] not in ("start", "end"):
+        raise ScriptError(f"prompt_position must be start or end, got {args['prompt_position']!r}")
+    text = args["prompt_txt"]
+    if not isinstance(text, str) or not text.strip():
+        raise ScriptError("prompts from file or textbox: prompt_txt holds no prompts")
+    return {
+        "iterate_seed": _flag(args, "checkbox_iterate"),
+        "same_seed": _flag(args, "checkbox_iterate_batch"),
+        "prompt_position": args["prompt_position"],
+        "text": text,
+    }
+
+
 def _matrix(args: dict[str, Any]) -> dict[str, Any]:
     if args["prompt_type"] not in ("positive", "negative"):
         raise ScriptError(f"prompt_type must be positive or negative, got {args['prompt_type']!r}")
@@ -166,18 +194,27 @@ def script_info() -> list[dict[str, Any]]:
         arg("Select joining char", "comma", ["comma", "space"]),
         arg("Grid margins (px)", 0, None, 0, 500, 2),
     ]
+    prompts = [
+        arg("Iterate seed every line", False),
+        arg("Use same random seed for all lines", False),
+        arg("Insert prompts at the", "start", ["start", "end"]),
+        arg("List of prompt inputs", ""),
+    ]
     return [
         {"name": name, "is_alwayson": False, "is_img2img": img2img, "args": args}
         for img2img in (False, True)
-        for name, args in (("prompt matrix", matrix), ("x/y/z plot", xyz))
+        for name, args in (("prompt matrix", matrix), ("x/y/z plot", xyz), (PROMPTS, prompts))
     ]
 
 
 def script_jobs(script: dict[str, Any], params, styles=None) -> list:
     """Every job the script will run (the checks of `booth.generate.scripts`, before anything is queued)."""
-    from booth.generate.scripts import prompt_matrix_jobs, xyz_grid_jobs
+    from booth.generate.scripts import prompt_matrix_jobs, prompts_from_file_jobs, xyz_grid_jobs
 
     args = script["args"]
+    if script["name"] == PROMPTS:
+        options = {k: args[k] for k in ("iterate_seed", "same_seed", "prompt_position")}
+        return prompts_from_file_jobs(args["text"], params, styles=styles, **options)
     if script["name"] == "prompt matrix":
         options = {k: args[k] for k in ("put_at_start", "different_seeds", "prompt_type", "delimiter")}
         return prompt_matrix_jobs(params, **options)
@@ -188,9 +225,12 @@ def script_jobs(script: dict[str, Any], params, styles=None) -> list:
 
 def run_script(script: dict[str, Any], params, generate, styles=None):
     """Run the script with `generate(job) -> images`; its `ScriptResult`."""
-    from booth.generate.scripts import run_prompt_matrix, run_xy_grid
+    from booth.generate.scripts import run_prompt_matrix, run_prompts_from_file, run_xy_grid
 
     args = script["args"]
+    if script["name"] == PROMPTS:
+        options = {k: args[k] for k in ("iterate_seed", "same_seed", "prompt_position")}
+        return run_prompts_from_file(args["text"], params, generate, styles=styles, **options)
     if script["name"] == "prompt matrix":
         return run_prompt_matrix(
             params,
