@@ -334,7 +334,13 @@ def test_samplers_schedulers_loras_embeddings(client):
     }  # fmt: skip
     assert "wide" in embeddings["skipped"]
     assert client.get("/sdapi/v1/hypernetworks").json() == []
-    names = ["prompt matrix", "x/y/z plot", "latent couple extension"]
+    names = [
+        "prompt matrix",
+        "x/y/z plot",
+        "prompts from file or textbox",
+        "latent couple extension",
+        "controlnet",
+    ]
     scripts = {"txt2img": names, "img2img": names}
     assert client.get("/sdapi/v1/scripts").json() == scripts
     memory = client.get("/sdapi/v1/memory").json()

@@ -39,7 +39,12 @@ Images are written to --out as 00000-<seed>.png (never overwriting) with A1111's
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    from booth.generate.params import REFINER_PASSES  # no torch: the parser stays quick to build
+    from booth.generate.controlnet import (
+        CONTROL_MODES,
+        PREPROCESSORS,
+        RESIZE_MODES,
+    )  # no torch: a quick parser
+    from booth.generate.params import REFINER_PASSES
 
     g = p.add_argument_group("generation (names follow the A1111 API fields)")
     g.add_argument(
@@ -325,6 +330,42 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="a picture that stands for the first pass: hires fix upscales and redraws it (A1111's "
         "firstpass_image; its size is the first pass's unless --width / --height are given)",
     )
+    c = p.add_argument_group(
+        "ControlNet (a control picture guides the composition, A1111's ControlNet extension)"
+    )
+    c.add_argument(
+        "--controlnet",
+        metavar="MODEL",
+        default=None,
+        help="a ControlNet: a name in --controlnet-dir or a path",
+    )
+    c.add_argument(
+        "--control-image", metavar="FILE", default=None, help="the control picture (edges, depth, pose ...)"
+    )
+    c.add_argument(
+        "--control-module",
+        default=None,
+        choices=list(PREPROCESSORS),
+        help="preprocessor of the control picture (default none: the picture is the map)",
+    )
+    c.add_argument("--control-weight", type=float, default=None, metavar="W", help="0-2 (default 1)")
+    c.add_argument(
+        "--control-start", type=float, default=None, metavar="F", help="share of the steps it starts at (0)"
+    )
+    c.add_argument(
+        "--control-end", type=float, default=None, metavar="F", help="share of the steps it ends at (1)"
+    )
+    c.add_argument("--control-mode", default=None, choices=CONTROL_MODES, help="default Balanced")
+    c.add_argument(
+        "--control-resize-mode", default=None, choices=RESIZE_MODES, help="default Crop and Resize"
+    )
+    c.add_argument(
+        "--controlnet-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of ControlNet models (A1111's models/ControlNet): files and diffusers folders",
+    )
     r = p.add_argument_group("refiner (another model takes over the sampling part-way, A1111's Refiner)")
     r.add_argument(
         "--refiner", metavar="MODEL", default=None, help="the model of the same family that takes over"
@@ -542,6 +583,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
     if args.hires_refiner_pass is not None and not args.enable_hr:
         raise BoothError("--hires-refiner-pass picks a pass of hires fix: add --enable-hr")
     inpainting = _inpainting_from_args(args)
+    control = _control_from_args(args)
     seed_resize = parse_wxh(args.seed_resize_from, "--seed-resize-from")
     init_images = [_open_image(path) for path in args.init_image]
     return GenerationParams(
@@ -589,6 +631,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         refiner_checkpoint=args.refiner,
         **refiner,
         **inpainting,
+        controlnet_units=control,
     ).validate()
 
 
@@ -599,6 +642,30 @@ def _gated_flags(args, flags: dict[str, str], enabled: bool, needs: str) -> dict
     if given and not enabled:
         raise BoothError(f"--{flags[next(iter(given))].replace('_', '-')} {needs}")
     return given
+
+
+def _control_from_args(args) -> list:
+    """The ControlNet unit the flags describe ([] without --controlnet); a unit flag alone is refused."""
+    flags = {
+        "image": "control_image",
+        "module": "control_module",
+        "weight": "control_weight",
+        "guidance_start": "control_start",
+        "guidance_end": "control_end",
+        "control_mode": "control_mode",
+        "resize_mode": "control_resize_mode",
+    }
+    given = _gated_flags(
+        args, flags, args.controlnet is not None, "sets up a ControlNet unit: add --controlnet"
+    )
+    if args.controlnet is None:
+        return []
+    if "image" not in given:
+        raise BoothError("--controlnet needs its control picture: add --control-image FILE")
+    from booth.generate.controlnet import ControlUnit
+
+    given["image"] = _open_image(given["image"], "control image")
+    return [ControlUnit(args.controlnet, **given)]
 
 
 def _inpainting_from_args(args) -> dict:
@@ -667,6 +734,10 @@ def cmd_generate(args) -> int:
     device = str(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     upscalers = _upscalers(args, device, dtype)
+    check_folders("--controlnet-dir", args.controlnet_dir)
+    from booth.models.controlnet import ControlNets
+
+    controlnets = ControlNets(args.controlnet_dir)
     if params.enable_hr:
         from booth.generate.hires import check_upscaler
 
@@ -678,7 +749,12 @@ def cmd_generate(args) -> int:
     def load_engine(model: str | None) -> Engine:
         """`model` with everything the flags add: VAE, Custom Diffusion, embeddings, LoRAs, upscalers."""
         engine = Engine.from_model(
-            model, device=device, dtype=dtype, extra_networks=registry, upscalers=upscalers
+            model,
+            device=device,
+            dtype=dtype,
+            extra_networks=registry,
+            upscalers=upscalers,
+            controlnets=controlnets,
         )
         engine.vae_tiling = args.vae_tiling
         vae = _vae_path(args, model)

@@ -203,6 +203,7 @@ class _Pass:
     refiner_after: list = field(default_factory=list)
     switched: bool = False  # the refiner took over in some batch
     notes: dict[str, Any] = field(default_factory=dict)  # infotext keys of what happened while sampling
+    control: list | None = None  # (ControlUnit, ControlNetModel, its control picture at this pass's size)
     finisher: Engine | None = None  # the model of the batch's last step (None: no step run)
 
 
@@ -231,10 +232,18 @@ class Engine:
         extra_networks: the registry of `<kind:...>` prompt-tag handlers (LoRA etc.).
         upscalers: the pixel upscalers hires fix may name (`booth.generate.upscale.Upscalers`; default: the
             built-in Lanczos / Nearest only).
+        controlnets: the ControlNet models `params.controlnet_units` may name by name (`booth.models.controlnet.
+            ControlNets`; default: paths only).
     """
 
     def __init__(
-        self, model, *, embeddings: dict[str, Any] | None = None, extra_networks=None, upscalers=None
+        self,
+        model,
+        *,
+        embeddings: dict[str, Any] | None = None,
+        extra_networks=None,
+        upscalers=None,
+        controlnets=None,
     ):
         from booth.generate.upscale import Upscalers
         from booth.prompts import ExtraNetworkRegistry
@@ -248,6 +257,7 @@ class Engine:
         self.vae = None  # a `booth.models.vae.VaeInfo` while a standalone VAE replaces the model's own
         self.hires_engine: Engine | None = None  # the model of `hr_checkpoint_name` when `generate` gets none
         self.refiner_engine: Engine | None = None  # the model of `refiner_checkpoint`, likewise
+        self.controlnets = controlnets  # `booth.models.controlnet.ControlNets`: the models units may name
         # `booth.generate.vae_decode`: "auto" (tiles when a picture does not fit), "on" or "off"
         self.vae_tiling = "auto"
         self.state = GenerationState()
@@ -355,6 +365,10 @@ class Engine:
                     restore.enter_context(other._tiling())
             first = _Pass(sampler, schedule, width, height, progress=(0, hr.steps_run if hr else 0))
             first.text = _Text(prompt, negative, first_networks, part_calls)
+            control = self._load_control(params, part_calls)
+            first.control = self._control_at(control, width, height)
+            if hr is not None:
+                hr.run.control = self._control_at(control, hr.plan.width, hr.plan.height)
             on_first, on_hires = refiner_passes(params)
             first.refiner = refiner if on_first else None
             if hr is not None and on_hires and refiner is not hr_engine:
@@ -428,6 +442,8 @@ class Engine:
         extra = self._extra_params(
             params, prompt, used, first.guide.couple, hr, job.extra if job else None, hr_engine
         )
+        for i, (unit, title, _) in enumerate(control):
+            extra[f"ControlNet {i}"] = unit.infotext(title)
         for run in runs:
             extra.update(run.notes)
             if "NGMS" in run.notes and params.s_min_uncond_all:
@@ -553,12 +569,10 @@ class Engine:
             if skip:
                 run.notes[skip] = params.s_min_uncond if skip == "NGMS" else params.skip_early_cond
             with_uncond = do_cfg and not skip
+            negatives = len(guide.negatives) * n if with_uncond else 0  # rows of the negative prompt first
             rows = [cond_at_step(s, step) for s in (guide.negatives if with_uncond else []) + guide.conds]
             if not _same_tensors(rows, rows_before):  # built again only when prompt editing switches
                 embeds, pooled = model._stack_conditioning(rows, n, device, dtype)
-                negatives = (
-                    len(guide.negatives) * n if with_uncond else 0
-                )  # rows of the negative prompt first
                 kwargs = (
                     model._added_cond_kwargs(pooled, width, height, device, dtype, negatives, params)
                     if pooled is not None
@@ -579,7 +593,15 @@ class Engine:
                 ).sample
                 pred, e_none = pred[: len(rows) * n], pred[len(rows) * n :]
             elif guide.part_calls is None:
-                pred = unet(x_in.repeat(len(rows), 1, 1, 1), t, encoder_hidden_states=embeds, **kwargs).sample
+                x_rows = x_in.repeat(len(rows), 1, 1, 1)
+                control = (  # ControlNet residuals for the skip connections (none once a refiner took over)
+                    self._control_residuals(
+                        run.control, x_rows, t, embeds, kwargs, step - 1, pass_steps, negatives
+                    )
+                    if run.control and model is self
+                    else {}
+                )
+                pred = unet(x_rows, t, encoder_hidden_states=embeds, **kwargs, **control).sample
             else:
                 pred = model._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, with_uncond)
             # 6. Guidance: composable CFG, then guidance rescale and dynamic thresholding.
@@ -961,6 +983,66 @@ class Engine:
             time_ids = torch.tensor([[height, width, 0, 0, height, width]]).repeat(n, 1)
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
         return {"added_cond_kwargs": added}
+
+    def _load_control(self, params: GenerationParams, part_calls) -> list:
+        """(unit, model title, ControlNetModel) of each ControlNet unit of `params`, its model loaded for this
+        model's UNet."""
+        if not params.controlnet_units:
+            return []
+        if self.inpainting_model or self.edit_model or part_calls:
+            raise BoothError("ControlNet units work with text-to-image UNets without composable LoRA")
+        from booth.models.controlnet import ControlNets
+
+        controlnets = self.controlnets if self.controlnets is not None else ControlNets()
+        loaded = []
+        for unit in params.controlnet_units:
+            entry, net = controlnets.load(unit.model, self.pipe.unet)
+            loaded.append((unit, entry.title, net))
+        return loaded
+
+    def _control_at(self, control: list, width: int, height: int) -> list | None:
+        """The units with their control pictures at a pass's size: the latents' size times the ControlNet's own
+        downsampling (8: the pixel size, for SD's autoencoders)."""
+        from booth.generate.controlnet import control_hint
+
+        out = []
+        for unit, _, net in control:
+            factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+            size = (width // self.vae_scale * factor, height // self.vae_scale * factor)
+            out.append((unit, net, control_hint(unit, *size)))
+        return out or None
+
+    def _control_residuals(self, control, x_rows, t, embeds, kwargs, step: int, steps: int, negatives: int):
+        """The UNet's `down_block_additional_residuals` / `mid_block_additional_residual` at sampling step `step`
+        (0-based) of `steps`: every active unit's ControlNet outputs, times its weight and its control mode's
+        scales, summed (Zhang et al. 2023 eq. 2; the extension's modes, `booth.generate.controlnet`)."""
+        from booth.generate import controlnet
+
+        total = None
+        for unit, net, hint in control:
+            if unit.weight == 0 or not controlnet.active(unit, step, steps):
+                continue
+            cond = hint.to(x_rows.device, x_rows.dtype).expand(len(x_rows), -1, -1, -1)
+            added = kwargs.get("added_cond_kwargs")
+            down, mid = net(
+                x_rows,
+                t,
+                encoder_hidden_states=embeds,
+                controlnet_cond=cond,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            scales = controlnet.soft_scales(len(down) + 1, unit.control_mode)
+            outs = [r * (unit.weight * s) for r, s in zip([*down, mid], scales, strict=True)]
+            if unit.control_mode == controlnet.CONTROL_MODES[2] and negatives:  # the prompt's rows alone
+                outs = [torch.cat([torch.zeros_like(r[:negatives]), r[negatives:]]) for r in outs]
+            total = outs if total is None else [a + b for a, b in zip(total, outs, strict=True)]
+        if total is None:
+            return {}
+        return {
+            "down_block_additional_residuals": tuple(total[:-1]),
+            "mid_block_additional_residual": total[-1],
+        }
 
     def _k_scale(self, scheduler, t) -> float:
         """What a unit of k-diffusion's x + sigma * noise is in the scheduler's latents: 1 for the sigma-space

@@ -127,6 +127,8 @@ class GenerationParams:
     # A1111 options: the aesthetic score SDXL's refiner is conditioned on, for the negative prompt and the prompt
     sdxl_refiner_low_aesthetic_score: float = 2.5
     sdxl_refiner_high_aesthetic_score: float = 6.0
+    # ControlNet units (`booth.generate.controlnet.ControlUnit`: model, control picture, weight, ...)
+    controlnet_units: list[Any] = field(default_factory=list)
     # extra networks
     disable_extra_networks: bool = False
     # A1111 options for this job alone, as its `p.override_settings`: `sd_model_checkpoint` (a model path or
@@ -214,6 +216,8 @@ class GenerationParams:
             from booth.generate.hires import check_hires
 
             check_hires(self)
+        for unit in self.controlnet_units:
+            unit.validate()
         if self.latent_couple:
             from booth.generate.regions import LatentCouple
 
@@ -227,5 +231,5 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (images are left out)."""
-        images = ("init_images", "mask", "latent_mask", "firstpass_image")
+        images = ("init_images", "mask", "latent_mask", "firstpass_image", "controlnet_units")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in images}

@@ -182,6 +182,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(training.build_router(services))
     app.include_router(events.build_router(services))
     app.include_router(loras.build_router(services))
+    from booth.server import controlnet
+
+    app.include_router(controlnet.build_router(services))
     web.mount(app)
     app.add_middleware(SecurityMiddleware, config=config)
     return app

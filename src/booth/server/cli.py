@@ -57,6 +57,13 @@ def add_serve_command(sub) -> None:
         help="folder of ESRGAN / Real-ESRGAN upscaler models (A1111's models/ESRGAN)",
     )
     p.add_argument(
+        "--controlnet-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of ControlNet models (A1111's models/ControlNet)",
+    )
+    p.add_argument(
         "--vae-dir",
         action="append",
         default=[],
@@ -126,6 +133,7 @@ def build_config(args):
         embeddings_dirs=args.embeddings_dir,
         upscaler_dirs=args.upscaler_dir,
         vae_dirs=args.vae_dir,
+        controlnet_dirs=args.controlnet_dir,
         styles_files=args.styles_file,
         data_dir=args.data_dir,
         device=args.device,

@@ -55,6 +55,7 @@ class ServerConfig:
         lora_dirs, embeddings_dirs: the only places `<lora:NAME>` and textual-inversion words come from.
         upscaler_dirs: folders of ESRGAN-type upscaler models (`/sdapi/v1/upscalers`, hires fix, extras).
         vae_dirs: folders of VAE files offered as the `sd_vae` option (`/sdapi/v1/sd-vae`).
+        controlnet_dirs: folders of ControlNet models (`/controlnet/model_list`, `alwayson_scripts` "controlnet").
         styles_files: A1111 `styles.csv` files whose styles requests name in `styles` (`/sdapi/v1/prompt-styles`).
         data_dir: the SQLite job queue (`queue.sqlite3`), job results (`jobs/`) and `save_images` outputs.
         device, dtype: where and how models run (None: cuda if present, float16 there, else CPU float32).
@@ -76,6 +77,7 @@ class ServerConfig:
     embeddings_dirs: list[Path] = field(default_factory=list)
     upscaler_dirs: list[Path] = field(default_factory=list)
     vae_dirs: list[Path] = field(default_factory=list)
+    controlnet_dirs: list[Path] = field(default_factory=list)
     styles_files: list[Path] = field(default_factory=list)
     data_dir: Path = DEFAULT_DATA_DIR
     device: str | None = None
@@ -95,6 +97,7 @@ class ServerConfig:
         self.embeddings_dirs = [Path(p) for p in self.embeddings_dirs]
         self.upscaler_dirs = [Path(p) for p in self.upscaler_dirs]
         self.vae_dirs = [Path(p) for p in self.vae_dirs]
+        self.controlnet_dirs = [Path(p) for p in self.controlnet_dirs]
         self.styles_files = [Path(p) for p in self.styles_files]
         if isinstance(self.auth, str):
             self.auth = parse_auth(self.auth)
@@ -141,6 +144,7 @@ class ServerConfig:
             ("--embeddings-dir", self.embeddings_dirs),
             ("--upscaler-dir", self.upscaler_dirs),
             ("--vae-dir", self.vae_dirs),
+            ("--controlnet-dir", self.controlnet_dirs),
         ):
             check_folders(kind, folders)
         if self.styles_files:

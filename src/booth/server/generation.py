@@ -20,7 +20,8 @@ the job's for that job). The refiner: `refiner_checkpoint` (loaded beside the sa
 options `refiner_switch_by_sample_steps`, `hires_fix_refiner_pass` and (SDXL's refiner)
 `sdxl_refiner_low_aesthetic_score` / `sdxl_refiner_high_aesthetic_score`.
 `alwayson_scripts`: the Latent Couple extension (`{"Latent Couple extension": {"args": [enabled, divisions,
-positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`.
+positions, weights, end_at_step]}}`, the extension's own argument order) -> `latent_couple`; the ControlNet
+extension's units (`booth.server.controlnet`) -> `controlnet_units`.
 Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, `s_min_uncond` (NGMS; the
 option of that name when a request leaves it out; options `s_min_uncond_all`, `skip_early_cond`), img2img's
 `image_cfg_scale` (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot", "prompt matrix" and
@@ -41,12 +42,14 @@ from booth.errors import BoothError
 from booth.generate.params import EMPHASIS_MODES, REFINER_PASSES, GenerationParams
 from booth.prompts.styles import PromptStyle
 from booth.server.config import Limits
+from booth.server.controlnet import controlnet_units
 from booth.server.queue import Job, JobContext, JobFailed, JobStopped, Outcome
 
 GENERATION_KINDS = ("txt2img", "img2img")
 LATENT_COUPLE_SCRIPT = "latent couple extension"
-ALWAYSON_SCRIPTS = (LATENT_COUPLE_SCRIPT,)  # lower-case titles, as A1111 matches them
-TRANSIENT_FIELDS = ("init_images", "mask", "latent_mask", "firstpass_image")
+ALWAYSON_SCRIPTS = (LATENT_COUPLE_SCRIPT, "controlnet")  # lower-case titles, as A1111 matches them
+# request fields stored apart from the job's params (pictures; `alwayson_scripts` holds ControlNet's)
+TRANSIENT_FIELDS = ("init_images", "mask", "latent_mask", "firstpass_image", "alwayson_scripts")
 
 # Options (`GET/POST /sdapi/v1/options`) booth understands, with A1111's names and defaults.
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -437,6 +440,9 @@ def build_params(
         disable_extra_networks=bool(request.get("disable_extra_networks")),
         latent_couple=latent_couple_setting(request),
         tiling=bool(request.get("tiling")),
+        controlnet_units=controlnet_units(
+            kind, request, limits, ((uploads or {}).get("init_images") or [None])[0]
+        ),
         refiner_checkpoint=request.get("refiner_checkpoint"),
         refiner_switch_at=request.get("refiner_switch_at"),  # None (A1111's default): from the first step
         refiner_switch_by_sample_steps=bool(options.get("refiner_switch_by_sample_steps", False)),

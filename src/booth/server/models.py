@@ -176,6 +176,9 @@ class ModelManager:
         self.upscalers = Upscalers(
             config.upscaler_dirs, device=device, dtype=resolve_dtype(config.dtype, device)
         )
+        from booth.models.controlnet import ControlNets
+
+        self.controlnets = ControlNets(config.controlnet_dirs)  # each model loaded once per base model
 
     def set_upscaler_tiles(self, options: dict[str, Any]) -> None:
         """A1111's `ESRGAN_tile` / `ESRGAN_tile_overlap` options onto the model upscalers."""
@@ -247,7 +250,9 @@ class ModelManager:
         if model.hash and not entry.hash:
             entry.hash = model.hash
         networks = ExtraNetworkRegistry([self.lora_network()])
-        engine = Engine(model, extra_networks=networks, upscalers=self.upscalers)
+        engine = Engine(
+            model, extra_networks=networks, upscalers=self.upscalers, controlnets=self.controlnets
+        )
         engine.vae_tiling = self.config.vae_tiling
         engine.embeddings = self.usable_embeddings(engine)
         return engine

@@ -1,0 +1,175 @@
+"""ControlNet units as A1111's ControlNet extension (sd-webui-controlnet) takes them: a model, a control picture
+and its preprocessor, a weight, the share of the sampling it guides, a control mode and a resize mode.
+
+At each model call of a pass whose share done lies in [guidance_start, guidance_end], each unit's ControlNet
+reads the noisy latents, the prompt rows and its control picture (resized to the pass's size) and adds its
+residuals, times `weight`, to the UNet's skip connections and middle block (Zhang et al. 2023, eq. 2). Control
+modes (the extension's): "Balanced" as is; "My prompt is more important" scales residual i of k by
+0.825^(k - 1 - i) (the shallow ones least, its soft injection); "ControlNet is more important" does so and
+leaves the negative prompt's rows without control (its CFG injection), so guidance pushes towards the control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from booth.errors import BoothError
+
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+SOFT_DECAY = 0.825  # the extension's soft-injection factor per block
+
+
+def _none(image: Image.Image, unit: ControlUnit) -> Image.Image:
+    return image
+
+
+def _invert(image: Image.Image, unit: ControlUnit) -> Image.Image:
+    """White-on-black line art from a black-on-white drawing."""
+    from PIL import ImageOps
+
+    return ImageOps.invert(image)
+
+
+def _canny(image: Image.Image, unit: ControlUnit) -> Image.Image:
+    """OpenCV's Canny edges (the extension's "canny": thresholds A and B, at the processor resolution)."""
+    try:
+        import cv2
+    except ImportError:
+        raise BoothError(
+            "the canny preprocessor needs OpenCV: pip install opencv-python-headless (or give an edge map "
+            "with the preprocessor none)"
+        ) from None
+    small = _at_resolution(image, unit.processor_res)
+    edges = cv2.Canny(np.asarray(small), int(unit.threshold_a), int(unit.threshold_b))
+    return Image.fromarray(edges).convert("RGB")
+
+
+PREPROCESSORS = {"none": _none, "invert": _invert, "canny": _canny}
+
+
+def _at_resolution(image: Image.Image, resolution: int) -> Image.Image:
+    """`image` with its short side at `resolution` (the extension's processor resolution; -1 or 0: as is)."""
+    if resolution <= 0:
+        return image
+    w, h = image.size
+    scale = resolution / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet unit (the extension's `ControlNetUnit` fields, as its API names them)."""
+
+    model: str  # a name of the ControlNet folders ("name [hash]" accepted) or a path
+    image: Any  # PIL image: the control picture
+    module: str = "none"  # preprocessor: none, invert, canny
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "Balanced"
+    resize_mode: str = "Crop and Resize"
+    processor_res: int = 512
+    threshold_a: float = 100.0
+    threshold_b: float = 200.0
+    pixel_perfect: bool = False
+
+    def validate(self) -> ControlUnit:
+        if self.image is None:
+            raise BoothError(f"ControlNet {self.model}: no control picture")
+        if self.module not in PREPROCESSORS:
+            raise BoothError(
+                f"ControlNet preprocessor {self.module!r} is not in booth; choose one of {', '.join(PREPROCESSORS)}"
+            )
+        if self.control_mode not in CONTROL_MODES:
+            raise BoothError(f"control mode {self.control_mode!r}: choose one of {', '.join(CONTROL_MODES)}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise BoothError(f"resize mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if not 0.0 <= self.guidance_start <= self.guidance_end <= 1.0:
+            raise BoothError(
+                f"ControlNet guidance start / end must satisfy 0 <= start <= end <= 1, got "
+                f"{self.guidance_start} / {self.guidance_end}"
+            )
+        if not 0.0 <= self.weight <= 2.0:
+            raise BoothError(f"ControlNet weight must be in [0, 2], got {self.weight}")
+        return self
+
+    def detected_map(self) -> Image.Image:
+        """The control picture after its preprocessor (what the ControlNet reads)."""
+        return PREPROCESSORS[self.module](self.image.convert("RGB"), self).convert("RGB")
+
+    def infotext(self, title: str) -> str:
+        """The extension's PNG-info value of this unit (`ControlNet N: "..."`)."""
+        fields = {
+            "Module": self.module,
+            "Model": title,
+            "Weight": self.weight,
+            "Resize Mode": self.resize_mode,
+            "Processor Res": self.processor_res,
+            "Threshold A": self.threshold_a,
+            "Threshold B": self.threshold_b,
+            "Guidance Start": self.guidance_start,
+            "Guidance End": self.guidance_end,
+            "Pixel Perfect": self.pixel_perfect,
+            "Control Mode": self.control_mode,
+        }
+        return ", ".join(f"{k}: {_text(v)}" for k, v in fields.items())
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def control_hint(unit: ControlUnit, width: int, height: int):
+    """The unit's detected map at the pass's size as a (1, 3, H, W) tensor in [0, 1], resized by its resize
+    mode (A1111's: stretch, crop to the aspect then resize, or fit inside and fill the rest with black): a torch
+    tensor."""
+    from booth.generate.imageops import resize_image
+
+    mode = RESIZE_MODES.index(unit.resize_mode)
+    picture = unit.detected_map()
+    if mode == 2:  # fit inside, black around (control maps are black where there is nothing)
+        scale = min(width / picture.width, height / picture.height)
+        inner = picture.resize(
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+            Image.Resampling.LANCZOS,
+        )
+        sized = Image.new("RGB", (width, height))
+        sized.paste(inner, ((width - inner.width) // 2, (height - inner.height) // 2))
+    else:
+        sized = resize_image(picture, width, height, mode)
+    import torch
+
+    array = np.asarray(sized, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def soft_scales(count: int, mode: str) -> list[float]:
+    """Per-residual factors (skip connections from the shallowest, then the middle block) of a control mode."""
+    if mode == "Balanced":
+        return [1.0] * count
+    return [SOFT_DECAY ** float(count - 1 - i) for i in range(count)]
+
+
+def active(unit: ControlUnit, step: int, steps: int) -> bool:
+    """Whether the unit guides sampling step `step` (0-based) of `steps` (the extension: step / steps in
+    [guidance_start, guidance_end])."""
+    done = step / steps
+    return unit.guidance_start <= done <= unit.guidance_end
+
+
+__all__ = [
+    "CONTROL_MODES",
+    "PREPROCESSORS",
+    "RESIZE_MODES",
+    "ControlUnit",
+    "active",
+    "control_hint",
+    "soft_scales",
+]
