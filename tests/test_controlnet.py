@@ -286,3 +286,17 @@ def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
                 "/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [bad]}}}
             )
             assert refused.status_code in (400, 404, 422) and message in refused.text, refused.text
+
+
+def test_an_sdxl_model_takes_a_controlnet_by_path(tmp_path):
+    pipe = tiny_pipeline("sdxl")
+    random_controlnet(pipe).save_pretrained(tmp_path / "xl")
+    engine = Engine(LoadedModel(pipe=pipe, family=detect_family(pipe), name="xl", path=None, hash=None))
+    params = GenerationParams(**{**BASE, "width": 64, "height": 64, "steps": 2})
+    unit = ControlUnit(str(tmp_path / "xl"), picture())  # a path needs no --controlnet-dir
+    assert (
+        np.abs(
+            pixels(engine.generate(params.replace(controlnet_units=[unit]))) - pixels(engine.generate(params))
+        ).mean()
+        > 0.5
+    )

@@ -54,6 +54,13 @@ def server(tiny_sd1_dir, tmp_path_factory):
         embeddings / "webword.safetensors", torch.randn(1, 32, generator=torch.Generator().manual_seed(6))
     )
     config.embeddings_dirs = [embeddings]
+    from diffusers import ControlNetModel
+
+    from booth.models.tiny import tiny_pipeline
+
+    controlnets = tmp_path_factory.mktemp("controlnet")
+    ControlNetModel.from_unet(tiny_pipeline("sd1").unet).save_pretrained(controlnets / "edges")
+    config.controlnet_dirs = [controlnets]
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -570,4 +577,42 @@ def test_page_sends_and_pastes_the_refiner(server, chromium_browser, tmp_path):
     page.click("#png-send")
     assert page.is_checked("#rf-enabled") and page.input_value("#rf-switch") == "0.3"
     assert page.input_value("#rf-checkpoint") == models[0]
+    assert not errors, errors
+
+
+def test_page_sends_a_controlnet_unit(server, chromium_browser, tmp_path):
+    """The ControlNet panel lists the server's models and preprocessors and sends the extension's unit (model,
+    module, weight, window, mode, the chosen picture) in `alwayson_scripts`; the picture comes back with the
+    unit in its PNG info."""
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "edges.png")
+    page, errors = open_page(server, chromium_browser)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    page.click("#controlnet summary")
+    page.wait_for_function("document.querySelectorAll('#cn-model option').length > 0")
+    assert page.eval_on_selector_all("#cn-module option", "os => os.map(o => o.value)")[0] == "none"
+    page.check("#cn-enabled")
+    page.set_input_files("#cn-image", str(tmp_path / "edges.png"))
+    page.fill("#cn-weight", "0.7")
+    page.select_option("#cn-mode", "My prompt is more important")
+    with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as sent:
+        page.click("#generate")
+    (unit,) = json.loads(sent.value.post_data)["alwayson_scripts"]["controlnet"]["args"]
+    assert (
+        unit["model"] == "edges"
+        and unit["weight"] == 0.7
+        and unit["image"].startswith("data:image/png;base64,")
+    )
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    info = page.inner_text("#infotext")
+    assert (
+        'ControlNet 0: "Module: none, Model: edges, Weight: 0.7' in info
+        and "My prompt is more important" in info
+    )
     assert not errors, errors

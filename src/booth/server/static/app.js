@@ -56,6 +56,30 @@ async function loadLists() {
   $("model").value = options.sd_model_checkpoint;
   await loadLoras();
   await loadAxes();
+  await loadControlNets();
+}
+
+// the ControlNet panel: the server's models and preprocessors (the extension's routes)
+async function loadControlNets() {
+  const [models, modules] = await Promise.all([api("GET", "/controlnet/model_list"), api("GET", "/controlnet/module_list")]);
+  $("cn-model").textContent = "";
+  for (const m of models.model_list) option($("cn-model"), m);
+  $("cn-module").textContent = "";
+  for (const m of modules.module_list) option($("cn-module"), m);
+}
+
+// the extension's unit from the panel, into `req.alwayson_scripts` (beside other extensions' entries)
+async function addControlNet(req) {
+  if (!$("cn-enabled").checked) return req;
+  const file = $("cn-image").files[0];
+  const unit = {
+    enabled: true, model: $("cn-model").value, module: $("cn-module").value, weight: parseFloat($("cn-weight").value),
+    guidance_start: parseFloat($("cn-start").value), guidance_end: parseFloat($("cn-end").value),
+    control_mode: $("cn-mode").value,
+  };
+  if (file) unit.image = await readBase64(file);
+  req.alwayson_scripts = { ...(req.alwayson_scripts || {}), controlnet: { args: [unit] } };
+  return req;
 }
 
 // the x/y/z plot's axis types, as /sdapi/v1/script-info lists them
@@ -262,7 +286,7 @@ $("gen-form").onsubmit = async (ev) => {
     req.script_name = "x/y/z plot";
     req.script_args = [...axis("x"), ...axis("y"), ...axis("z"), true, $("xyz-lone").checked];
   }
-  await runGeneration("/sdapi/v1/txt2img", req, $("generate"), $("gen-status"));
+  await runGeneration("/sdapi/v1/txt2img", await addControlNet(req), $("generate"), $("gen-status"));
   if (forever) setTimeout(() => { if (forever) $("gen-form").requestSubmit(); }, 0);  // the settings as they are now
 };
 $("interrupt").onclick = () => { setForever(false); api("POST", "/sdapi/v1/interrupt").catch(() => {}); };
@@ -432,7 +456,7 @@ $("i2i-generate").onclick = async () => {
       inpaint_full_res_padding: intOrNull("i2i-padding") ?? 32,
     });
   }
-  await runGeneration("/sdapi/v1/img2img", req, $("i2i-generate"), $("i2i-status"));
+  await runGeneration("/sdapi/v1/img2img", await addControlNet(req), $("i2i-generate"), $("i2i-status"));
 };
 
 let pngParameters = null; // the parsed parameters of the last PNG read, for "Send to text to image"
