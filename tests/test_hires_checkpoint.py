@@ -60,7 +60,7 @@ def test_a_hires_checkpoint_must_be_loaded_and_of_the_same_family():
     with pytest.raises(BoothError, match="hr_checkpoint_name 'x': load that model"):
         base.generate(GenerationParams(**HIRES, hr_checkpoint_name="x"))
     sdxl = engine_of(tiny_pipeline("sdxl"), "xl")
-    with pytest.raises(BoothError, match="the hires pass needs a model of the same family"):
+    with pytest.raises(BoothError, match="the hires checkpoint must be a model of the same family"):
         base.generate(GenerationParams(**HIRES, hr_checkpoint_name="xl"), hires_engine=sdxl)
     inpaint = engine_of(tiny_pipeline("sd1", inpainting=True), "inp")
     with pytest.raises(BoothError, match="inp takes no hires checkpoint"):

@@ -73,6 +73,16 @@ def server(tiny_sd1_dir, tmp_path_factory):
     thread.join(30)
 
 
+def open_small_apple(server: str, browser):
+    """`open_page` with the prompt "a red apple", 2 steps, 32 x 32 px filled in."""
+    page, errors = open_page(server, browser)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    return page, errors
+
+
 def open_page(server: str, browser):
     """A new page on the web UI, loaded (samplers listed), and the list its script errors go to."""
     page = browser.new_page()
@@ -205,11 +215,7 @@ def test_page_runs_the_hires_fix(server, chromium_browser):
     """The "Hires. fix" panel lists the server's upscalers (latent modes, then pixel ones and the models of
     --upscaler-dir) and sends enable_hr with its upscaler, scale, steps and strength, the Tiling box
     `tiling`: the image comes back at the upscaled size with A1111's hires keys and Tiling in its infotext."""
-    page, errors = open_page(server, chromium_browser)
-    page.fill("#prompt", "a red apple")
-    page.fill("#steps", "2")
-    page.fill("#width", "32")
-    page.fill("#height", "32")
+    page, errors = open_small_apple(server, chromium_browser)
     page.click("#hires summary")
     page.check("#hr-enabled")
     listed = page.eval_on_selector_all("#hr-upscaler option", "os => os.map(o => o.value)")
@@ -544,11 +550,7 @@ def test_page_sends_and_pastes_the_refiner(server, chromium_browser, tmp_path):
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    page, errors = open_page(server, chromium_browser)
-    page.fill("#prompt", "a red apple")
-    page.fill("#steps", "2")
-    page.fill("#width", "32")
-    page.fill("#height", "32")
+    page, errors = open_small_apple(server, chromium_browser)
     page.click("#refiner summary")
     page.check("#rf-enabled")
     models = page.eval_on_selector_all("#rf-checkpoint option", "os => os.map(o => o.value)")
@@ -589,11 +591,7 @@ def test_page_sends_a_controlnet_unit(server, chromium_browser, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "edges.png")
-    page, errors = open_page(server, chromium_browser)
-    page.fill("#prompt", "a red apple")
-    page.fill("#steps", "2")
-    page.fill("#width", "32")
-    page.fill("#height", "32")
+    page, errors = open_small_apple(server, chromium_browser)
     page.click("#controlnet summary")
     page.wait_for_function("document.querySelectorAll('#cn-model option').length > 0")
     assert page.eval_on_selector_all("#cn-module option", "os => os.map(o => o.value)")[0] == "none"

@@ -672,51 +672,39 @@ class Engine:
         return hr_engine._denoise(params, hr.run, seeds, subseeds, latents, state, callback)
 
     def _check_hires_engine(self, params: GenerationParams, hires_engine: Engine | None) -> Engine:
-        """The engine of the hires pass: `hires_engine` when the params name a hires checkpoint, checked to be
-        of this model's family (the latents go across as they are), else this one."""
-        if hires_engine is None or hires_engine is self or not params.enable_hr:
-            if params.hires_checkpoint() and hires_engine is None:
-                raise BoothError(
-                    f"hr_checkpoint_name {params.hr_checkpoint_name!r}: load that model and pass it as "
-                    "hires_engine"
-                )
-            return self
-        if (
-            not same_latent_space(hires_engine.family, self.family)
-            or hires_engine.vae_scale != self.vae_scale
-        ):
-            raise BoothError(
-                f"the hires checkpoint {hires_engine.model.name} is a {hires_engine.family.name} model and "
-                f"{self.model.name} a {self.family.name} one: the hires pass needs a model of the same family"
-            )
-        for engine in (self, hires_engine):
-            if engine.inpainting_model or engine.edit_model:
-                raise BoothError(f"{engine.model.name} takes no hires checkpoint of another model")
-        return hires_engine
+        """The engine of the hires pass: `hires_engine` when the params name a hires checkpoint (`_side_model`),
+        else this one."""
+        name = params.hires_checkpoint()
+        return (
+            self._side_model(name, hires_engine, "hires checkpoint", "hr_checkpoint_name", "hires_engine")
+            or self
+        )
 
     def _check_refiner(self, params: GenerationParams, refiner: Engine | None) -> Engine | None:
-        """The engine of the refiner switch: `refiner` when the params name a refiner, checked to be of this
-        model's family (the sampler's latents go across as they are); None for none, or this model itself
-        (A1111: nothing to switch to)."""
-        name = params.refiner()
+        """The engine of the refiner switch (`_side_model`); None for none, or this model itself (A1111: nothing
+        to switch to)."""
+        return self._side_model(params.refiner(), refiner, "refiner", "refiner_checkpoint", "refiner_engine")
+
+    def _side_model(self, name: str | None, other: Engine | None, what: str, field: str, argument: str):
+        """`other`, the model the field `field` names (`name`) for `what`, checked: loaded by the caller, in this
+        model's latent space (the latents go across as they are), neither side an inpainting or instruct-pix2pix
+        UNet; None when nothing is named, or this model itself."""
         if name is None:
             return None
-        if refiner is None:
-            raise BoothError(f"refiner_checkpoint {name!r}: load that model and pass it as refiner_engine")
-        if refiner is self:
+        if other is None:
+            raise BoothError(f"{field} {name!r}: load that model and pass it as {argument}")
+        if other is self:
             return None
-        if (
-            not same_latent_space(refiner.family, self.family)
-            or refiner.latent_channels != self.latent_channels
-        ):
+        latents = (other.latent_channels, other.vae_scale) != (self.latent_channels, self.vae_scale)
+        if not same_latent_space(other.family, self.family) or latents:
             raise BoothError(
-                f"the refiner {refiner.model.name} is a {refiner.family.name} model and {self.model.name} a "
-                f"{self.family.name} one: the refiner must be a model of the same family"
+                f"the {what} {other.model.name} is a {other.family.name} model and {self.model.name} a "
+                f"{self.family.name} one: the {what} must be a model of the same family"
             )
-        for engine in (self, refiner):
+        for engine in (self, other):
             if engine.inpainting_model or engine.edit_model:
-                raise BoothError(f"{engine.model.name} takes no refiner of another model")
-        return refiner
+                raise BoothError(f"{engine.model.name} takes no {what} of another model")
+        return other
 
     def _refiner_guide(self, params: GenerationParams, run: _Pass) -> _Guide:
         """The pass's conditioning on its refiner, with the pass's extra networks active on it (on at every
