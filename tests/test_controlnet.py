@@ -118,9 +118,8 @@ def test_a_unit_steers_the_picture_by_its_weight(setup):
     info = on.infotexts[0]
     assert (
         'ControlNet 0: "Module: none, Model: edges, Weight: 1, Resize Mode: Crop and Resize, Processor Res: 512, '
-        "Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, "
-        'Control Mode: Balanced"'
-    ) in info
+        'Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced"'
+    ) in info  # no thresholds: the preprocessor none takes none
     both = [ControlUnit("edges", picture()), ControlUnit("pose [x]", picture((0, 0, 0)))]  # two units add up
     two = engine.generate(GenerationParams(**BASE, controlnet_units=both))
     assert "ControlNet 1: " in two.infotexts[0] and not np.array_equal(pixels(two), pixels(on))
@@ -168,8 +167,21 @@ def test_control_pictures_follow_the_resize_modes_and_preprocessors():
     assert inverted.max() == 0
     with pytest.raises(BoothError, match="preprocessor 'openpose' is not in booth"):
         ControlUnit("x", wide, module="openpose").validate()
+    binary = np.asarray(
+        ControlUnit("x", picture((200, 200, 200)), module="threshold", processor_res=40).detected_map()
+    )
+    assert set(np.unique(binary).tolist()) == {0, 255} and binary[20, 20, 0] == 0 and binary[0, 0, 0] == 255
+    tile = ControlUnit("x", picture(), module="tile_resample", threshold_a=4).detected_map()
+    assert tile.size == (12, 10)  # down-sampled by threshold A
+    assert (
+        ControlUnit("x", wide, module="invert (from white bg & black line)").module == "invert"
+    )  # the full label
     pytest.importorskip("cv2")
-    edges = ControlUnit("x", picture(), module="canny", processor_res=40).detected_map()
+    canny = ControlUnit("x", picture(), module="canny", processor_res=40)
+    assert "Threshold A: 100, Threshold B: 200" in canny.infotext("m")  # the extension's defaults for canny
+    blurred = np.asarray(ControlUnit("x", picture(), module="blur_gaussian", processor_res=40).detected_map())
+    assert 0 < blurred[10, 10, 0] < 255  # the square's corner, softened
+    edges = canny.detected_map()
     values = np.asarray(edges)
     assert set(np.unique(values).tolist()) == {0, 255} and values[0, 0, 0] == 0 and values[20, 20, 0] == 0
     assert (values[8:12, 10:30, 0] == 255).any(axis=0).all()  # the square's top edge, all along
@@ -244,6 +256,16 @@ def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
         assert client.get("/controlnet/model_list").json() == {"model_list": ["edges"]}
         assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
         assert client.get("/controlnet/version").json()["version"] == 2
+        detect = {
+            "controlnet_module": "threshold",
+            "controlnet_input_images": [image],
+            "controlnet_processor_res": 40,
+        }
+        maps = client.post("/controlnet/detect", json=detect).json()["images"]
+        detected = np.asarray(Image.open(io.BytesIO(base64.b64decode(maps[0]))))
+        assert detected[20, 20, 0] == 0 and detected[0, 0, 0] == 255  # black square, white around
+        bad = client.post("/controlnet/detect", json={**detect, "controlnet_module": "openpose"})
+        assert bad.status_code == 422 and "openpose" in bad.text
         plain = client.post("/sdapi/v1/txt2img", json=body).json()
         unit = {
             "enabled": True,

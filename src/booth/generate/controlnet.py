@@ -35,21 +35,61 @@ def _invert(image: Image.Image, unit: ControlUnit) -> Image.Image:
     return ImageOps.invert(image)
 
 
-def _canny(image: Image.Image, unit: ControlUnit) -> Image.Image:
-    """OpenCV's Canny edges (the extension's "canny": thresholds A and B, at the processor resolution)."""
+def _cv2(module: str):
     try:
         import cv2
     except ImportError:
         raise BoothError(
-            "the canny preprocessor needs OpenCV: pip install opencv-python-headless (or give an edge map "
+            f"the {module} preprocessor needs OpenCV: pip install opencv-python-headless (or give the control map "
             "with the preprocessor none)"
         ) from None
+    return cv2
+
+
+def _canny(image: Image.Image, unit: ControlUnit) -> Image.Image:
+    """OpenCV's Canny edges (thresholds A and B, low and high), at the processor resolution."""
+    cv2 = _cv2("canny")
     small = _at_resolution(image, unit.processor_res)
     edges = cv2.Canny(np.asarray(small), int(unit.threshold_a), int(unit.threshold_b))
     return Image.fromarray(edges).convert("RGB")
 
 
-PREPROCESSORS = {"none": _none, "invert": _invert, "canny": _canny}
+def _threshold(image: Image.Image, unit: ControlUnit) -> Image.Image:
+    """White where the grey value is above threshold A, black elsewhere, at the processor resolution."""
+    grey = np.asarray(_at_resolution(image, unit.processor_res).convert("L"))
+    return Image.fromarray(np.where(grey > unit.threshold_a, 255, 0).astype(np.uint8)).convert("RGB")
+
+
+def _tile_resample(image: Image.Image, unit: ControlUnit) -> Image.Image:
+    """The picture down-sampled by threshold A (the tile ControlNet's input: detail to add back)."""
+    rate = max(1.0, float(unit.threshold_a))
+    w, h = image.size
+    return image.resize((max(1, round(w / rate)), max(1, round(h / rate))), Image.Resampling.BOX)
+
+
+def _blur_gaussian(image: Image.Image, unit: ControlUnit) -> Image.Image:
+    """OpenCV's Gaussian blur of sigma threshold A, at the processor resolution."""
+    cv2 = _cv2("blur_gaussian")
+    small = np.asarray(_at_resolution(image, unit.processor_res))
+    return Image.fromarray(cv2.GaussianBlur(small, (0, 0), float(unit.threshold_a)))
+
+
+PREPROCESSORS = {
+    "none": _none,
+    "invert": _invert,
+    "canny": _canny,
+    "threshold": _threshold,
+    "tile_resample": _tile_resample,
+    "blur_gaussian": _blur_gaussian,
+}
+# the extension's defaults of threshold A / B per preprocessor (the API's -1); the others take none
+THRESHOLDS = {
+    "canny": (100.0, 200.0),
+    "threshold": (127.0, None),
+    "tile_resample": (1.0, None),
+    "blur_gaussian": (9.0, None),
+}
+ALIASES = {"invert (from white bg & black line)": "invert"}  # the extension's full labels
 
 
 def _at_resolution(image: Image.Image, resolution: int) -> Image.Image:
@@ -74,9 +114,17 @@ class ControlUnit:
     control_mode: str = "Balanced"
     resize_mode: str = "Crop and Resize"
     processor_res: int = 512
-    threshold_a: float = 100.0
-    threshold_b: float = 200.0
+    threshold_a: float | None = None  # None: the preprocessor's default (`THRESHOLDS`)
+    threshold_b: float | None = None
     pixel_perfect: bool = False
+
+    def __post_init__(self) -> None:
+        self.module = ALIASES.get(self.module, self.module)
+        a, b = THRESHOLDS.get(self.module, (None, None))
+        self.threshold_a = a if self.threshold_a is None or self.threshold_a < 0 else self.threshold_a
+        self.threshold_b = b if self.threshold_b is None or self.threshold_b < 0 else self.threshold_b
+        if self.processor_res is None or self.processor_res < 0:
+            self.processor_res = 512
 
     def validate(self) -> ControlUnit:
         if self.image is None:
@@ -110,14 +158,14 @@ class ControlUnit:
             "Weight": self.weight,
             "Resize Mode": self.resize_mode,
             "Processor Res": self.processor_res,
-            "Threshold A": self.threshold_a,
+            "Threshold A": self.threshold_a,  # left out where the preprocessor takes none
             "Threshold B": self.threshold_b,
             "Guidance Start": self.guidance_start,
             "Guidance End": self.guidance_end,
             "Pixel Perfect": self.pixel_perfect,
             "Control Mode": self.control_mode,
         }
-        return ", ".join(f"{k}: {_text(v)}" for k, v in fields.items())
+        return ", ".join(f"{k}: {_text(v)}" for k, v in fields.items() if v is not None)
 
 
 def _text(value: Any) -> str:

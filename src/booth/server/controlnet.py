@@ -3,10 +3,11 @@ extension's unit objects, and its `/controlnet/model_list`, `/controlnet/module_
 
 A unit: `enabled` (true), `model` (a title of `--controlnet-dir`, "name [hash]" or the name; "None": the unit is
 off), `image` (base64, or `{"image": ..., "mask": ...}`; legacy `input_image`; img2img without one: the first
-init image, as the extension does), `module` (none, invert, canny), `weight` (1), `guidance_start` (0),
-`guidance_end` (1), `control_mode` (0-2 or the label), `resize_mode` (0-2 or the label; the extension's older
-labels "Inner Fit (Scale to Fit)" and "Outer Fit (Shrink to Fit)" too), `processor_res` (512), `threshold_a`
-(100), `threshold_b` (200), `pixel_perfect` (false). Fields booth has no use for (`low_vram`, `guess_mode`,
+init image, as the extension does), `module` (none, invert, canny, threshold, tile_resample, blur_gaussian),
+`weight` (1), `guidance_start` (0), `guidance_end` (1), `control_mode` (0-2 or the label), `resize_mode` (0-2
+or the label; the extension's older labels "Inner Fit (Scale to Fit)" and "Outer Fit (Shrink to Fit)" too),
+`processor_res`, `threshold_a`, `threshold_b` (-1: the preprocessor's defaults), `pixel_perfect` (false).
+`POST /controlnet/detect` runs a preprocessor on pictures and answers with the maps. Fields booth has no use for (`low_vram`, `guess_mode`,
 `save_detected_map` ...) are ignored, as the extension ignores unknown ones.
 """
 
@@ -21,13 +22,13 @@ _RESIZE_ALIASES = {
     "Inner Fit (Scale to Fit)": "Crop and Resize",
     "Outer Fit (Shrink to Fit)": "Resize and Fill",
 }
-_NUMBERS = {
+_NUMBERS = {  # -1: the preprocessor's own default (the extension's API)
     "weight": 1.0,
     "guidance_start": 0.0,
     "guidance_end": 1.0,
-    "processor_res": 512,
-    "threshold_a": 100.0,
-    "threshold_b": 200.0,
+    "processor_res": -1,
+    "threshold_a": -1.0,
+    "threshold_b": -1.0,
 }
 
 
@@ -98,6 +99,42 @@ def _label(i: int, key: str, value: Any, labels: tuple[str, ...]) -> str:
     )
 
 
+def _detect(body: dict[str, Any], limits) -> dict[str, Any]:
+    """The extension's `/controlnet/detect`: `controlnet_module`, `controlnet_input_images` (base64),
+    `controlnet_processor_res`, `controlnet_threshold_a` / `_b` -> `{"images": [maps, base64 PNG], "info"}`."""
+    import base64
+    import io
+
+    from booth.errors import BoothError
+    from booth.generate.controlnet import ControlUnit
+    from booth.server.errors import ApiError
+    from booth.server.security import decode_image
+
+    images = body.get("controlnet_input_images") or []
+    if not isinstance(images, list) or not images:
+        raise ApiError(422, "controlnet_input_images: a list of base64 pictures")
+    maps = []
+    for i, data in enumerate(images):
+        try:
+            unit = ControlUnit(
+                model="None",
+                image=decode_image(data, limits, f"controlnet_input_images[{i}]"),
+                module=str(body.get("controlnet_module") or "none"),
+                processor_res=int(body.get("controlnet_processor_res", -1)),
+                threshold_a=float(body.get("controlnet_threshold_a", -1)),
+                threshold_b=float(body.get("controlnet_threshold_b", -1)),
+            )
+            picture = unit.validate().detected_map()
+        except (TypeError, ValueError) as exc:
+            raise ApiError(422, f"controlnet/detect: {exc}") from None
+        except BoothError as exc:
+            raise ApiError(422, str(exc)) from None
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        maps.append(base64.b64encode(buffer.getvalue()).decode())
+    return {"images": maps, "info": "Success"}
+
+
 def build_router(services):
     from fastapi import APIRouter
     from starlette.concurrency import run_in_threadpool
@@ -119,6 +156,10 @@ def build_router(services):
     @router.get("/module_list")
     async def module_list(alias_names: bool = False):
         return {"module_list": list(PREPROCESSORS), "module_detail": {name: {} for name in PREPROCESSORS}}
+
+    @router.post("/detect")
+    async def detect(body: dict[str, Any]):
+        return await run_in_threadpool(_detect, body, services.config.limits)
 
     return router
 
