@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from booth.errors import BoothError
-from booth.generate.controlnet import ControlUnit, control_hint, soft_scales
+from booth.generate.controlnet import ControlUnit, control_hint, pixel_perfect_resolution, soft_scales
 from booth.generate.engine import Engine
 from booth.generate.params import GenerationParams
 from booth.models.controlnet import ControlNets, controlnet_to_original, load_controlnet
@@ -167,6 +167,10 @@ def test_control_pictures_follow_the_resize_modes_and_preprocessors():
     assert inverted.max() == 0
     with pytest.raises(BoothError, match="preprocessor 'openpose' is not in booth"):
         ControlUnit("x", wide, module="openpose").validate()
+    perfect = ControlUnit("x", wide, pixel_perfect=True)  # 80 x 40 covering 40 x 40: the short side x 1
+    control_hint(perfect, 40, 40)
+    assert perfect.processor_res == 40
+    assert pixel_perfect_resolution((80, 40), 40, 40, 2) == 20  # fitting inside halves it
     binary = np.asarray(
         ControlUnit("x", picture((200, 200, 200)), module="threshold", processor_res=40).detected_map()
     )

@@ -614,3 +614,23 @@ def test_page_sends_a_controlnet_unit(server, chromium_browser, tmp_path):
         and "My prompt is more important" in info
     )
     assert not errors, errors
+
+
+def test_page_runs_prompts_from_a_textbox(server, chromium_browser):
+    """The "Prompts from file or textbox" panel sends A1111's script with its four arguments: a picture a line,
+    each line's prompt before the page's."""
+    page, errors = open_small_apple(server, chromium_browser)
+    page.click("#prompts-file summary")
+    page.fill("#pf-text", "green pear\n--prompt blue plum --steps 1")
+    page.check("#pf-same")
+    with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as sent:
+        page.click("#generate")
+    import json
+
+    body = json.loads(sent.value.post_data)
+    assert body["script_name"] == "prompts from file or textbox"
+    assert body["script_args"] == [False, True, "start", "green pear\n--prompt blue plum --steps 1"]
+    page.wait_for_function("document.querySelectorAll('#gallery img').length === 2", timeout=60_000)
+    assert page.inner_text("#infotext").startswith("blue plum a red apple")  # the last picture shown
+    page.fill("#pf-text", "")
+    assert not errors, errors

@@ -181,6 +181,8 @@ def control_hint(unit: ControlUnit, width: int, height: int):
     from booth.generate.imageops import resize_image
 
     mode = RESIZE_MODES.index(unit.resize_mode)
+    if unit.pixel_perfect:
+        unit.processor_res = pixel_perfect_resolution(unit.image.size, width, height, mode)
     picture = unit.detected_map()
     if mode == 2:  # fit inside, black around (control maps are black where there is nothing)
         scale = min(width / picture.width, height / picture.height)
@@ -196,6 +198,15 @@ def control_hint(unit: ControlUnit, width: int, height: int):
 
     array = np.asarray(sized, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, mode: int) -> int:
+    """The extension's "Pixel Perfect" processor resolution: the picture's short side scaled as the resize mode
+    will scale it to the pass's size (fit inside for Resize and Fill, cover otherwise)."""
+    raw_w, raw_h = size
+    scales = (height / raw_h, width / raw_w)
+    scale = min(scales) if mode == 2 else max(scales)
+    return int(round(scale * min(raw_w, raw_h)))
 
 
 def soft_scales(count: int, mode: str) -> list[float]:

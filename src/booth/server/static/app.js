@@ -285,6 +285,9 @@ $("gen-form").onsubmit = async (ev) => {
     const axis = (k) => [$(`xyz-${k}-type`).value, $(`xyz-${k}-values`).value, []];
     req.script_name = "x/y/z plot";
     req.script_args = [...axis("x"), ...axis("y"), ...axis("z"), true, $("xyz-lone").checked];
+  } else if ($("pf-text").value.trim()) {  // A1111's prompts from file or textbox, its arguments in its order
+    req.script_name = "prompts from file or textbox";
+    req.script_args = [$("pf-iterate").checked, $("pf-same").checked, $("pf-position").value, $("pf-text").value];
   }
   await runGeneration("/sdapi/v1/txt2img", await addControlNet(req), $("generate"), $("gen-status"));
   if (forever) setTimeout(() => { if (forever) $("gen-form").requestSubmit(); }, 0);  // the settings as they are now
