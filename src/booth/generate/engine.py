@@ -195,12 +195,11 @@ class _Pass:
     # an inpainting UNet's mask + masked picture, an instruct-pix2pix UNet's picture (one, or one a picture)
     image_cond: torch.Tensor | None = None
     # the refiner (`booth.generate.refiner`): the model that takes over once `refiner_switch_at` of this pass is
-    # done, its conditioning (encoded at the first switch), the extra networks it is left with after the pass
+    # done (never the call's own model: `_check_refiner`), its conditioning (encoded at the first switch)
     refiner: Engine | None = None
     text: _Text | None = None
     refiner_guide: _Guide | None = None
     refiner_used: set[str] = field(default_factory=set)  # embeddings its prompts used
-    refiner_after: list = field(default_factory=list)
     switched: bool = False  # the refiner took over in some batch
     notes: dict[str, Any] = field(default_factory=dict)  # infotext keys of what happened while sampling
     control: list | None = None  # (ControlUnit, ControlNetModel, its control picture at this pass's size)
@@ -373,7 +372,6 @@ class Engine:
             first.refiner = refiner if on_first else None
             if hr is not None and on_hires and refiner is not hr_engine:
                 hr.run.refiner = refiner
-                hr.run.refiner_after = first_networks if refiner is self else []
             first.guide, used = self._build_guide(prompt, negative, params, part_calls)
             if hr is not None:  # the hires prompt's text is encoded under its own extra networks
                 with self._networks_for(hr, first_networks, hr_engine):
@@ -722,7 +720,9 @@ class Engine:
     def _leave_refiner(run: _Pass) -> None:
         """After a batch of a pass the refiner took over: its extra networks as the rest of the call expects."""
         if run.refiner is not None and run.finisher is run.refiner:
-            run.refiner.extra_networks.activate_all(run.refiner.pipe, run.refiner_after)
+            run.refiner.extra_networks.activate_all(
+                run.refiner.pipe, []
+            )  # its own weights till it is next due
 
     @contextlib.contextmanager
     def _tiling(self):
