@@ -239,6 +239,10 @@ def test_booth_generate_controlnet(tiny_sd1_dir, tmp_path, capsys):
     assert "add --control-image FILE" in capsys.readouterr().err
     assert main([*argv, *unit[:1], "depth", *unit[2:4], "--out", str(tmp_path / "d")]) == 2
     assert "ControlNet model 'depth' not found" in capsys.readouterr().err
+    reference = ["--control-module", "reference_only", "--control-image", str(tmp_path / "control.png")]
+    assert main([*argv, *reference, "--out", str(tmp_path / "e")]) == 0  # no --controlnet: it needs no model
+    (png,) = (tmp_path / "e").glob("*.png")
+    assert "Module: reference_only, Model: None" in Image.open(png).text["parameters"]
 
 
 def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
@@ -302,6 +306,11 @@ def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
             "/sdapi/v1/img2img", json={**init, "alwayson_scripts": {"controlnet": {"args": [no_image]}}}
         )
         assert r.status_code == 200 and "ControlNet 0" in json.loads(r.json()["info"])["infotexts"][0]
+        reference = {"module": "reference_only", "image": image}  # no model
+        r = client.post(
+            "/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [reference]}}}
+        )
+        assert r.status_code == 200 and "Module: reference_only, Model: None" in r.json()["info"]
         for bad, message in (
             ({**unit, "model": "depth"}, "ControlNet model 'depth' not found"),
             ({**unit, "module": "openpose"}, "preprocessor 'openpose' is not in booth"),
@@ -326,3 +335,41 @@ def test_an_sdxl_model_takes_a_controlnet_by_path(tmp_path):
         ).mean()
         > 0.5
     )
+
+
+def test_reference_only_steers_self_attention_without_a_model(setup):
+    """reference_only: a UNet pass over the noised reference records each self-attention's input, the next
+    reads it; the UNet's own processors come back after; style fidelity acts on the negative rows only."""
+    _, engine = setup
+    reference = picture((200, 30, 30))
+    calls: list[int] = []
+    hook = engine.pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        alone = engine.generate(GenerationParams(**BASE))
+        calls.clear()
+        unit = ControlUnit("None", reference, module="reference_only", guidance_end=0.5)
+        steered = engine.generate(GenerationParams(**BASE, controlnet_units=[unit]))
+    finally:
+        hook.remove()
+    assert len(calls) == 4 + 3  # a recording pass before each of the 3 steps with done share <= 0.5
+    assert np.abs(pixels(steered) - pixels(alone)).mean() > 0.05
+    assert (
+        "Module: reference_only, Model: None" in steered.infotexts[0]
+        and "Threshold A: 0.5" in steered.infotexts[0]
+    )
+    assert all(type(p).__name__ != "_ReferenceProcessor" for p in engine.pipe.unet.attn_processors.values())
+    off = ControlUnit("None", reference, module="reference_only", weight=0)
+    assert np.array_equal(
+        pixels(engine.generate(GenerationParams(**BASE, controlnet_units=[off]))), pixels(alone)
+    )
+
+    def with_fidelity(fidelity: float, cfg: float) -> np.ndarray:
+        unit = ControlUnit("None", reference, module="reference_only", threshold_a=fidelity)
+        return pixels(
+            engine.generate(GenerationParams(**{**BASE, "cfg_scale": cfg}, controlnet_units=[unit]))
+        )
+
+    assert np.array_equal(
+        with_fidelity(0.0, 1.0), with_fidelity(1.0, 1.0)
+    )  # no negative rows: nothing to mix
+    assert not np.array_equal(with_fidelity(0.0, 7.0), with_fidelity(1.0, 7.0))

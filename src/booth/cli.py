@@ -645,7 +645,8 @@ def _gated_flags(args, flags: dict[str, str], enabled: bool, needs: str) -> dict
 
 
 def _control_from_args(args) -> list:
-    """The ControlNet unit the flags describe ([] without --controlnet); a unit flag alone is refused."""
+    """The ControlNet unit the flags describe ([] without --controlnet, or --control-module reference_only, which
+    needs no model); a unit flag alone is refused."""
     flags = {
         "image": "control_image",
         "module": "control_module",
@@ -655,17 +656,17 @@ def _control_from_args(args) -> list:
         "control_mode": "control_mode",
         "resize_mode": "control_resize_mode",
     }
-    given = _gated_flags(
-        args, flags, args.controlnet is not None, "sets up a ControlNet unit: add --controlnet"
-    )
-    if args.controlnet is None:
+    from booth.generate.controlnet import REFERENCE_MODULES, ControlUnit
+
+    reference = args.control_module in REFERENCE_MODULES  # runs on the UNet alone: no --controlnet
+    enabled = args.controlnet is not None or reference
+    given = _gated_flags(args, flags, enabled, "sets up a ControlNet unit: add --controlnet")
+    if not enabled:
         return []
     if "image" not in given:
-        raise BoothError("--controlnet needs its control picture: add --control-image FILE")
-    from booth.generate.controlnet import ControlUnit
-
+        raise BoothError("a ControlNet unit needs its control picture: add --control-image FILE")
     given["image"] = _open_image(given["image"], "control image")
-    return [ControlUnit(args.controlnet, **given)]
+    return [ControlUnit(args.controlnet or "None", **given)]
 
 
 def _inpainting_from_args(args) -> dict:

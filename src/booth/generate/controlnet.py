@@ -81,13 +81,16 @@ PREPROCESSORS = {
     "threshold": _threshold,
     "tile_resample": _tile_resample,
     "blur_gaussian": _blur_gaussian,
+    "reference_only": _none,  # no ControlNet model: the picture steers self-attention (`booth.generate.reference`)
 }
+REFERENCE_MODULES = ("reference_only",)
 # the extension's defaults of threshold A / B per preprocessor (the API's -1); the others take none
 THRESHOLDS = {
     "canny": (100.0, 200.0),
     "threshold": (127.0, None),
     "tile_resample": (1.0, None),
     "blur_gaussian": (9.0, None),
+    "reference_only": (0.5, None),  # style fidelity
 }
 ALIASES = {"invert (from white bg & black line)": "invert"}  # the extension's full labels
 

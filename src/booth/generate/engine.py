@@ -23,6 +23,7 @@ from PIL import Image
 import booth
 from booth.errors import BoothError
 from booth.generate import guidance, hires, inpaint
+from booth.generate.controlnet import REFERENCE_MODULES
 from booth.generate.imageops import resize_image
 from booth.generate.noise import batch_noise, resolve_seed, step_generators
 from booth.generate.params import GenerationParams
@@ -203,6 +204,7 @@ class _Pass:
     switched: bool = False  # the refiner took over in some batch
     notes: dict[str, Any] = field(default_factory=dict)  # infotext keys of what happened while sampling
     control: list | None = None  # (ControlUnit, ControlNetModel, its control picture at this pass's size)
+    reference: dict[str, Any] | None = None  # reference_only's processor state on the pass's UNet
     finisher: Engine | None = None  # the model of the batch's last step (None: no step run)
 
 
@@ -368,6 +370,16 @@ class Engine:
             first.control = self._control_at(control, width, height)
             if hr is not None:
                 hr.run.control = self._control_at(control, hr.plan.width, hr.plan.height)
+            if any(net is None for _, _, net in control):  # reference_only: the self-attention layers record
+                from booth.generate.reference import reference_attention
+
+                first.reference = restore.enter_context(reference_attention(self.pipe.unet))
+                if hr is not None:
+                    hr.run.reference = (
+                        first.reference
+                        if hr_engine is self
+                        else restore.enter_context(reference_attention(hr_engine.pipe.unet))
+                    )
             on_first, on_hires = refiner_passes(params)
             first.refiner = refiner if on_first else None
             if hr is not None and on_hires and refiner is not hr_engine:
@@ -592,6 +604,9 @@ class Engine:
                 pred, e_none = pred[: len(rows) * n], pred[len(rows) * n :]
             elif guide.part_calls is None:
                 x_rows = x_in.repeat(len(rows), 1, 1, 1)
+                read = model is self and self._write_reference(
+                    run, scheduler, t, len(rows), embeds, kwargs, step - 1, pass_steps, negatives, seeds
+                )
                 control = (  # ControlNet residuals for the skip connections (none once a refiner took over)
                     self._control_residuals(
                         run.control, x_rows, t, embeds, kwargs, step - 1, pass_steps, negatives
@@ -600,6 +615,8 @@ class Engine:
                     else {}
                 )
                 pred = unet(x_rows, t, encoder_hidden_states=embeds, **kwargs, **control).sample
+                if read:
+                    run.reference["mode"] = "off"
             else:
                 pred = model._unet_per_term(x_in, t, embeds, kwargs, guide.part_calls, with_uncond)
             # 6. Guidance: composable CFG, then guidance rescale and dynamic thresholding.
@@ -984,6 +1001,9 @@ class Engine:
         controlnets = self.controlnets if self.controlnets is not None else ControlNets()
         loaded = []
         for unit in params.controlnet_units:
+            if unit.module in REFERENCE_MODULES:  # no model: the UNet itself reads the reference
+                loaded.append((unit, "None", None))
+                continue
             entry, net = controlnets.load(unit.model, self.pipe.unet)
             loaded.append((unit, entry.title, net))
         return loaded
@@ -995,6 +1015,9 @@ class Engine:
 
         out = []
         for unit, _, net in control:
+            if net is None:  # reference_only: the reference's latents at the pass's size
+                out.append((unit, None, self._encode_tensor(control_hint(unit, width, height) * 2 - 1)))
+                continue
             factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
             size = (width // self.vae_scale * factor, height // self.vae_scale * factor)
             out.append((unit, net, control_hint(unit, *size)))
@@ -1008,7 +1031,7 @@ class Engine:
 
         total = None
         for unit, net, hint in control:
-            if unit.weight == 0 or not controlnet.active(unit, step, steps):
+            if net is None or unit.weight == 0 or not controlnet.active(unit, step, steps):
                 continue
             cond = hint.to(x_rows.device, x_rows.dtype).expand(len(x_rows), -1, -1, -1)
             added = kwargs.get("added_cond_kwargs")
@@ -1031,6 +1054,30 @@ class Engine:
             "down_block_additional_residuals": tuple(total[:-1]),
             "mid_block_additional_residual": total[-1],
         }
+
+    def _write_reference(self, run, scheduler, t, rows: int, embeds, kwargs, step, steps, negatives, seeds):
+        """reference_only (`booth.generate.reference`): the first active reference unit's latents, noised to
+        `t` (with the noise of seed + 1), through the UNet with the layers recording; the next UNet call reads
+        them. False when no reference unit guides this step."""
+        from booth.generate.controlnet import active
+
+        refs = [
+            (u, x0)
+            for u, net, x0 in run.control or ()
+            if net is None and u.weight > 0 and active(u, step, steps)
+        ]
+        if not refs or run.reference is None:
+            return False
+        unit, x0 = refs[0]
+        state = run.reference
+        state.update(weight=unit.weight, style_fidelity=float(unit.threshold_a), uncond_rows=negatives)
+        noise = batch_noise(x0.shape[1:], [(seed + 1) % 2**32 for seed in seeds]).to(x0)
+        noisy = scheduler.add_noise(x0.expand(len(seeds), -1, -1, -1), noise, t.reshape(1).expand(len(seeds)))
+        reference = scheduler.scale_model_input(noisy, t).repeat(rows, 1, 1, 1)
+        state["mode"] = "write"
+        self.pipe.unet(reference, t, encoder_hidden_states=embeds, **kwargs)
+        state["mode"] = "read"
+        return True
 
     def _k_scale(self, scheduler, t) -> float:
         """What a unit of k-diffusion's x + sigma * noise is in the scheduler's latents: 1 for the sigma-space

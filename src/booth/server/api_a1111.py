@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from booth.errors import BoothError
+from booth.generate.controlnet import REFERENCE_MODULES
 from booth.server.errors import ApiError, error_response
 from booth.server.extras import add_extras_routes
 from booth.server.generation import (
@@ -170,7 +171,8 @@ def prepare_job(services, kind: str, req: BaseModel) -> tuple[dict[str, Any], di
             check_upscaler(params.hr_upscaler, services.models.upscalers)
         script = _check_script(services, request, params, model)
         for unit in params.controlnet_units:  # a ControlNet model of --controlnet-dir
-            services.models.controlnets.find(unit.model)
+            if unit.module not in REFERENCE_MODULES:
+                services.models.controlnets.find(unit.model)
         for name in (params.hires_checkpoint(), params.refiner()):  # titles of the server's models (their
             if name is not None:  # family is checked when the job runs)
                 services.registry.find(name)

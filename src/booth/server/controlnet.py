@@ -3,7 +3,8 @@ extension's unit objects, and its `/controlnet/model_list`, `/controlnet/module_
 
 A unit: `enabled` (true), `model` (a title of `--controlnet-dir`, "name [hash]" or the name; "None": the unit is
 off), `image` (base64, or `{"image": ..., "mask": ...}`; legacy `input_image`; img2img without one: the first
-init image, as the extension does), `module` (none, invert, canny, threshold, tile_resample, blur_gaussian),
+init image, as the extension does), `module` (none, invert, canny, threshold, tile_resample, blur_gaussian;
+reference_only, which takes no model),
 `weight` (1), `guidance_start` (0), `guidance_end` (1), `control_mode` (0-2 or the label), `resize_mode` (0-2
 or the label; the extension's older labels "Inner Fit (Scale to Fit)" and "Outer Fit (Shrink to Fit)" too),
 `processor_res`, `threshold_a`, `threshold_b` (-1: the preprocessor's defaults), `pixel_perfect` (false).
@@ -46,13 +47,15 @@ def controlnet_units(kind: str, request: dict[str, Any], limits, init_image=None
 
 
 def _unit(i: int, raw: Any, limits, init_image):
-    from booth.generate.controlnet import CONTROL_MODES, RESIZE_MODES, ControlUnit
+    from booth.generate.controlnet import CONTROL_MODES, REFERENCE_MODULES, RESIZE_MODES, ControlUnit
     from booth.server.security import decode_image
 
     if not isinstance(raw, dict):
         raise JobFailed(422, f"ControlNet unit {i}: a JSON object of the unit's fields")
     model = raw.get("model") or "None"
-    if not raw.get("enabled", True) or str(model).strip() in ("None", "none"):
+    module = str(raw.get("module") or "none").lower()
+    needs_model = module not in REFERENCE_MODULES  # reference_only runs on the UNet alone
+    if not raw.get("enabled", True) or (needs_model and str(model).strip() in ("None", "none")):
         return None
     image = raw.get("image") or raw.get("input_image")
     if isinstance(image, dict):
@@ -74,11 +77,10 @@ def _unit(i: int, raw: Any, limits, init_image):
     fields["control_mode"] = _label(i, "control_mode", raw.get("control_mode", 0), CONTROL_MODES)
     resize = raw.get("resize_mode", 1)
     fields["resize_mode"] = _label(i, "resize_mode", _RESIZE_ALIASES.get(resize, resize), RESIZE_MODES)
-    module = raw.get("module") or "none"
     unit = ControlUnit(
         model=str(model),
         image=picture,
-        module=str(module).lower(),
+        module=module,
         pixel_perfect=bool(raw.get("pixel_perfect", False)),
         **fields,
     )
