@@ -25,9 +25,10 @@ extension's units (`booth.server.controlnet`) -> `controlnet_units`.
 Also `seed_resize_from_w` / `_h`, Euler's `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, `s_min_uncond` (NGMS; the
 option of that name when a request leaves it out; options `s_min_uncond_all`, `skip_early_cond`), img2img's
 `image_cfg_scale` (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot", "prompt matrix" and
-"prompts from file or textbox" (`booth.server.scripts`). Not supported, refused with a clear error rather than ignored: other `script_name`s
-and `alwayson_scripts`, an SDXL refiner single file, `restore_faces`, depth models; `firstpass_image` without
-`enable_hr` (A1111 ignores it).
+"prompts from file or textbox" (`booth.server.scripts`); txt2img's `firstpass_image` with `enable_hr`.
+Not supported, refused with a clear error rather than ignored: other `script_name`s and `alwayson_scripts`, an
+SDXL refiner single file, `restore_faces`, depth models; `firstpass_image` without `enable_hr` (A1111 ignores
+it).
 """
 
 from __future__ import annotations
