@@ -110,7 +110,7 @@ class ControlUnit:
 
     model: str  # a name of the ControlNet folders ("name [hash]" accepted) or a path
     image: Any  # PIL image: the control picture
-    module: str = "none"  # preprocessor: none, invert, canny
+    module: str = "none"  # the preprocessor (`PREPROCESSORS`)
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
