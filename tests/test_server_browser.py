@@ -597,6 +597,11 @@ def test_page_sends_a_controlnet_unit(server, chromium_browser, tmp_path):
     assert page.eval_on_selector_all("#cn-module option", "os => os.map(o => o.value)")[0] == "none"
     page.check("#cn-enabled")
     page.set_input_files("#cn-image", str(tmp_path / "edges.png"))
+    page.select_option("#cn-module", "invert")
+    page.click("#cn-preview")  # the map of the white picture, inverted: black
+    page.wait_for_selector("#cn-map:not([hidden])")
+    assert page.eval_on_selector("#cn-map", "i => i.naturalWidth") > 0
+    page.select_option("#cn-module", "none")
     page.fill("#cn-weight", "0.7")
     page.select_option("#cn-mode", "My prompt is more important")
     with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as sent:

@@ -68,6 +68,19 @@ async function loadControlNets() {
   for (const m of modules.module_list) option($("cn-module"), m);
 }
 
+// the preprocessor's map of the chosen picture (the extension's /controlnet/detect)
+$("cn-preview").onclick = async () => {
+  const file = $("cn-image").files[0];
+  if (!file) { alert("choose a control picture first"); return; }
+  try {
+    const r = await api("POST", "/controlnet/detect", {
+      controlnet_module: $("cn-module").value, controlnet_input_images: [await readBase64(file)],
+    });
+    $("cn-map").src = "data:image/png;base64," + r.images[0];
+    $("cn-map").hidden = false;
+  } catch (e) { alert(e.message); }
+};
+
 // the extension's unit from the panel, into `req.alwayson_scripts` (beside other extensions' entries)
 async function addControlNet(req) {
   if (!$("cn-enabled").checked) return req;
