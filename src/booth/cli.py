@@ -252,6 +252,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="instruct-pix2pix models (8-channel UNets): how closely to keep to the picture (default 1.5)",
     )
     m.add_argument(
+        "--depth-map",
+        metavar="FILE",
+        default=None,
+        help="depth models (5-channel UNets, SD 2 depth): the depth map, white = near (default: estimated from "
+        "the init image by the model folder's depth estimator)",
+    )
+    m.add_argument(
         "--inpainting-mask-weight",
         metavar="W",
         type=float,
@@ -626,6 +633,7 @@ def _params_from_args(args) -> GenerationParams:  # noqa: F821 - imported lazily
         initial_noise_multiplier=args.initial_noise_multiplier,
         inpainting_mask_weight=args.inpainting_mask_weight,
         image_cfg_scale=args.image_cfg_scale,
+        depth_map=_open_image(args.depth_map, "depth map") if args.depth_map else None,
         enable_hr=args.enable_hr,
         **hires,
         refiner_checkpoint=args.refiner,

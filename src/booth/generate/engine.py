@@ -403,6 +403,10 @@ class Engine:
                 first.steps_rule = self._img2img_steps(params)
             if self.edit_model:
                 first.image_cond = self._edit_conditioning(params, width, height, job)
+            elif self.depth_model:
+                first.image_cond = self._depth_conditioning(params, width, height)
+                if hr is not None:
+                    hr.run.image_cond = self._depth_conditioning(params, hr.plan.width, hr.plan.height)
             elif self.inpainting_model:
                 first.image_cond = self._image_conditioning(params, width, height, job)
                 if hr is not None:
@@ -717,7 +721,7 @@ class Engine:
                 f"{self.family.name} one: the {what} must be a model of the same family"
             )
         for engine in (self, other):
-            if engine.inpainting_model or engine.edit_model:
+            if engine.inpainting_model or engine.edit_model or engine.depth_model:
                 raise BoothError(f"{engine.model.name} takes no {what} of another model")
         return other
 
@@ -792,6 +796,37 @@ class Engine:
     def inpainting_model(self) -> bool:
         """Whether the UNet is an inpainting model's: latents + mask + masked-image latents (9 channels)."""
         return self.pipe.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def depth_model(self) -> bool:
+        """Whether the UNet is a depth model's (SD 2 depth): latents + a depth map (5 channels)."""
+        return self.pipe.unet.config.in_channels == self.latent_channels + 1
+
+    @torch.no_grad()
+    def _depth_conditioning(self, params, width: int, height: int) -> torch.Tensor:
+        """A depth model's extra input (A1111 `depth2img_image_conditioning`, diffusers' `prepare_depth_map`):
+        the depth map (white = near) at the latents' size, bicubic, scaled to [-1, 1] by its own min and max.
+        From `params.depth_map`, else the model's depth estimator on the first init image."""
+        size = (height // self.vae_scale, width // self.vae_scale)
+        if params.depth_map is not None:
+            depth = torch.from_numpy(np.asarray(params.depth_map.convert("L"), dtype=np.float32))[None]
+        else:
+            estimator = getattr(self.pipe, "depth_estimator", None)
+            processor = getattr(self.pipe, "feature_extractor", None)
+            if not params.init_images or estimator is None or processor is None:
+                raise BoothError(
+                    f"{self.model.name} is a depth model: give a depth map (--depth-map), or a picture (img2img) "
+                    "with a model folder that has its depth estimator"
+                )
+            source = self._init_images(params, width, height)[0]
+            pixels = processor(images=source, return_tensors="pt").pixel_values
+            depth = estimator(pixels.to(estimator.device, estimator.dtype)).predicted_depth.float().cpu()
+        depth = torch.nn.functional.interpolate(
+            depth[:, None], size=size, mode="bicubic", align_corners=False
+        )
+        low, high = depth.min(), depth.max()
+        depth = 2.0 * (depth - low) / (high - low) - 1.0 if high > low else torch.zeros_like(depth)  # flat: 0
+        return depth.to(self.device, self.dtype)
 
     @property
     def edit_model(self) -> bool:
@@ -994,7 +1029,7 @@ class Engine:
         model's UNet."""
         if not params.controlnet_units:
             return []
-        if self.inpainting_model or self.edit_model or part_calls:
+        if self.inpainting_model or self.edit_model or self.depth_model or part_calls:
             raise BoothError("ControlNet units work with text-to-image UNets without composable LoRA")
         from booth.models.controlnet import ControlNets
 

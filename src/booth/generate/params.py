@@ -95,6 +95,9 @@ class GenerationParams:
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False  # redraw what is not masked
     latent_mask: Any | None = None  # PIL image: a separate mask for the latent blending
+    # depth models (5-channel UNets): the depth map (PIL, white = near), else estimated from the init image by the
+    # model's own depth estimator (a diffusers depth folder has one)
+    depth_map: Any | None = None
     # inpainting models (9-channel UNets): how much of the init image their masked-image input hides (A1111
     # option `inpainting_mask_weight`; 1: all of the masked area, 0: none of it)
     inpainting_mask_weight: float = 1.0
@@ -231,5 +234,5 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (images are left out)."""
-        images = ("init_images", "mask", "latent_mask", "firstpass_image", "controlnet_units")
+        images = ("init_images", "mask", "latent_mask", "firstpass_image", "controlnet_units", "depth_map")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in images}

@@ -178,14 +178,14 @@ def _from_pretrained(source: str, local_files_only: bool, dtype: torch.dtype | N
 
 
 def check_unet_channels(channels: int, latent_channels: int, source: str) -> None:
-    """A UNet takes the latents (a text-to-image model), the latents and a picture's latents (an
-    instruct-pix2pix model, 2 x 4 = 8 channels) or the latents, a mask and the masked picture's latents (an
-    inpainting model, 2 x 4 + 1 = 9 channels); anything else (depth, ...) is refused."""
-    if channels not in (latent_channels, 2 * latent_channels, 2 * latent_channels + 1):
+    """A UNet takes the latents (a text-to-image model), the latents and a depth map (a depth model, 4 + 1 = 5
+    channels), the latents and a picture's latents (an instruct-pix2pix model, 2 x 4 = 8) or the latents, a mask
+    and the masked picture's latents (an inpainting model, 2 x 4 + 1 = 9); anything else is refused."""
+    if channels not in (latent_channels, latent_channels + 1, 2 * latent_channels, 2 * latent_channels + 1):
         raise BoothError(
-            f"{source}: UNets with {channels} input channels (depth, ...) are not supported; text-to-image "
-            f"({latent_channels}), instruct-pix2pix ({2 * latent_channels}) and inpainting "
-            f"({2 * latent_channels + 1}) models are"
+            f"{source}: UNets with {channels} input channels are not supported; text-to-image "
+            f"({latent_channels}), depth ({latent_channels + 1}), instruct-pix2pix ({2 * latent_channels}) and "
+            f"inpainting ({2 * latent_channels + 1}) models are"
         )
 
 

@@ -86,11 +86,14 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, edit: bool = False):
+def tiny_pipeline(
+    family: str = "sd1", seed: int = 0, inpainting: bool = False, edit: bool = False, depth: bool = False
+):
     """A tiny random diffusers pipeline of the given family ("sd1", "sd2", "sdxl" or "sdxl-refiner": SDXL's
     refiner, the second text encoder alone and an aesthetic score in its micro-conditioning); with `inpainting`, an
     inpainting model's (a 9-channel UNet: latents, mask, masked-image latents) in its inpainting pipeline class;
-    with `edit` (SD 1.x / 2.x), an instruct-pix2pix model's (an 8-channel UNet: latents, picture latents)."""
+    with `edit` (SD 1.x / 2.x), an instruct-pix2pix model's (an 8-channel UNet: latents, picture latents); with
+    `depth` (SD 1.x / 2.x), a depth model's (a 5-channel UNet: latents, depth map) with a tiny DPT estimator."""
     from diffusers import (
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
@@ -99,6 +102,8 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, 
     )
 
     channels = 9 if inpainting else 8 if edit else 4
+    if depth:
+        return _depth_pipeline(family, seed)
     if family in ("sd1", "sd2"):
         tokenizer = build_clip_tokenizer(TINY_MERGES, pad_token="<|endoftext|>" if family == "sd1" else "!")
         prediction = "epsilon" if family == "sd1" else "v_prediction"
@@ -171,6 +176,39 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, inpainting: bool = False, 
             force_zeros_for_empty_prompt=True,
         )
     raise ValueError(f"unknown tiny family {family!r}; choose sd1, sd2, sdxl or sdxl-refiner")
+
+
+def _depth_pipeline(family: str, seed: int):
+    """SD 2 depth's layout (StableDiffusionDepth2ImgPipeline) in miniature: its components plus a DPT depth
+    estimator and its image processor."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    plain = tiny_pipeline(family, seed)
+    torch.manual_seed(seed)
+    config = DPTConfig(
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+        patch_size=8,
+        neck_hidden_sizes=[8, 8, 8, 8],
+        fusion_hidden_size=8,
+        backbone_out_indices=[0, 1, 2, 3],
+    )
+    processor = DPTImageProcessor(
+        size={"height": 32, "width": 32}, keep_aspect_ratio=False, ensure_multiple_of=8
+    )
+    return StableDiffusionDepth2ImgPipeline(
+        vae=plain.vae,
+        text_encoder=plain.text_encoder,
+        tokenizer=plain.tokenizer,
+        unet=_unet(plain.unet.config.cross_attention_dim, seed=seed, in_channels=5),
+        scheduler=plain.scheduler,
+        depth_estimator=DPTForDepthEstimation(config).eval(),
+        feature_extractor=processor,
+    )
 
 
 def _sdxl_scheduler():

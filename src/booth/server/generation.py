@@ -27,8 +27,8 @@ option of that name when a request leaves it out; options `s_min_uncond_all`, `s
 `image_cfg_scale` (instruct-pix2pix models) and `styles`; the scripts "x/y/z plot", "prompt matrix" and
 "prompts from file or textbox" (`booth.server.scripts`); txt2img's `firstpass_image` with `enable_hr`.
 Not supported, refused with a clear error rather than ignored: other `script_name`s and `alwayson_scripts`, an
-SDXL refiner single file, `restore_faces`, depth models; `firstpass_image` without `enable_hr` (A1111 ignores
-it).
+SDXL refiner single file, `restore_faces`, txt2img on a depth model (no picture to read the depth from);
+`firstpass_image` without `enable_hr` (A1111 ignores it).
 """
 
 from __future__ import annotations

@@ -232,9 +232,10 @@ class Trainer:
             swap_vae(pipe, cfg.vae, self.loaded.name)
         channels, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
         if channels != latent:
-            kind, use = (
-                ("an instruct-pix2pix", "edit") if channels == 2 * latent else ("an inpainting", "inpaint")
-            )
+            kind, use = {
+                latent + 1: ("a depth", "generate"),
+                2 * latent: ("an instruct-pix2pix", "edit"),
+            }.get(channels, ("an inpainting", "inpaint"))
             raise BoothError(
                 f"{self.loaded.name} is {kind} model ({channels}-channel UNet): "
                 f"personalize its text-to-image base model, then {use} with that"
