@@ -275,3 +275,38 @@ def test_the_api_takes_a_refiner(tiny_sd1_dir, tmp_path):
         )
         by_steps = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "detail"}).json()
         assert "Refiner switch by sampling steps: True" in json.loads(by_steps["info"])["infotexts"][0]
+
+
+def test_the_api_s_refiner_decodes_with_the_sd_vae_option(tiny_sd1_dir, tmp_path):
+    """A1111 applies `sd_vae` to whatever model is loaded: the refiner, which decodes once it took over, too."""
+    pytest.importorskip("fastapi")
+    from diffusers import AutoencoderKL
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save_file
+
+    from booth.server.app import create_app
+    from booth.server.config import ServerConfig
+
+    perturbed(8).save_pretrained(tmp_path / "models" / "detail")
+    vae = AutoencoderKL.from_pretrained(tmp_path / "models" / "detail" / "vae")
+    g = torch.Generator().manual_seed(5)
+    (tmp_path / "vae").mkdir()
+    save_file(
+        {k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in vae.state_dict().items()},
+        tmp_path / "vae" / "mse.safetensors",
+    )
+    config = ServerConfig(
+        model=str(tiny_sd1_dir),
+        model_dirs=[tmp_path / "models"],
+        vae_dirs=[tmp_path / "vae"],
+        data_dir=tmp_path / "d",
+    )
+    body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
+    body.update(refiner_checkpoint="detail", refiner_switch_at=None)  # the refiner samples and decodes
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+        own = client.post("/sdapi/v1/txt2img", json=body).json()
+        other = client.post(
+            "/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "mse.safetensors"}}
+        )
+        assert other.status_code == 200, other.text
+        assert not np.array_equal(picture(other.json()), picture(own))

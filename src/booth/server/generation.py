@@ -636,7 +636,7 @@ class GenerationRunner:
             return self._run_script(job, ctx, request, params, script, on_step)
         side = _SideModels(services, ctx)
         result = engine.generate(
-            params, callback=on_step, **side.engines_for(params, job.params["model"], engine)
+            params, callback=on_step, **side.engines_for(params, job.params["model"], engine, vae)
         )
         del side  # the hires checkpoint and refiner are this job's alone
         if ctx.stop_requested:
@@ -674,7 +674,7 @@ class GenerationRunner:
                 total = max(1, cells["count"])
                 ctx.report(progress=(cells["done"] + state.progress) / total)
 
-            engines = side.engines_for(cell, title, engine)
+            engines = side.engines_for(cell, title, engine, vae or options.get("sd_vae", "Automatic"))
             result = engine.generate(cell.replace(override_settings=settings), callback=step, **engines)
             results[id(cell)] = result
             cells["done"] += 1
@@ -750,9 +750,10 @@ class _SideModels:
         self.services, self.ctx = services, ctx
         self.loaded: dict[str, Any] = {}  # title -> Engine
 
-    def engines_for(self, params, model_title: str, engine) -> dict[str, Any]:
+    def engines_for(self, params, model_title: str, engine, vae: str = "Automatic") -> dict[str, Any]:
         """`Engine.generate`'s `hires_engine` and `refiner_engine` for `params` run on `engine`, the model
-        `model_title` (a role naming that model gets `engine` itself)."""
+        `model_title` (a role naming that model gets `engine` itself); each side model with the VAE the option
+        `sd_vae` = `vae` means for it, as A1111 applies the option to whatever model is loaded."""
         import gc
 
         names = {"hires_engine": params.hires_checkpoint(), "refiner_engine": params.refiner()}
@@ -769,6 +770,7 @@ class _SideModels:
                 what = "hires checkpoint" if role == "hires_engine" else "refiner"
                 self.ctx.report(message=f"loading the {what}", force=True)
                 self.loaded[title] = self.services.models.load_beside(title)
+            self.loaded[title].set_vae(self.services.models.resolve_vae(vae, title, missing_ok=True))
         own = {role for role, title in titles.items() if title == model_title}
         return {role: engine if role in own else self.loaded.get(wanted.get(role)) for role in names}
 
