@@ -339,3 +339,68 @@ def test_a_hires_prompt_brings_its_own_loras_to_the_hires_pass_only(engine, base
     assert same(lora_first[0], lora_both[0]) and not same(lora_first[1], lora_both[1])
     assert same(lora_hires[0], plain[0]) and not same(lora_hires[1], plain[1])
     assert np.array_equal(pixels(engine, "a cat"), base)
+
+
+# ---------------------------------------------------------------------------------------------- loractl
+
+
+def test_weight_schedules_interpolate_between_keyframes():
+    from booth.prompts.extra_networks import WeightSchedule
+
+    ramp = WeightSchedule(((0.0, 0.0), (0.5, 1.0), (1.0, 0.0)))  # shares of the pass
+    assert [ramp.at(step, 4) for step in range(5)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    late = WeightSchedule(((5.0, 0.0), (6.0, 1.0)))  # step numbers: 0 until step 5, 1 from step 6
+    assert [late.at(step, 10) for step in (0, 5, 6, 9)] == [0.0, 0.0, 1.0, 1.0]
+    assert (
+        WeightSchedule(((0.5, 0.25), (1.0, 1.0))).at(0, 10) == 0.25
+    )  # before the first keyframe: its weight
+
+
+def test_lora_tags_take_loractl_schedules():
+    from booth.prompts import ExtraNetworkCall, LoraCall
+
+    call = LoraCall.from_call(ExtraNetworkCall.from_args("lora", "pixel:1:0@5,1@6"))
+    assert (call.te, call.unet, call.scheduled) == (1.0, 0.0, True)
+    assert [call.unet_at(s, 10) for s in (4, 6)] == [0.0, 1.0]
+    hires = LoraCall.from_call(ExtraNetworkCall.from_args("lora", "x:0.5:hr=1@0,0@1"))
+    assert hires.unet_at(0, 4) == 0.5 and [hires.unet_at(s, 4, hires=True) for s in (0, 2)] == [1.0, 0.5]
+    te = LoraCall.from_call(ExtraNetworkCall.from_args("lora", "x:te=0@0,1@1:unet=1"))
+    assert (te.te, te.unet, te.scheduled) == (0.0, 1.0, False)  # the text encoders encode once, at step 0
+    with pytest.raises(BoothError, match="hrte"):
+        LoraCall.from_call(ExtraNetworkCall.from_args("lora", "x:1:hrte=0"))
+    with pytest.raises(BoothError, match="expects a number, got 'a'"):
+        LoraCall.from_call(ExtraNetworkCall.from_args("lora", "x:a@0"))
+
+
+def unet_weights_per_step(engine, prompt: str, **params) -> list[float]:
+    """The UNet weight of the LoRA adapter each time the pipeline's adapters are set during a generation."""
+    seen: list[float] = []
+    real = engine.pipe.set_adapters
+
+    def record(adapters, adapter_weights=None):
+        seen.extend(w.get("unet") for w in adapter_weights or [])
+        return real(adapters, adapter_weights=adapter_weights)
+
+    engine.pipe.set_adapters = record
+    try:
+        engine.generate(
+            GenerationParams(
+                prompt=prompt, steps=4, width=32, height=32, seed=7, sampler_name="Euler", **params
+            )
+        )
+    finally:
+        del engine.pipe.set_adapters
+    return seen
+
+
+def test_a_scheduled_lora_changes_the_unet_weight_each_step(engine, base):
+    assert unet_weights_per_step(engine, "a cat <lora:subj:1:0@0,1@1>") == [0.0, 0.25, 0.5, 0.75]
+    constant = pixels(engine, "a cat <lora:subj:1@0,1@1>")  # a flat schedule is the plain weight, bit for bit
+    assert np.array_equal(constant, pixels(engine, "a cat <lora:subj:1>"))
+    ramp = pixels(engine, "a cat <lora:subj:1:0@0,1@1>")
+    assert distance(ramp, pixels(engine, "a cat <lora:subj:1>")) > 0 and distance(ramp, base) > 0
+    hires = dict(enable_hr=True, hr_scale=2, hr_second_pass_steps=2, denoising_strength=0.5)
+    weights = unet_weights_per_step(engine, "a cat <lora:subj:1:hr=0>", **hires)
+    assert weights[0] == 1.0 and weights[-1] == 0.0  # the hires pass at its own weight
+    with pytest.raises(BoothError, match="weight schedules .* and composable LoRA do not combine"):
+        engine.generate(GenerationParams(prompt="a cat <lora:subj:0@0,1@1>", steps=2, composable_lora=True))

@@ -322,6 +322,10 @@ class Engine:
 
         prompt, calls = self._strip_extra_networks(params.prompt, params.disable_extra_networks)
         part_calls = self._part_calls(params.prompt) if params.composable_lora and calls else None
+        if part_calls and self.extra_networks.scheduled(calls):
+            raise BoothError(
+                "LoRA weight schedules (w@s) and composable LoRA do not combine: use one of them"
+            )
         negative, _ = self._strip_extra_networks(params.negative_prompt, True)
         if self.edit_model:
             self._check_edit(params, part_calls)
@@ -577,6 +581,10 @@ class Engine:
             if run.refiner is not None and model is self and refiner_due(params, t, step - 1, pass_steps):
                 model = run.finisher = run.refiner
                 guide, unet, rows_before = self._refiner_guide(params, run), model.pipe.unet, []
+            # LoRA weight schedules (loractl): the UNet's LoRA weights of this step
+            model.extra_networks.step(
+                model.pipe, step - 1, pass_steps, hires=run.text is not None and run.text.plan is not None
+            )
             # 4. Conditioning for this step (prompt editing / alternation), uncond first, one row per AND part;
             #    no uncond rows where NGMS or Skip Early CFG leave them out.
             skip = do_cfg and not edit and self._skips_uncond(params, scheduler, t, i, len(timesteps))

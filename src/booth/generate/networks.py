@@ -33,6 +33,21 @@ from booth.prompts.extra_networks import ExtraNetworkCall, LoraCall
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _STATE_ATTR = "_booth_lora_adapters"  # on the pipeline: {resolved file: _Loaded}
+_SCHEDULE_ATTR = "_booth_lora_schedule"  # on the pipeline: the active `_Schedule`, or None
+
+
+@dataclass
+class _Schedule:
+    """The LoRA calls of a generation with a weight schedule, their adapters and the weights set last."""
+
+    loras: list
+    owner: dict  # LoRA name -> its `_Loaded`
+    adapters: list[str]
+    weights: list[dict[str, float]]
+    current: list[dict[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        self.current = self.weights
 
 
 @dataclass
@@ -233,8 +248,9 @@ class LoraNetwork:
         if loaded:
             _set_lora_enabled(pipe, False)  # base model first, also if something below fails
         multipliers: dict[str, list[float]] = {}
-        for call in calls:
-            lora = LoraCall.from_call(call)
+        loras = [LoraCall.from_call(call) for call in calls]
+        setattr(pipe, _SCHEDULE_ATTR, None)
+        for lora in loras:
             te_unet = multipliers.setdefault(lora.name, [0.0, 0.0])
             te_unet[0] += lora.te
             te_unet[1] += lora.unet
@@ -248,6 +264,12 @@ class LoraNetwork:
         from booth.train.formats.lycoris import apply_lycoris
 
         lycoris = [n for n in multipliers if paths[n].is_file() and self._is_lycoris(paths[n])]
+        for lora in loras:
+            if lora.scheduled and lora.name in lycoris:
+                raise BoothError(
+                    f"<lora:{lora.name}:...>: a weight schedule needs a plain LoRA; this LyCORIS file is merged "
+                    "into the weights once a generation"
+                )
         networks = [(paths[n], *multipliers[n]) for n in lycoris]
         apply_lycoris(pipe, networks, label=", ".join(lycoris))
         for name in lycoris:
@@ -269,11 +291,38 @@ class LoraNetwork:
         _set_lora_enabled(pipe, True)
         pipe.set_adapters(adapters, adapter_weights=weights)
         self._applied.update(paths)
+        if any(lora.scheduled for lora in loras):  # loractl: the UNet's weights follow the steps (`step`)
+            owner = {name: self._ensure_loaded(pipe, name, paths[name]) for name in multipliers}
+            setattr(pipe, _SCHEDULE_ATTR, _Schedule(loras, owner, adapters, weights))
+
+    def step(self, pipe, step: int, steps: int, hires: bool = False) -> None:
+        """The UNet's LoRA weights at sampling step `step` (0-based) of a pass of `steps`, when a prompt's
+        LoRA has a weight schedule (the loractl extension); set only when they change."""
+        schedule: _Schedule | None = getattr(pipe, _SCHEDULE_ATTR, None)
+        if schedule is None:
+            return
+        unet: dict[str, float] = {}
+        for lora in schedule.loras:
+            adapter = schedule.owner[lora.name].adapter
+            unet[adapter] = unet.get(adapter, 0.0) + lora.unet_at(step, steps, hires)
+        weights = [
+            {**w, "unet": unet[adapter]} if "unet" in w else w
+            for adapter, w in zip(schedule.adapters, schedule.weights, strict=True)
+        ]
+        if weights != schedule.current:
+            pipe.set_adapters(schedule.adapters, adapter_weights=weights)
+            schedule.current = weights
+
+    @staticmethod
+    def scheduled(calls: list[ExtraNetworkCall]) -> bool:
+        """Whether any of `calls` gives its LoRA a weight schedule."""
+        return any(LoraCall.from_call(call).scheduled for call in calls)
 
     def deactivate(self, pipe) -> None:
         """Switch the LoRA layers off, keeping them loaded for the next prompt."""
         self._resolved.clear()  # the next prompt looks in the folders again (files may have come or gone)
         self._generation_done = True
+        setattr(pipe, _SCHEDULE_ATTR, None)
         if getattr(pipe, _STATE_ATTR, None):
             _set_lora_enabled(pipe, False)
         _unpatch(pipe)
