@@ -37,6 +37,7 @@ def test_a_depth_folder_loads_with_its_estimator(engine):
     assert engine.pipe.depth_estimator is not None and engine.family.architecture == "sd2"
 
 
+@pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # diffusers' pipeline, not booth
 def test_the_estimated_depth_is_diffusers_own(engine):
     ours = engine._depth_conditioning(GenerationParams(init_images=[PICTURE]), 32, 32)
     theirs = engine.pipe.prepare_depth_map([PICTURE], None, 1, False, torch.float32, torch.device("cpu"))

@@ -332,22 +332,7 @@ class Engine:
         steps_run = self._img2img_steps(params)[0] if params.init_images else params.steps
         firstpass = params.firstpass_image is not None and params.enable_hr  # a picture stands for pass 1
         steps_run = 0 if firstpass else steps_run
-        hr = None
-        if params.enable_hr:
-            hires.check_upscaler(params.hr_upscaler, self.upscalers)
-            plan = hires.plan_hires(params, width, height, self.vae_scale)
-            hr_sampler, hr_schedule = resolve_sampler(plan.sampler_name, plan.scheduler)
-            hr = _HiresRun(plan, _Pass(hr_sampler, hr_schedule, plan.width, plan.height))
-            hr.prompt, hr.calls = self._strip_extra_networks(plan.prompt, params.disable_extra_networks)
-            hr.part_calls = self._part_calls(plan.prompt) if params.composable_lora and hr.calls else None
-            hr.negative, _ = self._strip_extra_networks(plan.negative_prompt, True)
-            hr.steps_run = plan.steps if params.denoising_strength > 0 else 0
-            hr.run.progress = (0 if firstpass else params.steps, 0)  # with a first-pass image, the only pass
-            hr.run.text = _Text(
-                hr.prompt, hr.negative, [] if hr.part_calls else hr.calls, hr.part_calls, plan
-            )
-            if hr.steps_run:  # denoising strength 0: the upscale alone, no second pass to schedule
-                hr.run.steps_rule = plan.schedule(params.denoising_strength)
+        hr = self._hires_run(params, width, height, firstpass) if params.enable_hr else None
 
         first_steps = steps_run
         steps_run += hr.steps_run if hr else 0
@@ -371,19 +356,7 @@ class Engine:
             first = _Pass(sampler, schedule, width, height, progress=(0, hr.steps_run if hr else 0))
             first.text = _Text(prompt, negative, first_networks, part_calls)
             control = self._load_control(params, part_calls)
-            first.control = self._control_at(control, width, height)
-            if hr is not None:
-                hr.run.control = self._control_at(control, hr.plan.width, hr.plan.height)
-            if any(net is None for _, _, net in control):  # reference_only: the self-attention layers record
-                from booth.generate.reference import reference_attention
-
-                first.reference = restore.enter_context(reference_attention(self.pipe.unet))
-                if hr is not None:
-                    hr.run.reference = (
-                        first.reference
-                        if hr_engine is self
-                        else restore.enter_context(reference_attention(hr_engine.pipe.unet))
-                    )
+            self._attach_control(control, first, hr, hr_engine, restore)
             on_first, on_hires = refiner_passes(params)
             first.refiner = refiner if on_first else None
             if hr is not None and on_hires and refiner is not hr_engine:
@@ -398,23 +371,7 @@ class Engine:
             job = first.inpainting = (
                 inpaint.prepare(params, width, height) if params.mask is not None else None
             )
-            init_latents = pictures = None
-            if firstpass:  # A1111: the picture goes to a pixel upscaler as it is, to a latent one encoded
-                pictures = [resize_image(params.firstpass_image.convert("RGB"), width, height, 0)]
-                init_latents = self._encode_pixels(pictures) if hr.plan.latent else None
-            if params.init_images:
-                init_latents = self._encode_init_images(params, width, height, job)
-                first.steps_rule = self._img2img_steps(params)
-            if self.edit_model:
-                first.image_cond = self._edit_conditioning(params, width, height, job)
-            elif self.depth_model:
-                first.image_cond = self._depth_conditioning(params, width, height)
-                if hr is not None:
-                    hr.run.image_cond = self._depth_conditioning(params, hr.plan.width, hr.plan.height)
-            elif self.inpainting_model:
-                first.image_cond = self._image_conditioning(params, width, height, job)
-                if hr is not None:
-                    hr.run.image_cond = self._image_conditioning(params, hr.plan.width, hr.plan.height)
+            init_latents, pictures = self._picture_inputs(params, first, hr, job, firstpass)
             for batch_no in range(params.n_iter):
                 state.job_no, state.skipped = batch_no, False
                 if state.interrupted:
@@ -460,16 +417,7 @@ class Engine:
         extra = self._extra_params(
             params, prompt, used, first.guide.couple, hr, job.extra if job else None, hr_engine
         )
-        for i, (unit, title, _) in enumerate(control):
-            extra[f"ControlNet {i}"] = unit.infotext(title)
-        for run in runs:
-            extra.update(run.notes)
-            if "NGMS" in run.notes and params.s_min_uncond_all:
-                extra["NGMS all steps"] = True
-        if any(run.switched for run in runs):
-            from booth.generate.refiner import infotext_fields
-
-            extra.update(infotext_fields(params, refiner.model.short_title))
+        extra.update(self._sampling_fields(params, runs, control, refiner))
         kept = kept[: len(images)]
         infotexts = [
             self._infotext(params, sampler, schedule, width, height, seeds[i], subseeds[i], extra)
@@ -496,6 +444,83 @@ class Engine:
         )
 
     txt2img = generate
+
+    @staticmethod
+    def _sampling_fields(
+        params: GenerationParams, runs: list[_Pass], control: list, refiner
+    ) -> dict[str, Any]:
+        """PNG-info keys of what the passes did: ControlNet units, NGMS / Skip Early CFG / Extra noise where
+        they acted, the refiner once it took over."""
+        fields: dict[str, Any] = {}
+        for i, (unit, title, _) in enumerate(control):
+            fields[f"ControlNet {i}"] = unit.infotext(title)
+        for run in runs:
+            fields.update(run.notes)
+            if "NGMS" in run.notes and params.s_min_uncond_all:
+                fields["NGMS all steps"] = True
+        if any(run.switched for run in runs):
+            from booth.generate.refiner import infotext_fields
+
+            fields.update(infotext_fields(params, refiner.model.short_title))
+        return fields
+
+    def _hires_run(self, params: GenerationParams, width: int, height: int, firstpass: bool) -> _HiresRun:
+        """The hires pass of a call: its plan (size, steps, sampler), prompts and how it samples."""
+        from booth.generate.samplers import resolve_sampler
+
+        hires.check_upscaler(params.hr_upscaler, self.upscalers)
+        plan = hires.plan_hires(params, width, height, self.vae_scale)
+        hr_sampler, hr_schedule = resolve_sampler(plan.sampler_name, plan.scheduler)
+        hr = _HiresRun(plan, _Pass(hr_sampler, hr_schedule, plan.width, plan.height))
+        hr.prompt, hr.calls = self._strip_extra_networks(plan.prompt, params.disable_extra_networks)
+        hr.part_calls = self._part_calls(plan.prompt) if params.composable_lora and hr.calls else None
+        hr.negative, _ = self._strip_extra_networks(plan.negative_prompt, True)
+        hr.steps_run = plan.steps if params.denoising_strength > 0 else 0
+        hr.run.progress = (0 if firstpass else params.steps, 0)  # with a first-pass image, the only pass
+        hr.run.text = _Text(hr.prompt, hr.negative, [] if hr.part_calls else hr.calls, hr.part_calls, plan)
+        if hr.steps_run:  # denoising strength 0: the upscale alone, no second pass to schedule
+            hr.run.steps_rule = plan.schedule(params.denoising_strength)
+        return hr
+
+    def _attach_control(self, control: list, first: _Pass, hr, hr_engine: Engine, restore) -> None:
+        """ControlNet units onto the passes, their pictures at each pass's size; reference_only's recording
+        self-attention on each pass's UNet for the call (`restore` puts the processors back)."""
+        first.control = self._control_at(control, first.width, first.height)
+        if hr is not None:
+            hr.run.control = self._control_at(control, hr.plan.width, hr.plan.height)
+        if not any(net is None for _, _, net in control):
+            return
+        from booth.generate.reference import reference_attention
+
+        first.reference = restore.enter_context(reference_attention(self.pipe.unet))
+        if hr is not None:
+            same = hr_engine is self
+            hr.run.reference = (
+                first.reference if same else restore.enter_context(reference_attention(hr_engine.pipe.unet))
+            )
+
+    def _picture_inputs(self, params: GenerationParams, first: _Pass, hr, job, firstpass: bool):
+        """(init latents, first-pass pictures) of a call, and each pass's extra UNet input: the init picture
+        (instruct-pix2pix), the depth map (depth models), the mask and masked picture (inpainting models)."""
+        width, height = first.width, first.height
+        init_latents = pictures = None
+        if firstpass:  # A1111: the picture goes to a pixel upscaler as it is, to a latent one encoded
+            pictures = [resize_image(params.firstpass_image.convert("RGB"), width, height, 0)]
+            init_latents = self._encode_pixels(pictures) if hr.plan.latent else None
+        if params.init_images:
+            init_latents = self._encode_init_images(params, width, height, job)
+            first.steps_rule = self._img2img_steps(params)
+        if self.edit_model:
+            first.image_cond = self._edit_conditioning(params, width, height, job)
+        elif self.depth_model:
+            first.image_cond = self._depth_conditioning(params, width, height)
+            if hr is not None:
+                hr.run.image_cond = self._depth_conditioning(params, hr.plan.width, hr.plan.height)
+        elif self.inpainting_model:
+            first.image_cond = self._image_conditioning(params, width, height, job)
+            if hr is not None:
+                hr.run.image_cond = self._image_conditioning(params, hr.plan.width, hr.plan.height)
+        return init_latents, pictures
 
     def img2img(self, params: GenerationParams, callback: StepCallback | None = None) -> GenerationResult:
         if not params.init_images:
