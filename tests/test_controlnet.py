@@ -205,6 +205,18 @@ def test_the_hires_pass_is_controlled_at_its_size(setup):
         hook.remove()
     factor = 8 // engine.vae_scale  # the control picture is 8 x the latents
     assert sizes == [32 * factor] * 4 + [64 * factor] * 4
+    for option, expected in (("Low res only", [32 * factor] * 4), ("High res only", [64 * factor] * 4)):
+        sizes.clear()
+        hook = net.register_forward_pre_hook(
+            lambda m, args, kwargs: sizes.append(kwargs["controlnet_cond"].shape[-1]), with_kwargs=True
+        )
+        try:
+            engine.generate(
+                params.replace(controlnet_units=[ControlUnit("edges", picture(), hr_option=option)])
+            )
+        finally:
+            hook.remove()
+        assert sizes == expected, option
 
 
 def test_booth_generate_controlnet(tiny_sd1_dir, tmp_path, capsys):
@@ -282,6 +294,7 @@ def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
             "weight": 0.8,
             "control_mode": 2,
             "resize_mode": 0,
+            "hr_option": 1,  # "Low res only": without hires fix, the only pass
         }
         r = client.post(
             "/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": [unit]}}}
@@ -315,6 +328,7 @@ def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
             ({**unit, "model": "depth"}, "ControlNet model 'depth' not found"),
             ({**unit, "module": "openpose"}, "preprocessor 'openpose' is not in booth"),
             ({**unit, "control_mode": 7}, "control_mode 7"),
+            ({**unit, "hr_option": "Sometimes"}, "hr_option 'Sometimes'"),
             ({"model": "edges"}, "no image"),
         ):
             refused = client.post(

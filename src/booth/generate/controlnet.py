@@ -20,6 +20,7 @@ from PIL import Image
 from booth.errors import BoothError
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+HR_OPTIONS = ("Both", "Low res only", "High res only")  # the passes of hires fix a unit guides
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 SOFT_DECAY = 0.825  # the extension's soft-injection factor per block
 
@@ -120,6 +121,7 @@ class ControlUnit:
     threshold_a: float | None = None  # None: the preprocessor's default (`THRESHOLDS`)
     threshold_b: float | None = None
     pixel_perfect: bool = False
+    hr_option: str = "Both"  # with hires fix: the passes the unit guides (`HR_OPTIONS`)
 
     def __post_init__(self) -> None:
         self.module = ALIASES.get(self.module, self.module)
@@ -138,6 +140,8 @@ class ControlUnit:
             )
         if self.control_mode not in CONTROL_MODES:
             raise BoothError(f"control mode {self.control_mode!r}: choose one of {', '.join(CONTROL_MODES)}")
+        if self.hr_option not in HR_OPTIONS:
+            raise BoothError(f"hr option {self.hr_option!r}: choose one of {', '.join(HR_OPTIONS)}")
         if self.resize_mode not in RESIZE_MODES:
             raise BoothError(f"resize mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
         if not 0.0 <= self.guidance_start <= self.guidance_end <= 1.0:

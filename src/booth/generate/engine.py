@@ -485,9 +485,10 @@ class Engine:
     def _attach_control(self, control: list, first: _Pass, hr, hr_engine: Engine, restore) -> None:
         """ControlNet units onto the passes, their pictures at each pass's size; reference_only's recording
         self-attention on each pass's UNet for the call (`restore` puts the processors back)."""
-        first.control = self._control_at(control, first.width, first.height)
+        first_only, hires_only = ("Low res only", "High res only") if hr is not None else ("", "")
+        first.control = self._control_at(control, first.width, first.height, skip=hires_only)
         if hr is not None:
-            hr.run.control = self._control_at(control, hr.plan.width, hr.plan.height)
+            hr.run.control = self._control_at(control, hr.plan.width, hr.plan.height, skip=first_only)
         if not any(net is None for _, _, net in control):
             return
         from booth.generate.reference import reference_attention
@@ -1076,13 +1077,15 @@ class Engine:
             loaded.append((unit, entry.title, net))
         return loaded
 
-    def _control_at(self, control: list, width: int, height: int) -> list | None:
+    def _control_at(self, control: list, width: int, height: int, skip: str = "") -> list | None:
         """The units with their control pictures at a pass's size: the latents' size times the ControlNet's own
-        downsampling (8: the pixel size, for SD's autoencoders)."""
+        downsampling (8: the pixel size, for SD's autoencoders); units whose `hr_option` is `skip` left out."""
         from booth.generate.controlnet import control_hint
 
         out = []
         for unit, _, net in control:
+            if unit.hr_option == skip:
+                continue
             if net is None:  # reference_only: the reference's latents at the pass's size
                 out.append((unit, None, self._encode_tensor(control_hint(unit, width, height) * 2 - 1)))
                 continue

@@ -7,7 +7,8 @@ init image, as the extension does), `module` (none, invert, canny, threshold, ti
 reference_only, which takes no model),
 `weight` (1), `guidance_start` (0), `guidance_end` (1), `control_mode` (0-2 or the label), `resize_mode` (0-2
 or the label; the extension's older labels "Inner Fit (Scale to Fit)" and "Outer Fit (Shrink to Fit)" too),
-`processor_res`, `threshold_a`, `threshold_b` (-1: the preprocessor's defaults), `pixel_perfect` (false).
+`processor_res`, `threshold_a`, `threshold_b` (-1: the preprocessor's defaults), `pixel_perfect` (false),
+`hr_option` (with hires fix: "Both", "Low res only", "High res only", or 0-2).
 `POST /controlnet/detect` runs a preprocessor on pictures and answers with the maps. Fields booth has no use for (`low_vram`, `guess_mode`,
 `save_detected_map` ...) are ignored, as the extension ignores unknown ones.
 """
@@ -47,7 +48,13 @@ def controlnet_units(kind: str, request: dict[str, Any], limits, init_image=None
 
 
 def _unit(i: int, raw: Any, limits, init_image):
-    from booth.generate.controlnet import CONTROL_MODES, REFERENCE_MODULES, RESIZE_MODES, ControlUnit
+    from booth.generate.controlnet import (
+        CONTROL_MODES,
+        HR_OPTIONS,
+        REFERENCE_MODULES,
+        RESIZE_MODES,
+        ControlUnit,
+    )
     from booth.server.security import decode_image
 
     if not isinstance(raw, dict):
@@ -81,6 +88,7 @@ def _unit(i: int, raw: Any, limits, init_image):
         model=str(model),
         image=picture,
         module=module,
+        hr_option=_label(i, "hr_option", raw.get("hr_option", "Both"), HR_OPTIONS),
         pixel_perfect=bool(raw.get("pixel_perfect", False)),
         **fields,
     )
