@@ -780,8 +780,8 @@ def cmd_generate(args) -> int:
         return engine
 
     engine = load_engine(args.model)
-    side = _SideModels(load_engine)
-    side.attach(engine, params, args.model)  # checked to be of the model's family at generate
+    side = _side_models(load_engine)
+    _attach_side_models(side, engine, params, args.model)  # checked to be of the model's family at generate
     progress = None if args.no_progress else ProgressBar()
     if batch:
         saved = []
@@ -868,34 +868,21 @@ def _vae_path(args, model: str | None, vae: str | None = None) -> Path | None:
     return automatic_vae(Path(model)) if model and Path(model).is_file() else None
 
 
-class _SideModels:
-    """The other models a job's passes run on, a hires checkpoint and a refiner, loaded beside its own model
-    (each once; those a job does not name are let go when another has to load)."""
+def _side_models(load) -> SideModels:  # noqa: F821 - imported lazily
+    """The hires checkpoints and refiners of `booth generate`'s jobs, keyed by path (`booth.generate.side_models`)."""
+    from booth.generate.side_models import SideModels
+    from booth.models.loading import DEFAULT_MODEL_NAME
 
-    def __init__(self, load):
-        self.load = load
-        self.loaded: dict[str, Engine] = {}  # noqa: F821 - by model name or path
+    return SideModels(lambda role, key: load(None if key == DEFAULT_MODEL_NAME else key))
 
-    def attach(self, engine, job, model: str | None) -> None:
-        """Set `engine.hires_engine` and `engine.refiner_engine` for `job` run on `model` (None: booth-mini)."""
-        import gc
 
-        from booth.models.loading import DEFAULT_MODEL_NAME
+def _attach_side_models(side, engine, job, model: str | None) -> None:
+    """Set `engine.hires_engine` and `engine.refiner_engine` for `job` run on `model` (None: booth-mini)."""
+    from booth.generate.side_models import side_model_names
+    from booth.models.loading import DEFAULT_MODEL_NAME
 
-        own = model or DEFAULT_MODEL_NAME
-        names = {"hires": job.hires_checkpoint(), "refiner": job.refiner()}
-        wanted = {role: name for role, name in names.items() if name is not None and name != own}
-        engine.hires_engine = engine.refiner_engine = None
-        if set(wanted.values()) - set(self.loaded):  # the ones not wanted go before another loads
-            for name in set(self.loaded) - set(wanted.values()):
-                del self.loaded[name]
-            gc.collect()
-        for name in wanted.values():
-            if name not in self.loaded:
-                self.loaded[name] = self.load(None if name == DEFAULT_MODEL_NAME else name)
-        # a role naming the model itself gets the engine itself (nothing to load or switch to)
-        engine.hires_engine = engine if names["hires"] == own else self.loaded.get(wanted.get("hires"))
-        engine.refiner_engine = engine if names["refiner"] == own else self.loaded.get(wanted.get("refiner"))
+    engines = side.engines_for(side_model_names(job), model or DEFAULT_MODEL_NAME, engine)
+    engine.hires_engine, engine.refiner_engine = engines["hires_engine"], engines["refiner_engine"]
 
 
 class _CellEngines:
@@ -903,7 +890,7 @@ class _CellEngines:
     one loaded at a time, each with the cell's VAE (a "VAE" axis) or the flags' one, and the cell's hires
     checkpoint and refiner (`_SideModels`)."""
 
-    def __init__(self, base, load, args, side: _SideModels):
+    def __init__(self, base, load, args, side):
         self.base, self.load, self.args, self.side = base, load, args, side
         self.other = None  # (model, Engine) of the last other checkpoint
 
@@ -942,7 +929,7 @@ class _CellEngines:
                 self.other = (model, self.load(model))
             engine = self.other[1]
         engine.set_vae(_vae_path(self.args, model, settings.pop("sd_vae", None)))
-        self.side.attach(engine, job, model)
+        _attach_side_models(self.side, engine, job, model)
         return engine, job.replace(override_settings=settings)
 
 

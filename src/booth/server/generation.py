@@ -744,35 +744,34 @@ class GenerationRunner:
 
 class _SideModels:
     """The hires checkpoint and refiner of one job, loaded beside the job's model when a job or cell names one
-    other than the model it runs on (each once; those a cell does not name are let go when another has to load)."""
+    other than the model it runs on (`booth.generate.side_models`, keyed by the server's titles)."""
 
     def __init__(self, services, ctx: JobContext):
+        from booth.generate.side_models import SideModels
+
         self.services, self.ctx = services, ctx
-        self.loaded: dict[str, Any] = {}  # title -> Engine
+        self.models = SideModels(self._load)
+
+    def _load(self, role: str, title: str):
+        what = "hires checkpoint" if role == "hires_engine" else "refiner"
+        self.ctx.report(message=f"loading the {what}", force=True)
+        return self.services.models.load_beside(title)
 
     def engines_for(self, params, model_title: str, engine, vae: str = "Automatic") -> dict[str, Any]:
         """`Engine.generate`'s `hires_engine` and `refiner_engine` for `params` run on `engine`, the model
-        `model_title` (a role naming that model gets `engine` itself); each side model with the VAE the option
-        `sd_vae` = `vae` means for it, as A1111 applies the option to whatever model is loaded."""
-        import gc
+        `model_title`; each side model with the VAE the option `sd_vae` = `vae` means for it, as A1111 applies
+        the option to whatever model is loaded."""
+        from booth.generate.side_models import side_model_names
 
-        names = {"hires_engine": params.hires_checkpoint(), "refiner_engine": params.refiner()}
+        names = side_model_names(params)
         titles = {
-            role: self.services.registry.find(name).title for role, name in names.items() if name is not None
+            role: self.services.registry.find(n).title if n is not None else None for role, n in names.items()
         }
-        wanted = {role: title for role, title in titles.items() if title != model_title}
-        if set(wanted.values()) - set(self.loaded):  # the ones not wanted go before another loads
-            for title in set(self.loaded) - set(wanted.values()):
-                del self.loaded[title]
-            gc.collect()
-        for role, title in wanted.items():
-            if title not in self.loaded:
-                what = "hires checkpoint" if role == "hires_engine" else "refiner"
-                self.ctx.report(message=f"loading the {what}", force=True)
-                self.loaded[title] = self.services.models.load_beside(title)
-            self.loaded[title].set_vae(self.services.models.resolve_vae(vae, title, missing_ok=True))
-        own = {role for role, title in titles.items() if title == model_title}
-        return {role: engine if role in own else self.loaded.get(wanted.get(role)) for role in names}
+        engines = self.models.engines_for(titles, model_title, engine)
+        for role, side in engines.items():
+            if side is not None and side is not engine:
+                side.set_vae(self.services.models.resolve_vae(vae, titles[role], missing_ok=True))
+        return engines
 
 
 def response_from_job(job: Job, jobs_dir) -> dict[str, Any]:
