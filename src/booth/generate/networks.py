@@ -277,9 +277,10 @@ class LoraNetwork:
         self._applied.update({n: paths[n] for n in lycoris})
         if not multipliers:
             return
+        entries = {name: self._ensure_loaded(pipe, name, paths[name]) for name in multipliers}
         per_adapter: dict[str, tuple[_Loaded, list[float]]] = {}  # two names for one file add up as well
         for name, (te, unet) in multipliers.items():
-            entry = self._ensure_loaded(pipe, name, paths[name])
+            entry = entries[name]
             _, total = per_adapter.setdefault(entry.adapter, (entry, [0.0, 0.0]))
             total[0] += te
             total[1] += unet
@@ -292,8 +293,7 @@ class LoraNetwork:
         pipe.set_adapters(adapters, adapter_weights=weights)
         self._applied.update(paths)
         if any(lora.scheduled for lora in loras):  # loractl: the UNet's weights follow the steps (`step`)
-            owner = {name: self._ensure_loaded(pipe, name, paths[name]) for name in multipliers}
-            setattr(pipe, _SCHEDULE_ATTR, _Schedule(loras, owner, adapters, weights))
+            setattr(pipe, _SCHEDULE_ATTR, _Schedule(loras, entries, adapters, weights))
 
     def step(self, pipe, step: int, steps: int, hires: bool = False) -> None:
         """The UNet's LoRA weights at sampling step `step` (0-based) of a pass of `steps`, when a prompt's

@@ -176,9 +176,9 @@ class ControlNets:
         if Path(name).exists() and (Path(name).is_file() or is_controlnet_folder(Path(name))):
             path = Path(name)
             return ControlNetEntry(path.stem if path.is_file() else path.name, path)
-        plain = name.rsplit(" [", 1)[0] if name.endswith("]") else name
+        plain = name.rsplit(" [", 1)[0] if name.endswith("]") else name  # a title's hash is not checked
         for entry in self.entries():
-            if plain in (entry.name, entry.title):
+            if entry.name in (name, plain):
                 return entry
         where = ", ".join(str(d) for d in self.dirs) or "no ControlNet folder given (--controlnet-dir)"
         raise BoothError(f"ControlNet model {name!r} not found (looked in {where})")
