@@ -21,6 +21,8 @@ from booth.models.controlnet import ControlNets, controlnet_to_original, load_co
 from booth.models.families import detect_family
 from booth.models.loading import LoadedModel
 from booth.models.tiny import tiny_pipeline
+from server_helpers import api_client
+from server_helpers import picture as api_picture
 
 BASE = dict(prompt="a cat", steps=4, width=32, height=32, seed=1, sampler_name="Euler")
 
@@ -259,20 +261,15 @@ def test_booth_generate_controlnet(tiny_sd1_dir, tmp_path, capsys):
 
 def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
 
     random_controlnet(tiny_pipeline("sd1")).save_pretrained(tmp_path / "nets" / "edges")
-    config = ServerConfig(
-        model=str(tiny_sd1_dir), data_dir=tmp_path / "data", controlnet_dirs=[tmp_path / "nets"]
-    )
     buffer = io.BytesIO()
     picture().save(buffer, format="PNG")
     image = base64.b64encode(buffer.getvalue()).decode()
     body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    with api_client(
+        model=str(tiny_sd1_dir), data_dir=tmp_path / "data", controlnet_dirs=[tmp_path / "nets"]
+    ) as client:
         assert client.get("/controlnet/model_list").json() == {"model_list": ["edges"]}
         assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
         assert client.get("/controlnet/version").json()["version"] == 2
@@ -305,9 +302,7 @@ def test_the_api_takes_the_extension_s_units(tiny_sd1_dir, tmp_path):
             "Weight: 0.8, Resize Mode: Just Resize" in info
             and "Control Mode: ControlNet is more important" in info
         )
-        from test_hires_checkpoint import picture as decoded
-
-        assert not np.array_equal(decoded(r.json()), decoded(plain))
+        assert not np.array_equal(api_picture(r.json()), api_picture(plain))
         off = {**unit, "enabled": False}
         r = client.post(
             "/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [off]}}}

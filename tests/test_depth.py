@@ -14,6 +14,7 @@ from booth.generate.params import GenerationParams
 from booth.models.families import detect_family
 from booth.models.loading import LoadedModel, check_unet_channels, load_pipeline
 from booth.models.tiny import tiny_pipeline
+from server_helpers import api_client
 
 PICTURE = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
 GRADIENT = Image.fromarray(np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1)))  # far left, near right
@@ -104,16 +105,10 @@ def test_the_api_runs_img2img_on_a_depth_model(depth_dir, tmp_path):
     import base64
     import io
 
-    from fastapi.testclient import TestClient
-
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
-
     buffer = io.BytesIO()
     PICTURE.save(buffer, format="PNG")
     body = {"prompt": "a cat", "steps": 2, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.6}
-    config = ServerConfig(model=str(depth_dir), data_dir=tmp_path / "data")
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    with api_client(model=str(depth_dir), data_dir=tmp_path / "data") as client:
         r = client.post(
             "/sdapi/v1/img2img", json={**body, "init_images": [base64.b64encode(buffer.getvalue()).decode()]}
         )

@@ -19,6 +19,7 @@ from booth.generate.params import GenerationParams
 from booth.models.families import detect_family
 from booth.models.loading import LoadedModel
 from booth.models.tiny import tiny_pipeline
+from server_helpers import api_client
 
 HIRES = dict(
     prompt="a cat", steps=3, seed=3, sampler_name="Euler", enable_hr=True, hr_scale=2, denoising_strength=0.5
@@ -85,11 +86,8 @@ def test_extra_noise_adds_to_the_start_noise_in_k_diffusion_units(engine, sample
 
 def test_booth_generate_and_the_api_take_both(tiny_sd1_dir, tmp_path):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
 
     from booth.cli import main
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
 
     picture = tmp_path / "first.png"
     Image.new("RGB", (40, 32), (200, 30, 30)).save(picture)
@@ -100,10 +98,9 @@ def test_booth_generate_and_the_api_take_both(tiny_sd1_dir, tmp_path):
     assert Image.open(png).size == (80, 64) and "Extra noise: 0.2" in Image.open(png).text["parameters"]
     assert main([*argv[:6], "--firstpass-image", str(picture), "--out", str(tmp_path / "no")]) == 2
 
-    config = ServerConfig(model=str(tiny_sd1_dir), data_dir=tmp_path / "data")
     encoded = base64.b64encode(picture.read_bytes()).decode()
     body = {"prompt": "a cat", "steps": 2, "seed": 1, "sampler_name": "Euler", "firstpass_image": encoded}
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    with api_client(model=str(tiny_sd1_dir), data_dir=tmp_path / "data") as client:
         r = client.post("/sdapi/v1/txt2img", json={**body, "enable_hr": True, "hr_scale": 2})
         assert r.status_code == 200, r.text
         assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (80, 64)

@@ -14,6 +14,7 @@ from booth.generate.params import GenerationParams
 from booth.models.families import detect_family
 from booth.models.loading import LoadedModel
 from booth.models.tiny import tiny_pipeline
+from server_helpers import api_client, picture
 
 
 def engine_of(pipe, name: str, model_hash: str | None = None) -> Engine:
@@ -98,19 +99,12 @@ def test_the_api_takes_hr_checkpoint_name(tiny_sd1_dir, tmp_path):
     pytest.importorskip("fastapi")
     import json
 
-    from fastapi.testclient import TestClient
-
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
-
     perturbed(8).save_pretrained(tmp_path / "models" / "detail")
-    config = ServerConfig(
-        model=str(tiny_sd1_dir), model_dirs=[tmp_path / "models"], data_dir=tmp_path / "data"
-    )
-    app = create_app(config)
     body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
     body.update(enable_hr=True, hr_scale=2, denoising_strength=0.6)
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with api_client(
+        model=str(tiny_sd1_dir), model_dirs=[tmp_path / "models"], data_dir=tmp_path / "data"
+    ) as client:
         plain = client.post("/sdapi/v1/txt2img", json=body).json()
         r = client.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": "detail"})
         assert r.status_code == 200, r.text
@@ -118,20 +112,11 @@ def test_the_api_takes_hr_checkpoint_name(tiny_sd1_dir, tmp_path):
         assert "Hires checkpoint: detail" in info["infotexts"][0]
         assert info["sd_model_name"] == tiny_sd1_dir.name  # the job's own model made the first pass
         assert r.json()["images"][0] != plain["images"][0]
-        assert app.state.booth.models.entry.title == info["sd_model_name"]  # still the one loaded
+        assert client.app.state.booth.models.entry.title == info["sd_model_name"]  # still the one loaded
         same = client.post(
             "/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": "Use same checkpoint"}
         ).json()
         assert np.array_equal(picture(same), picture(plain))
-
-
-def picture(response) -> np.ndarray:
-    import base64
-    import io
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response["images"][0]))))
 
 
 def test_an_xy_plot_over_hires_checkpoints(tiny_sd1_dir, tmp_path, capsys):
@@ -155,18 +140,12 @@ def test_the_api_s_xyz_plot_varies_the_hires_checkpoint(tiny_sd1_dir, tmp_path):
     pytest.importorskip("fastapi")
     import json
 
-    from fastapi.testclient import TestClient
-
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
-
     perturbed(10).save_pretrained(tmp_path / "models" / "detail")
-    config = ServerConfig(
-        model=str(tiny_sd1_dir), model_dirs=[tmp_path / "models"], data_dir=tmp_path / "data"
-    )
     body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
     body.update(enable_hr=True, hr_scale=2, denoising_strength=0.6, script_name="x/y/z plot")
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    with api_client(
+        model=str(tiny_sd1_dir), model_dirs=[tmp_path / "models"], data_dir=tmp_path / "data"
+    ) as client:
         args = [
             "hr_checkpoint_name",
             "Use same checkpoint, detail",

@@ -16,6 +16,7 @@ from booth.generate.params import GenerationParams
 from booth.models.families import detect_family
 from booth.models.loading import LoadedModel
 from booth.models.tiny import tiny_pipeline
+from server_helpers import api_client
 
 BASE = dict(
     prompt="a cat", negative_prompt="ugly", steps=6, width=32, height=32, seed=3, sampler_name="Euler"
@@ -87,12 +88,9 @@ def test_bad_settings_are_refused():
 
 def test_booth_generate_and_the_api_take_it(tiny_sd1_dir, tmp_path):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
     from PIL import Image
 
     from booth.cli import main
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
 
     argv = ["generate", "a cat", "--model", str(tiny_sd1_dir), "--steps", "4", "--no-progress", "--seed", "1"]
     argv += ["--width", "32", "--height", "32", "--s-min-uncond", "100", "--skip-early-cfg", "0.1"]
@@ -100,9 +98,8 @@ def test_booth_generate_and_the_api_take_it(tiny_sd1_dir, tmp_path):
     (png,) = (tmp_path / "cli").glob("*.png")
     assert "Skip Early CFG: 0.1, NGMS: 100" in Image.open(png).text["parameters"]
 
-    config = ServerConfig(model=str(tiny_sd1_dir), data_dir=tmp_path / "data")
     body = {"prompt": "a cat", "steps": 4, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    with api_client(model=str(tiny_sd1_dir), data_dir=tmp_path / "data") as client:
         r = client.post("/sdapi/v1/txt2img", json={**body, "s_min_uncond": 100})
         info = json.loads(r.json()["info"])["infotexts"][0]
         assert r.status_code == 200 and "NGMS: 100" in info

@@ -17,7 +17,7 @@ from booth.generate.refiner import completed_ratio
 from booth.models.families import detect_family
 from booth.models.loading import LoadedModel
 from booth.models.tiny import tiny_pipeline
-from test_hires_checkpoint import picture
+from server_helpers import api_client, picture
 
 BASE = dict(prompt="a cat", steps=6, width=32, height=32, seed=3, sampler_name="DPM++ 2M")
 
@@ -232,18 +232,12 @@ def test_an_xy_plot_over_refiners_loads_each_once(tiny_sd1_dir, tmp_path, capsys
 
 def test_the_api_takes_a_refiner(tiny_sd1_dir, tmp_path):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
 
     perturbed(8).save_pretrained(tmp_path / "models" / "detail")
-    config = ServerConfig(
-        model=str(tiny_sd1_dir), model_dirs=[tmp_path / "models"], data_dir=tmp_path / "data"
-    )
-    app = create_app(config)
     body = {"prompt": "a cat", "steps": 4, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with api_client(
+        model=str(tiny_sd1_dir), model_dirs=[tmp_path / "models"], data_dir=tmp_path / "data"
+    ) as client:
         plain = client.post("/sdapi/v1/txt2img", json=body).json()
         r = client.post(
             "/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "detail", "refiner_switch_at": 0.5}
@@ -254,7 +248,8 @@ def test_the_api_takes_a_refiner(tiny_sd1_dir, tmp_path):
         assert info["sd_model_name"] == tiny_sd1_dir.name and not np.array_equal(
             picture(r.json()), picture(plain)
         )
-        assert app.state.booth.models.entry.title == info["sd_model_name"]  # the job's model stays loaded
+        loaded = client.app.state.booth.models.entry.title
+        assert loaded == info["sd_model_name"]  # the job's model stays loaded
         none = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "None"}).json()
         assert np.array_equal(picture(none), picture(plain))
         own = info["sd_model_name"]  # the job's own model, by its title: nothing to switch to
@@ -281,11 +276,7 @@ def test_the_api_s_refiner_decodes_with_the_sd_vae_option(tiny_sd1_dir, tmp_path
     """A1111 applies `sd_vae` to whatever model is loaded: the refiner, which decodes once it took over, too."""
     pytest.importorskip("fastapi")
     from diffusers import AutoencoderKL
-    from fastapi.testclient import TestClient
     from safetensors.torch import save_file
-
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
 
     perturbed(8).save_pretrained(tmp_path / "models" / "detail")
     vae = AutoencoderKL.from_pretrained(tmp_path / "models" / "detail" / "vae")
@@ -295,15 +286,14 @@ def test_the_api_s_refiner_decodes_with_the_sd_vae_option(tiny_sd1_dir, tmp_path
         {k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in vae.state_dict().items()},
         tmp_path / "vae" / "mse.safetensors",
     )
-    config = ServerConfig(
+    body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
+    body.update(refiner_checkpoint="detail", refiner_switch_at=None)  # the refiner samples and decodes
+    with api_client(
         model=str(tiny_sd1_dir),
         model_dirs=[tmp_path / "models"],
         vae_dirs=[tmp_path / "vae"],
         data_dir=tmp_path / "d",
-    )
-    body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 32, "height": 32, "sampler_name": "Euler"}
-    body.update(refiner_checkpoint="detail", refiner_switch_at=None)  # the refiner samples and decodes
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    ) as client:
         own = client.post("/sdapi/v1/txt2img", json=body).json()
         other = client.post(
             "/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "mse.safetensors"}}

@@ -14,6 +14,7 @@ from booth.generate.engine import Engine
 from booth.generate.params import GenerationParams
 from booth.models.loading import load_pipeline
 from booth.models.tiny import tiny_pipeline
+from server_helpers import api_client, picture
 
 BASE = dict(
     prompt="a cat", negative_prompt="ugly", steps=4, width=64, height=64, seed=1, sampler_name="Euler"
@@ -158,15 +159,8 @@ def test_the_api_refines_an_sdxl_picture_with_the_aesthetic_options(folders, tmp
     pytest.importorskip("fastapi")
     import json
 
-    from fastapi.testclient import TestClient
-
-    from booth.server.app import create_app
-    from booth.server.config import ServerConfig
-    from test_hires_checkpoint import picture
-
-    config = ServerConfig(model=str(folders / "base"), model_dirs=[folders], data_dir=tmp_path / "data")
     body = {**BASE, "sampler_name": "Euler", "refiner_checkpoint": "refiner", "refiner_switch_at": 0.5}
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    with api_client(model=str(folders / "base"), model_dirs=[folders], data_dir=tmp_path / "data") as client:
         r = client.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 200, r.text
         assert "Refiner: refiner, Refiner switch at: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
