@@ -1130,6 +1130,8 @@ class Engine:
         """reference_only (`booth.generate.reference`): the first active reference unit's latents, noised to
         `t` (with the noise of seed + 1), through the UNet with the layers recording; the next UNet call reads
         them. False when no reference unit guides this step."""
+        if run.reference is None:  # the pass has no reference unit: nothing to look at on this step
+            return False
         from booth.generate.controlnet import active
 
         refs = [
@@ -1137,7 +1139,7 @@ class Engine:
             for u, net, x0 in run.control or ()
             if net is None and u.weight > 0 and active(u, step, steps)
         ]
-        if not refs or run.reference is None:
+        if not refs:
             return False
         unit, x0 = refs[0]
         state = run.reference
